@@ -1,0 +1,3 @@
+from leafguard.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The pure observation core: leaves, conversations, counters and the events they yield."""
