@@ -1,0 +1,443 @@
+"""tshark as the oracle for `leafguard analyze --json` on every real capture in ../shared/pcaps.
+
+For each capture, one tshark run prints per-frame fields *and* the `-z conv,tcp -z conv,udp` tables
+(the tables come after the field lines), and one `leafguard analyze FILE --json` run gives our report.
+All of them run in a thread pool, started for every selected capture when the first test needs one.
+
+What is compared, exactly (no tolerances):
+
+* capture.packets / capture.bytes / first_ts / last_ts = tshark's frame count, sum of frame.len and
+  first/last frame.time_epoch (times are compared to the microsecond, the resolution of these files).
+* (a) per unicast MAC reported as a leaf: packets/bytes out = frames whose Ethernet source is that MAC,
+  packets/bytes in = frames whose Ethernet destination is that MAC, from the per-frame fields.
+  Linux SLL has no destination address and its source address is `sll.src.eth`, not `eth.src`: there
+  the out counters are checked against `sll.src.eth` and the in counters cannot be checked.
+  The leaf *set* is checked in both directions where the contract is unambiguous: every unicast
+  source MAC that sent from a private/link-local/ULA address, or never from any IP address, is a leaf;
+  no MAC whose source addresses are all globally routable is a leaf; every leaf is a real source MAC.
+* (b) per TCP/UDP 5-tuple and direction: packets and bytes, derived from the per-frame fields, and the
+  derivation itself is checked against tshark's conversation tables (second, independent route).
+  Decisions, case by case (each one was checked against tshark 4.0 on this corpus):
+    - ICMP/ICMPv6 errors quote the IP+TCP/UDP header of the packet they answer; tshark then prints two
+      ip.src values and one tcp/udp port (esnet_nmap_80_all, ndpi_iphone, ndpi_alexa-app, HueBridge,
+      WeMo, D-LinkCam). tshark's conversation tables do NOT count these frames (its TCP/UDP dissectors
+      do not tap headers inside an ICMP error), and neither may we: an ICMP error is not a packet of
+      that flow. The derivation skips every frame whose protocol stack has icmp/icmpv6 before tcp/udp.
+    - Encapsulation that carries a real TCP/UDP packet is counted on the innermost IP header that
+      directly carries the TCP/UDP header, as tshark's tables do: IPv6-in-IPv4 (6in4, protocol 41) and
+      PPPoE sessions in ndpi_syslog, 802.1Q in several files.
+    - IP fragments: there are none in this corpus (checked with `ip.flags.mf==1 or ip.frag_offset>0
+      or ipv6.fragment`); a non-first fragment has no ports, so tshark would not count it in a 5-tuple.
+    - tshark splits a reused 5-tuple into several conversations (new TCP stream after FIN/RST); rows
+      are summed per 5-tuple. Its "->" columns are A-to-B and "<-" B-to-A, where A is tshark's first
+      address, not necessarily our initiator: everything is compared as *directed* 5-tuples.
+    - tshark prints byte counts of 10,000 and more in kB, truncated (format_size: value // 1000); such a
+      cell is the exact interval [v*1000, v*1000+999], and the sums of those intervals must contain the
+      per-frame total.
+* (c) DHCP: per client MAC (dhcp.hw.mac_addr of BOOTREQUEST messages only; replies carry the server's
+  own options, e.g. zeek_dhcp's OFFER/ACK with vendor class `ArubaAP`), the leaf's dhcp.hostname /
+  vendor_class / param_request_list are the last value the client sent (messages without the option do
+  not clear it), and leaf.hostnames contains every DHCP hostname the client sent. MACs that never sent a
+  BOOTREQUEST have no DHCP hostname or vendor class. (tshark labels the MAC inside option 61 as
+  dhcp.hw.mac_addr too, so the first occurrence is chaddr.)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections import Counter, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.conftest import PCAPS, REPO, SHARED, shared_pcaps
+
+pytestmark = pytest.mark.tshark
+
+TSHARK = shutil.which("tshark")
+CAPTURES = shared_pcaps()
+SEP = "\x1f"  # occurrence aggregator: cannot appear in a hostname tshark prints
+FIELDS = (
+    "frame.len",
+    "frame.time_epoch",
+    "frame.protocols",
+    "eth.src",
+    "eth.dst",
+    "sll.src.eth",
+    "ip.src",
+    "ip.dst",
+    "ipv6.src",
+    "ipv6.dst",
+    "tcp.srcport",
+    "tcp.dstport",
+    "udp.srcport",
+    "udp.dstport",
+    "dhcp.type",
+    "dhcp.hw.mac_addr",
+    "dhcp.option.hostname",
+    "dhcp.option.vendor_class_id",
+    "dhcp.option.request_list_item",
+)
+UNSPECIFIED = {ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")}
+LEAF_NETS = [
+    ipaddress.ip_network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "fe80::/10", "fc00::/7")
+]
+
+Directed = tuple[str, str, int, str, int]  # proto, src, sport, dst, dport
+
+
+def _unicast(mac: str) -> bool:
+    return bool(mac) and not int(mac[:2], 16) & 1
+
+
+def _addr(text: str) -> str:
+    return str(ipaddress.ip_address(text))
+
+
+@dataclass
+class TsharkView:
+    """Everything the tests need from one tshark run over one capture."""
+
+    frames: int = 0
+    bytes: int = 0
+    first_ts: float | None = None
+    last_ts: float | None = None
+    sll: bool = False
+    out: Counter[str] = field(default_factory=Counter)
+    out_bytes: Counter[str] = field(default_factory=Counter)
+    in_: Counter[str] = field(default_factory=Counter)
+    in_bytes: Counter[str] = field(default_factory=Counter)
+    src_ips: dict[str, set[ipaddress.IPv4Address | ipaddress.IPv6Address]] = field(
+        default_factory=lambda: defaultdict(set)
+    )
+    flows: Counter[Directed] = field(default_factory=Counter)
+    flow_bytes: Counter[Directed] = field(default_factory=Counter)
+    icmp_quoted: Counter[Directed] = field(default_factory=Counter)
+    conv_frames: Counter[Directed] = field(default_factory=Counter)
+    conv_bytes_lo: Counter[Directed] = field(default_factory=Counter)
+    conv_bytes_hi: Counter[Directed] = field(default_factory=Counter)
+    dhcp_hostnames: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    dhcp_vendor: dict[str, str] = field(default_factory=dict)
+    dhcp_prl: dict[str, list[int]] = field(default_factory=dict)
+    dhcp_clients: set[str] = field(default_factory=set)
+
+
+CONV_ROW = re.compile(
+    r"^(?P<a>\S+):(?P<ap>\d+)\s+<->\s+(?P<b>\S+):(?P<bp>\d+)\s+"
+    r"(?P<fba>\d+) (?P<bba>\d+) (?P<uba>bytes|kB)\s+(?P<fab>\d+) (?P<bab>\d+) (?P<uab>bytes|kB)\s"
+)
+
+
+def _byte_interval(value: str, unit: str) -> tuple[int, int]:
+    if unit == "bytes":
+        return int(value), int(value)
+    return int(value) * 1000, int(value) * 1000 + 999  # tshark's format_size truncates to kB
+
+
+def parse_tshark(text: str) -> TsharkView:
+    view = TsharkView()
+    proto = ""
+    for line in text.splitlines():
+        if line.startswith("TCP Conversations"):
+            proto = "tcp"
+        elif line.startswith("UDP Conversations"):
+            proto = "udp"
+        m = CONV_ROW.match(line) if proto else None
+        if m:
+            a, b = _addr(m["a"]), _addr(m["b"])
+            ab: Directed = (proto, a, int(m["ap"]), b, int(m["bp"]))
+            ba: Directed = (proto, b, int(m["bp"]), a, int(m["ap"]))
+            for key, frames, size, unit in (
+                (ab, m["fab"], m["bab"], m["uab"]),
+                (ba, m["fba"], m["bba"], m["uba"]),
+            ):
+                if int(frames):
+                    lo, hi = _byte_interval(size, unit)
+                    view.conv_frames[key] += int(frames)
+                    view.conv_bytes_lo[key] += lo
+                    view.conv_bytes_hi[key] += hi
+            continue
+        if proto or "\t" not in line:
+            continue  # field lines all come before the statistics
+        _frame(view, dict(zip(FIELDS, line.split("\t"), strict=True)))
+    return view
+
+
+def _frame(view: TsharkView, row: dict[str, str]) -> None:
+    def first(name: str) -> str:
+        return row[name].split(SEP)[0]
+
+    size = int(row["frame.len"])
+    ts = float(row["frame.time_epoch"])
+    view.frames += 1
+    view.bytes += size
+    view.first_ts = ts if view.first_ts is None else view.first_ts
+    view.last_ts = ts
+    stack = row["frame.protocols"].split(":")
+    if stack[0] == "sll":
+        view.sll = True
+        src, dst = first("sll.src.eth"), ""
+    else:
+        src, dst = first("eth.src"), first("eth.dst")
+    if src:
+        view.out[src] += 1
+        view.out_bytes[src] += size
+        ip_layers = [p for p in stack if p in ("ip", "ipv6")]
+        if ip_layers:  # the outer IP header says who the sender is
+            view.src_ips[src].add(ipaddress.ip_address(first(ip_layers[0] + ".src")))
+        else:
+            view.src_ips.setdefault(src, set())  # a source MAC without any IP
+    if dst:
+        view.in_[dst] += 1
+        view.in_bytes[dst] += size
+    transport = next((p for p in stack if p in ("tcp", "udp")), None)
+    if transport:
+        below = stack[: stack.index(transport)]
+        ip_layer = [p for p in below if p in ("ip", "ipv6")][-1]
+        key: Directed = (
+            transport,
+            _addr(row[ip_layer + ".src"].split(SEP)[-1]),
+            int(first(transport + ".srcport")),
+            _addr(row[ip_layer + ".dst"].split(SEP)[-1]),
+            int(first(transport + ".dstport")),
+        )
+        if "icmp" in below or "icmpv6" in below:
+            view.icmp_quoted[key] += 1  # ICMP error quoting a header: not a packet of that flow
+        else:
+            view.flows[key] += 1
+            view.flow_bytes[key] += size
+    if row["dhcp.type"].split(SEP)[0] == "1":  # BOOTREQUEST: the client's own options
+        client = first("dhcp.hw.mac_addr")
+        view.dhcp_clients.add(client)
+        if row["dhcp.option.hostname"]:
+            view.dhcp_hostnames[client].append(first("dhcp.option.hostname"))
+        if row["dhcp.option.vendor_class_id"]:
+            view.dhcp_vendor[client] = first("dhcp.option.vendor_class_id")
+        if row["dhcp.option.request_list_item"]:
+            view.dhcp_prl[client] = [int(x) for x in row["dhcp.option.request_list_item"].split(SEP)]
+
+
+def run_tshark(path: Path) -> TsharkView:
+    assert TSHARK
+    args = [TSHARK, "-n", "-r", str(path), "-T", "fields", "-E", "separator=/t", "-E", "occurrence=a"]
+    args += ["-E", f"aggregator={SEP}", "-z", "conv,tcp", "-z", "conv,udp"]
+    for name in FIELDS:
+        args += ["-e", name]
+    proc = subprocess.run(args, capture_output=True, text=True, check=False, errors="surrogateescape")
+    assert proc.returncode == 0, f"tshark failed on {path.name}: {proc.stderr[-2000:]}"
+    return parse_tshark(proc.stdout)
+
+
+def run_leafguard(path: Path) -> dict[str, Any]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "module"), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "leafguard", "analyze", str(path), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        timeout=240,
+    )
+    assert proc.returncode == 0, (
+        f"leafguard analyze {path.name} exited {proc.returncode}: {proc.stderr[-3000:]}"
+    )
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return report
+
+
+class _Runs:
+    """Both runs of every selected capture, started together on the first request, in a thread pool."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pool: ThreadPoolExecutor | None = None
+        self.jobs: dict[str, tuple[Future[TsharkView], Future[dict[str, Any]]]] = {}
+
+    def start(self, names: list[str]) -> None:
+        with self.lock:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 2) + 1))
+            for name in names:
+                if name not in self.jobs:
+                    path = PCAPS / name
+                    self.jobs[name] = (
+                        self.pool.submit(run_tshark, path),
+                        self.pool.submit(run_leafguard, path),
+                    )
+
+    def get(self, name: str) -> tuple[TsharkView, dict[str, Any]]:
+        self.start([name])
+        tshark, ours = self.jobs[name]
+        return tshark.result(), ours.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def runs(request: pytest.FixtureRequest) -> Any:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent: the shared captures live there (set LEAFGUARD_SHARED)")
+    if TSHARK is None:
+        pytest.skip("tshark is not installed: it is the oracle of these tests (apt-get install tshark)")
+    state = _Runs()
+    selected = [
+        item.callspec.params["capture"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec") and "capture" in item.callspec.params
+    ]
+    state.start(list(dict.fromkeys(selected)))
+    yield state
+    state.close()
+
+
+def _params() -> list[Any]:
+    if not CAPTURES:
+        return [pytest.param("", marks=pytest.mark.skip(reason=f"{PCAPS} is absent or empty"))]
+    return [p.name for p in CAPTURES]
+
+
+def _diff(title: str, ours: dict[Any, Any], theirs: dict[Any, Any], limit: int = 25) -> str:
+    keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    lines = [f"{title}: {len(keys)} differ (ours vs tshark)"]
+    lines += [f"  {k}: ours={ours.get(k)} tshark={theirs.get(k)}" for k in keys[:limit]]
+    if len(keys) > limit:
+        lines.append(f"  ... and {len(keys) - limit} more")
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("capture", _params())
+def test_capture_totals(runs: _Runs, capture: str) -> None:
+    view, ours = runs.get(capture)
+    cap = ours["capture"]
+    assert (cap["packets"], cap["bytes"]) == (view.frames, view.bytes), "frame count / sum of frame.len"
+    assert view.first_ts is not None and view.last_ts is not None
+    assert cap["first_ts"] == pytest.approx(view.first_ts, abs=1e-6)
+    assert cap["last_ts"] == pytest.approx(view.last_ts, abs=1e-6)
+
+
+@pytest.mark.parametrize("capture", _params())
+def test_leaf_counters(runs: _Runs, capture: str) -> None:
+    view, ours = runs.get(capture)
+    leaves = {leaf["mac"]: leaf for leaf in ours["leaves"]}
+    assert len(leaves) == len(ours["leaves"]), "a MAC is reported twice"
+    for mac in leaves:
+        assert re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac), f"MAC not lower-case colon form: {mac!r}"
+        assert _unicast(mac), f"multicast/broadcast MAC reported as a leaf: {mac}"
+        assert mac in view.out, f"{mac} is reported as a leaf but never sends a frame in {capture}"
+
+    required = {
+        mac
+        for mac, ips in view.src_ips.items()
+        if _unicast(mac)
+        and (
+            not (ips - UNSPECIFIED)
+            or any(ip in net for ip in ips for net in LEAF_NETS if ip.version == net.version)
+        )
+    }
+    public_only = {
+        mac for mac, ips in view.src_ips.items() if ips - UNSPECIFIED and all(ip.is_global for ip in ips)
+    }
+    assert not required - set(leaves), (
+        f"leaf-side source MACs missing from leaves[]: {sorted(required - set(leaves))}"
+    )
+    assert not public_only & set(leaves), (
+        f"MACs sending only from global addresses reported as leaves: {sorted(public_only & set(leaves))}"
+    )
+
+    ours_out = {m: (leaf["packets_out"], leaf["bytes_out"]) for m, leaf in leaves.items()}
+    their_out = {m: (view.out[m], view.out_bytes[m]) for m in leaves}
+    assert ours_out == their_out, _diff(f"{capture} packets_out/bytes_out per leaf", ours_out, their_out)
+    if view.sll:
+        # Linux cooked capture: no destination MAC in the frame, so tshark cannot tell whose frames came in.
+        return
+    ours_in = {m: (leaf["packets_in"], leaf["bytes_in"]) for m, leaf in leaves.items()}
+    their_in = {m: (view.in_[m], view.in_bytes[m]) for m in leaves}
+    assert ours_in == their_in, _diff(f"{capture} packets_in/bytes_in per leaf", ours_in, their_in)
+
+
+def test_tshark_conv_tables_agree_with_fields(runs: _Runs) -> None:
+    """The oracle checks itself: per-frame derivation == tshark's conversation tables, for every capture."""
+    if not CAPTURES:
+        pytest.skip(f"{PCAPS} is absent or empty")
+    problems = []
+    for path in CAPTURES:
+        fut = runs.jobs.get(path.name)
+        view = fut[0].result() if fut else run_tshark(path)
+        if dict(view.flows) != dict(view.conv_frames):
+            problems.append(
+                _diff(f"{path.name} frames per directed 5-tuple", dict(view.flows), dict(view.conv_frames))
+            )
+        for key, total in view.flow_bytes.items():
+            if not view.conv_bytes_lo[key] <= total <= view.conv_bytes_hi[key]:
+                problems.append(
+                    f"{path.name} {key}: fields say {total} B, conv table says "
+                    f"[{view.conv_bytes_lo[key]}, {view.conv_bytes_hi[key]}]"
+                )
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("capture", _params())
+def test_conversations(runs: _Runs, capture: str) -> None:
+    view, ours = runs.get(capture)
+    packets: Counter[Directed] = Counter()
+    size: Counter[Directed] = Counter()
+    for conv in ours["conversations"]:
+        proto = conv["protocol"]
+        assert proto in ("tcp", "udp"), conv
+        a, b = _addr(conv["a_addr"]), _addr(conv["b_addr"])
+        ab: Directed = (proto, a, int(conv["a_port"]), b, int(conv["b_port"]))
+        ba: Directed = (proto, b, int(conv["b_port"]), a, int(conv["a_port"]))
+        packets[ab] += conv["packets_ab"]
+        size[ab] += conv["bytes_ab"]
+        packets[ba] += conv["packets_ba"]
+        size[ba] += conv["bytes_ba"]
+    ours_map = {k: (packets[k], size[k]) for k in packets | size if packets[k] or size[k]}
+    their_map = {k: (view.flows[k], view.flow_bytes[k]) for k in view.flows}
+    assert ours_map == their_map, _diff(
+        f"{capture} (packets, bytes) per directed 5-tuple", ours_map, their_map
+    )
+
+
+@pytest.mark.parametrize("capture", _params())
+def test_dhcp_names(runs: _Runs, capture: str) -> None:
+    view, ours = runs.get(capture)
+    leaves = {leaf["mac"]: leaf for leaf in ours["leaves"]}
+    problems = []
+    for client in sorted(view.dhcp_clients):
+        leaf = leaves.get(client)
+        if leaf is None:
+            problems.append(f"DHCP client {client} is not reported as a leaf")
+            continue
+        dhcp = leaf.get("dhcp") or {}
+        names = view.dhcp_hostnames.get(client, [])
+        expect = {
+            "hostname": names[-1] if names else None,
+            "vendor_class": view.dhcp_vendor.get(client),
+            "param_request_list": view.dhcp_prl.get(client),
+        }
+        got = {k: dhcp.get(k) or None for k in expect}
+        if got != expect:
+            problems.append(f"{client}: dhcp ours={got} tshark={expect}")
+        missing = set(names) - set(leaf.get("hostnames") or [])
+        if missing:
+            problems.append(f"{client}: hostnames {leaf.get('hostnames')} lack DHCP names {sorted(missing)}")
+    for mac, leaf in leaves.items():
+        dhcp = leaf.get("dhcp") or {}
+        if mac not in view.dhcp_clients and (dhcp.get("hostname") or dhcp.get("vendor_class")):
+            problems.append(
+                f"{mac} never sent a DHCP request but has dhcp={dhcp} (server options taken as its own?)"
+            )
+    assert not problems, f"{capture}:\n" + "\n".join(problems)
