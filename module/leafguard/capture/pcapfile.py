@@ -1,0 +1,217 @@
+"""Capture files (pcap and pcapng) read into `FrameBatch`es without per-frame objects.
+
+The file is read in large chunks; each batch references one chunk and the offsets of its frames in it, so a
+million-frame file costs a handful of big reads and one struct unpack per record. A record cut off by the end
+of the file (a capture that was still being written) ends the file and is counted, as tcpdump and tshark do;
+anything that cannot be a capture file, or a link type the decoder does not know, is a `CaptureFileError`
+naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from leafguard.capture.batch import LINKTYPE_NAMES, SUPPORTED_LINKTYPES, FrameBatch
+from leafguard.errors import CaptureFileError
+
+PCAP_MAGIC_US = 0xA1B2C3D4
+PCAP_MAGIC_NS = 0xA1B23C4D
+PCAPNG_SHB = 0x0A0D0D0A
+PCAPNG_BOM = 0x1A2B3C4D
+
+BLOCK_IDB = 0x00000001
+BLOCK_PB = 0x00000002  # obsolete packet block, still written by old tools
+BLOCK_SPB = 0x00000003
+BLOCK_EPB = 0x00000006
+
+CHUNK_BYTES = 8 << 20
+MAX_RECORD_BYTES = 1 << 18  # larger than any snap length in use; a bigger value means a corrupt file
+
+
+@dataclass(slots=True)
+class FileStats:
+    """What reading one file found besides its frames."""
+
+    path: str
+    truncated_records: int = 0
+    """Records cut off by the end of the file (counted, never fatal)."""
+
+
+def _unsupported(path: Path, linktype: int) -> CaptureFileError:
+    return CaptureFileError(
+        f"{path}: unsupported link type {linktype}; LeafGuard reads "
+        + ", ".join(sorted(LINKTYPE_NAMES.values()))
+    )
+
+
+def read_batches(
+    path: str | Path, *, batch_frames: int = 8192, stats: FileStats | None = None
+) -> Iterator[FrameBatch]:
+    """Yield the frames of a pcap or pcapng file in capture order, in batches of one link type."""
+    path = Path(path)
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise CaptureFileError(f"{path}: cannot open: {exc.strerror or exc}") from exc
+    with fh:
+        head = fh.read(24)
+        if len(head) < 4:
+            raise CaptureFileError(f"{path}: not a capture file (empty or shorter than a header)")
+        magic_le = struct.unpack_from("<I", head)[0]
+        magic_be = struct.unpack_from(">I", head)[0]
+        st = stats if stats is not None else FileStats(str(path))
+        if magic_le in (PCAP_MAGIC_US, PCAP_MAGIC_NS) or magic_be in (PCAP_MAGIC_US, PCAP_MAGIC_NS):
+            yield from _read_pcap(path, fh, head, batch_frames, st)
+        elif magic_le == PCAPNG_SHB:
+            fh.seek(0)
+            yield from _read_pcapng(path, fh, batch_frames, st)
+        else:
+            raise CaptureFileError(f"{path}: not a pcap or pcapng file (magic 0x{magic_le:08x})")
+
+
+def _read_pcap(path: Path, fh: object, head: bytes, batch_frames: int, st: FileStats) -> Iterator[FrameBatch]:
+    import io
+
+    assert isinstance(fh, io.BufferedReader)
+    if len(head) < 24:
+        raise CaptureFileError(f"{path}: truncated pcap file header")
+    endian = "<" if struct.unpack_from("<I", head)[0] in (PCAP_MAGIC_US, PCAP_MAGIC_NS) else ">"
+    magic, _vmaj, _vmin, _zone, _sig, _snaplen, network = struct.unpack(endian + "IHHiIII", head)
+    linktype = network & 0x0FFFFFFF
+    if linktype not in SUPPORTED_LINKTYPES:
+        raise _unsupported(path, linktype)
+    divisor = 1e9 if magic == PCAP_MAGIC_NS else 1e6
+    rec = struct.Struct(endian + "IIII")
+    unpack_rec = rec.unpack_from
+    src = str(path)
+    carry = b""
+    eof = False
+    while not eof:
+        chunk = fh.read(CHUNK_BYTES)
+        if not chunk:
+            eof = True
+        data = carry + chunk if carry else chunk
+        n = len(data)
+        pos = 0
+        batch = FrameBatch(linktype=linktype, data=data, source=src)
+        offsets = batch.offsets
+        caplens = batch.caplens
+        wirelens = batch.wirelens
+        stamps = batch.timestamps
+        while pos + 16 <= n:
+            sec, frac, caplen, wirelen = unpack_rec(data, pos)
+            if caplen > MAX_RECORD_BYTES:
+                raise CaptureFileError(
+                    f"{path}: corrupt record at byte {fh.tell() - n + pos}: captured length {caplen}"
+                )
+            end = pos + 16 + caplen
+            if end > n:
+                break
+            offsets.append(pos + 16)
+            caplens.append(caplen)
+            wirelens.append(wirelen if wirelen >= caplen else caplen)
+            stamps.append(sec + frac / divisor)
+            pos = end
+            if len(offsets) >= batch_frames:
+                yield batch
+                batch = FrameBatch(linktype=linktype, data=data, source=src)
+                offsets = batch.offsets
+                caplens = batch.caplens
+                wirelens = batch.wirelens
+                stamps = batch.timestamps
+        if offsets:
+            yield batch
+        carry = data[pos:]
+        if eof and carry:
+            st.truncated_records += 1
+
+
+def _read_pcapng(path: Path, fh: object, batch_frames: int, st: FileStats) -> Iterator[FrameBatch]:
+    import io
+
+    assert isinstance(fh, io.BufferedReader)
+    src = str(path)
+    endian = "<"
+    # Per section: interface id -> (linktype, seconds per tick, snaplen)
+    interfaces: list[tuple[int, float]] = []
+    data = fh.read()
+    n = len(data)
+    pos = 0
+    current: FrameBatch | None = None
+    while pos + 12 <= n:
+        btype = struct.unpack_from(endian + "I", data, pos)[0]
+        if btype == PCAPNG_SHB:
+            bom = struct.unpack_from("<I", data, pos + 8)[0]
+            if bom == PCAPNG_BOM:
+                endian = "<"
+            elif struct.unpack_from(">I", data, pos + 8)[0] == PCAPNG_BOM:
+                endian = ">"
+            else:
+                raise CaptureFileError(f"{path}: corrupt pcapng section header at byte {pos}")
+            interfaces = []
+        blen = struct.unpack_from(endian + "I", data, pos + 4)[0]
+        if blen < 12 or blen % 4:
+            raise CaptureFileError(f"{path}: corrupt pcapng block at byte {pos} (length {blen})")
+        if pos + blen > n:
+            st.truncated_records += 1
+            break
+        body = pos + 8
+        if btype == BLOCK_IDB:
+            linktype = struct.unpack_from(endian + "H", data, body)[0]
+            tick = _idb_tick(data, body + 8, pos + blen - 4, endian)
+            interfaces.append((linktype, tick))
+        elif btype in (BLOCK_EPB, BLOCK_PB, BLOCK_SPB):
+            ticks = -1
+            if btype == BLOCK_SPB:
+                iface = 0
+                wirelen = struct.unpack_from(endian + "I", data, body)[0]
+                frame_at = body + 4
+                caplen = min(wirelen, blen - 16)
+            else:
+                if btype == BLOCK_EPB:
+                    iface, ts_hi, ts_lo, caplen, wirelen = struct.unpack_from(endian + "IIIII", data, body)
+                else:
+                    iface, _drops, ts_hi, ts_lo, caplen, wirelen = struct.unpack_from(
+                        endian + "HHIIII", data, body
+                    )
+                frame_at = body + 20
+                ticks = (ts_hi << 32) | ts_lo
+            if iface >= len(interfaces):
+                raise CaptureFileError(f"{path}: packet block at byte {pos} names unknown interface {iface}")
+            linktype, tick = interfaces[iface]
+            # Simple packet blocks carry no time; they take the previous frame's.
+            ts = ticks * tick if ticks >= 0 else (current.timestamps[-1] if current and current.timestamps else 0.0)
+            if caplen > blen:
+                raise CaptureFileError(f"{path}: corrupt packet block at byte {pos}")
+            if linktype not in SUPPORTED_LINKTYPES:
+                raise _unsupported(path, linktype)
+            if current is None or current.linktype != linktype or len(current.offsets) >= batch_frames:
+                if current is not None and current.offsets:
+                    yield current
+                current = FrameBatch(linktype=linktype, data=data, source=src)
+            current.offsets.append(frame_at)
+            current.caplens.append(caplen)
+            current.wirelens.append(wirelen if wirelen >= caplen else caplen)
+            current.timestamps.append(ts)
+        pos += blen
+    else:
+        if pos != n:
+            st.truncated_records += 1
+    if current is not None and current.offsets:
+        yield current
+
+
+def _idb_tick(data: bytes, opt: int, end: int, endian: str) -> float:
+    """Seconds per timestamp unit from the if_tsresol option (default: microseconds)."""
+    while opt + 4 <= end:
+        code, olen = struct.unpack_from(endian + "HH", data, opt)
+        if code == 0:
+            break
+        if code == 9 and olen >= 1:
+            res = data[opt + 4]
+            return float(2 ** -(res & 0x7F)) if res & 0x80 else float(10 ** -(res & 0x7F))
+        opt += 4 + ((olen + 3) & ~3)
+    return 1e-6

@@ -1,0 +1,155 @@
+"""Command line: `leafguard analyze` (capture files) and `leafguard run` (the service)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from leafguard import __version__
+from leafguard.errors import LeafGuardError
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="leafguard", description="Passive security monitoring of IoT leaf devices.")
+    ap.add_argument("--version", action="version", version=f"leafguard {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    an = sub.add_parser("analyze", help="analyse capture files and print the leaf inventory and conversations")
+    an.add_argument("captures", nargs="*", metavar="CAPTURE", help="pcap or pcapng files")
+    an.add_argument("--demo", action="store_true", help="analyse a small built-in capture of three leaves")
+    an.add_argument("--json", action="store_true", help="print one JSON document instead of a summary")
+    an.add_argument("--leaf-net", action="append", metavar="CIDR", help="leaf-side network (repeatable)")
+    an.add_argument("--gateway-mac", action="append", metavar="MAC", help="the gateway's own MAC (repeatable)")
+    an.add_argument("--security-messages", metavar="FILE", help="write the Defender messages as JSON lines")
+    an.add_argument("--agent-config", metavar="FILE", help="desired properties (Defender object) for every leaf")
+    an.add_argument("--top", type=int, default=15, help="conversations shown in the summary (default 15)")
+
+    run = sub.add_parser("run", help="run the service (IoT Edge module, or local mode outside IoT Edge)")
+    src = run.add_mutually_exclusive_group()
+    src.add_argument("--interface", action="append", metavar="IF", help="capture on this interface (repeatable)")
+    src.add_argument("--pcap", metavar="FILE", help="replay a capture file instead of capturing")
+    run.add_argument("--replay-speed", type=float, default=1.0, help="replay speed factor; 0 = as fast as possible")
+    run.add_argument("--local-dir", metavar="DIR", help="local mode: write leaves, messages and twins here")
+    run.add_argument("--leaf-net", action="append", metavar="CIDR", help="leaf-side network (repeatable)")
+    run.add_argument("--write-interval", type=float, default=5.0, help="seconds between leaves.json rewrites")
+    run.add_argument("--extra-filter", metavar="BPF", help="extra capture filter expression")
+    run.add_argument("--no-promisc", action="store_true", help="do not put interfaces in promiscuous mode")
+    run.add_argument("--http-port", type=int, default=None, help="serve /healthz and /metrics on this port")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "analyze":
+            return _analyze(args)
+        from leafguard.service.main import run_service
+
+        return run_service(args)
+    except LeafGuardError as exc:
+        print(f"leafguard: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from leafguard.capture.pcapfile import FileStats, read_batches
+    from leafguard.observe.analyzer import Analyzer
+    from leafguard.observe.settings import AnalyzerSettings
+
+    captures: list[str] = list(args.captures)
+    if args.demo:
+        from leafguard.demo import demo_capture
+
+        captures.append(str(demo_capture()))
+    if not captures:
+        print("leafguard analyze: give capture files, or --demo", file=sys.stderr)
+        return 2
+    analyzer = Analyzer(AnalyzerSettings.from_cli(args.leaf_net, args.gateway_mac))
+    writer = None
+    if args.security_messages:
+        from leafguard.agent.local import OfflineMessageWriter
+
+        writer = OfflineMessageWriter(Path(args.security_messages), args.agent_config)
+    progress = _Progress(captures) if sys.stderr.isatty() else None
+    truncated_records = 0
+    for path in captures:
+        analyzer.add_file(path)
+        fstats = FileStats(path)
+        for batch in read_batches(path, stats=fstats):
+            analyzer.feed(batch)
+            if writer is not None:
+                writer.step(analyzer)
+            if progress is not None:
+                progress.update(path, analyzer.stats.packets)
+        truncated_records += fstats.truncated_records
+    if progress is not None:
+        progress.done()
+    if writer is not None:
+        writer.finish(analyzer)
+    report = analyzer.report()
+    report["capture"]["truncated"] += truncated_records
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        _summary(report, args.top, sys.stdout)
+    return 0
+
+
+class _Progress:
+    """A one-line progress display on a terminal, shown only once a run has lasted a moment."""
+
+    def __init__(self, files: list[str]) -> None:
+        self._total = sum(os.path.getsize(f) for f in files if os.path.exists(f))
+        self._start = time.monotonic()
+        self._shown = False
+        self._last = 0.0
+
+    def update(self, path: str, packets: int) -> None:
+        now = time.monotonic()
+        if now - self._start < 1.0 or now - self._last < 0.2:
+            return
+        self._last = now
+        self._shown = True
+        rate = packets / (now - self._start)
+        sys.stderr.write(f"\r{Path(path).name}: {packets:,} frames, {rate:,.0f} frames/s ")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self._shown:
+            sys.stderr.write("\n")
+
+
+def _summary(report: dict[str, Any], top: int, out: TextIO) -> None:
+    cap = report["capture"]
+    out.write(
+        f"{cap['packets']:,} frames, {cap['bytes']:,} bytes in {len(cap['files'])} file(s)"
+        f" ({', '.join(cap['link_types'])}); decode errors {cap['decode_errors']}, truncated {cap['truncated']}\n\n"
+    )
+    leaves = report["leaves"]
+    out.write(f"Leaves ({len(leaves)})\n")
+    out.write(f"{'MAC':<18} {'IP':<16} {'vendor':<24} {'hostname':<22} {'out pkts':>9} {'in pkts':>9} services\n")
+    for leaf in leaves:
+        ips = leaf["ips"][0] if leaf["ips"] else "-"
+        name = leaf["dhcp"]["hostname"] or (leaf["hostnames"][0] if leaf["hostnames"] else "-")
+        svc = ",".join(f"{s['protocol']}/{s['port']}" for s in leaf["services"][:6])
+        out.write(
+            f"{leaf['mac']:<18} {ips:<16} {(leaf['vendor'] or '-')[:24]:<24} {name[:22]:<22}"
+            f" {leaf['packets_out']:>9,} {leaf['packets_in']:>9,} {svc}\n"
+        )
+    convs = sorted(report["conversations"], key=lambda c: -(c["bytes_ab"] + c["bytes_ba"]))[:top]
+    out.write(f"\nTop conversations by bytes ({len(convs)} of {len(report['conversations'])})\n")
+    for c in convs:
+        out.write(
+            f"{c['protocol']:<4} {c['a_addr']}:{c['a_port']} -> {c['b_addr']}:{c['b_port']}"
+            f"  {c['packets_ab'] + c['packets_ba']:,} pkts {c['bytes_ab'] + c['bytes_ba']:,} bytes"
+            f"  {c['state'] or ''}\n"
+        )

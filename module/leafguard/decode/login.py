@@ -1,0 +1,255 @@
+"""Cleartext login exchanges: FTP, telnet, HTTP Basic and MQTT CONNECT/CONNACK.
+
+A `LoginTracker` follows one TCP conversation, fed with the payload of each segment and which side sent it,
+and returns the outcome of each login it sees. Passwords are parsed past but never kept. Buffers are
+bounded: a conversation that never completes a login costs at most ``MAX_BUFFER`` bytes per side.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Literal
+
+MAX_BUFFER = 4096
+LOGIN_PORTS: dict[int, Literal["telnet", "ftp", "http", "mqtt"]] = {
+    21: "ftp",
+    23: "telnet",
+    80: "http",
+    8000: "http",
+    8080: "http",
+    8081: "http",
+    8888: "http",
+    1883: "mqtt",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LoginOutcome:
+    user: str | None
+    result: Literal["Success", "Fail"]
+
+
+class LoginTracker:
+    """Follows the login exchanges of one conversation; ``client`` is the side that connected."""
+
+    __slots__ = ("_buf", "_pending_user", "_state", "protocol")
+
+    def __init__(self, protocol: Literal["telnet", "ftp", "http", "mqtt"]) -> None:
+        self.protocol = protocol
+        self._buf = {True: bytearray(), False: bytearray()}
+        self._state = "wait_login" if protocol == "telnet" else "idle"
+        self._pending_user: str | None = None
+
+    def feed(self, from_client: bool, payload: bytes) -> list[LoginOutcome]:
+        if not payload:
+            return []
+        if self.protocol == "telnet":
+            return self._telnet(from_client, _strip_telnet(payload))
+        buf = self._buf[from_client]
+        buf += payload
+        if len(buf) > MAX_BUFFER:
+            del buf[: len(buf) - MAX_BUFFER]
+        if self.protocol == "ftp":
+            return self._ftp(from_client, buf)
+        if self.protocol == "http":
+            return self._http(from_client, buf)
+        return self._mqtt(from_client, buf)
+
+    def _ftp(self, from_client: bool, buf: bytearray) -> list[LoginOutcome]:
+        out: list[LoginOutcome] = []
+        while b"\n" in buf:
+            line, _, rest = bytes(buf).partition(b"\n")
+            buf[:] = rest
+            text = line.strip().decode("utf-8", "replace")
+            if from_client:
+                verb, _, arg = text.partition(" ")
+                if verb.upper() == "USER":
+                    self._pending_user = arg.strip()
+                    self._state = "user"
+                elif verb.upper() == "PASS" and self._state == "user":
+                    self._state = "pass"
+            elif self._state in ("user", "pass") and len(text) >= 3 and text[:3].isdigit():
+                if text[3:4] == "-":
+                    continue
+                code = int(text[:3])
+                if code == 230:
+                    out.append(LoginOutcome(self._pending_user, "Success"))
+                    self._state = "idle"
+                elif code in (530, 430) or (self._state == "pass" and code >= 400):
+                    out.append(LoginOutcome(self._pending_user, "Fail"))
+                    self._state = "idle"
+        return out
+
+    def _telnet(self, from_client: bool, data: bytes) -> list[LoginOutcome]:
+        out: list[LoginOutcome] = []
+        if from_client:
+            if self._state == "user":
+                buf = self._buf[True]
+                for ch in data:
+                    if ch in (0x0D, 0x0A, 0x00):
+                        if buf:
+                            self._pending_user = buf.decode("utf-8", "replace")
+                            buf.clear()
+                            self._state = "wait_password"
+                        break
+                    if ch in (0x08, 0x7F):
+                        if buf:
+                            buf.pop()
+                    elif 0x20 <= ch < 0x7F and len(buf) < 64:
+                        buf.append(ch)
+            return out
+        text = data.decode("latin-1").lower()
+        if self._state == "wait_result":
+            if any(w in text for w in ("incorrect", "failed", "denied", "invalid")):
+                out.append(LoginOutcome(self._pending_user, "Fail"))
+                self._state = "wait_login"
+            elif text.strip() and "password" not in text:
+                out.append(LoginOutcome(self._pending_user, "Success"))
+                self._state = "done"
+        if self._state == "wait_password" and "password" in text:
+            self._state = "wait_result"
+        if self._state == "wait_login" and ("login:" in text or "username:" in text):
+            self._state = "user"
+            self._buf[True].clear()
+        return out
+
+    def _http(self, from_client: bool, buf: bytearray) -> list[LoginOutcome]:
+        out: list[LoginOutcome] = []
+        if from_client:
+            while (end := buf.find(b"\r\n\r\n")) >= 0:
+                head = bytes(buf[:end])
+                del buf[: end + 4]
+                for line in head.split(b"\r\n")[1:]:
+                    k, sep, v = line.partition(b":")
+                    if sep and k.strip().lower() == b"authorization":
+                        scheme, _, cred = v.strip().partition(b" ")
+                        if scheme.lower() == b"basic":
+                            self._pending_user = _basic_user(cred.strip())
+                            self._state = "await_status"
+            return out
+        while (end := buf.find(b"\r\n")) >= 0:
+            line = bytes(buf[:end])
+            del buf[: end + 2]
+            if line.startswith(b"HTTP/1.") and self._state == "await_status" and line[9:12].isdigit():
+                status = int(line[9:12])
+                result: Literal["Success", "Fail"] = "Fail" if status in (401, 403) else "Success"
+                out.append(LoginOutcome(self._pending_user, result))
+                self._state = "idle"
+        return out
+
+    def _mqtt(self, from_client: bool, buf: bytearray) -> list[LoginOutcome]:
+        out: list[LoginOutcome] = []
+        while len(buf) >= 2:
+            rem, hdr = _varint(buf, 1)
+            if rem < 0:
+                break
+            if hdr + rem > len(buf):
+                break
+            ptype = buf[0] >> 4
+            body = bytes(buf[hdr : hdr + rem])
+            del buf[: hdr + rem]
+            if from_client and ptype == 1:
+                self._pending_user = _mqtt_connect_user(body)
+                self._state = "await_connack"
+            elif not from_client and ptype == 2 and self._state == "await_connack" and len(body) >= 2:
+                result: Literal["Success", "Fail"] = "Success" if body[1] == 0 else "Fail"
+                out.append(LoginOutcome(self._pending_user, result))
+                self._state = "idle"
+        return out
+
+
+def _varint(buf: bytearray | bytes, pos: int) -> tuple[int, int]:
+    """MQTT variable-length integer at ``pos``: (value, position after it), or (-1, 0) if incomplete."""
+    value = 0
+    for i in range(4):
+        if pos + i >= len(buf):
+            return -1, 0
+        b = buf[pos + i]
+        value |= (b & 0x7F) << (7 * i)
+        if not b & 0x80:
+            return value, pos + i + 1
+    return -1, 0
+
+
+def _mqtt_str(body: bytes, pos: int) -> tuple[bytes, int] | None:
+    if pos + 2 > len(body):
+        return None
+    n = int.from_bytes(body[pos : pos + 2], "big")
+    if pos + 2 + n > len(body):
+        return None
+    return body[pos + 2 : pos + 2 + n], pos + 2 + n
+
+
+def _mqtt_connect_user(body: bytes) -> str | None:
+    got = _mqtt_str(body, 0)
+    if got is None or got[1] + 4 > len(body):
+        return None
+    pos = got[1]
+    level, flags = body[pos], body[pos + 1]
+    pos += 4
+    if level == 5:
+        plen, pos = _varint(body, pos)
+        if plen < 0:
+            return None
+        pos += plen
+    got = _mqtt_str(body, pos)  # client id
+    if got is None:
+        return None
+    pos = got[1]
+    if flags & 0x04:  # will flag: will properties (v5), topic and message precede the user name
+        if level == 5:
+            plen, pos = _varint(body, pos)
+            if plen < 0:
+                return None
+            pos += plen
+        for _ in range(2):
+            got = _mqtt_str(body, pos)
+            if got is None:
+                return None
+            pos = got[1]
+    if flags & 0x80:
+        got = _mqtt_str(body, pos)
+        if got is None:
+            return None
+        return got[0].decode("utf-8", "replace")
+    return None
+
+
+def _basic_user(cred: bytes) -> str | None:
+    try:
+        raw = base64.b64decode(cred, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    user, sep, _password = raw.partition(b":")
+    return user.decode("utf-8", "replace") if sep else None
+
+
+def _strip_telnet(data: bytes) -> bytes:
+    """Payload without telnet IAC commands and subnegotiations (RFC 854/855)."""
+    if 0xFF not in data:
+        return data
+    out = bytearray()
+    i = 0
+    n = len(data)
+    while i < n:
+        b = data[i]
+        if b != 0xFF:
+            out.append(b)
+            i += 1
+            continue
+        if i + 1 >= n:
+            break
+        cmd = data[i + 1]
+        if cmd == 0xFF:
+            out.append(0xFF)
+            i += 2
+        elif cmd == 0xFA:  # SB ... IAC SE
+            j = data.find(b"\xff\xf0", i + 2)
+            i = n if j < 0 else j + 2
+        elif cmd in (0xFB, 0xFC, 0xFD, 0xFE):
+            i += 3
+        else:
+            i += 2
+    return bytes(out)

@@ -1,0 +1,614 @@
+"""The observation core: frames in, leaves, conversations and observations out.
+
+Pure and synchronous: `Analyzer.feed` takes a `FrameBatch` and updates bounded state; packet time is the only
+clock. Frames that can change state (handshakes, teardown, first payloads, discovery protocols, ARP, DHCP,
+fragments, anything unusual) are walked one by one; the bulk of a busy capture, mid-flow TCP and UDP
+frames of conversations that are already settled, is counted per batch with numpy (see `_fastpath`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from leafguard.capture.batch import LINKTYPE_NAMES, FrameBatch
+from leafguard.decode import deep
+from leafguard.decode.frames import (
+    ETH_ARP,
+    PROTO_TCP,
+    PROTO_UDP,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    Packet,
+    decode,
+)
+from leafguard.decode.login import LOGIN_PORTS, LoginTracker
+from leafguard.observe.model import ConnectionSeen, LeafView, LoginSeen, Observation, Service
+from leafguard.observe.oui import vendor_of
+from leafguard.observe.settings import AnalyzerSettings
+from leafguard.observe.state import Flow, MacState
+
+DEEP_UDP_PORTS = frozenset({53, 67, 68, 137, 1900, 5353, 5355})
+LOGIN_BUDGET_BYTES = 16384
+"""Payload bytes of a login-port conversation inspected before it joins the fast path."""
+MAX_PENDING_OBSERVATIONS = 100_000
+
+_ZERO_V4 = b"\x00\x00\x00\x00"
+_ZERO_V6 = b"\x00" * 16
+
+
+def mac_text(mac: bytes) -> str:
+    return mac.hex(":")
+
+
+def ip_text(ip: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET if len(ip) == 4 else socket.AF_INET6, ip)
+
+
+def is_unicast_mac(mac: bytes) -> bool:
+    return not mac[0] & 1 and mac != b"\x00" * 6
+
+
+class CaptureStats:
+    __slots__ = (
+        "bytes",
+        "decode_errors",
+        "evicted_flows",
+        "evicted_macs",
+        "evicted_names",
+        "files",
+        "first_ts",
+        "last_ts",
+        "link_types",
+        "observations_dropped",
+        "packets",
+        "truncated",
+    )
+
+    def __init__(self) -> None:
+        self.files: list[str] = []
+        self.packets = 0
+        self.bytes = 0
+        self.first_ts: float | None = None
+        self.last_ts: float | None = None
+        self.link_types: dict[str, None] = {}
+        self.decode_errors = 0
+        self.truncated = 0
+        self.evicted_flows = 0
+        self.evicted_macs = 0
+        self.evicted_names = 0
+        self.observations_dropped = 0
+
+
+class Analyzer:
+    """Bounded passive inventory of leaves and conversations."""
+
+    def __init__(self, settings: AnalyzerSettings | None = None, *, fast_path: bool = True) -> None:
+        self.settings = settings or AnalyzerSettings()
+        self.stats = CaptureStats()
+        self.macs: dict[bytes, MacState] = {}
+        self.flows: dict[tuple[int, bytes, int, bytes, int], Flow] = {}
+        self._frags: dict[tuple[bytes, bytes, int, int], tuple[tuple[int, bytes, int, bytes, int], bool]] = {}
+        self._observations: list[Observation] = []
+        self._leaf_side_cache: dict[bytes, bool] = {}
+        self._gateway = frozenset(bytes.fromhex(m.replace(":", "")) for m in self.settings.gateway_macs)
+        self._fast = fast_path
+        self.now: float | None = None
+
+    # ----------------------------------------------------------------------------------------- input
+
+    def add_file(self, path: str) -> None:
+        self.stats.files.append(path)
+
+    def feed(self, batch: FrameBatch) -> None:
+        """Account for every frame of ``batch``."""
+        n = len(batch)
+        if not n:
+            return
+        st = self.stats
+        st.link_types[LINKTYPE_NAMES.get(batch.linktype, str(batch.linktype))] = None
+        st.packets += n
+        st.bytes += sum(batch.wirelens)
+        ts = batch.timestamps
+        lo = min(ts)
+        hi = max(ts)
+        if st.first_ts is None or lo < st.first_ts:
+            st.first_ts = lo
+        if st.last_ts is None or hi > st.last_ts:
+            st.last_ts = hi
+        self.now = ts[-1]
+        if self._fast and n >= 64 and batch.linktype == 1:
+            from leafguard.observe.fastpath import split_batch
+
+            slow_idx = split_batch(self, batch)
+        else:
+            slow_idx = range(n)
+        self._slow(batch, slow_idx)
+
+    def _slow(self, batch: FrameBatch, indices: Iterable[int]) -> None:
+        data = batch.data
+        offsets = batch.offsets
+        caplens = batch.caplens
+        wirelens = batch.wirelens
+        stamps = batch.timestamps
+        linktype = batch.linktype
+        for i in indices:
+            self.frame(decode(data, offsets[i], caplens[i], linktype), data, stamps[i], wirelens[i])
+
+    def frame(self, p: Packet, data: bytes, ts: float, wirelen: int) -> None:
+        """Account for one decoded frame (its bytes are ``data``, the batch buffer)."""
+        if p.truncated:
+            self.stats.truncated += 1
+        elif p.malformed:
+            self.stats.decode_errors += 1
+        src = None
+        if p.src_mac is not None:
+            src = self._mac(p.src_mac, ts)
+            if src.packets_out == 0:
+                src.first_seen = ts
+            src.packets_out += 1
+            src.bytes_out += wirelen
+            src.last_seen = max(src.last_seen, ts)
+        dst_mac = p.dst_mac
+        if dst_mac is not None and is_unicast_mac(dst_mac):
+            dst = self._mac(dst_mac, ts)
+            dst.packets_in += 1
+            dst.bytes_in += wirelen
+        if src is not None:
+            if p.ethertype == ETH_ARP:
+                if p.arp_spa is not None and p.arp_sha == p.src_mac:
+                    self._learn_ip(src, p.arp_spa)
+            elif p.src_ip is not None:
+                self._learn_ip(src, p.src_ip)
+        if p.sport >= 0 or p.fragment:
+            self._conversation(p, data, ts, wirelen, src)
+
+    # ----------------------------------------------------------------------------------------- state
+
+    def _mac(self, mac: bytes, ts: float) -> MacState:
+        st = self.macs.get(mac)
+        if st is None:
+            if len(self.macs) >= self.settings.max_macs:
+                self._evict_mac(ts)
+            st = self.macs[mac] = MacState(mac)
+        st.touched = ts
+        return st
+
+    def _evict_mac(self, now: float) -> None:
+        # Second chance: skip (and requeue) recently active entries, looking at a bounded number of them.
+        for _ in range(8):
+            mac = next(iter(self.macs))
+            st = self.macs.pop(mac)
+            if now - st.touched < self.settings.idle_flow_s:
+                self.macs[mac] = st
+                continue
+            break
+        else:
+            self.macs.pop(next(iter(self.macs)))
+        self.stats.evicted_macs += 1
+
+    def is_leaf_ip(self, ip: bytes) -> bool:
+        hit = self._leaf_side_cache.get(ip)
+        if hit is not None:
+            return hit
+        addr = ipaddress.ip_address(ip)
+        if self.settings.leaf_nets:
+            ok = any(addr.version == net.version and addr in net for net in self.settings.leaf_nets)
+        elif isinstance(addr, ipaddress.IPv4Address):
+            ok = (addr.is_private or addr.is_link_local) and not (
+                addr.is_loopback or addr.is_multicast or addr.is_unspecified or ip == b"\xff\xff\xff\xff"
+            )
+        else:
+            ok = addr.is_link_local or addr in _ULA
+        if len(self._leaf_side_cache) > 65536:
+            self._leaf_side_cache.clear()
+        self._leaf_side_cache[ip] = ok
+        return ok
+
+    def _learn_ip(self, st: MacState, ip: bytes) -> None:
+        if ip in st.ips or ip in (_ZERO_V4, _ZERO_V6):
+            return
+        if (ip[0] >= 224 and len(ip) == 4) or (len(ip) == 16 and ip[0] == 0xFF):
+            return
+        st.any_ip = True
+        if self.is_leaf_ip(ip):
+            st.leaf_side = True
+            if len(st.ips) < self.settings.max_ips_per_leaf:
+                st.ips[ip] = None
+
+    def _add_name(self, names: dict[str, None], name: str) -> None:
+        if not name or name in names:
+            return
+        if len(names) >= self.settings.max_names_per_leaf:
+            names.pop(next(iter(names)))
+            self.stats.evicted_names += 1
+        names[name] = None
+
+    # ----------------------------------------------------------------------------------------- flows
+
+    def _conversation(self, p: Packet, data: bytes, ts: float, wirelen: int, src: MacState | None) -> None:
+        proto = p.proto
+        if proto not in (PROTO_TCP, PROTO_UDP):
+            return
+        assert p.src_ip is not None
+        assert p.dst_ip is not None
+        if p.fragment and not p.frag_first:
+            got = self._frags.get((p.src_ip, p.dst_ip, proto, p.frag_id))
+            if got is None:
+                return
+            fkey, forward = got
+            frag_flow = self.flows.get(fkey)
+            if frag_flow is None:
+                return
+            if forward:
+                frag_flow.packets_ab += 1
+                frag_flow.bytes_ab += wirelen
+            else:
+                frag_flow.packets_ba += 1
+                frag_flow.bytes_ba += wirelen
+            frag_flow.last = max(frag_flow.last, ts)
+            return
+        if p.sport < 0:
+            return
+        sip, sport, dip, dport = p.src_ip, p.sport, p.dst_ip, p.dport
+        if (sip, sport) <= (dip, dport):
+            key = (proto, sip, sport, dip, dport)
+        else:
+            key = (proto, dip, dport, sip, sport)
+        flow = self.flows.get(key)
+        flags = p.tcp_flags
+        if flow is None:
+            flow = self._new_flow(key, p, ts)
+        forward = flow.a_ip == sip and flow.a_port == sport
+        if forward:
+            flow.packets_ab += 1
+            flow.bytes_ab += wirelen
+        else:
+            flow.packets_ba += 1
+            flow.bytes_ba += wirelen
+        flow.last = max(flow.last, ts)
+        if p.fragment:
+            if len(self._frags) >= self.settings.max_fragments:
+                self._frags.pop(next(iter(self._frags)))
+            self._frags[(sip, dip, proto, p.frag_id)] = (key, forward)
+        if proto == PROTO_TCP:
+            self._tcp(flow, forward, flags, p, data, ts, src)
+        else:
+            if not forward and not flow.b_seen:
+                flow.b_seen = True
+                # A reply from the responder's port is a service, unless the flow was first seen mid-way
+                # (a well-known port talking to an ephemeral one: the "responder" is really the client).
+                if src is not None and not (flow.a_port < 1024 <= flow.b_port) and self.is_leaf_ip(sip):
+                    self._add_service(src, "udp", flow.b_port)
+            if p.payload_len and (sport in DEEP_UDP_PORTS or dport in DEEP_UDP_PORTS) and src is not None:
+                self._udp_payload(p, data[p.payload_off : p.payload_off + p.payload_len], src)
+            flow.slow = flow.a_port in DEEP_UDP_PORTS or flow.b_port in DEEP_UDP_PORTS or not flow.b_seen
+
+    def _new_flow(self, key: tuple[int, bytes, int, bytes, int], p: Packet, ts: float) -> Flow:
+        if len(self.flows) >= self.settings.max_flows:
+            self._evict_flow(ts)
+        assert p.src_ip is not None
+        assert p.dst_ip is not None
+        flags = p.tcp_flags
+        responder_first = p.proto == PROTO_TCP and flags & TCP_SYN and flags & TCP_ACK
+        if responder_first:
+            # Capture started between SYN and SYN-ACK: the SYN-ACK's receiver is the initiator.
+            flow = Flow(p.proto, p.dst_ip, p.dport, p.src_ip, p.sport, p.dst_mac, p.src_mac, ts)
+        else:
+            flow = Flow(p.proto, p.src_ip, p.sport, p.dst_ip, p.dport, p.src_mac, p.dst_mac, ts)
+        if p.proto == PROTO_TCP:
+            flow.state = "S0" if flags & TCP_SYN and not flags & TCP_ACK else "EST" if responder_first else "OTHER"
+            proto_name = LOGIN_PORTS.get(flow.b_port)
+            if proto_name is not None:
+                flow.login = LoginTracker(proto_name)
+                flow.login_budget = LOGIN_BUDGET_BYTES
+        self.flows[key] = flow
+        self._observe_connection(flow, "tcp" if p.proto == PROTO_TCP else "udp", ts)
+        return flow
+
+    def _evict_flow(self, now: float) -> None:
+        flows = self.flows
+        for _ in range(8):
+            key = next(iter(flows))
+            f = flows.pop(key)
+            if now - f.last < self.settings.idle_flow_s:
+                flows[key] = f
+                continue
+            break
+        else:
+            flows.pop(next(iter(flows)))
+        self.stats.evicted_flows += 1
+
+    def _tcp(
+        self, flow: Flow, forward: bool, flags: int, p: Packet, data: bytes, ts: float, src: MacState | None
+    ) -> None:
+        if flags & (TCP_SYN | TCP_FIN | TCP_RST):
+            state = flow.state
+            if flags & TCP_SYN:
+                if flags & TCP_ACK:
+                    if not forward:
+                        if state in ("S0", "OTHER", "REJ"):
+                            flow.state = "EST" if state != "OTHER" else state
+                        # A router forwarding a remote server's answer is not offering that service.
+                        if src is not None and p.src_ip is not None and self.is_leaf_ip(p.src_ip):
+                            self._add_service(src, "tcp", p.sport)
+                elif state in ("CLOSED", "REJ") and forward:
+                    flow.state = "S0"  # the 5-tuple is reused by a new connection
+            elif flags & TCP_RST:
+                if state == "S0" and not forward:
+                    flow.state = "REJ"
+                elif state == "EST":
+                    flow.state = "CLOSED"
+            elif state == "EST":
+                flow.state = "CLOSED"
+        if p.payload_len:
+            payload = data[p.payload_off : p.payload_off + p.payload_len]
+            if forward and not flow.hello_checked:
+                flow.hello_checked = True
+                if src is not None:
+                    hello = deep.tls_client_hello(payload)
+                    if hello is not None:
+                        if hello.sni:
+                            self._add_name(src.tls_sni, hello.sni)
+                        for v in hello.versions:
+                            src.tls_versions[v] = None
+            if flow.login is not None and flow.login_budget > 0:
+                flow.login_budget -= len(payload)
+                for outcome in flow.login.feed(forward, payload):
+                    self._observe_login(flow, flow.login.protocol, outcome.user, outcome.result, ts)
+        flow.slow = not flow.hello_checked or (flow.login is not None and flow.login_budget > 0)
+
+    def _add_service(self, st: MacState, proto: str, port: int) -> None:
+        key = (proto, port)
+        if key not in st.services and len(st.services) < self.settings.max_services_per_leaf:
+            st.services[key] = None
+
+    # ----------------------------------------------------------------------------------------- deep
+
+    def _udp_payload(self, p: Packet, payload: bytes, src: MacState) -> None:
+        sport, dport = p.sport, p.dport
+        if sport in (67, 68) or dport in (67, 68):
+            d = deep.dhcp(payload)
+            if d is not None:
+                self._dhcp(d, src)
+        elif sport in (53, 5353, 5355) or dport in (53, 5353, 5355):
+            m = deep.dns(payload)
+            if m is None:
+                return
+            if not m.response and dport in (53, 5353, 5355):
+                for q in m.questions:
+                    self._add_name(src.dns_queries, q)
+            if sport == 5353:
+                for name, rtype, _value in m.records:
+                    if rtype in (deep.DNS_A, deep.DNS_AAAA) and name:
+                        self._add_name(src.hostnames, name)
+        elif sport == 137:
+            nb = deep.nbns(payload)
+            if nb is None:
+                return
+            # Registrations and refreshes (opcodes 5, 8, 9) and positive answers name the sender itself.
+            if (not nb.response and nb.opcode in (5, 8, 9)) or (nb.response and nb.opcode == 0):
+                for name, suffix, group in nb.names:
+                    if suffix in (0x00, 0x20) and not group and name and name != "*":
+                        self._add_name(src.hostnames, name)
+        elif sport == 1900 or dport == 1900:
+            s = deep.ssdp(payload)
+            if s is not None and s.method != "M-SEARCH":
+                if s.server:
+                    src.ssdp_server = s.server
+                if s.usn:
+                    src.ssdp_usn = s.usn
+
+    def _dhcp(self, d: deep.Dhcp, src: MacState) -> None:
+        client = src if d.client_mac == src.mac else self._mac(d.client_mac, src.touched)
+        if d.hostname:
+            client.dhcp_hostname = d.hostname
+            self._add_name(client.hostnames, d.hostname)
+        if d.fqdn:
+            self._add_name(client.hostnames, d.fqdn)
+        if d.op == 1:
+            if d.vendor_class:
+                client.dhcp_vendor_class = d.vendor_class
+            if d.param_request_list:
+                client.dhcp_prl = d.param_request_list
+        elif d.msg_type == 5 and d.your_ip != _ZERO_V4:
+            self._learn_ip(client, d.your_ip)
+
+    # ----------------------------------------------------------------------------------------- observations
+
+    def _leaf_mac_for(self, ip: bytes, mac: bytes | None) -> bytes | None:
+        if mac is None or not is_unicast_mac(mac) or mac in self._gateway:
+            return None
+        return mac if self.is_leaf_ip(ip) else None
+
+    def _emit(self, obs: Observation) -> None:
+        if len(self._observations) >= MAX_PENDING_OBSERVATIONS:
+            # Nobody is draining (a report-only run): keep memory bounded and count what is lost.
+            self._observations.pop(0)
+            self.stats.observations_dropped += 1
+        self._observations.append(obs)
+
+    def _observe_connection(self, flow: Flow, proto: str, ts: float) -> None:
+        for leaf_ip, leaf_port, leaf_mac, peer_ip, peer_port, direction in (
+            (flow.a_ip, flow.a_port, flow.a_mac, flow.b_ip, flow.b_port, "Out"),
+            (flow.b_ip, flow.b_port, flow.b_mac, flow.a_ip, flow.a_port, "In"),
+        ):
+            mac = self._leaf_mac_for(leaf_ip, leaf_mac)
+            if mac is None:
+                continue
+            self._emit(
+                ConnectionSeen(
+                    ts=ts,
+                    leaf_mac=mac_text(mac),
+                    direction="Out" if direction == "Out" else "In",
+                    protocol="tcp" if proto == "tcp" else "udp",
+                    local_addr=ip_text(leaf_ip),
+                    local_port=leaf_port,
+                    remote_addr=ip_text(peer_ip),
+                    remote_port=peer_port,
+                    tcp_state=flow.state or "",
+                    bytes_seen=flow.bytes_ab + flow.bytes_ba,
+                )
+            )
+
+    def _observe_login(self, flow: Flow, protocol: Any, user: str | None, result: Any, ts: float) -> None:
+        for leaf_ip, leaf_port, leaf_mac, peer_ip, peer_port, direction in (
+            (flow.a_ip, flow.a_port, flow.a_mac, flow.b_ip, flow.b_port, "Out"),
+            (flow.b_ip, flow.b_port, flow.b_mac, flow.a_ip, flow.a_port, "In"),
+        ):
+            mac = self._leaf_mac_for(leaf_ip, leaf_mac)
+            if mac is None:
+                continue
+            self._emit(
+                LoginSeen(
+                    ts=ts,
+                    leaf_mac=mac_text(mac),
+                    protocol=protocol,
+                    direction="Out" if direction == "Out" else "In",
+                    local_addr=ip_text(leaf_ip),
+                    local_port=leaf_port,
+                    remote_addr=ip_text(peer_ip),
+                    remote_port=peer_port,
+                    user=user,
+                    result=result,
+                )
+            )
+
+    def drain_observations(self) -> list[Observation]:
+        """Observations since the last call, in packet order."""
+        out = self._observations
+        self._observations = []
+        return out
+
+    # ----------------------------------------------------------------------------------------- output
+
+    def is_leaf(self, st: MacState) -> bool:
+        return (
+            st.packets_out > 0
+            and is_unicast_mac(st.mac)
+            and st.mac not in self._gateway
+            and (st.leaf_side or not st.any_ip)
+        )
+
+    def leaves(self) -> list[MacState]:
+        return sorted((st for st in self.macs.values() if self.is_leaf(st)), key=lambda s: s.mac)
+
+    def leaf_views(self) -> list[LeafView]:
+        return [self._view(st) for st in self.leaves()]
+
+    def _view(self, st: MacState) -> LeafView:
+        mac = mac_text(st.mac)
+        os_name, os_vendor, os_version = os_evidence(st)
+        return LeafView(
+            mac=mac,
+            ips=tuple(sorted((ip_text(ip) for ip in st.ips), key=_ip_sort)),
+            vendor=vendor_of(mac),
+            hostnames=tuple(sorted(st.hostnames)),
+            dhcp_hostname=st.dhcp_hostname,
+            dhcp_vendor_class=st.dhcp_vendor_class,
+            dhcp_param_request_list=st.dhcp_prl,
+            randomized_mac=bool(st.mac[0] & 2),
+            first_seen=st.first_seen,
+            last_seen=st.last_seen,
+            services=tuple(Service("tcp" if p == "tcp" else "udp", port) for p, port in sorted(st.services)),
+            os_name=os_name,
+            os_vendor=os_vendor,
+            os_version=os_version,
+        )
+
+    def report(self) -> dict[str, Any]:
+        st = self.stats
+        leaves = []
+        for m in self.leaves():
+            v = self._view(m)
+            leaves.append(
+                {
+                    "mac": v.mac,
+                    "ips": list(v.ips),
+                    "vendor": v.vendor,
+                    "hostnames": list(v.hostnames),
+                    "dhcp": {
+                        "hostname": v.dhcp_hostname,
+                        "vendor_class": v.dhcp_vendor_class,
+                        "param_request_list": list(v.dhcp_param_request_list),
+                    },
+                    "randomized_mac": v.randomized_mac,
+                    "first_seen": v.first_seen,
+                    "last_seen": v.last_seen,
+                    "packets_out": m.packets_out,
+                    "bytes_out": m.bytes_out,
+                    "packets_in": m.packets_in,
+                    "bytes_in": m.bytes_in,
+                    "services": [{"protocol": s.protocol, "port": s.port} for s in v.services],
+                    "dns_queries": sorted(m.dns_queries),
+                    "tls_sni": sorted(m.tls_sni),
+                    "tls_versions": [f"0x{x:04x}" for x in sorted(m.tls_versions)],
+                    "ssdp": {"server": m.ssdp_server, "usn": m.ssdp_usn},
+                    "os": {"name": v.os_name, "vendor": v.os_vendor, "version": v.os_version},
+                }
+            )
+        convs = []
+        for f in sorted(
+            self.flows.values(), key=lambda f: (f.first, f.proto, f.a_ip, f.a_port, f.b_ip, f.b_port)
+        ):
+            convs.append(
+                {
+                    "protocol": "tcp" if f.proto == PROTO_TCP else "udp",
+                    "a_addr": ip_text(f.a_ip),
+                    "a_port": f.a_port,
+                    "b_addr": ip_text(f.b_ip),
+                    "b_port": f.b_port,
+                    "packets_ab": f.packets_ab,
+                    "bytes_ab": f.bytes_ab,
+                    "packets_ba": f.packets_ba,
+                    "bytes_ba": f.bytes_ba,
+                    "first_seen": f.first,
+                    "last_seen": f.last,
+                    "state": f.state,
+                }
+            )
+        return {
+            "capture": {
+                "files": st.files,
+                "packets": st.packets,
+                "bytes": st.bytes,
+                "first_ts": st.first_ts,
+                "last_ts": st.last_ts,
+                "link_types": sorted(st.link_types),
+                "decode_errors": st.decode_errors,
+                "truncated": st.truncated,
+                "evicted_flows": st.evicted_flows,
+                "evicted_leaves": st.evicted_macs,
+                "evicted_names": st.evicted_names,
+            },
+            "leaves": leaves,
+            "conversations": convs,
+        }
+
+
+_ULA = ipaddress.ip_network("fc00::/7")
+
+
+def _ip_sort(text: str) -> tuple[int, int]:
+    addr = ipaddress.ip_address(text)
+    return addr.version, int(addr)
+
+
+def os_evidence(st: MacState) -> tuple[str | None, str | None, str | None]:
+    """OS name, vendor and version where the traffic states them; never a guess from weaker hints."""
+    vc = st.dhcp_vendor_class or ""
+    if vc.startswith("MSFT"):
+        return "Windows", "Microsoft", None
+    if vc.startswith("android-dhcp-"):
+        return "Android", "Google", vc.removeprefix("android-dhcp-") or None
+    server = st.ssdp_server or ""
+    # UPnP SERVER header: "OS/version UPnP/1.x product/version" (UPnP Device Architecture 1.1, section 1.1.3).
+    first = server.replace(",", " ").split(" ", 1)[0]
+    name, sep, version = first.partition("/")
+    if sep and name and "upnp" in server.lower() and name.lower() not in ("upnp", "unspecified"):
+        return name, None, version or None
+    return None, None, None

@@ -1,0 +1,45 @@
+"""Settings of the observation core: the leaf side and the caps that keep its state bounded."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from leafguard.errors import ConfigurationError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class AnalyzerSettings:
+    leaf_nets: tuple[Network, ...] = ()
+    """Addresses on the leaf side. Empty: private, link-local and ULA addresses (RFC 1918, 3927, 4193)."""
+    gateway_macs: frozenset[str] = field(default_factory=frozenset)
+    """The gateway's own MACs, never reported as leaves."""
+    max_flows: int = 200_000
+    max_macs: int = 20_000
+    max_names_per_leaf: int = 256
+    """Cap of each per-leaf name list (DNS queries, TLS SNI, hostnames)."""
+    max_services_per_leaf: int = 256
+    max_ips_per_leaf: int = 32
+    max_fragments: int = 4096
+    idle_flow_s: float = 300.0
+    """A flow quiet for this long is preferred for eviction when the flow table is full."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_flows", "max_macs", "max_names_per_leaf", "max_services_per_leaf", "max_ips_per_leaf"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be at least 1")
+
+    @classmethod
+    def from_cli(cls, leaf_nets: list[str] | None, gateway_macs: list[str] | None = None) -> AnalyzerSettings:
+        nets: list[Network] = []
+        for text in leaf_nets or []:
+            try:
+                nets.append(ipaddress.ip_network(text, strict=False))
+            except ValueError as exc:
+                raise ConfigurationError(f"--leaf-net {text!r} is not a CIDR network: {exc}") from exc
+        return cls(
+            leaf_nets=tuple(nets),
+            gateway_macs=frozenset(m.lower().replace("-", ":") for m in gateway_macs or []),
+        )

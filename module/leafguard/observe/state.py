@@ -1,0 +1,119 @@
+"""Per-MAC and per-conversation state records of the observation core."""
+
+from __future__ import annotations
+
+from leafguard.decode.login import LoginTracker
+
+TCP_STATES = ("S0", "REJ", "EST", "CLOSED", "OTHER")
+
+
+class MacState:
+    """Everything observed about one unicast MAC. Only MACs that qualify as leaves are reported."""
+
+    __slots__ = (
+        "any_ip",
+        "bytes_in",
+        "bytes_out",
+        "dhcp_hostname",
+        "dhcp_prl",
+        "dhcp_vendor_class",
+        "dns_queries",
+        "first_seen",
+        "hostnames",
+        "ips",
+        "last_seen",
+        "leaf_side",
+        "mac",
+        "packets_in",
+        "packets_out",
+        "services",
+        "ssdp_server",
+        "ssdp_usn",
+        "tls_sni",
+        "tls_versions",
+        "touched",
+    )
+
+    def __init__(self, mac: bytes) -> None:
+        self.mac = mac
+        self.packets_out = 0
+        self.bytes_out = 0
+        self.packets_in = 0
+        self.bytes_in = 0
+        self.first_seen = 0.0
+        self.last_seen = 0.0
+        self.touched = 0.0
+        """Last time the MAC was seen in any role (eviction order)."""
+        self.any_ip = False
+        """It has sent a frame carrying an address of its own."""
+        self.leaf_side = False
+        """One of those addresses is on the leaf side."""
+        self.ips: dict[bytes, None] = {}
+        self.hostnames: dict[str, None] = {}
+        self.dhcp_hostname: str | None = None
+        self.dhcp_vendor_class: str | None = None
+        self.dhcp_prl: tuple[int, ...] = ()
+        self.dns_queries: dict[str, None] = {}
+        self.tls_sni: dict[str, None] = {}
+        self.tls_versions: dict[int, None] = {}
+        self.services: dict[tuple[str, int], None] = {}
+        self.ssdp_server: str | None = None
+        self.ssdp_usn: str | None = None
+
+
+class Flow:
+    """One TCP or UDP conversation. Side ``a`` initiated it (SYN sender, else first sender)."""
+
+    __slots__ = (
+        "a_ip",
+        "a_mac",
+        "a_port",
+        "b_ip",
+        "b_mac",
+        "b_port",
+        "b_seen",
+        "bytes_ab",
+        "bytes_ba",
+        "first",
+        "hello_checked",
+        "last",
+        "login",
+        "login_budget",
+        "packets_ab",
+        "packets_ba",
+        "proto",
+        "slow",
+        "state",
+    )
+
+    def __init__(
+        self,
+        proto: int,
+        a_ip: bytes,
+        a_port: int,
+        b_ip: bytes,
+        b_port: int,
+        a_mac: bytes | None,
+        b_mac: bytes | None,
+        ts: float,
+    ) -> None:
+        self.proto = proto
+        self.a_ip = a_ip
+        self.a_port = a_port
+        self.b_ip = b_ip
+        self.b_port = b_port
+        self.a_mac = a_mac
+        self.b_mac = b_mac
+        self.packets_ab = 0
+        self.bytes_ab = 0
+        self.packets_ba = 0
+        self.bytes_ba = 0
+        self.first = ts
+        self.last = ts
+        self.state: str | None = None
+        self.b_seen = False
+        self.hello_checked = False
+        self.login: LoginTracker | None = None
+        self.login_budget = 0
+        self.slow = True
+        """Its frames still need the per-frame path (deep inspection or state not settled)."""
