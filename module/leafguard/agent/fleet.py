@@ -1,0 +1,163 @@
+"""Many leaf agents: identity mapping, per-leaf configuration, one clock.
+
+Each leaf (by MAC) gets one :class:`LeafAgent` the first time it shows up in an observation or a view. Its
+identity
+comes from the leaf map (MAC → twin identity) when the map names it, else from its MAC (``identity_for_mac``);
+when the map later names a leaf, its agent continues under the new identity. Leaves without desired properties
+of their own use the fleet's default configuration (the gateway's defaults).
+
+The number of agents is bounded (``max_leaves``); observations of leaves beyond it are counted in
+:attr:`Fleet.refused_observations`, not queued anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from leafguard import __version__
+from leafguard.agent.agent import AgentStats, LeafAgent
+from leafguard.agent.config import AgentConfig, ConfigOutcome
+from leafguard.agent.messages import OutgoingMessage
+from leafguard.observe.model import ConnectionSeen, LeafView, LoginSeen, identity_for_mac
+
+DEFAULT_MAX_LEAVES = 10_000
+
+ViewsProvider = Callable[[], Iterable[LeafView]]
+"""Returns the current inventory snapshots (e.g. ``Analyzer.leaf_views``); called only when needed."""
+
+
+class Fleet:
+    """The agents of every leaf, keyed by MAC."""
+
+    def __init__(
+        self,
+        default_config: AgentConfig | None = None,
+        leaf_map: Mapping[str, str] | None = None,
+        *,
+        default_desired: object = None,
+        agent_version: str = __version__,
+        max_leaves: int = DEFAULT_MAX_LEAVES,
+        discovery_interval_s: float = 10.0,
+    ) -> None:
+        self.default_config = default_config or AgentConfig()
+        self.default_desired = default_desired
+        """A desired document applied to every leaf that has none of its own (e.g. ``--agent-config``)."""
+        self._leaf_map = {mac.lower(): ident for mac, ident in (leaf_map or {}).items()}
+        self._agent_version = agent_version
+        self.max_leaves = max_leaves
+        self.discovery_interval_s = discovery_interval_s
+        self._agents: dict[str, LeafAgent] = {}
+        self._by_identity: dict[str, str] = {}
+        self._desired: dict[str, object] = {}
+        """Desired documents by identity, kept so that a leaf created later starts with its own config."""
+        self._last_discovery: float | None = None
+        self.refused_observations = 0
+
+    # -- identities ----------------------------------------------------------------------------------------
+
+    def identity_for(self, mac: str) -> str:
+        """The twin identity of a MAC: the leaf map's name for it, else one derived from the MAC."""
+        mac = mac.lower()
+        return self._leaf_map.get(mac) or identity_for_mac(mac)
+
+    def set_leaf_map(self, leaf_map: Mapping[str, str], now: float) -> None:
+        """Replace the leaf map; agents of leaves it renames continue under their new identity."""
+        self._leaf_map = {mac.lower(): ident for mac, ident in leaf_map.items()}
+        for mac, agent in self._agents.items():
+            ident = self.identity_for(mac)
+            if ident != agent.identity:
+                del self._by_identity[agent.identity]
+                agent.rename(ident)
+                self._by_identity[ident] = mac
+                if ident in self._desired:
+                    agent.apply_desired(self._desired[ident], now)
+
+    def agent(self, identity: str) -> LeafAgent | None:
+        mac = self._by_identity.get(identity)
+        return self._agents.get(mac) if mac is not None else None
+
+    def agents(self) -> list[LeafAgent]:
+        return list(self._agents.values())
+
+    def ensure(self, mac: str, now: float) -> LeafAgent | None:
+        """The agent of a leaf, created at ``now`` if new (None when ``max_leaves`` is reached)."""
+        mac = mac.lower()
+        agent = self._agents.get(mac)
+        if agent is not None:
+            return agent
+        if len(self._agents) >= self.max_leaves:
+            return None
+        ident = self.identity_for(mac)
+        agent = LeafAgent(ident, self.default_config, now, agent_version=self._agent_version)
+        self._agents[mac] = agent
+        self._by_identity[ident] = mac
+        desired = self._desired.get(ident, self.default_desired)
+        if desired is not None:
+            agent.apply_desired(desired, now)
+        return agent
+
+    # -- inputs --------------------------------------------------------------------------------------------
+
+    def observe(self, obs: ConnectionSeen | LoginSeen) -> None:
+        agent = self.ensure(obs.leaf_mac, obs.ts)
+        if agent is None:
+            self.refused_observations += 1
+            return
+        agent.observe(obs)
+
+    def apply_desired(self, identity: str, desired: object, now: float) -> ConfigOutcome:
+        """Apply a leaf's whole desired-properties document (now, or when the leaf first shows up).
+
+        Returns the outcome whose ``reported`` is what to write to that leaf's reported properties. For a
+        leaf not seen yet, the outcome is computed against the default configuration.
+        """
+        self._desired[identity] = desired
+        agent = self.agent(identity)
+        if agent is None:
+            return self.default_config.apply_desired(desired)
+        return agent.apply_desired(desired, now)
+
+    def reported(self, identity: str) -> dict[str, Any]:
+        agent = self.agent(identity)
+        return (agent.config if agent is not None else self.default_config).reported()
+
+    # -- the clock -----------------------------------------------------------------------------------------
+
+    def tick(self, now: float, views: ViewsProvider | None = None) -> list[OutgoingMessage]:
+        """Advance every agent to ``now``; returns the messages due, leaf by leaf.
+
+        ``views`` is called at most once, and only when an agent takes a snapshot or every
+        ``discovery_interval_s`` (to create agents for leaves seen only in the inventory).
+        """
+        by_mac: dict[str, LeafView] | None = None
+        discover = self._last_discovery is None or now - self._last_discovery >= self.discovery_interval_s
+        if views is not None and (discover or any(a.needs_view(now) for a in self._agents.values())):
+            by_mac = {v.mac.lower(): v for v in views()}
+            self._last_discovery = now
+            for mac in by_mac:
+                self.ensure(mac, now)
+        out: list[OutgoingMessage] = []
+        for mac, agent in self._agents.items():
+            view = by_mac.get(mac) if by_mac is not None else None
+            out.extend(agent.tick(now, view))
+        return out
+
+    def shutdown(self, now: float) -> list[OutgoingMessage]:
+        """The final flush of every agent (see :meth:`LeafAgent.shutdown`)."""
+        out: list[OutgoingMessage] = []
+        for agent in self._agents.values():
+            out.extend(agent.shutdown(now))
+        return out
+
+    def stats(self) -> AgentStats:
+        """The sum of every agent's counters."""
+        parts = [a.stats() for a in self._agents.values()]
+        return AgentStats(
+            sum(p.generated for p in parts),
+            sum(p.sent for p in parts),
+            sum(p.dropped for p in parts),
+            sum(p.pending for p in parts),
+            sum(p.messages for p in parts),
+            sum(p.aggregation_overflow for p in parts),
+        )

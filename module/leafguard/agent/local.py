@@ -1,0 +1,298 @@
+"""Local transport: security messages to a JSONL file, twins to a folder, desired properties from a folder.
+
+Layout of a local-mode folder ``DIR`` (``leafguard run`` outside IoT Edge):
+
+* ``DIR/messages.jsonl``: every message, one JSON object per line:
+  ``{"identity": "<leaf identity>", "properties": {"$.ifid": …, "$.ct": …, "$.ce": …, "MessagePriority": …},
+  "body": {<the security message>}}`` — the same lines ``leafguard analyze --security-messages FILE`` writes;
+* ``DIR/twins/<identity>.json``: the leaf's reported properties (``{"ms_iotn:…Configuration": {…}}``),
+  rewritten whenever they change;
+* ``DIR/desired/<identity>.json``: the leaf's desired properties, the same shape as ``--agent-config``; the
+  service polls the folder (:class:`DesiredDir`) and applies a changed file at once. A deleted file means "no
+  desired properties" (defaults); a file that is not JSON is a rejected configuration (TypeMismatch, previous
+  configuration kept).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Protocol, Self
+
+import orjson
+
+from leafguard.agent.config import AgentConfig, ConfigOutcome
+from leafguard.agent.fleet import Fleet
+from leafguard.agent.messages import OutgoingMessage
+from leafguard.errors import ConfigurationError
+from leafguard.observe.model import ConnectionSeen, LeafView, LoginSeen
+
+MESSAGES_FILE = "messages.jsonl"
+TWINS_DIR = "twins"
+DESIRED_DIR = "desired"
+
+
+# -- messages ----------------------------------------------------------------------------------------------
+
+
+class JsonlMessageWriter:
+    """Writes messages as JSONL lines to a file (appending, or truncating first); flushes each batch."""
+
+    def __init__(self, path: Path | str, *, append: bool = True) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh: IO[bytes] = self.path.open("ab" if append else "wb")
+        self.lines = 0
+
+    def write(self, messages: Iterable[OutgoingMessage]) -> None:
+        wrote = False
+        for msg in messages:
+            self._fh.write(msg.jsonl_line())
+            self.lines += 1
+            wrote = True
+        if wrote:
+            self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+# -- twins -------------------------------------------------------------------------------------------------
+
+
+def identity_filename(identity: str) -> str:
+    """A safe file name for an identity (device ids cannot contain ``/``; anything odd is %-quoted)."""
+    return urllib.parse.quote(identity, safe="-_.:@+=,!()$'*#") + ".json"
+
+
+def identity_from_filename(name: str) -> str:
+    return urllib.parse.unquote(name.removesuffix(".json"))
+
+
+class TwinsDirWriter:
+    """Writes each leaf's reported properties to ``DIR/<identity>.json`` (atomically, only when changed)."""
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._last: dict[str, bytes] = {}
+
+    def write(self, identity: str, reported: Mapping[str, Any]) -> bool:
+        """Returns whether the file was (re)written."""
+        data = orjson.dumps(reported, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+        if self._last.get(identity) == data:
+            return False
+        path = self.directory / identity_filename(identity)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        self._last[identity] = data
+        return True
+
+
+# -- desired properties --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredChange:
+    """A desired-properties file that appeared, changed or disappeared."""
+
+    identity: str
+    desired: Any
+    """The parsed document; ``{}`` when the file was deleted; a description string when it is not JSON."""
+
+
+class DesiredDir:
+    """Polls ``DIR/<identity>.json`` files and yields the ones whose content changed since the last scan."""
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+        self._stat: dict[str, tuple[int, int]] = {}
+        self._digest: dict[str, bytes] = {}
+
+    def scan(self) -> list[DesiredChange]:
+        """The changes since the previous scan (every file, on the first scan); cheap when nothing changed."""
+        out: list[DesiredChange] = []
+        seen: set[str] = set()
+        try:
+            entries = sorted(p for p in self.directory.iterdir() if p.suffix == ".json" and p.is_file())
+        except FileNotFoundError:
+            entries = []
+        for path in entries:
+            ident = identity_from_filename(path.name)
+            seen.add(ident)
+            try:
+                st = path.stat()
+                key = (st.st_mtime_ns, st.st_size)
+                if self._stat.get(ident) == key:
+                    continue
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            self._stat[ident] = key
+            digest = hashlib.sha256(raw).digest()
+            if self._digest.get(ident) == digest:
+                continue
+            self._digest[ident] = digest
+            out.append(DesiredChange(ident, parse_desired_bytes(raw)))
+        for ident in sorted(set(self._digest) - seen):
+            del self._digest[ident]
+            self._stat.pop(ident, None)
+            out.append(DesiredChange(ident, {}))
+        return out
+
+
+def parse_desired_bytes(raw: bytes) -> Any:
+    """A desired document from file content; a description string if not JSON (rejected when applied)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return f"invalid JSON: {exc}"
+
+
+def apply_desired_changes(
+    fleet: Fleet, changes: Iterable[DesiredChange], now: float, twins: TwinsDirWriter | None = None
+) -> list[tuple[str, ConfigOutcome]]:
+    """Apply each change to its leaf and write the reported properties back (accepted or not)."""
+    out: list[tuple[str, ConfigOutcome]] = []
+    for change in changes:
+        outcome = fleet.apply_desired(change.identity, change.desired, now)
+        if twins is not None:
+            twins.write(change.identity, outcome.reported)
+        out.append((change.identity, outcome))
+    return out
+
+
+def load_agent_config_file(path: Path | str) -> dict[str, Any]:
+    """The desired document in an ``--agent-config`` file; raises ConfigurationError if unreadable or not
+    JSON.
+
+    The file has the desired-properties shape: ``{"ms_iotn:urn_azureiot_Security_SecurityAgentConfiguration":
+    {"maxMessageSizeInBytes": {"value": 65536}, …}}``. Its *content* is validated per leaf, like a twin.
+    """
+    try:
+        doc = orjson.loads(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigurationError(f"{path}: {exc.strerror or exc}") from exc
+    except orjson.JSONDecodeError as exc:
+        raise ConfigurationError(f"{path}: not JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise ConfigurationError(f"{path}: expected a JSON object in the desired-properties shape")
+    return doc
+
+
+# -- offline runs ------------------------------------------------------------------------------------------
+
+
+class AnalyzerLike(Protocol):
+    """What the pump needs from ``leafguard.observe.analyzer.Analyzer``."""
+
+    def drain_observations(self) -> list[ConnectionSeen | LoginSeen]: ...
+
+    def leaf_views(self) -> list[LeafView]: ...
+
+    @property
+    def now(self) -> float | None: ...
+
+
+class SecurityMessagePump:
+    """Feeds an analyzer's observations to a fleet after each batch and hands the due messages to a sink."""
+
+    def __init__(self, fleet: Fleet, sink: Callable[[list[OutgoingMessage]], None]) -> None:
+        self.fleet = fleet
+        self.sink = sink
+        self.messages = 0
+
+    def after_batch(self, analyzer: AnalyzerLike) -> None:
+        """Call after every ``analyzer.feed(batch)``: observations in packet order, then one tick."""
+        for obs in analyzer.drain_observations():
+            self.fleet.observe(obs)
+        now = analyzer.now
+        if now is not None:
+            self._emit(self.fleet.tick(now, analyzer.leaf_views))
+
+    def finish(self, analyzer: AnalyzerLike) -> None:
+        """At the end of the run: the last observations, a last tick, then the final flush of every agent."""
+        self.after_batch(analyzer)
+        now = analyzer.now
+        if now is not None:
+            self._emit(self.fleet.shutdown(now))
+
+    def _emit(self, msgs: list[OutgoingMessage]) -> None:
+        if msgs:
+            self.messages += len(msgs)
+            self.sink(msgs)
+
+
+def make_fleet(agent_config_path: Path | str | None = None, leaf_map: Mapping[str, str] | None = None) -> Fleet:
+    """A fleet with default configuration, or with ``--agent-config`` applied to every leaf."""
+    desired = load_agent_config_file(agent_config_path) if agent_config_path is not None else None
+    return Fleet(AgentConfig(), leaf_map, default_desired=desired)
+
+
+class OfflineMessageWriter:
+    """``leafguard analyze --security-messages FILE [--agent-config FILE]``: the messages of a capture run.
+
+    Call :meth:`step` after every ``analyzer.feed(batch)`` and :meth:`finish` once at the end (it runs the final
+    flush and closes the file). The file is truncated when the writer is created.
+    """
+
+    def __init__(
+        self,
+        out_path: Path | str,
+        agent_config_path: Path | str | None = None,
+        leaf_map: Mapping[str, str] | None = None,
+    ) -> None:
+        self.fleet = make_fleet(agent_config_path, leaf_map)
+        self._writer = JsonlMessageWriter(out_path, append=False)
+        self._pump = SecurityMessagePump(self.fleet, self._writer.write)
+
+    @property
+    def lines(self) -> int:
+        return self._writer.lines
+
+    def step(self, analyzer: AnalyzerLike) -> None:
+        self._pump.after_batch(analyzer)
+
+    def finish(self, analyzer: AnalyzerLike) -> None:
+        try:
+            self._pump.finish(analyzer)
+        finally:
+            self._writer.close()
+
+
+def write_security_messages(
+    captures: Iterable[Path | str],
+    out_path: Path | str,
+    agent_config_path: Path | str | None = None,
+    leaf_map: Mapping[str, str] | None = None,
+) -> int:
+    """Run the observation core over capture files and write every message the run would send (JSONL).
+
+    The clock is packet time; the run ends with the final flush. Returns the number of messages written.
+    Raises ConfigurationError for an unreadable ``--agent-config`` file, CaptureFileError for a bad capture.
+    """
+    from leafguard.capture.pcapfile import read_batches
+    from leafguard.observe.analyzer import Analyzer
+
+    writer = OfflineMessageWriter(out_path, agent_config_path, leaf_map)
+    analyzer = Analyzer()
+    for path in captures:
+        for batch in read_batches(path):
+            analyzer.feed(batch)
+            writer.step(analyzer)
+    writer.finish(analyzer)
+    return writer.lines

@@ -1,0 +1,161 @@
+"""The three event queues of one agent, one byte budget, and the drop policy.
+
+Events are stored already serialized (compact UTF-8 JSON), so an event's size is exactly the bytes it adds to
+a
+message body (plus one comma). All three queues share ``maxLocalCacheSizeInBytes``, counted in those bytes.
+
+Drop policy (ranks: low < high < operational):
+
+1. An event larger than the largest event a message can carry (``maxMessageSizeInBytes`` minus the envelope)
+   or
+   than the whole cache is dropped on arrival and counted as *too large*; it never blocks its queue.
+2. Otherwise, while the event does not fit, the **oldest event of the lowest-ranked non-empty queue whose rank
+   is not above the new event's** is evicted: an incoming low event can only push out older low events; a high
+   event pushes out low events first, then older high ones; an operational event can push out anything, older
+   operational events last.
+3. If even evicting all of those would not make room, nothing is evicted and the new event is dropped.
+
+Every drop is counted against the queue the dropped event belonged to, per interval (reset when reported in
+DroppedEventsStatistics) and cumulatively (for ``sent + dropped + pending == generated``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+from leafguard.agent.events import QueueCounts
+
+
+class QueueName(enum.IntEnum):
+    """The queues, valued by rank in the drop policy (lower is dropped first)."""
+
+    LOW = 0
+    HIGH = 1
+    OPERATIONAL = 2
+
+
+@dataclass(slots=True)
+class _Counters:
+    collected: int = 0
+    dropped: int = 0
+    too_large: int = 0
+
+    def snapshot(self) -> QueueCounts:
+        return QueueCounts(self.collected, self.dropped, self.too_large)
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Cumulative counters of one agent's queues (never reset)."""
+
+    generated: int
+    sent: int
+    dropped: int
+    pending: int
+
+
+class EventQueues:
+    """Operational, high and low FIFO queues within one byte budget."""
+
+    def __init__(self, cache_bytes: int, max_event_bytes: int) -> None:
+        self.cache_bytes = cache_bytes
+        self.max_event_bytes = max_event_bytes
+        self._q: dict[QueueName, deque[bytes]] = {name: deque() for name in QueueName}
+        self._bytes: dict[QueueName, int] = dict.fromkeys(QueueName, 0)
+        self.total_bytes = 0
+        self._interval: dict[QueueName, _Counters] = {name: _Counters() for name in QueueName}
+        self._generated = 0
+        self._sent = 0
+        self._dropped = 0
+
+    # -- inspection ----------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._q.values())
+
+    def count(self, name: QueueName) -> int:
+        return len(self._q[name])
+
+    def bytes_in(self, name: QueueName) -> int:
+        return self._bytes[name]
+
+    def head_size(self, name: QueueName) -> int | None:
+        q = self._q[name]
+        return len(q[0]) if q else None
+
+    def totals(self) -> Totals:
+        return Totals(self._generated, self._sent, self._dropped, len(self))
+
+    def take_counts(self) -> tuple[QueueCounts, QueueCounts, QueueCounts]:
+        """The (high, low, operational) counters of the interval just ended; they start again at 0."""
+        out = tuple(self._interval[n].snapshot() for n in (QueueName.HIGH, QueueName.LOW, QueueName.OPERATIONAL))
+        self._interval = {name: _Counters() for name in QueueName}
+        return out[0], out[1], out[2]
+
+    def has_interval_activity(self) -> bool:
+        return any(c.collected or c.dropped for c in self._interval.values())
+
+    # -- mutation ------------------------------------------------------------------------------------------
+
+    def push(self, name: QueueName, data: bytes) -> bool:
+        """Offer one serialized event; returns whether it was queued (a drop is counted either way)."""
+        size = len(data)
+        self._generated += 1
+        self._interval[name].collected += 1
+        if size > self.max_event_bytes or size > self.cache_bytes:
+            self._interval[name].too_large += 1
+            self._count_drop(name)
+            return False
+        if self.total_bytes + size > self.cache_bytes:
+            evictable = sum(self._bytes[n] for n in QueueName if n <= name)
+            if self.total_bytes - evictable + size > self.cache_bytes:
+                self._count_drop(name)
+                return False
+            for victim in QueueName:  # ascending rank: low, high, operational
+                while victim <= name and self._q[victim] and self.total_bytes + size > self.cache_bytes:
+                    self._evict(victim)
+        self._q[name].append(data)
+        self._bytes[name] += size
+        self.total_bytes += size
+        return True
+
+    def pop(self, name: QueueName) -> bytes:
+        """Remove the oldest event of a queue, as sent."""
+        data = self._q[name].popleft()
+        self._bytes[name] -= len(data)
+        self.total_bytes -= len(data)
+        self._sent += 1
+        return data
+
+    def resize(self, cache_bytes: int, max_event_bytes: int) -> None:
+        """Apply a new budget: too-large events are dropped, then the oldest by rank until the cache fits."""
+        self.cache_bytes = cache_bytes
+        self.max_event_bytes = max_event_bytes
+        for name in QueueName:
+            q = self._q[name]
+            if any(len(d) > max_event_bytes for d in q):
+                keep: deque[bytes] = deque()
+                for d in q:
+                    if len(d) > max_event_bytes:
+                        self._bytes[name] -= len(d)
+                        self.total_bytes -= len(d)
+                        self._interval[name].too_large += 1
+                        self._count_drop(name)
+                    else:
+                        keep.append(d)
+                self._q[name] = keep
+        for victim in QueueName:
+            while self._q[victim] and self.total_bytes > cache_bytes:
+                self._evict(victim)
+
+    def _evict(self, name: QueueName) -> None:
+        data = self._q[name].popleft()
+        self._bytes[name] -= len(data)
+        self.total_bytes -= len(data)
+        self._count_drop(name)
+
+    def _count_drop(self, name: QueueName) -> None:
+        self._interval[name].dropped += 1
+        self._dropped += 1
