@@ -38,6 +38,8 @@ BPF_MAXINSNS = 4096
 
 BPF_RET_K = 0x06
 BPF_JMP_JA = 0x05
+BPF_JMP_JGE_K = 0x35
+BPF_LD_W_LEN = 0x80
 
 DEFAULT_SNAPLEN = 512
 DEFAULT_INVENTORY_SNAPLEN = 65535
@@ -171,13 +173,24 @@ def compile_expression(expression: str, snaplen: int) -> BpfProgram:
     return BpfProgram(insns, expression)
 
 
-def splice(first: BpfProgram, rest: BpfProgram) -> BpfProgram:
-    """Run ``first``; where it would drop the frame, run ``rest`` instead."""
+def splice(first: BpfProgram, rest: BpfProgram, *, min_len: int = 0) -> BpfProgram:
+    """Run ``first``; where it would drop the frame, run ``rest`` instead.
+
+    Frames shorter than ``min_len`` go straight to ``rest``. A classic BPF load past the end of the frame
+    aborts the whole program with 0 (drop), so a runt or a malformed header would otherwise never reach ``rest``
+    and vanish uncounted; below the short snap length both branches keep the whole frame anyway.
+    """
     n = len(first.insns)
     out: list[Insn] = []
+    if min_len > 0:
+        out += [
+            (BPF_LD_W_LEN, 0, 0, 0),
+            (BPF_JMP_JGE_K, 1, 0, min_len),
+            # Conditional jumps reach 255 instructions at most; ja reaches past any `first`.
+            (BPF_JMP_JA, 0, 0, n),
+        ]
     for i, (code, jt, jf, k) in enumerate(first.insns):
         if code == BPF_RET_K and k == 0:
-            # Classic BPF jumps only forward; ja's 32-bit offset reaches past the end of `first`.
             out.append((BPF_JMP_JA, 0, 0, n - 1 - i))
         else:
             out.append((code, jt, jf, k))
@@ -209,5 +222,5 @@ def capture_program(
     else:
         narrow = compile_expression("", snaplen)
         whole = compile_expression(INVENTORY_EXPRESSION, inventory_snaplen)
-    prog = splice(whole, narrow)
+    prog = splice(whole, narrow, min_len=snaplen)
     return BpfProgram(prog.insns, extra or "(all frames)")
