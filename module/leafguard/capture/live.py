@@ -648,8 +648,8 @@ class LiveCapture:
                     error, state = _describe(exc), InterfaceState.FAILED
                     if not isinstance(exc, OSError):
                         log.error("capture thread for %s died", interface, exc_info=exc)
-                finally:
-                    self._threads.pop(interface, None)
+                # Only a thread that has ended leaves the registry; on cancellation the finally below stops it.
+                self._threads.pop(interface, None)
                 was_running = True
                 if loop.time() - started >= self.settings.stable_after_s:
                     backoff.reset()
