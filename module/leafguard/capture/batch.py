@@ -8,6 +8,7 @@ counts), which is larger than ``caplens[i]`` when the frame was cut by the snap 
 
 from __future__ import annotations
 
+from collections.abc import MutableSequence
 from dataclasses import dataclass, field
 
 # Link types (pcap LINKTYPE_* values) that the decoder understands.
@@ -36,10 +37,11 @@ class FrameBatch:
 
     linktype: int
     data: bytes
-    offsets: list[int] = field(default_factory=list)
-    caplens: list[int] = field(default_factory=list)
-    wirelens: list[int] = field(default_factory=list)
-    timestamps: list[float] = field(default_factory=list)
+    # Lists, or array.array where a reader fills them (the core views those without a copy).
+    offsets: MutableSequence[int] = field(default_factory=list)
+    caplens: MutableSequence[int] = field(default_factory=list)
+    wirelens: MutableSequence[int] = field(default_factory=list)
+    timestamps: MutableSequence[float] = field(default_factory=list)
     source: str = ""
 
     def __len__(self) -> int:

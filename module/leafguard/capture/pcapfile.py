@@ -10,6 +10,7 @@ naming the file and the problem.
 from __future__ import annotations
 
 import struct
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,18 @@ class FileStats:
     path: str
     truncated_records: int = 0
     """Records cut off by the end of the file (counted, never fatal)."""
+
+
+def _new_batch(linktype: int, data: bytes, src: str) -> FrameBatch:
+    return FrameBatch(
+        linktype=linktype,
+        data=data,
+        offsets=array("q"),
+        caplens=array("q"),
+        wirelens=array("q"),
+        timestamps=array("d"),
+        source=src,
+    )
 
 
 def _unsupported(path: Path, linktype: int) -> CaptureFileError:
@@ -96,7 +109,7 @@ def _read_pcap(path: Path, fh: object, head: bytes, batch_frames: int, st: FileS
         data = carry + chunk if carry else chunk
         n = len(data)
         pos = 0
-        batch = FrameBatch(linktype=linktype, data=data, source=src)
+        batch = _new_batch(linktype, data, src)
         offsets = batch.offsets
         caplens = batch.caplens
         wirelens = batch.wirelens
@@ -117,7 +130,7 @@ def _read_pcap(path: Path, fh: object, head: bytes, batch_frames: int, st: FileS
             pos = end
             if len(offsets) >= batch_frames:
                 yield batch
-                batch = FrameBatch(linktype=linktype, data=data, source=src)
+                batch = _new_batch(linktype, data, src)
                 offsets = batch.offsets
                 caplens = batch.caplens
                 wirelens = batch.wirelens
@@ -191,7 +204,7 @@ def _read_pcapng(path: Path, fh: object, batch_frames: int, st: FileStats) -> It
             if current is None or current.linktype != linktype or len(current.offsets) >= batch_frames:
                 if current is not None and current.offsets:
                     yield current
-                current = FrameBatch(linktype=linktype, data=data, source=src)
+                current = _new_batch(linktype, data, src)
             current.offsets.append(frame_at)
             current.caplens.append(caplen)
             current.wirelens.append(wirelen if wirelen >= caplen else caplen)

@@ -42,6 +42,11 @@ class LoginTracker:
         self._state = "wait_login" if protocol == "telnet" else "idle"
         self._pending_user: str | None = None
 
+    @property
+    def finished(self) -> bool:
+        """No further login is followed on this conversation (a session was opened, or HTTP answered once)."""
+        return self._state == "done"
+
     def feed(self, from_client: bool, payload: bytes) -> list[LoginOutcome]:
         if not payload:
             return []
@@ -76,7 +81,7 @@ class LoginTracker:
                 code = int(text[:3])
                 if code == 230:
                     out.append(LoginOutcome(self._pending_user, "Success"))
-                    self._state = "idle"
+                    self._state = "done"
                 elif code in (530, 430) or (self._state == "pass" and code >= 400):
                     out.append(LoginOutcome(self._pending_user, "Fail"))
                     self._state = "idle"
@@ -137,6 +142,10 @@ class LoginTracker:
                 result: Literal["Success", "Fail"] = "Fail" if status in (401, 403) else "Success"
                 out.append(LoginOutcome(self._pending_user, result))
                 self._state = "idle"
+            if line.startswith(b"HTTP/1.") and self._state == "idle":
+                # Credentials come with the first request of a connection in practice; following the rest of a
+                # long keep-alive exchange would hold every frame of it on the per-frame path.
+                self._state = "done"
         return out
 
     def _mqtt(self, from_client: bool, buf: bytearray) -> list[LoginOutcome]:
@@ -156,7 +165,8 @@ class LoginTracker:
             elif not from_client and ptype == 2 and self._state == "await_connack" and len(body) >= 2:
                 result: Literal["Success", "Fail"] = "Success" if body[1] == 0 else "Fail"
                 out.append(LoginOutcome(self._pending_user, result))
-                self._state = "idle"
+                # MQTT allows one CONNECT per network connection (MQTT 3.1.1 section 3.1).
+                self._state = "done"
         return out
 
 

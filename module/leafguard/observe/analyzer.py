@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable
 from typing import Any
 
 from leafguard.capture.batch import LINKTYPE_NAMES, FrameBatch
@@ -27,13 +26,14 @@ from leafguard.decode.frames import (
     decode,
 )
 from leafguard.decode.login import LOGIN_PORTS, LoginTracker
+from leafguard.observe import fastpath
 from leafguard.observe.model import ConnectionSeen, LeafView, LoginSeen, Observation, Service
 from leafguard.observe.oui import vendor_of
 from leafguard.observe.settings import AnalyzerSettings
 from leafguard.observe.state import Flow, MacState
 
 DEEP_UDP_PORTS = frozenset({53, 67, 68, 137, 1900, 5353, 5355})
-LOGIN_BUDGET_BYTES = 16384
+LOGIN_BUDGET_BYTES = 8192
 """Payload bytes of a login-port conversation inspected before it joins the fast path."""
 MAX_PENDING_OBSERVATIONS = 100_000
 
@@ -121,25 +121,40 @@ class Analyzer:
         if st.last_ts is None or hi > st.last_ts:
             st.last_ts = hi
         self.now = ts[-1]
-        if self._fast and n >= 64 and batch.linktype == 1:
-            from leafguard.observe.fastpath import split_batch
-
-            slow_idx = split_batch(self, batch)
-        else:
-            slow_idx = range(n)
-        self._slow(batch, slow_idx)
-
-    def _slow(self, batch: FrameBatch, indices: Iterable[int]) -> None:
         data = batch.data
         offsets = batch.offsets
         caplens = batch.caplens
         wirelens = batch.wirelens
         stamps = batch.timestamps
         linktype = batch.linktype
-        for i in indices:
-            self.frame(decode(data, offsets[i], caplens[i], linktype), data, stamps[i], wirelens[i])
+        plan = fastpath.plan_batch(self, batch) if self._fast and n >= 64 and linktype == 1 else None
+        if plan is None:
+            for i in range(n):
+                self.frame(decode(data, offsets[i], caplens[i], linktype), data, stamps[i], wirelens[i])
+            return
+        # Walk in order; a frame of a conversation that has settled (here or in an earlier batch) is deferred
+        # to the bulk count, which gives the same result because such a frame only adds to counters.
+        # A bare TCP segment (no payload, no SYN/FIN/RST) of an existing conversation is deferred too.
+        frame_key = plan.frame_key
+        settled = plan.settled
+        known = plan.known
+        bare = plan.bare
+        uflows = plan.uflows
+        deferred: list[int] = []
+        for i in plan.walk:
+            u = frame_key[i]
+            if u >= 0 and (settled[u] or (bare[i] and known[u])):
+                deferred.append(i)
+                continue
+            flow = self.frame(decode(data, offsets[i], caplens[i], linktype), data, stamps[i], wirelens[i])
+            if u >= 0 and flow is not None:
+                known[u] = True
+                uflows[u] = flow
+                if not flow.slow:
+                    settled[u] = True
+        fastpath.count_settled(self, batch, plan, deferred)
 
-    def frame(self, p: Packet, data: bytes, ts: float, wirelen: int) -> None:
+    def frame(self, p: Packet, data: bytes, ts: float, wirelen: int) -> Flow | None:
         """Account for one decoded frame (its bytes are ``data``, the batch buffer)."""
         if p.truncated:
             self.stats.truncated += 1
@@ -148,7 +163,7 @@ class Analyzer:
         src = None
         if p.src_mac is not None:
             src = self._mac(p.src_mac, ts)
-            if src.packets_out == 0:
+            if src.packets_out == 0 or ts < src.first_seen:
                 src.first_seen = ts
             src.packets_out += 1
             src.bytes_out += wirelen
@@ -165,7 +180,8 @@ class Analyzer:
             elif p.src_ip is not None:
                 self._learn_ip(src, p.src_ip)
         if p.sport >= 0 or p.fragment:
-            self._conversation(p, data, ts, wirelen, src)
+            return self._conversation(p, data, ts, wirelen, src)
+        return None
 
     # ----------------------------------------------------------------------------------------- state
 
@@ -230,20 +246,20 @@ class Analyzer:
 
     # ----------------------------------------------------------------------------------------- flows
 
-    def _conversation(self, p: Packet, data: bytes, ts: float, wirelen: int, src: MacState | None) -> None:
+    def _conversation(self, p: Packet, data: bytes, ts: float, wirelen: int, src: MacState | None) -> Flow | None:
         proto = p.proto
         if proto not in (PROTO_TCP, PROTO_UDP):
-            return
+            return None
         assert p.src_ip is not None
         assert p.dst_ip is not None
         if p.fragment and not p.frag_first:
             got = self._frags.get((p.src_ip, p.dst_ip, proto, p.frag_id))
             if got is None:
-                return
+                return None
             fkey, forward = got
             frag_flow = self.flows.get(fkey)
             if frag_flow is None:
-                return
+                return None
             if forward:
                 frag_flow.packets_ab += 1
                 frag_flow.bytes_ab += wirelen
@@ -251,9 +267,9 @@ class Analyzer:
                 frag_flow.packets_ba += 1
                 frag_flow.bytes_ba += wirelen
             frag_flow.last = max(frag_flow.last, ts)
-            return
+            return None
         if p.sport < 0:
-            return
+            return None
         sip, sport, dip, dport = p.src_ip, p.sport, p.dst_ip, p.dport
         if (sip, sport) <= (dip, dport):
             key = (proto, sip, sport, dip, dport)
@@ -287,6 +303,7 @@ class Analyzer:
             if p.payload_len and (sport in DEEP_UDP_PORTS or dport in DEEP_UDP_PORTS) and src is not None:
                 self._udp_payload(p, data[p.payload_off : p.payload_off + p.payload_len], src)
             flow.slow = flow.a_port in DEEP_UDP_PORTS or flow.b_port in DEEP_UDP_PORTS or not flow.b_seen
+        return flow
 
     def _new_flow(self, key: tuple[int, bytes, int, bytes, int], p: Packet, ts: float) -> Flow:
         if len(self.flows) >= self.settings.max_flows:
@@ -360,6 +377,8 @@ class Analyzer:
                 flow.login_budget -= len(payload)
                 for outcome in flow.login.feed(forward, payload):
                     self._observe_login(flow, flow.login.protocol, outcome.user, outcome.result, ts)
+                if flow.login.finished:
+                    flow.login_budget = 0
         flow.slow = not flow.hello_checked or (flow.login is not None and flow.login_budget > 0)
 
     def _add_service(self, st: MacState, proto: str, port: int) -> None:
