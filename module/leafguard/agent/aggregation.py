@@ -25,7 +25,7 @@ from leafguard.observe.model import ConnectionSeen
 
 DEFAULT_MAX_ENTRIES = 4096
 
-_Key = tuple[str, str, str, str, str]
+_Key = tuple[str, str, str, str, int]
 
 
 @dataclass(slots=True)
@@ -50,16 +50,13 @@ class ConnectionAggregator:
 
     def add(self, obs: ConnectionSeen) -> Event | None:
         """Count one connection. Returns an event to report right away only when the map is full."""
-        item = connection_payload(obs)
-        if item is None:
-            return None
-        service_port = item["LocalPort"] if obs.direction == "In" else item["RemotePort"]
+        # The key is built from the raw record (cheap); the payload only for a new key.
         key: _Key = (
-            item["Direction"],
-            item.get("LocalAddress", ""),
-            item["RemoteAddress"],
-            item["Protocol"],
-            service_port,
+            obs.direction,
+            obs.local_addr,
+            obs.remote_addr,
+            obs.protocol,
+            obs.local_port if obs.direction == "In" else obs.remote_port,
         )
         if not self._entries and obs.ts - self.window_start > self.interval_s:
             # Empty windows end silently on the interval grid, so an idle period does not make the next
@@ -68,6 +65,9 @@ class ConnectionAggregator:
         entry = self._entries.get(key)
         if entry is not None:
             entry.hits += 1
+            return None
+        item = connection_payload(obs)
+        if item is None:
             return None
         if len(self._entries) >= self.max_entries:
             self.overflowed += 1
