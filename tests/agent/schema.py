@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import rfc3339_validator
+import jsonschema  # type: ignore[import-untyped]
+import rfc3339_validator  # type: ignore[import-untyped]
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
 

@@ -55,12 +55,13 @@ def test_every_schema_property_is_read_and_reported(shared_dir: object) -> None:
 def test_absent_object_empty_object_and_null_values_mean_defaults() -> None:
     base = AgentConfig()
     changed = base.apply_desired(desired(maxMessageSizeInBytes=65536)).config
-    for doc in (
+    docs: list[dict[str, Any]] = [
         {},
         {CONFIG_OBJECT_NAME: {}},
         {CONFIG_OBJECT_NAME: None},
         {CONFIG_OBJECT_NAME: {"snapshotFrequency": None}},
-    ):
+    ]
+    for doc in docs:
         outcome = changed.apply_desired(doc)
         assert outcome.accepted, doc
         assert outcome.config == base, doc

@@ -200,3 +200,29 @@ def test_offline_writer_uses_packet_time_and_flushes_at_the_end(tmp_path: Path) 
     assert len(snaps) == 2  # at the start and after the 1-hour snapshot frequency (packet time)
     st = writer.fleet.stats()
     assert st.pending == 0 and st.sent + st.dropped == st.generated
+
+
+def test_fleet_tick_is_constant_time_when_nothing_is_due(monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet = Fleet()
+    for i in range(50):
+        fleet.observe(login(T0, mac=f"00:00:00:00:00:{i:02x}"))
+    fleet.tick(T0 + 1, list)
+    calls = 0
+    original = LeafAgent.tick
+
+    def counting(self: LeafAgent, now: float, view: LeafView | None = None) -> list[object]:
+        nonlocal calls
+        calls += 1
+        return original(self, now, view)  # type: ignore[return-value]
+
+    monkeypatch.setattr(LeafAgent, "tick", counting)
+    fleet.tick(T0 + 2, list)
+    fleet.tick(T0 + 3)
+    assert calls == 0
+    fleet.observe(
+        login(T0 + 4, mac="00:00:00:00:00:00")
+    )  # input marks one agent: only a sweep is due, and then nothing again
+    fleet.tick(T0 + 4)
+    assert calls == 50
+    fleet.tick(T0 + 7 * 60 + 1)  # the high-priority timer of every agent
+    assert calls == 100

@@ -165,6 +165,13 @@ class LeafAgent:
 
     # -- the clock -----------------------------------------------------------------------------------------
 
+    @property
+    def next_due(self) -> float:
+        """The earliest time a timer of this agent is due (an observation or config change may lower it)."""
+        if self._queues.total_bytes > self._size_threshold:
+            return float("-inf")
+        return self._next_due
+
     def needs_view(self, now: float) -> bool:
         """Whether the next :meth:`tick` at ``now`` will take a snapshot (and so wants the leaf's view)."""
         last = self._last_snapshot

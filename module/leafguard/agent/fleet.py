@@ -52,6 +52,10 @@ class Fleet:
         self._desired: dict[str, object] = {}
         """Desired documents by identity, kept so that a leaf created later starts with its own config."""
         self._last_discovery: float | None = None
+        self._dirty: set[str] = set()
+        """MACs of agents that got input since the last tick (their schedule may have moved earlier)."""
+        self._min_due = float("-inf")
+        """The earliest ``next_due`` of the agents not in ``_dirty``: until then a tick has nothing to do."""
         self.refused_observations = 0
 
     # -- identities ----------------------------------------------------------------------------------------
@@ -92,6 +96,7 @@ class Fleet:
         agent = LeafAgent(ident, self.default_config, now, agent_version=self._agent_version)
         self._agents[mac] = agent
         self._by_identity[ident] = mac
+        self._dirty.add(mac)
         desired = self._desired.get(ident, self.default_desired)
         if desired is not None:
             agent.apply_desired(desired, now)
@@ -105,6 +110,7 @@ class Fleet:
             self.refused_observations += 1
             return
         agent.observe(obs)
+        self._dirty.add(obs.leaf_mac.lower())
 
     def apply_desired(self, identity: str, desired: object, now: float) -> ConfigOutcome:
         """Apply a leaf's whole desired-properties document (now, or when the leaf first shows up).
@@ -116,6 +122,7 @@ class Fleet:
         agent = self.agent(identity)
         if agent is None:
             return self.default_config.apply_desired(desired)
+        self._dirty.add(self._by_identity[identity])
         return agent.apply_desired(desired, now)
 
     def reported(self, identity: str) -> dict[str, Any]:
@@ -130,17 +137,23 @@ class Fleet:
         ``views`` is called at most once, and only when an agent takes a snapshot or every
         ``discovery_interval_s`` (to create agents for leaves seen only in the inventory).
         """
-        by_mac: dict[str, LeafView] | None = None
         discover = self._last_discovery is None or now - self._last_discovery >= self.discovery_interval_s
+        if now < self._min_due and not self._dirty and not (discover and views is not None):
+            return []  # nothing is due anywhere: O(1) however many leaves there are
+        by_mac: dict[str, LeafView] | None = None
         if views is not None and (discover or any(a.needs_view(now) for a in self._agents.values())):
             by_mac = {v.mac.lower(): v for v in views()}
             self._last_discovery = now
             for mac in by_mac:
                 self.ensure(mac, now)
         out: list[OutgoingMessage] = []
+        min_due = float("inf")
         for mac, agent in self._agents.items():
             view = by_mac.get(mac) if by_mac is not None else None
             out.extend(agent.tick(now, view))
+            min_due = min(min_due, agent.next_due)
+        self._dirty.clear()
+        self._min_due = min_due
         return out
 
     def shutdown(self, now: float) -> list[OutgoingMessage]:
