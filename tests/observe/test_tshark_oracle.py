@@ -1,20 +1,29 @@
 """tshark as the oracle for `leafguard analyze --json` on every real capture in ../shared/pcaps.
 
 For each capture, one tshark run prints per-frame fields *and* the `-z conv,tcp -z conv,udp` tables
-(the tables come after the field lines), and one `leafguard analyze FILE --json` run gives our report.
+(the tables come after the field lines), and `leafguard analyze FILE --json` runs twice: with the
+default leaf side, and with `--leaf-net 0.0.0.0/0 --leaf-net ::/0` ("all-leaf") so that every unicast
+source MAC becomes a leaf and its counters and DHCP names can be checked whatever its addresses.
 All of them run in a thread pool, started for every selected capture when the first test needs one.
 
 What is compared, exactly (no tolerances):
 
 * capture.packets / capture.bytes / first_ts / last_ts = tshark's frame count, sum of frame.len and
-  first/last frame.time_epoch (times are compared to the microsecond, the resolution of these files).
-* (a) per unicast MAC reported as a leaf: packets/bytes out = frames whose Ethernet source is that MAC,
+  the earliest/latest frame.time_epoch (to the microsecond). Earliest/latest, not first/last frame:
+  merged traces are not in time order (ndpi_natpmp's last frame is 0.25 s before its 7th,
+  zeek_vnc-scanner's 16th frame is the latest).
+* (a) per unicast MAC reported as a leaf (all-leaf run: every unicast source MAC, and no other MAC):
+  packets/bytes out = frames whose Ethernet source is that MAC,
   packets/bytes in = frames whose Ethernet destination is that MAC, from the per-frame fields.
   Linux SLL has no destination address and its source address is `sll.src.eth`, not `eth.src`: there
   the out counters are checked against `sll.src.eth` and the in counters cannot be checked.
-  The leaf *set* is checked in both directions where the contract is unambiguous: every unicast
-  source MAC that sent from a private/link-local/ULA address, or never from any IP address, is a leaf;
-  no MAC whose source addresses are all globally routable is a leaf; every leaf is a real source MAC.
+  The default leaf *set* is checked in both directions where the contract is unambiguous: every
+  unicast source MAC with a private/link-local/ULA address, or with no IP address at all, is a leaf;
+  no MAC whose addresses are all globally routable is a leaf; every leaf is a real source MAC. A MAC's
+  addresses are the outer IP source addresses of its frames, the sender address of its ARP packets
+  (chrissanders_arppoison: the attacker only forwards public traffic but claims 172.16.0.1 in ARP) and
+  the address a DHCP ACK gives it (zeek_dhcp: the client only ever sends from 0.0.0.0 and is given the
+  public 128.2.6.x, so by default it is not leaf-side; the all-leaf run covers its DHCP names).
 * (b) per TCP/UDP 5-tuple and direction: packets and bytes, derived from the per-frame fields, and the
   derivation itself is checked against tshark's conversation tables (second, independent route).
   Decisions, case by case (each one was checked against tshark 4.0 on this corpus):
@@ -81,7 +90,10 @@ FIELDS = (
     "tcp.dstport",
     "udp.srcport",
     "udp.dstport",
+    "arp.src.proto_ipv4",
     "dhcp.type",
+    "dhcp.option.dhcp",
+    "dhcp.ip.your",
     "dhcp.hw.mac_addr",
     "dhcp.option.hostname",
     "dhcp.option.vendor_class_id",
@@ -110,8 +122,8 @@ class TsharkView:
 
     frames: int = 0
     bytes: int = 0
-    first_ts: float | None = None
-    last_ts: float | None = None
+    first_ts: float = float("inf")
+    last_ts: float = float("-inf")
     sll: bool = False
     out: Counter[str] = field(default_factory=Counter)
     out_bytes: Counter[str] = field(default_factory=Counter)
@@ -181,8 +193,8 @@ def _frame(view: TsharkView, row: dict[str, str]) -> None:
     ts = float(row["frame.time_epoch"])
     view.frames += 1
     view.bytes += size
-    view.first_ts = ts if view.first_ts is None else view.first_ts
-    view.last_ts = ts
+    view.first_ts = min(view.first_ts, ts)
+    view.last_ts = max(view.last_ts, ts)
     stack = row["frame.protocols"].split(":")
     if stack[0] == "sll":
         view.sll = True
@@ -192,11 +204,12 @@ def _frame(view: TsharkView, row: dict[str, str]) -> None:
     if src:
         view.out[src] += 1
         view.out_bytes[src] += size
+        addrs = view.src_ips.setdefault(src, set())
         ip_layers = [p for p in stack if p in ("ip", "ipv6")]
         if ip_layers:  # the outer IP header says who the sender is
-            view.src_ips[src].add(ipaddress.ip_address(first(ip_layers[0] + ".src")))
-        else:
-            view.src_ips.setdefault(src, set())  # a source MAC without any IP
+            addrs.add(ipaddress.ip_address(first(ip_layers[0] + ".src")))
+        if row["arp.src.proto_ipv4"]:
+            addrs.add(ipaddress.ip_address(first("arp.src.proto_ipv4")))
     if dst:
         view.in_[dst] += 1
         view.in_bytes[dst] += size
@@ -216,6 +229,8 @@ def _frame(view: TsharkView, row: dict[str, str]) -> None:
         else:
             view.flows[key] += 1
             view.flow_bytes[key] += size
+    if row["dhcp.option.dhcp"].split(SEP)[0] == "5" and first("dhcp.ip.your") not in ("", "0.0.0.0"):
+        view.src_ips.setdefault(first("dhcp.hw.mac_addr"), set()).add(ipaddress.ip_address(first("dhcp.ip.your")))
     if row["dhcp.type"].split(SEP)[0] == "1":  # BOOTREQUEST: the client's own options
         client = first("dhcp.hw.mac_addr")
         view.dhcp_clients.add(client)
@@ -238,20 +253,21 @@ def run_tshark(path: Path) -> TsharkView:
     return parse_tshark(proc.stdout)
 
 
-def run_leafguard(path: Path) -> dict[str, Any]:
+ALL_LEAF = ("--leaf-net", "0.0.0.0/0", "--leaf-net", "::/0")
+
+
+def run_leafguard(path: Path, *extra: str) -> dict[str, Any]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "module"), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "leafguard", "analyze", str(path), "--json"],
+        [sys.executable, "-m", "leafguard", "analyze", str(path), "--json", *extra],
         capture_output=True,
         text=True,
         check=False,
         env=env,
         timeout=240,
     )
-    assert proc.returncode == 0, (
-        f"leafguard analyze {path.name} exited {proc.returncode}: {proc.stderr[-3000:]}"
-    )
+    assert proc.returncode == 0, f"leafguard analyze {path.name} exited {proc.returncode}: {proc.stderr[-3000:]}"
     report: dict[str, Any] = json.loads(proc.stdout)
     return report
 
@@ -262,7 +278,7 @@ class _Runs:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.pool: ThreadPoolExecutor | None = None
-        self.jobs: dict[str, tuple[Future[TsharkView], Future[dict[str, Any]]]] = {}
+        self.jobs: dict[str, tuple[Future[TsharkView], Future[dict[str, Any]], Future[dict[str, Any]]]] = {}
 
     def start(self, names: list[str]) -> None:
         with self.lock:
@@ -274,11 +290,19 @@ class _Runs:
                     self.jobs[name] = (
                         self.pool.submit(run_tshark, path),
                         self.pool.submit(run_leafguard, path),
+                        self.pool.submit(run_leafguard, path, *ALL_LEAF),
                     )
 
     def get(self, name: str) -> tuple[TsharkView, dict[str, Any]]:
+        """tshark's view and our report with the default leaf side."""
         self.start([name])
-        tshark, ours = self.jobs[name]
+        tshark, ours, _ = self.jobs[name]
+        return tshark.result(), ours.result()
+
+    def get_all_leaf(self, name: str) -> tuple[TsharkView, dict[str, Any]]:
+        """tshark's view and our report with every address on the leaf side."""
+        self.start([name])
+        tshark, _, ours = self.jobs[name]
         return tshark.result(), ours.result()
 
     def close(self) -> None:
@@ -323,40 +347,49 @@ def test_capture_totals(runs: _Runs, capture: str) -> None:
     view, ours = runs.get(capture)
     cap = ours["capture"]
     assert (cap["packets"], cap["bytes"]) == (view.frames, view.bytes), "frame count / sum of frame.len"
-    assert view.first_ts is not None and view.last_ts is not None
     assert cap["first_ts"] == pytest.approx(view.first_ts, abs=1e-6)
     assert cap["last_ts"] == pytest.approx(view.last_ts, abs=1e-6)
 
 
-@pytest.mark.parametrize("capture", _params())
-def test_leaf_counters(runs: _Runs, capture: str) -> None:
-    view, ours = runs.get(capture)
-    leaves = {leaf["mac"]: leaf for leaf in ours["leaves"]}
-    assert len(leaves) == len(ours["leaves"]), "a MAC is reported twice"
+def _leaves(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    leaves = {leaf["mac"]: leaf for leaf in report["leaves"]}
+    assert len(leaves) == len(report["leaves"]), "a MAC is reported twice"
     for mac in leaves:
         assert re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", mac), f"MAC not lower-case colon form: {mac!r}"
-        assert _unicast(mac), f"multicast/broadcast MAC reported as a leaf: {mac}"
-        assert mac in view.out, f"{mac} is reported as a leaf but never sends a frame in {capture}"
+    return leaves
 
+
+@pytest.mark.parametrize("capture", _params())
+def test_leaf_set(runs: _Runs, capture: str) -> None:
+    """Default leaf side: private, link-local or ULA addresses, or no IP address at all."""
+    view, ours = runs.get(capture)
+    leaves = set(_leaves(ours))
+    fake = {mac for mac in leaves if not _unicast(mac) or mac not in view.out}
+    assert not fake, f"leaves that are not unicast source MACs in {capture}: {sorted(fake)}"
     required = {
         mac
         for mac, ips in view.src_ips.items()
         if _unicast(mac)
-        and (
-            not (ips - UNSPECIFIED)
-            or any(ip in net for ip in ips for net in LEAF_NETS if ip.version == net.version)
-        )
+        and mac in view.out
+        and (not (ips - UNSPECIFIED) or any(ip in net for ip in ips for net in LEAF_NETS if ip.version == net.version))
     }
-    public_only = {
-        mac for mac, ips in view.src_ips.items() if ips - UNSPECIFIED and all(ip.is_global for ip in ips)
-    }
-    assert not required - set(leaves), (
-        f"leaf-side source MACs missing from leaves[]: {sorted(required - set(leaves))}"
-    )
-    assert not public_only & set(leaves), (
-        f"MACs sending only from global addresses reported as leaves: {sorted(public_only & set(leaves))}"
-    )
+    public_only = {mac for mac, ips in view.src_ips.items() if ips - UNSPECIFIED and all(ip.is_global for ip in ips)}
+    detail = {mac: sorted(map(str, view.src_ips.get(mac, ()))) for mac in (required - leaves) | (public_only & leaves)}
+    assert not required - leaves, f"leaf-side MACs missing from leaves[]: {sorted(required - leaves)}; {detail}"
+    assert not public_only & leaves, f"MACs with only global addresses reported as leaves: {detail}"
 
+
+@pytest.mark.parametrize("capture", _params())
+def test_leaf_counters(runs: _Runs, capture: str) -> None:
+    """All-leaf run: every unicast source MAC is a leaf; its in/out frames and bytes equal tshark's."""
+    view, ours = runs.get_all_leaf(capture)
+    leaves = _leaves(ours)
+    sources = {mac for mac in view.out if _unicast(mac)}
+    assert set(leaves) == sources, _diff(
+        f"{capture} leaves (all-leaf run) vs unicast source MACs",
+        dict.fromkeys(leaves, "leaf"),
+        dict.fromkeys(sources, "source"),
+    )
     ours_out = {m: (leaf["packets_out"], leaf["bytes_out"]) for m, leaf in leaves.items()}
     their_out = {m: (view.out[m], view.out_bytes[m]) for m in leaves}
     assert ours_out == their_out, _diff(f"{capture} packets_out/bytes_out per leaf", ours_out, their_out)
@@ -377,9 +410,7 @@ def test_tshark_conv_tables_agree_with_fields(runs: _Runs) -> None:
         fut = runs.jobs.get(path.name)
         view = fut[0].result() if fut else run_tshark(path)
         if dict(view.flows) != dict(view.conv_frames):
-            problems.append(
-                _diff(f"{path.name} frames per directed 5-tuple", dict(view.flows), dict(view.conv_frames))
-            )
+            problems.append(_diff(f"{path.name} frames per directed 5-tuple", dict(view.flows), dict(view.conv_frames)))
         for key, total in view.flow_bytes.items():
             if not view.conv_bytes_lo[key] <= total <= view.conv_bytes_hi[key]:
                 problems.append(
@@ -406,14 +437,12 @@ def test_conversations(runs: _Runs, capture: str) -> None:
         size[ba] += conv["bytes_ba"]
     ours_map = {k: (packets[k], size[k]) for k in packets | size if packets[k] or size[k]}
     their_map = {k: (view.flows[k], view.flow_bytes[k]) for k in view.flows}
-    assert ours_map == their_map, _diff(
-        f"{capture} (packets, bytes) per directed 5-tuple", ours_map, their_map
-    )
+    assert ours_map == their_map, _diff(f"{capture} (packets, bytes) per directed 5-tuple", ours_map, their_map)
 
 
 @pytest.mark.parametrize("capture", _params())
 def test_dhcp_names(runs: _Runs, capture: str) -> None:
-    view, ours = runs.get(capture)
+    view, ours = runs.get_all_leaf(capture)
     leaves = {leaf["mac"]: leaf for leaf in ours["leaves"]}
     problems = []
     for client in sorted(view.dhcp_clients):
@@ -437,7 +466,5 @@ def test_dhcp_names(runs: _Runs, capture: str) -> None:
     for mac, leaf in leaves.items():
         dhcp = leaf.get("dhcp") or {}
         if mac not in view.dhcp_clients and (dhcp.get("hostname") or dhcp.get("vendor_class")):
-            problems.append(
-                f"{mac} never sent a DHCP request but has dhcp={dhcp} (server options taken as its own?)"
-            )
+            problems.append(f"{mac} never sent a DHCP request but has dhcp={dhcp} (server options taken as its own?)")
     assert not problems, f"{capture}:\n" + "\n".join(problems)
