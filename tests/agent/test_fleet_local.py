@@ -226,3 +226,16 @@ def test_fleet_tick_is_constant_time_when_nothing_is_due(monkeypatch: pytest.Mon
     assert calls == 50
     fleet.tick(T0 + 7 * 60 + 1)  # the high-priority timer of every agent
     assert calls == 100
+
+
+def test_reported_changes_are_tracked() -> None:
+    fleet = Fleet()
+    assert fleet.take_reported_changes() == {}
+    fleet.observe(login(T0))
+    changes = fleet.take_reported_changes()
+    assert list(changes) == ["leaf-001122334455"] and changes["leaf-001122334455"] == AgentConfig().reported()
+    assert fleet.take_reported_changes() == {}
+    fleet.apply_desired("leaf-001122334455", wrap(eventPriorityLogin="bogus"), T0 + 1)
+    assert fleet.take_reported_changes() == {"leaf-001122334455": AgentConfig().reported()}
+    fleet.set_leaf_map({MAC: "cam"}, T0 + 2)
+    assert list(fleet.take_reported_changes()) == ["cam"]

@@ -52,6 +52,8 @@ class Fleet:
         self._desired: dict[str, object] = {}
         """Desired documents by identity, kept so that a leaf created later starts with its own config."""
         self._last_discovery: float | None = None
+        self._reported_dirty: set[str] = set()
+        """Identities whose reported properties must be (re)written."""
         self._dirty: set[str] = set()
         """MACs of agents that got input since the last tick (their schedule may have moved earlier)."""
         self._min_due = float("-inf")
@@ -74,6 +76,7 @@ class Fleet:
                 del self._by_identity[agent.identity]
                 agent.rename(ident)
                 self._by_identity[ident] = mac
+                self._reported_dirty.add(ident)
                 if ident in self._desired:
                     agent.apply_desired(self._desired[ident], now)
 
@@ -97,6 +100,7 @@ class Fleet:
         self._agents[mac] = agent
         self._by_identity[ident] = mac
         self._dirty.add(mac)
+        self._reported_dirty.add(ident)
         desired = self._desired.get(ident, self.default_desired)
         if desired is not None:
             agent.apply_desired(desired, now)
@@ -119,11 +123,21 @@ class Fleet:
         leaf not seen yet, the outcome is computed against the default configuration.
         """
         self._desired[identity] = desired
+        self._reported_dirty.add(identity)
         agent = self.agent(identity)
         if agent is None:
             return self.default_config.apply_desired(desired)
         self._dirty.add(self._by_identity[identity])
         return agent.apply_desired(desired, now)
+
+    def take_reported_changes(self) -> dict[str, dict[str, Any]]:
+        """Reported properties to write, by identity: new leaves, renamed leaves, every applied desired document.
+
+        After a rejected update the (unchanged) configuration is reported again, as the reference agents do.
+        """
+        out = {ident: self.reported(ident) for ident in sorted(self._reported_dirty)}
+        self._reported_dirty.clear()
+        return out
 
     def reported(self, identity: str) -> dict[str, Any]:
         agent = self.agent(identity)
