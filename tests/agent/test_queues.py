@@ -126,7 +126,7 @@ def config_for(cache: int, size: int, hf: int, lf: int, agg: bool, agg_s: int) -
 
 step = st.one_of(
     st.tuples(st.just("conn"), st.integers(0, 30), st.integers(1, 20), st.sampled_from(["In", "Out"])),
-    st.tuples(st.just("login"), st.integers(0, 3000), st.integers(1, 20), st.booleans()),
+    st.tuples(st.just("login"), st.integers(0, 12000), st.integers(1, 20), st.booleans()),
     st.tuples(st.just("tick"), st.integers(0, 400)),
     st.tuples(st.just("config"), st.sampled_from([8192, 16384, 65536]), st.sampled_from([8192, 12288, 16384])),
 )
@@ -178,3 +178,17 @@ def test_every_event_is_sent_or_counted_and_no_message_exceeds_the_limit(
     assert totals.sent + totals.dropped == totals.generated
     assert sum(m.event_count for m in out) == totals.sent
     assert sum(len(orjson.loads(m.body)["Events"]) for m in out) == totals.sent
+
+
+def test_body_never_exceeds_what_the_sdk_accepts() -> None:
+    b = MessageBuilder("leaf-x", "1.2.3", 262144)
+    q = EventQueues(cache_bytes=10_000_000, max_event_bytes=b.max_event_bytes)
+    for _ in range(40):
+        q.push(HIGH, b'"' + "é".encode() * 5000 + b'"')
+    msg = b.build(q, HIGH, LOW)
+    assert msg is not None and len(msg.body) <= 262144 - 1024
+    sdk = msg.to_sdk_message()
+    assert sdk.get_size() <= 262144
+    assert sdk.iothub_interface_id == "urn:azureiot:Security:SecurityAgent:1"
+    assert sdk.content_type == "application/json" and sdk.content_encoding == "utf-8"
+    assert sdk.custom_properties == {"MessagePriority": "High"}

@@ -25,6 +25,9 @@ SECURITY_INTERFACE_ID = "urn:azureiot:Security:SecurityAgent:1"
 CONTENT_TYPE = "application/json"
 CONTENT_ENCODING = "utf-8"
 MESSAGE_SCHEMA_VERSION = "1.0"
+SDK_BODY_LIMIT_BYTES = 262144 - 1024
+"""The largest body we build whatever the configuration says: azure-iot-device refuses a message whose
+``get_size()`` (body plus ``sys.getsizeof`` overheads and properties) exceeds 262144, so keep a margin."""
 
 Trigger = Literal["High", "Low"]
 
@@ -78,8 +81,8 @@ class OutgoingMessage:
         """An ``azure.iot.device.Message`` marked as a security message, with content type and encoding."""
         from azure.iot.device import Message
 
-        body = self.body.decode("utf-8")
-        msg = Message(body, content_encoding=CONTENT_ENCODING, content_type=CONTENT_TYPE)  # type: ignore[no-untyped-call]
+        # bytes, not str: the SDK sizes str data with sys.getsizeof, up to 4 bytes per non-ASCII character.
+        msg = Message(self.body, content_encoding=CONTENT_ENCODING, content_type=CONTENT_TYPE)  # type: ignore[no-untyped-call]
         msg.set_as_security_message()  # type: ignore[no-untyped-call]
         msg.custom_properties.update(self.custom_properties)
         return msg
@@ -109,9 +112,14 @@ class MessageBuilder:
         return len(self._prefix) + len(self._suffix)
 
     @property
+    def body_limit_bytes(self) -> int:
+        """``maxMessageSizeInBytes``, but never more than :data:`SDK_BODY_LIMIT_BYTES`."""
+        return min(self.max_message_size_bytes, SDK_BODY_LIMIT_BYTES)
+
+    @property
     def max_event_bytes(self) -> int:
         """The largest serialized event that fits in a message on its own."""
-        return self.max_message_size_bytes - self.overhead_bytes
+        return self.body_limit_bytes - self.overhead_bytes
 
     def build(
         self, queues: EventQueues, main: QueueName, other: QueueName, hub_resource_id: str = ""
@@ -132,6 +140,6 @@ class MessageBuilder:
         if not parts:
             return None
         body = self._prefix + b",".join(parts) + self._suffix
-        assert len(body) <= self.max_message_size_bytes
+        assert len(body) <= self.body_limit_bytes
         trigger: Trigger = "High" if main == QueueName.HIGH else "Low"
         return OutgoingMessage(self.identity, body, trigger, len(parts), hub_resource_id)
