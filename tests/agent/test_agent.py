@@ -309,3 +309,14 @@ def test_periodic_events_from_the_view() -> None:
     empty.tick(T0, view(services=()))
     lp_empty = next(e for e in events(empty.shutdown(T0 + 1)) if e["Name"] == "ListeningPorts")
     assert lp_empty["IsEmpty"] is True and lp_empty["Payload"] == []
+
+
+def test_reapplying_the_same_configuration_is_silent() -> None:
+    a = LeafAgent("leaf-x", AgentConfig(), T0)
+    doc = {CONFIG_OBJECT_NAME: {"maxMessageSizeInBytes": {"value": 10000}}, "leafguard": {"x": 1}}
+    a.apply_desired(doc, T0)
+    a.apply_desired({**doc, "leafguard": {"x": 2}}, T0 + 1)  # a patch to another section: same config
+    a.apply_desired({CONFIG_OBJECT_NAME: {"maxMessageSizeInBytes": {"value": 1}}}, T0 + 2)  # rejected
+    a.apply_desired({CONFIG_OBJECT_NAME: {"maxMessageSizeInBytes": {"value": 1}}}, T0 + 3)  # rejected again
+    errs = [e["Payload"][0]["ErrorType"] for e in events(a.shutdown(T0 + 4)) if e["Name"] == "ConfigurationError"]
+    assert errs == ["NotOptimal", "TypeMismatch", "TypeMismatch"]

@@ -134,14 +134,16 @@ class LeafAgent:
 
         Rejected (any type mismatch): the previous configuration stays, a ConfigurationError (TypeMismatch)
         names the bad keys. Accepted: the new configuration takes effect now (cache and message size,
-        aggregation
-        switch and interval, priorities) and the advisory issues, if any, are reported. Either way the caller
-        reports ``outcome.reported``.
+        aggregation switch and interval, priorities) and its advisory issues, if any, are reported — only when
+        the configuration changed, so re-applying the same document (a patch to another section) is silent.
+        Either way the caller reports ``outcome.reported``.
         """
         outcome = self._config.apply_desired(desired)
-        if outcome.accepted:
+        if not outcome.accepted:
+            self._report_issues(outcome.issues, now)
+        elif outcome.config != self._config:
             self._set_config(outcome.config, now)
-        self._report_issues(outcome.issues, now)
+            self._report_issues(outcome.issues, now)
         return outcome
 
     def _report_issues(self, issues: tuple[ConfigIssue, ...], now: float) -> None:

@@ -161,6 +161,10 @@ def login(obs: LoginSeen) -> Event | None:
         "LocalAddress": obs.local_addr,
         "UserNameVisible": "true" if obs.user is not None else "false",
     }
+    # The server's reply (FTP reply code, HTTP status, MQTT CONNACK code), once the observation carries it.
+    reply = getattr(obs, "reply_code", None)
+    if reply is not None:
+        extra["ReplyCode"] = str(reply)
     item["ExtraDetails"] = extra
     return Event("Login", "Triggered", "Security", obs.ts, (item,))
 
