@@ -239,3 +239,26 @@ def test_reported_changes_are_tracked() -> None:
     assert fleet.take_reported_changes() == {"leaf-001122334455": AgentConfig().reported()}
     fleet.set_leaf_map({MAC: "cam"}, T0 + 2)
     assert list(fleet.take_reported_changes()) == ["cam"]
+
+
+def test_local_agent_output_folder(tmp_path: Path) -> None:
+    from leafguard.agent.local import LocalAgentOutput
+
+    (tmp_path / "desired").mkdir()
+    (tmp_path / "desired" / "leaf-001122334455.json").write_bytes(orjson.dumps(wrap(eventPriorityLogin="Low")))
+    out = LocalAgentOutput(tmp_path, Fleet())
+    applied = out.poll_desired(T0)  # before the leaf is seen: kept for when it shows up
+    assert [(i, o.accepted) for i, o in applied] == [("leaf-001122334455", True)]
+    analyzer = FakeAnalyzer([[login(T0 + 1), login(T0 + 2, mac=OTHER)]])
+    analyzer.feed()
+    out.after_batch(analyzer)
+    twins = sorted(p.name for p in (tmp_path / "twins").iterdir())
+    assert twins == ["leaf-001122334455.json", "leaf-66778899aabb.json"]
+    rep = orjson.loads((tmp_path / "twins" / "leaf-001122334455.json").read_bytes())
+    assert rep[CONFIG_OBJECT_NAME]["eventPriorityLogin"] == {"value": "Low"}
+    out.tick(T0 + 7 * 60 + 5)  # wall-clock tick: the high timer of the other leaf fires
+    out.close(T0 + 7 * 60 + 6)
+    recs = [orjson.loads(x) for x in (tmp_path / "messages.jsonl").read_bytes().splitlines()]
+    assert {r["identity"] for r in recs} == {"leaf-001122334455", "leaf-66778899aabb"}
+    first_other = next(r for r in recs if r["identity"] == "leaf-66778899aabb")
+    assert first_other["properties"]["MessagePriority"] == "High"

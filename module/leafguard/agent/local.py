@@ -27,7 +27,7 @@ from typing import IO, Any, Protocol, Self
 import orjson
 
 from leafguard.agent.config import AgentConfig, ConfigOutcome
-from leafguard.agent.fleet import Fleet
+from leafguard.agent.fleet import Fleet, ViewsProvider
 from leafguard.agent.messages import OutgoingMessage
 from leafguard.errors import ConfigurationError
 from leafguard.observe.model import ConnectionSeen, LeafView, LoginSeen
@@ -241,6 +241,53 @@ def make_fleet(agent_config_path: Path | str | None = None, leaf_map: Mapping[st
     """A fleet with default configuration, or with ``--agent-config`` applied to every leaf."""
     desired = load_agent_config_file(agent_config_path) if agent_config_path is not None else None
     return Fleet(AgentConfig(), leaf_map, default_desired=desired)
+
+
+class LocalAgentOutput:
+    """Everything ``leafguard run`` in local mode needs from the agent side, over one folder ``DIR``.
+
+    Messages are appended to ``DIR/messages.jsonl``, reported properties written to ``DIR/twins/``, desired
+    properties read from ``DIR/desired/`` (call :meth:`poll_desired` every few seconds). Single-threaded: call
+    every method from the event loop.
+    """
+
+    def __init__(self, directory: Path | str, fleet: Fleet) -> None:
+        self.directory = Path(directory)
+        self.fleet = fleet
+        self.messages = JsonlMessageWriter(self.directory / MESSAGES_FILE, append=True)
+        self.twins = TwinsDirWriter(self.directory / TWINS_DIR)
+        self.desired = DesiredDir(self.directory / DESIRED_DIR)
+        (self.directory / DESIRED_DIR).mkdir(parents=True, exist_ok=True)
+        self._pump = SecurityMessagePump(fleet, self.messages.write)
+
+    def after_batch(self, analyzer: AnalyzerLike) -> None:
+        """After every ``analyzer.feed(batch)``: observations, a tick at packet time, new twins."""
+        self._pump.after_batch(analyzer)
+        self._sync_twins()
+
+    def tick(self, now: float, views: ViewsProvider | None = None) -> None:
+        """A clock tick (wall-clock time live, so that timers fire while the network is quiet)."""
+        self.messages.write(self.fleet.tick(now, views))
+        self._sync_twins()
+
+    def poll_desired(self, now: float) -> list[tuple[str, ConfigOutcome]]:
+        """Apply the desired files that changed since the last poll; returns what was applied."""
+        applied = apply_desired_changes(self.fleet, self.desired.scan(), now)
+        self._sync_twins()
+        return applied
+
+    def close(self, now: float | None) -> None:
+        """The shutdown flush (when the clock ever started), then close the message file."""
+        try:
+            if now is not None:
+                self.messages.write(self.fleet.shutdown(now))
+            self._sync_twins()
+        finally:
+            self.messages.close()
+
+    def _sync_twins(self) -> None:
+        for identity, reported in self.fleet.take_reported_changes().items():
+            self.twins.write(identity, reported)
 
 
 class OfflineMessageWriter:
