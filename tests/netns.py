@@ -115,7 +115,11 @@ class Lab:
             b.up(b_if)
 
     def bridge(self, ns: Netns, name: str, ports: Sequence[str]) -> None:
-        ns.run("ip", "link", "add", name, "type", "bridge", "forward_delay", "0", "stp_state", "0")
+        # No STP and no multicast snooping: either would make the bridge send frames of its own.
+        ns.run(
+            "ip", "link", "add", name, "type", "bridge", "forward_delay", "0", "stp_state", "0",
+            "mcast_snooping", "0",
+        )
         for port in ports:
             ns.run("ip", "link", "set", port, "master", name)
         ns.up(name)
