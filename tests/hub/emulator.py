@@ -1,4 +1,9 @@
-"""`HubEmulator`: the broker, the workload API, the control API and the listeners, on one loopback address."""
+"""`HubEmulator`: the broker, the workload API, the control API and the listeners, on one loopback address.
+
+The emulator runs on the loop that starts it, or with `thread=True` on a loop of its own in a daemon thread.
+In thread mode every public method hops onto that loop (`_on_loop` for coroutines, `_sync` for the rest), so
+test code may block its own loop with synchronous SDK calls without starving the hub that must answer them.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,10 @@ import os
 import socket
 import ssl
 import tempfile
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -31,6 +37,29 @@ WEBSOCKET_PORT = 443
 WORKLOAD_API_VERSION = "2019-01-30"
 # Spread concurrent test processes over the 253 addresses; the bind itself is what proves an address free.
 _host_counter = itertools.count(os.getpid() * 7)
+SYNC_CALL_TIMEOUT_S = 10.0
+T = TypeVar("T")
+
+
+class _LoopThread:
+    """An event loop running forever in a daemon thread, for `HubEmulator.start(thread=True)`."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="hub-emulator-loop", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -83,26 +112,49 @@ class HubEmulator:
         self._mqtt_server: asyncio.Server | None = None
         self._http: web.AppRunner | None = None
         self._ws: web.AppRunner | None = None
+        self._own_loop: _LoopThread | None = None
+
+    async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._own_loop is None:
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._own_loop.loop))
+
+    def _sync(self, fn: Callable[[], T]) -> T:
+        """Run `fn` where the broker lives: transports and waiters are not thread-safe."""
+        if self._own_loop is None or threading.current_thread() is self._own_loop._thread:
+            return fn()
+
+        async def call() -> T:
+            return fn()
+
+        future = asyncio.run_coroutine_threadsafe(call(), self._own_loop.loop)
+        return future.result(SYNC_CALL_TIMEOUT_S)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
     @classmethod
     @contextlib.asynccontextmanager
     async def start(cls, *, host: str | None = None, hub_hostname: str = DEFAULT_HUB_HOSTNAME,
-                    websockets: bool = False, http_port: int = 0,
-                    max_messages: int = 100_000) -> AsyncIterator[HubEmulator]:
+                    websockets: bool = False, http_port: int = 0, max_messages: int = 100_000,
+                    thread: bool = False) -> AsyncIterator[HubEmulator]:
         """Start an emulator; `host` defaults to a free 127.0.0.x. Stops everything on exit.
 
         `websockets` adds MQTT over WebSocket on port 443 (`/$iothub/websocket`); `http_port` 0 picks a free
-        port for the workload and control APIs.
+        port for the workload and control APIs; `thread` runs the emulator on its own loop in a thread.
         """
         hub = cls(hub_hostname=hub_hostname, max_messages=max_messages, websockets=websockets,
                   http_port=http_port)
+        if thread:
+            hub._own_loop = _LoopThread()
         try:
-            await hub._open(host)
+            await hub._on_loop(hub._open(host))
             yield hub
         finally:
-            await hub.aclose()
+            try:
+                await hub._on_loop(hub.aclose())
+            finally:
+                if hub._own_loop is not None:
+                    hub._own_loop.stop()
 
     async def _open(self, host: str | None) -> None:
         ports = [MQTT_PORT, self.http_port] + ([WEBSOCKET_PORT] if self.websockets else [])
@@ -156,6 +208,9 @@ class HubEmulator:
         Registry, twins, sessions (subscriptions) and recorded messages survive, as in edgeHub's store.
         The workload API stays up: it belongs to the IoT Edge daemon, not to edgeHub.
         """
+        await self._on_loop(self._restart(downtime_s))
+
+    async def _restart(self, downtime_s: float) -> None:
         await self._stop_listeners()
         await asyncio.sleep(downtime_s)
         ports = [MQTT_PORT] + ([WEBSOCKET_PORT] if self.websockets else [])
@@ -171,14 +226,14 @@ class HubEmulator:
                    primary_key: str | None = None, secondary_key: str | None = None) -> Identity:
         """Register a device; `edge=True` makes it an IoT Edge device that can have modules and children."""
         parent_id = parent.device_id if isinstance(parent, Identity) else parent
-        return self.registry.add_device(device_id, parent=parent_id, edge=edge, primary_key=primary_key,
-                                        secondary_key=secondary_key)
+        return self._sync(lambda: self.registry.add_device(
+            device_id, parent=parent_id, edge=edge, primary_key=primary_key, secondary_key=secondary_key))
 
     def add_module(self, device: str | Identity, module_id: str, *, primary_key: str | None = None,
                    secondary_key: str | None = None) -> Identity:
         device_id = device.device_id if isinstance(device, Identity) else device
-        return self.registry.add_module(device_id, module_id, primary_key=primary_key,
-                                        secondary_key=secondary_key)
+        return self._sync(lambda: self.registry.add_module(
+            device_id, module_id, primary_key=primary_key, secondary_key=secondary_key))
 
     def identity(self, identity: str | Identity) -> Identity:
         """Look an identity up by client id (`device` or `device/module`)."""
@@ -249,49 +304,51 @@ class HubEmulator:
 
     async def set_desired(self, identity: str | Identity, patch: dict[str, Any]) -> int:
         """Merge `patch` into the desired properties, push it to a connected client; returns `$version`."""
-        return await self.broker.set_desired(self.identity(identity), patch)
+        return await self._on_loop(self.broker.set_desired(self.identity(identity), patch))
 
     def twin(self, identity: str | Identity) -> dict[str, Any]:
         """`{"desired": {..., "$version": n}, "reported": {..., "$version": m}}`, a copy."""
-        return self.identity(identity).twin.document()
+        return self._sync(self.identity(identity).twin.document)
 
     def messages(self, identity: str | Identity | None = None) -> list[ReceivedMessage]:
         """Recorded telemetry and module-output messages, oldest first (the last `max_messages`)."""
-        return self.message_log.items(None if identity is None else self.identity(identity).id)
+        client_id = None if identity is None else self.identity(identity).id
+        return self._sync(lambda: self.message_log.items(client_id))
 
     def clear_messages(self) -> None:
-        self.message_log.clear()
+        self._sync(self.message_log.clear)
 
     async def wait_for_messages(self, count: int, timeout_s: float = 10.0,
                                 identity: str | Identity | None = None) -> list[ReceivedMessage]:
         """Wait until `count` messages (of `identity`) are recorded; TimeoutError otherwise."""
         ident = None if identity is None else self.identity(identity).id
-        return await self.message_log.wait_for(count, ident, timeout_s)
+        return await self._on_loop(self.message_log.wait_for(count, ident, timeout_s))
 
     async def send_to_input(self, module: str | Identity, input_name: str, body: bytes | str,
                             properties: dict[str, str | None] | None = None) -> bool:
         """Deliver a message to a module input (queued if the module's session is offline)."""
         data = body.encode() if isinstance(body, str) else body
-        return await self.broker.send_to_input(self.identity(module), input_name, data, properties or {})
+        return await self._on_loop(self.broker.send_to_input(self.identity(module), input_name, data,
+                                                             properties or {}))
 
     async def send_c2d(self, device: str | Identity, body: bytes | str,
                        properties: dict[str, str | None] | None = None) -> bool:
         data = body.encode() if isinstance(body, str) else body
-        return await self.broker.send_c2d(self.identity(device), data, properties or {})
+        return await self._on_loop(self.broker.send_c2d(self.identity(device), data, properties or {}))
 
     async def invoke_method(self, identity: str | Identity, name: str, payload: Any = None,
                             timeout_s: float = 10.0) -> MethodResult:
-        return await self.broker.invoke_method(self.identity(identity), name, payload, timeout_s)
+        return await self._on_loop(self.broker.invoke_method(self.identity(identity), name, payload, timeout_s))
 
     # ---- connections and faults --------------------------------------------------------------------------
 
     def connections(self) -> list[ConnectionInfo]:
-        return self.broker.connection_info()
+        return self._sync(self.broker.connection_info)
 
     async def wait_connected(self, identity: str | Identity, timeout_s: float = 10.0, *,
                              after: int = 0) -> None:
         """Wait until the client is connected and `stats.connects` has reached `after`."""
-        await self.broker.wait_connected(self.identity(identity).id, timeout_s, after=after)
+        await self._on_loop(self.broker.wait_connected(self.identity(identity).id, timeout_s, after=after))
 
     @property
     def stats(self) -> Stats:
@@ -315,7 +372,8 @@ class HubEmulator:
 
     def drop_connection(self, identity: str | Identity | None = None) -> int:
         """Cut one client's connection (or all) like a network failure; returns how many were cut."""
-        return self.broker.drop(None if identity is None else self.identity(identity).id)
+        client_id = None if identity is None else self.identity(identity).id
+        return self._sync(lambda: self.broker.drop(client_id))
 
     def stall_pubacks(self) -> None:
         """Hold telemetry unstored and unacknowledged (a stalled uplink) until `release_pubacks()`."""
@@ -324,7 +382,7 @@ class HubEmulator:
     def release_pubacks(self) -> int:
         """Stop stalling; store and acknowledge what was held; returns how many."""
         self.broker.faults.stall_pubacks = False
-        return self.broker.release_pubacks()
+        return self._sync(self.broker.release_pubacks)
 
     def delay_pubacks(self, seconds: float) -> None:
         """Store and acknowledge each telemetry message `seconds` after it arrives (0 turns it off)."""
