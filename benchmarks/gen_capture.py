@@ -30,26 +30,30 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CACHE = Path(__file__).resolve().parent / ".cache"
 START_TS = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
-# Real OUIs of IoT vendors: Espressif, Philips Lighting, TP-Link, Raspberry Pi, Tuya (Hangzhou), Sonos,
-# Amazon, Ubiquiti, Hikvision, Nest, Shelly (Allterco), Xiaomi.
-OUIS = (
-    "24:0a:c4",
-    "5c:cf:7f",
-    "00:17:88",
-    "50:c7:bf",
-    "b8:27:eb",
-    "d8:f1:5b",
-    "48:a6:b8",
-    "f0:27:2d",
-    "fc:ec:da",
-    "44:19:b6",
-    "18:b4:30",
-    "c4:5b:be",
-    "64:90:c1",
+# Device profiles: a real OUI of an IoT vendor, the DHCP hostname stem, vendor class (option 60) and
+# parameter request list (option 55) such devices send.
+UDHCP_PRL = (1, 3, 6, 12, 15, 28, 42)
+ESP_PRL = (1, 3, 28, 6)
+ANDROID_PRL = (1, 3, 6, 15, 26, 28, 51, 58, 59, 43)
+LINUX_PRL = (1, 28, 2, 3, 15, 6, 119, 12, 44, 47, 26, 121, 42)
+PROFILES = (
+    ("24:0a:c4", "ESP32", "espressif-idf", ESP_PRL),  # Espressif
+    ("5c:cf:7f", "ESP", "ESP8266", ESP_PRL),  # Espressif
+    ("00:17:88", "Philips-hue", "udhcp 1.19.4", UDHCP_PRL),  # Philips Lighting
+    ("50:c7:bf", "HS110", "udhcp 0.9.9-pre", UDHCP_PRL),  # TP-Link
+    ("b8:27:eb", "raspberrypi", "dhcpcd-9.4.1", LINUX_PRL),  # Raspberry Pi
+    ("d8:f1:5b", "Tuya", "udhcp 1.30.1", UDHCP_PRL),  # Espressif (Tuya module)
+    ("48:a6:b8", "Sonos", "udhcp 1.24.2", UDHCP_PRL),  # Sonos
+    ("f0:27:2d", "amazon", "android-dhcp-9", ANDROID_PRL),  # Amazon
+    ("fc:ec:da", "UniFi", "udhcp 1.25.1", UDHCP_PRL),  # Ubiquiti
+    ("44:19:b6", "IPCam", "udhcp 1.20.2", UDHCP_PRL),  # Hikvision
+    ("18:b4:30", "Nest", "dhcpcd-6.8.2", LINUX_PRL),  # Nest Labs
+    ("c4:5b:be", "shelly1", "ESP8266", ESP_PRL),  # Espressif (Shelly)
+    ("64:90:c1", "yeelink", "udhcp 1.28.3", UDHCP_PRL),  # Xiaomi
 )
 GATEWAY_MAC = bytes.fromhex("e4f4c6112233")  # Netgear OUI
 GATEWAY_IP = bytes([10, 20, 0, 1])
@@ -67,9 +71,6 @@ CLOUD = {  # name -> (address, service ports it answers on)
     "telemetry.example-iot.net": ("104.18.30.77", (1883, 443)),
     "ota.espressif.com": ("47.254.38.8", (80, 443)),
 }
-HOSTNAME_STEMS = ("ESP", "Hue", "HS110", "raspberrypi", "Tuya", "Sonos", "Echo", "UniFi", "IPCam", "Nest", "shelly")
-VENDOR_CLASSES = ("udhcp 1.30.1", "dhcpcd-9.4.1", "MSFT 5.0", "ESP32", "android-dhcp-12", "Linux 5.10")
-PRLS = ((1, 3, 6, 12, 15, 28, 42), (1, 121, 33, 3, 6, 15, 28, 51, 58, 59, 119), (1, 3, 6, 15, 31, 33, 43, 44, 46, 47))
 
 
 # ---------------------------------------------------------------------------------------- checksums
@@ -229,17 +230,15 @@ class Mix:
         self.leaves: list[Leaf] = []
         used: set[bytes] = set()
         for i in range(leaves):
-            oui = bytes.fromhex(self.rnd.choice(OUIS).replace(":", ""))
+            oui_text, stem, vendor_class, prl = self.rnd.choice(PROFILES)
+            oui = bytes.fromhex(oui_text.replace(":", ""))
             mac = oui + self.rnd.randbytes(3)
             while mac in used:
                 mac = oui + self.rnd.randbytes(3)
             used.add(mac)
             host = 10 + i
             ip = bytes([10, 20, host // 250, host % 250 + 2])
-            stem = self.rnd.choice(HOSTNAME_STEMS)
-            leaf = Leaf(
-                i, mac, ip, f"{stem}-{mac[3:].hex().upper()}", self.rnd.choice(VENDOR_CLASSES), self.rnd.choice(PRLS)
-            )
+            leaf = Leaf(i, mac, ip, f"{stem}-{mac[3:].hex().upper()}", vendor_class, prl)
             leaf.eth_out = GATEWAY_MAC + mac + b"\x08\x00"
             leaf.eth_in = mac + GATEWAY_MAC + b"\x08\x00"
             self.leaves.append(leaf)
