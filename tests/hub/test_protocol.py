@@ -200,6 +200,18 @@ async def test_module_may_sign_with_its_device_key(hub: HubEmulator) -> None:
     await client.close()
 
 
+async def test_scope_admits_only_the_edge_devices_modules_and_children(hub: HubEmulator) -> None:
+    edge = hub.add_device("edge1", edge=True)
+    other_edge = hub.add_device("edge2", edge=True)
+    admitted = [hub.add_module(edge, "m1"), hub.add_device("child", parent=edge)]
+    refused = [hub.add_device("stranger"), hub.add_module(other_edge, "m1"), hub.add_device("other", parent=other_edge)]
+    hub.scope_to(edge)
+    for identity, code in [(i, 0) for i in admitted] + [(i, mqtt.ConnackCode.NOT_AUTHORIZED) for i in refused]:
+        client, connack = await RawClient.connect(hub, identity)
+        assert connack.code == code, identity
+        await client.close()
+
+
 async def test_refuse_connections_answers_the_configured_code(hub: HubEmulator) -> None:
     dev = hub.add_device("d1")
     hub.refuse_connections(3)

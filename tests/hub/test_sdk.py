@@ -8,8 +8,10 @@ block their thread until the hub answers (client creation from the edge environm
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -289,6 +291,27 @@ async def test_restart_drops_clients_and_they_come_back(hub: HubEmulator, client
     assert hub.twin(leaf)["reported"]["after"] == "restart"
 
 
+async def test_sas_renewal_reauthorizes_with_a_new_connect(hub: HubEmulator, clients: list[Any]) -> None:
+    leaf = hub.add_device("plc1")
+    # The SDK renews 120 s before expiry: with a 122 s token the hourly DISCONNECT + CONNECT comes after ~2 s.
+    client = device_client(hub, leaf, clients, sastoken_ttl=122)
+    async with asyncio.timeout(LIMIT_S):
+        await client.get_twin()
+        await hub.wait_connected(leaf, after=2)
+        await client.patch_twin_reported_properties({"renewed": True})
+    assert hub.stats.connects == 2 and hub.stats.kicked == 0 and hub.stats.auth_failures == 0
+
+
+def _may_bind_443() -> bool:
+    if os.geteuid() == 0:
+        return True
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text()) <= 443
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.skipif(not _may_bind_443(), reason="MQTT over WebSocket needs port 443 (root or a low port start)")
 async def test_websocket_transport(clients: list[Any]) -> None:
     async with HubEmulator.start(websockets=True) as hub:
         leaf = hub.add_device("plc1")
