@@ -31,7 +31,7 @@ def _cache_dir() -> Path:
 
 
 def demo_capture() -> Path:
-    path = _cache_dir() / "demo-v1.pcap"
+    path = _cache_dir() / "demo-v2.pcap"
     if not path.exists():
         tmp = path.with_suffix(".tmp")
         build_demo(tmp)
@@ -120,8 +120,9 @@ def build_demo(path: Path) -> None:
     add(Ether(src=op[0], dst=CAMERA[0]) / IP(src=op[1], dst=CAMERA[1]) / TCP(sport=50200, dport=23, flags="S"))
     add(Ether(src=CAMERA[0], dst=op[0]) / IP(src=CAMERA[1], dst=op[1]) / TCP(sport=23, dport=50200, flags="RA"))
     # Cleartext MQTT login from the sensor to the gateway's broker.
-    connect = bytes.fromhex("102000044d5154540482003c0006") + b"sensor" + bytes.fromhex("0005") + b"plant"
-    connect = bytes([0x10, len(connect) - 2]) + connect[2:]
+    # MQTT 3.1.1 CONNECT: client id "sensor-7", user "sensor", password "plant" (flags 0xC2).
+    body = b"\x00\x04MQTT\x04\xc2\x00\x3c" + b"\x00\x08sensor-7" + b"\x00\x06sensor" + b"\x00\x05plant"
+    connect = bytes([0x10, len(body)]) + body
     _tcp_session(add, SENSOR, GATEWAY, 42000, 1883, [connect], [bytes.fromhex("20020000")])
     # UDP telemetry with replies (CoAP).
     for k in range(4):

@@ -279,8 +279,9 @@ def tls_client_hello(payload: bytes) -> ClientHello | None:
         return None
     legacy = struct.unpack_from("!H", payload, pos)[0]
     pos += 34
-    sid_len = payload[pos]
-    pos += 1 + sid_len
+    if pos >= end:
+        return None
+    pos += 1 + payload[pos]
     if pos + 2 > end:
         return None
     cs_len = struct.unpack_from("!H", payload, pos)[0]
@@ -302,7 +303,7 @@ def tls_client_hello(payload: bytes) -> ClientHello | None:
             break
         if etype == 0 and elen >= 5:
             # server_name list: list length, then (type 0 = host_name, length, name)
-            if payload[body + 2] == 0:
+            if payload[body + 2] == 0 and body + 5 <= ext_end:
                 nlen = struct.unpack_from("!H", payload, body + 3)[0]
                 sni = payload[body + 5 : body + 5 + nlen].decode("ascii", "replace")
         elif etype == 43 and elen >= 1:

@@ -29,6 +29,7 @@ LOGIN_PORTS: dict[int, Literal["telnet", "ftp", "http", "mqtt"]] = {
 class LoginOutcome:
     user: str | None
     result: Literal["Success", "Fail"]
+    reply_code: str | None = None
 
 
 class LoginTracker:
@@ -80,10 +81,10 @@ class LoginTracker:
                     continue
                 code = int(text[:3])
                 if code == 230:
-                    out.append(LoginOutcome(self._pending_user, "Success"))
+                    out.append(LoginOutcome(self._pending_user, "Success", str(code)))
                     self._state = "done"
                 elif code in (530, 430) or (self._state == "pass" and code >= 400):
-                    out.append(LoginOutcome(self._pending_user, "Fail"))
+                    out.append(LoginOutcome(self._pending_user, "Fail", str(code)))
                     self._state = "idle"
         return out
 
@@ -140,7 +141,7 @@ class LoginTracker:
             if line.startswith(b"HTTP/1.") and self._state == "await_status" and line[9:12].isdigit():
                 status = int(line[9:12])
                 result: Literal["Success", "Fail"] = "Fail" if status in (401, 403) else "Success"
-                out.append(LoginOutcome(self._pending_user, result))
+                out.append(LoginOutcome(self._pending_user, result, str(status)))
                 self._state = "idle"
             if line.startswith(b"HTTP/1.") and self._state == "idle":
                 # Credentials come with the first request of a connection in practice; following the rest of a
@@ -164,7 +165,7 @@ class LoginTracker:
                 self._state = "await_connack"
             elif not from_client and ptype == 2 and self._state == "await_connack" and len(body) >= 2:
                 result: Literal["Success", "Fail"] = "Success" if body[1] == 0 else "Fail"
-                out.append(LoginOutcome(self._pending_user, result))
+                out.append(LoginOutcome(self._pending_user, result, str(body[1])))
                 # MQTT allows one CONNECT per network connection (MQTT 3.1.1 section 3.1).
                 self._state = "done"
         return out

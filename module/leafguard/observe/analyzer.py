@@ -25,7 +25,7 @@ from leafguard.decode.frames import (
     Packet,
     decode,
 )
-from leafguard.decode.login import LOGIN_PORTS, LoginTracker
+from leafguard.decode.login import LOGIN_PORTS, LoginOutcome, LoginTracker
 from leafguard.observe import fastpath
 from leafguard.observe.model import ConnectionSeen, LeafView, LoginSeen, Observation, Service
 from leafguard.observe.oui import vendor_of
@@ -36,6 +36,8 @@ DEEP_UDP_PORTS = frozenset({53, 67, 68, 137, 1900, 5353, 5355})
 LOGIN_BUDGET_BYTES = 8192
 """Payload bytes of a login-port conversation inspected before it joins the fast path."""
 MAX_PENDING_OBSERVATIONS = 100_000
+LEAF_SIDE_CACHE = 4096
+"""Addresses whose side (leaf or not) is remembered; a scan of random addresses only refills it."""
 
 _ZERO_V4 = b"\x00\x00\x00\x00"
 _ZERO_V6 = b"\x00" * 16
@@ -220,7 +222,7 @@ class Analyzer:
             )
         else:
             ok = addr.is_link_local or addr in _ULA
-        if len(self._leaf_side_cache) > 65536:
+        if len(self._leaf_side_cache) >= LEAF_SIDE_CACHE:
             self._leaf_side_cache.clear()
         self._leaf_side_cache[ip] = ok
         return ok
@@ -376,7 +378,7 @@ class Analyzer:
             if flow.login is not None and flow.login_budget > 0:
                 flow.login_budget -= len(payload)
                 for outcome in flow.login.feed(forward, payload):
-                    self._observe_login(flow, flow.login.protocol, outcome.user, outcome.result, ts)
+                    self._observe_login(flow, flow.login.protocol, outcome, ts)
                 if flow.login.finished:
                     flow.login_budget = 0
         flow.slow = not flow.hello_checked or (flow.login is not None and flow.login_budget > 0)
@@ -474,7 +476,7 @@ class Analyzer:
                 )
             )
 
-    def _observe_login(self, flow: Flow, protocol: Any, user: str | None, result: Any, ts: float) -> None:
+    def _observe_login(self, flow: Flow, protocol: Any, outcome: LoginOutcome, ts: float) -> None:
         for leaf_ip, leaf_port, leaf_mac, peer_ip, peer_port, direction in (
             (flow.a_ip, flow.a_port, flow.a_mac, flow.b_ip, flow.b_port, "Out"),
             (flow.b_ip, flow.b_port, flow.b_mac, flow.a_ip, flow.a_port, "In"),
@@ -492,8 +494,9 @@ class Analyzer:
                     local_port=leaf_port,
                     remote_addr=ip_text(peer_ip),
                     remote_port=peer_port,
-                    user=user,
-                    result=result,
+                    user=outcome.user,
+                    result=outcome.result,
+                    reply_code=outcome.reply_code,
                 )
             )
 

@@ -49,6 +49,8 @@ class LoginSeen:
     remote_port: int
     user: str | None
     result: Literal["Success", "Fail"]
+    reply_code: str | None = None
+    """The server's answer that decided the result (FTP reply code, HTTP status, MQTT CONNACK code)."""
 
 
 @dataclass(frozen=True, slots=True)
