@@ -305,12 +305,10 @@ class Broker:
         conn = Connection(link, identity, existing, packet.keep_alive_s, packet.username or "")
         self.connections[identity.id] = conn
         self.stats.connects += 1
-        link.write(mqtt.encode_connack(session_present, ConnackCode.ACCEPTED))
+        # No await between registering the connection and returning it: serve() must own it to forget it.
+        conn.send(mqtt.encode_connack(session_present, ConnackCode.ACCEPTED))
         for publish in existing.outbound.values():
             conn.send(mqtt.encode_publish(dataclasses.replace(publish, dup=True)))
-        await link.drain()
-        async with self._connected:
-            self._connected.notify_all()
         log.debug("%s connected from %s (session present: %s)", identity.id, link.peer, session_present)
         return conn
 
@@ -371,6 +369,9 @@ class Broker:
     # ---- packets -----------------------------------------------------------------------------------------
 
     async def _run(self, reader: asyncio.StreamReader, conn: Connection) -> None:
+        await conn.link.drain()
+        async with self._connected:
+            self._connected.notify_all()
         # The hub's keep-alive timeout is 1.5x the client's (learn "MQTT support", keep-alive).
         idle_s = conn.keep_alive_s * 1.5 if conn.keep_alive_s else None
         while not conn.closed:
@@ -442,17 +443,21 @@ class Broker:
                                      retain=packet.retain)
         if packet.qos == 0:
             self.messages.append(message)
-        elif self.faults.stall_pubacks:
-            assert packet.packet_id is not None
-            self._stalled.append((conn, packet.packet_id, message))
+            return
+        packet_id = packet.packet_id
+        assert packet_id is not None, "the codec gives every QoS 1 PUBLISH a packet id"
+        if self.faults.stall_pubacks:
+            self._stalled.append((conn, packet_id, message))
         elif self.faults.puback_delay_s > 0:
-            assert packet.packet_id is not None
-            loop = asyncio.get_running_loop()
-            timer = loop.call_later(self.faults.puback_delay_s, self._store_and_ack, conn, packet.packet_id, message)
+
+            def fire() -> None:
+                conn.timers.discard(timer)
+                self._store_and_ack(conn, packet_id, message)
+
+            timer = asyncio.get_running_loop().call_later(self.faults.puback_delay_s, fire)
             conn.timers.add(timer)
         else:
-            assert packet.packet_id is not None
-            self._store_and_ack(conn, packet.packet_id, message)
+            self._store_and_ack(conn, packet_id, message)
 
     def _store_and_ack(self, conn: Connection, packet_id: int, message: ReceivedMessage) -> None:
         if conn.closed:

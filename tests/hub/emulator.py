@@ -169,7 +169,7 @@ class HubEmulator:
         app = web.Application()
         app.add_routes(workload.routes(self.registry, self._credentials.ca_pem))
         app.add_routes(control.routes(self))
-        self._http = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._http = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._http.setup()
         await web.SockSite(self._http, http_sock).start()
         if ws_socks:
@@ -194,10 +194,11 @@ class HubEmulator:
     async def _stop_listeners(self) -> None:
         if self._mqtt_server is not None:
             self._mqtt_server.close()
+        # Sessions first: aiohttp's cleanup would otherwise wait for every open WebSocket to end by itself.
+        await self.broker.close()
         if self._ws is not None:
             await self._ws.cleanup()
             self._ws = None
-        await self.broker.close()
         if self._mqtt_server is not None:
             await self._mqtt_server.wait_closed()
             self._mqtt_server = None

@@ -369,6 +369,19 @@ async def test_several_emulators_use_different_addresses() -> None:
             await client.close()
 
 
+async def test_close_leaves_no_tasks_behind() -> None:
+    before = asyncio.all_tasks()
+    async with HubEmulator.start() as hub:
+        client, _ = await RawClient.connect(hub, hub.add_device("d1"))
+        hub.delay_pubacks(30)
+        client.publish("devices/d1/messages/events/", b"never acked")
+        await asyncio.sleep(0.05)
+        assert len(hub.connections()) == 1
+    assert asyncio.all_tasks() == before
+    assert await client.closed_by_server()
+    await client.close()
+
+
 async def test_emulator_starts_fast() -> None:
     started = time.perf_counter()
     async with HubEmulator.start():

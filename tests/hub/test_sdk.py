@@ -323,6 +323,12 @@ async def test_websocket_transport(clients: list[Any]) -> None:
                 (received,) = await hub.wait_for_messages(1)
             assert received.body == b"over ws" and twin["reported"] == {"$version": 1}
             assert hub.connections()[0].transport == "wss"
+            started = time.monotonic()
+            async with asyncio.timeout(LIMIT_S):
+                await hub.restart()
+                assert time.monotonic() - started < 1.0
+                await hub.wait_connected(leaf, after=2)
+                await client.patch_twin_reported_properties({"over": "ws"})
         finally:
             await client.shutdown()
             clients.remove(client)

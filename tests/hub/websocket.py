@@ -92,7 +92,7 @@ async def serve(broker: Broker, sock: socket.socket, ssl_context: ssl.SSLContext
 
     app = web.Application()
     app.router.add_get(PATH, handle)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     await web.SockSite(runner, sock, ssl_context=ssl_context).start()
     return runner
