@@ -1,0 +1,1 @@
+"""The asyncio shell around the pure core: sources, the pipeline, outputs, signals and shutdown."""

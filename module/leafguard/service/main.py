@@ -1,0 +1,220 @@
+"""`leafguard run`: one asyncio.Runner on uvloop, one root TaskGroup, ordered shutdown.
+
+Tasks (all children of the root group, all named):
+
+* ``leafguard.source``: live capture (:class:`~leafguard.capture.live.LiveCapture`, its own threads and
+  supervisors) or a paced replay of capture files; either way batches land in one bounded queue.
+* ``leafguard.pipeline``: batches → the analyzer → the Defender agents → the local output folder.
+* ``leafguard.periodic``: wall-clock ticks (live), desired-properties polling, capture-drop diagnostics, and the
+  atomic rewrite of ``leaves.json`` / ``conversations.json`` / ``stats.json``.
+* ``leafguard.http``: ``/healthz`` and ``/metrics`` when a port is given.
+
+SIGINT/SIGTERM only set an event. Shutdown then runs in order against a deadline: stop the source (capture
+threads joined), drain what is queued into the analyzer, stop the periodic task, flush the agents (their last
+messages) and write the final files, close HTTP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import time
+from typing import Any
+
+import uvloop
+
+from leafguard import __version__
+from leafguard.agent.local import LocalAgentOutput, make_fleet
+from leafguard.capture.batch import FrameBatch
+from leafguard.errors import CaptureError, LeafGuardError
+from leafguard.observe.analyzer import Analyzer
+from leafguard.service.files import write_json_atomic
+from leafguard.service.settings import ServiceSettings
+
+log = logging.getLogger("leafguard.service")
+
+REPLAY_QUEUE_BATCHES = 64
+
+
+def run_service(args: argparse.Namespace) -> int:
+    settings = ServiceSettings.from_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(Service(settings).run())
+
+
+class Service:
+    def __init__(self, settings: ServiceSettings) -> None:
+        assert settings.local_dir is not None
+        self.settings = settings
+        self.analyzer = Analyzer(settings.analyzer)
+        self.fleet = make_fleet()
+        self.out = LocalAgentOutput(settings.local_dir, self.fleet)
+        self.capture: Any = None
+        self.queue: asyncio.Queue[FrameBatch] = asyncio.Queue(REPLAY_QUEUE_BATCHES)
+        self.stopping = asyncio.Event()
+        self.started_at = time.time()
+        self.batches = 0
+        self.replay_done = False
+        self._drops_reported = 0
+        self._last_drop_report = 0.0
+        if settings.live:
+            from leafguard.capture.live import CaptureSettings, LiveCapture
+
+            try:
+                cs = CaptureSettings(
+                    interfaces=settings.interfaces,
+                    promiscuous=settings.promiscuous,
+                    extra_filter=settings.extra_filter,
+                )
+            except ValueError as exc:
+                raise CaptureError(str(exc)) from exc
+            self.capture = LiveCapture(cs)
+            self.queue = self.capture.queue
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stopping.set)
+        source = (
+            "capture on " + ", ".join(self.settings.interfaces)
+            if self.settings.live
+            else f"replay of {self.settings.pcap}"
+        )
+        log.info("leafguard %s: %s, local mode in %s", __version__, source, self.settings.local_dir)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = {
+                    "source": tg.create_task(self._source(), name="leafguard.source"),
+                    "pipeline": tg.create_task(self._pipeline(), name="leafguard.pipeline"),
+                    "periodic": tg.create_task(self._periodic(), name="leafguard.periodic"),
+                }
+                http = None
+                if self.settings.http_port is not None:
+                    from leafguard.service.http import start_http
+
+                    http = await start_http(self, self.settings.http_port)
+                await self.stopping.wait()
+                log.info("stopping")
+                await self._shutdown(tasks)
+                if http is not None:
+                    await http.cleanup()
+        except* LeafGuardError as group:
+            # An expected failure (no CAP_NET_RAW, bad filter): the CLI prints it as one line.
+            raise group.exceptions[0] from None
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        log.info("stopped cleanly after %d batches", self.batches)
+        return 0
+
+    async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
+        deadline = self.settings.shutdown_deadline_s
+        for name in ("source", "pipeline", "periodic"):
+            task = tasks[name]
+            task.cancel()
+            # We cancelled it ourselves, so its CancelledError is expected; anything else propagates.
+            with contextlib.suppress(asyncio.CancelledError):
+                async with asyncio.timeout(deadline):
+                    await task
+            if name == "pipeline":
+                while not self.queue.empty():
+                    self._process(self.queue.get_nowait())
+        self.out.close(self.analyzer.now)
+        self._write_files()
+
+    async def _source(self) -> None:
+        if self.capture is not None:
+            await self.capture.run()
+            return
+        from leafguard.capture.replay import PcapReplay
+
+        assert self.settings.pcap is not None
+        speed = self.settings.replay_speed
+        replay = PcapReplay([self.settings.pcap], speed=speed if speed > 0 else float("inf"))
+        async for batch in replay:
+            # Overflow policy "block": a replay waits for the pipeline rather than losing frames.
+            await self.queue.put(batch)
+        self.replay_done = True
+        log.info("replay finished: %d frames; waiting for SIGINT/SIGTERM", replay.frames)
+
+    async def _pipeline(self) -> None:
+        while True:
+            batch = await self.queue.get()
+            self._process(batch)
+            # Give the periodic task and signal handling a turn between large batches.
+            await asyncio.sleep(0)
+
+    def _process(self, batch: FrameBatch) -> None:
+        self.analyzer.feed(batch)
+        self.out.after_batch(self.analyzer)
+        self.batches += 1
+
+    async def _periodic(self) -> None:
+        s = self.settings
+        next_write = next_poll = 0.0
+        while True:
+            mono = time.monotonic()
+            now = time.time()
+            if s.live:
+                self.out.tick(now, self.analyzer.leaf_views)
+                self._report_capture_drops(now)
+            if mono >= next_poll:
+                clock = now if s.live else self.analyzer.now
+                if clock is not None:
+                    for identity, outcome in self.out.poll_desired(clock):
+                        log.info(
+                            "desired properties for %s %s", identity, "applied" if outcome.accepted else "rejected"
+                        )
+                next_poll = mono + s.desired_poll_interval_s
+            if mono >= next_write:
+                self._write_files()
+                next_write = mono + s.write_interval_s
+            await asyncio.sleep(s.tick_interval_s)
+
+    def _report_capture_drops(self, now: float) -> None:
+        """Frames lost before the analyzer are reported to every leaf's agent as a Diagnostic warning."""
+        if self.capture is None:
+            return
+        stats = self.capture.stats()
+        total = sum(st.kernel_drops + st.queue_drops for st in stats.values())
+        if total <= self._drops_reported or now - self._last_drop_report < self.settings.drop_report_interval_s:
+            return
+        detail = ", ".join(
+            f"{name}: kernel {st.kernel_drops}, queue {st.queue_drops}" for name, st in sorted(stats.items())
+        )
+        message = f"capture dropped {total - self._drops_reported} frames since the last report ({detail})"
+        log.warning(message)
+        for agent in self.fleet.agents():
+            agent.diagnostic("Warning", message, now)
+        self._drops_reported = total
+        self._last_drop_report = now
+
+    def stats(self) -> dict[str, Any]:
+        report_capture = self.analyzer.report()["capture"] if self.analyzer.stats.packets else {}
+        out: dict[str, Any] = {
+            "version": __version__,
+            "started_at": self.started_at,
+            "updated_at": time.time(),
+            "batches": self.batches,
+            "replay_done": self.replay_done,
+            "capture": report_capture,
+            "agents": dataclasses.asdict(self.fleet.stats()) | {"leaves": len(self.fleet.agents())},
+        }
+        if self.capture is not None:
+            out["interfaces"] = {name: st.as_dict() for name, st in self.capture.stats().items()}
+        return out
+
+    def _write_files(self) -> None:
+        assert self.settings.local_dir is not None
+        report = self.analyzer.report()
+        base = self.settings.local_dir
+        write_json_atomic(base / "leaves.json", {"updated_at": time.time(), "leaves": report["leaves"]})
+        write_json_atomic(
+            base / "conversations.json", {"updated_at": time.time(), "conversations": report["conversations"]}
+        )
+        write_json_atomic(base / "stats.json", self.stats())

@@ -1,0 +1,71 @@
+"""Service settings, parsed once from the command line and environment into a frozen record."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from leafguard.errors import ConfigurationError
+from leafguard.observe.settings import AnalyzerSettings
+
+EDGE_ENV = ("IOTEDGE_IOTHUBHOSTNAME", "IOTEDGE_DEVICEID", "IOTEDGE_MODULEID", "IOTEDGE_WORKLOADURI")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    interfaces: tuple[str, ...]
+    pcap: Path | None
+    replay_speed: float
+    local_dir: Path | None
+    analyzer: AnalyzerSettings
+    write_interval_s: float
+    extra_filter: str
+    promiscuous: bool
+    http_port: int | None
+    tick_interval_s: float = 1.0
+    desired_poll_interval_s: float = 2.0
+    drop_report_interval_s: float = 60.0
+    """At most one capture-drop Diagnostic per leaf per this interval."""
+    shutdown_deadline_s: float = 10.0
+
+    @property
+    def live(self) -> bool:
+        return bool(self.interfaces)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> ServiceSettings:
+        interfaces = tuple(args.interface or ())
+        env_ifaces = env.get("LEAFGUARD_INTERFACES", "")
+        if not interfaces and not args.pcap and env_ifaces:
+            interfaces = tuple(i for i in env_ifaces.replace(",", " ").split() if i)
+        if not interfaces and not args.pcap:
+            raise ConfigurationError(
+                "leafguard run needs a source: --interface IF (or LEAFGUARD_INTERFACES) or --pcap FILE"
+            )
+        local = args.local_dir or env.get("LEAFGUARD_LOCAL_DIR")
+        if local is None:
+            if all(k in env for k in EDGE_ENV):
+                raise ConfigurationError(
+                    "the IoT Edge hub transport is not built yet; run in local mode with --local-dir DIR"
+                )
+            raise ConfigurationError("outside IoT Edge, leafguard run needs --local-dir DIR (local mode)")
+        speed = float(args.replay_speed)
+        if math.isnan(speed) or speed < 0:
+            raise ConfigurationError("--replay-speed must be 0 (as fast as possible) or a positive factor")
+        if args.write_interval <= 0:
+            raise ConfigurationError("--write-interval must be positive")
+        return cls(
+            interfaces=interfaces,
+            pcap=Path(args.pcap) if args.pcap else None,
+            replay_speed=speed,
+            local_dir=Path(local),
+            analyzer=AnalyzerSettings.from_cli(args.leaf_net),
+            write_interval_s=float(args.write_interval),
+            extra_filter=args.extra_filter or "",
+            promiscuous=not args.no_promisc,
+            http_port=args.http_port,
+        )
