@@ -1,6 +1,6 @@
 """Throughput of `leafguard analyze` against its peers, on one generated IoT-like capture.
 
-    python3 -m benchmarks.analyze_throughput [--frames 1000000] [--runs 3] [--json]
+    python3 -m benchmarks.analyze_throughput [--frames 1000000] [--runs 3] [--json | --markdown]
 
 Every tool runs as a child process of this one, on the same file (generated once by
 benchmarks/gen_capture.py and cached under benchmarks/.cache/). For each child, wall time comes from a
@@ -182,6 +182,10 @@ def _cpu() -> str:
     return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
+def _shown(argv: list[str], path: Path) -> str:
+    return " ".join(path.name if arg == str(path) else arg for arg in argv)
+
+
 def measure(frames: int, runs: int, seed: int) -> dict[str, Any]:
     path = ensure_capture(frames, seed)
     size = path.stat().st_size
@@ -196,9 +200,10 @@ def measure(frames: int, runs: int, seed: int) -> dict[str, Any]:
     )
     if shutil.which("tshark"):
         argv = ["tshark", "-q", "-n", "-r", str(path), "-z", "conv,tcp", "-z", "conv,udp", "-z", "endpoints,eth"]
-        results["tshark"] = _best("tshark", argv, frames, runs)
+        results["tshark"] = _best("tshark", argv, frames, runs, shown=_shown(argv, path))
     if shutil.which("tcpdump"):
-        results["tcpdump"] = _best("tcpdump", ["tcpdump", "-n", "-r", str(path), "-w", "/dev/null"], frames, runs)
+        argv = ["tcpdump", "-n", "-r", str(path), "-w", "/dev/null"]
+        results["tcpdump"] = _best("tcpdump", argv, frames, runs, shown=_shown(argv, path))
     results["scapy"] = _scapy(path, frames, runs)
 
     lg = results["leafguard"]
@@ -253,18 +258,43 @@ def _print(report: dict[str, Any]) -> None:
         print(f"{'PASS' if ok else 'FAIL'}  leafguard {name}")
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The README/docs table: one row per tool, then the ratios and the targets."""
+    cap, m = report["capture"], report["machine"]
+    lines = [
+        f"{cap['frames']:,} frames ({cap['bytes'] / 1e6:.0f} MB, seed {cap['seed']}); {m['cpu']}; "
+        f"Python {m['python']}; best of {report['runs_per_tool']} run(s).",
+        "",
+        "| Tool | Command | Wall (s) | Packets/s | Peak RSS (MB) | LeafGuard speed-up |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, run in report["results"].items():
+        ratio = report["ratios"].get(f"leafguard/{name}")
+        speed = "—" if name == "leafguard" else ("n/a" if ratio is None else f"{ratio:.2f}x")
+        wall = f"{run['wall_s']:.2f}" + (" (extrapolated)" if name == "scapy" else "")
+        rate = f"{run['rate_pps']:,.0f}" if run["ok"] else "failed"
+        lines.append(f"| {name} | `{run['command']}` | {wall} | {rate} | {run['peak_rss_mb']:.0f} | {speed} |")
+    lines.append("")
+    lines += [f"- {'PASS' if ok else 'FAIL'}: LeafGuard {name}" for name, ok in report["targets"].items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=1_000_000, help="frames in the generated capture")
     ap.add_argument("--runs", type=int, default=1, help="runs per tool; the best is reported")
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    out = ap.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    out.add_argument("--markdown", action="store_true", help="print the Markdown table for the docs/README")
     args = ap.parse_args(argv)
     if args.runs < 1 or args.frames < 1:
         ap.error("--runs and --frames must be positive")
     report = measure(args.frames, args.runs, args.seed)
     if args.json:
         print(json.dumps(report, indent=2))
+    elif args.markdown:
+        print(markdown(report))
     else:
         _print(report)
     return 0 if report["pass"] else 1
