@@ -1,0 +1,72 @@
+"""`leafguard analyze`: the summary, the JSON contract, determinism and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from leafguard.cli import main
+from leafguard.demo import demo_capture
+
+LEAF_FIELDS = {
+    "mac", "ips", "vendor", "hostnames", "dhcp", "randomized_mac", "first_seen", "last_seen", "packets_out",
+    "bytes_out", "packets_in", "bytes_in", "services", "dns_queries", "tls_sni",
+}  # fmt: skip
+CONV_FIELDS = {
+    "protocol", "a_addr", "a_port", "b_addr", "b_port", "packets_ab", "bytes_ab", "packets_ba", "bytes_ba",
+    "first_seen", "last_seen", "state",
+}  # fmt: skip
+CAPTURE_FIELDS = {
+    "files", "packets", "bytes", "first_ts", "last_ts", "link_types", "decode_errors", "truncated", "evicted_flows",
+}  # fmt: skip
+
+
+def _analyze(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "leafguard", "analyze", *args], capture_output=True, timeout=120)
+
+
+def test_json_contract_and_determinism() -> None:
+    first = _analyze("--demo", "--json")
+    second = _analyze(str(demo_capture()), "--json")
+    assert first.returncode == 0, first.stderr
+    doc = json.loads(first.stdout)
+    assert set(doc["capture"]) >= CAPTURE_FIELDS
+    assert doc["leaves"] and all(set(leaf) >= LEAF_FIELDS for leaf in doc["leaves"])
+    assert set(doc["leaves"][0]["dhcp"]) == {"hostname", "vendor_class", "param_request_list"}
+    assert doc["conversations"] and all(set(c) >= CONV_FIELDS for c in doc["conversations"])
+    assert first.stdout == second.stdout
+    sensor = next(leaf for leaf in doc["leaves"] if leaf["mac"] == "5c:cf:7f:07:ae:fb")
+    assert sensor["vendor"] == "Espressif Inc."
+    assert sensor["dhcp"]["param_request_list"] == [1, 3, 6, 15]
+    assert sensor["tls_sni"] == ["telemetry.example-cloud.net"]
+    assert sensor["dns_queries"] == ["telemetry.example-cloud.net"]
+
+
+def test_summary_lists_leaves_and_conversations() -> None:
+    proc = _analyze("--demo")
+    text = proc.stdout.decode()
+    assert proc.returncode == 0
+    assert "Leaves (" in text and "Top conversations" in text
+    assert "Siemens AG" in text and "ESP_07AEFB" in text and "REJ" in text
+
+
+def test_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pcap"
+    bad.write_bytes(b"not a capture at all, sorry")
+    proc = _analyze(str(bad), "--json")
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert proc.stderr.decode().count("\n") == 1 and str(bad) in proc.stderr.decode()
+    assert main(["analyze"]) == 2
+    assert main(["analyze", "--demo", "--leaf-net", "not-a-net"]) == 2
+
+
+def test_security_messages_file(tmp_path: Path) -> None:
+    out = tmp_path / "msgs.jsonl"
+    proc = _analyze("--demo", "--json", "--security-messages", str(out))
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines and {"identity", "properties", "body"} == set(lines[0])
+    leaves = {leaf["mac"].replace(":", "") for leaf in json.loads(proc.stdout)["leaves"]}
+    assert {m["identity"].removeprefix("leaf-") for m in lines} <= leaves
