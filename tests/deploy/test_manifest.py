@@ -1,0 +1,85 @@
+"""The deployment template validates against the official IoT Edge schemas, as a template and once deployed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jsonschema import Draft4Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT4
+
+from tests.conftest import REPO, SHARED
+
+SCHEMAS = SHARED / "schemas" / "iot-edge-deployment"
+
+
+def _schema(name: str) -> dict[str, Any]:
+    if not SCHEMAS.is_dir():
+        pytest.skip(f"{SCHEMAS} is absent")
+    return dict(json.loads((SCHEMAS / name).read_text()))
+
+
+def _registry() -> Registry:
+    registry: Registry = Registry()
+    for path in SCHEMAS.glob("*.json"):
+        resource = Resource.from_contents(json.loads(path.read_text()), default_specification=DRAFT4)
+        registry = registry.with_resource(path.name, resource)
+    return registry
+
+
+def _template() -> dict[str, Any]:
+    return dict(json.loads((REPO / "deployment.template.json").read_text()))
+
+
+def deployed(template: dict[str, Any], image: str) -> dict[str, Any]:
+    """What `iotedgedev genconfig` makes of the template: images filled in, createOptions as JSON strings."""
+    text = json.dumps(template).replace("${MODULES.leafguard}", image)
+    doc = json.loads(text)
+    doc.pop("$schema-template", None)
+    agent = doc["modulesContent"]["$edgeAgent"]["properties.desired"]
+    for group in (agent["systemModules"], agent["modules"]):
+        for module in group.values():
+            settings = module["settings"]
+            settings["createOptions"] = json.dumps(settings.get("createOptions", {}), separators=(",", ":"))
+    return dict(doc)
+
+
+def test_template_validates_against_the_template_schema() -> None:
+    schema = _schema("azure-iot-edge-deployment-template-4.0.json")
+    validator = Draft4Validator(schema, registry=_registry())
+    errors = sorted(validator.iter_errors(_template()), key=lambda e: list(e.path))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
+
+
+def test_deployed_manifest_validates_and_fits_createoptions_limits() -> None:
+    schema = _schema("azure-iot-edge-deployment-2.0.json")
+    doc = deployed(_template(), "myregistry.azurecr.io/leafguard:0.1.0-amd64")
+    errors = list(Draft4Validator(schema).iter_errors(doc))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
+    module = doc["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]["leafguard"]
+    create = module["settings"]["createOptions"]
+    assert len(create) <= 512, "longer createOptions must be split into createOptions01..."
+    opts = json.loads(create)
+    assert "NET_RAW" in opts["HostConfig"]["CapAdd"] and opts["HostConfig"]["NetworkMode"] == "host"
+
+
+def test_a_broken_manifest_is_rejected() -> None:
+    schema = _schema("azure-iot-edge-deployment-2.0.json")
+    doc = deployed(_template(), "x/leafguard:1")
+    doc["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]["leafguard"]["restartPolicy"] = "sometimes"
+    assert list(Draft4Validator(schema).iter_errors(doc))
+
+
+def test_routes_send_the_module_outputs_upstream() -> None:
+    routes = _template()["modulesContent"]["$edgeHub"]["properties.desired"]["routes"]
+    assert any("/outputs/security" in r and "$upstream" in r for r in routes.values())
+
+
+def test_dockerfiles_install_the_package_and_run_the_service() -> None:
+    for arch in ("amd64", "arm64v8"):
+        text = (REPO / f"Dockerfile.{arch}").read_text()
+        assert "pip install" in text and 'ENTRYPOINT ["leafguard", "run"]' in text
+    assert Path(REPO / "pyproject.toml").exists()
