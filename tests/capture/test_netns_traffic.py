@@ -21,6 +21,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import textwrap
 import time
 from collections import Counter
@@ -342,7 +343,10 @@ def conversation(report: dict[str, Any], proto: str, a: tuple[str, int], b: tupl
 
 async def test_inventory_and_conversations_equal_what_the_leaves_did(net: Net, tmp_path: Path) -> None:
     report, facts, stats = await capture_all(net, tmp_path)
+    assert_matches(report, facts, stats, net)
 
+
+def assert_matches(report: dict[str, Any], facts: dict[str, Any], stats: dict[str, Any], net: Net) -> None:
     # Nothing was lost on the way, and the analyzer saw exactly the frames the endpoints sent.
     assert stats["kernel_drops"] == 0 and stats["queue_drops"] == 0
     assert report["capture"]["packets"] == stats["frames"] == facts["sent_total"]
@@ -413,3 +417,55 @@ async def test_inventory_and_conversations_equal_what_the_leaves_did(net: Net, t
     dhcp = [c for c in report["conversations"] if 67 in (c["a_port"], c["b_port"])]
     assert len(report["conversations"]) == n_tcp + n_udp + len(dhcp)
     assert dhcp and all(c["protocol"] == "udp" for c in dhcp)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_for_file(path: Path, cond: Callable[[dict[str, Any]], bool], within: float = 15.0) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    while True:
+        data = read_json(path)
+        if data and cond(data):
+            return data
+        assert time.monotonic() < deadline, f"{path}: not reached in time, last: {data}"
+        time.sleep(0.1)
+
+
+def test_leafguard_run_writes_the_same_inventory(net: Net, tmp_path: Path) -> None:
+    """The service end to end: ``leafguard run --interface br0 --local-dir DIR`` in the gateway namespace."""
+    out = tmp_path / "out"
+    before = net.tx()
+    proc = net.gw.popen(
+        sys.executable, "-m", "leafguard", "run", "--interface", "br0", "--local-dir", str(out),
+        "--write-interval", "0.2", stderr=subprocess.PIPE,
+    )
+    running = wait_for_file(
+        out / "stats.json", lambda d: d.get("interfaces", {}).get("br0", {}).get("state") == "running"
+    )
+    assert running["interfaces"]["br0"]["opens"] == 1
+    start_services(net, tmp_path)
+    facts = make_traffic(net)
+    stop_tcpdumps(net)
+    while True:
+        after = net.tx()
+        total = sum(after[n][0] - before[n][0] for n in after)
+        wait_for_file(out / "stats.json", lambda d, total=total: d.get("capture", {}).get("packets", 0) >= total)
+        time.sleep(0.3)
+        if net.tx() == after:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err.decode()
+    stats = read_json(out / "stats.json")
+    report = {
+        "capture": stats["capture"],
+        "leaves": read_json(out / "leaves.json")["leaves"],
+        "conversations": read_json(out / "conversations.json")["conversations"],
+    }
+    counters = {n: (after[n][0] - before[n][0], after[n][1] - before[n][1]) for n in after}
+    assert_matches(report, {"actions": facts, "tx": counters, "sent_total": total}, stats["interfaces"]["br0"], net)
