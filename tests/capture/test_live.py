@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from tests.netns import Lab, Netns, needs_root
 
 from leafguard.capture.batch import FrameBatch
 from leafguard.capture.live import (
@@ -28,6 +27,7 @@ from leafguard.capture.live import (
     cap_net_raw_message,
 )
 from leafguard.errors import CaptureError
+from tests.netns import Lab, Netns, needs_root
 
 pytestmark = [pytest.mark.netns, needs_root, pytest.mark.timeout(60)]
 

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.netns import Lab, Netns, needs_root
 
 from leafguard.capture.live import CaptureSettings, InterfaceState, LiveCapture
 from leafguard.capture.pcapfile import read_batches
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
+from tests.netns import Lab, Netns, needs_root
 
 pytestmark = [
     pytest.mark.netns,
@@ -426,6 +426,10 @@ def read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def analysed_at_least(total: int, stats: dict[str, Any]) -> bool:
+    return int(stats.get("capture", {}).get("packets", 0)) >= total
+
+
 def wait_for_file(path: Path, cond: Callable[[dict[str, Any]], bool], within: float = 15.0) -> dict[str, Any]:
     deadline = time.monotonic() + within
     while True:
@@ -454,7 +458,7 @@ def test_leafguard_run_writes_the_same_inventory(net: Net, tmp_path: Path) -> No
     while True:
         after = net.tx()
         total = sum(after[n][0] - before[n][0] for n in after)
-        wait_for_file(out / "stats.json", lambda d, total=total: d.get("capture", {}).get("packets", 0) >= total)
+        wait_for_file(out / "stats.json", functools.partial(analysed_at_least, total))
         time.sleep(0.3)
         if net.tx() == after:
             break
