@@ -406,16 +406,26 @@ class _CaptureThread(threading.Thread):
 
     def run(self) -> None:
         exc: BaseException | None = None
+        program = self._capture.program
         try:
             if self._capture.settings.netns:
                 _enter_netns(self._capture.settings.netns)
-            ring = _Ring(self.interface, self._capture.settings, self._capture.program)
+            ring = _Ring(self.interface, self._capture.settings, program)
         except BaseException as e:  # reported to the supervisor, which decides
             self._resolve(self.opened, e)
             self._resolve(self.done, None)
             return
-        with self._lock:
-            self._ring = ring
+        try:
+            with self._lock:
+                self._ring = ring
+                # set_extra_filter() may have run while the ring was opening with the previous program.
+                if self._capture.program is not program:
+                    ring.set_filter(self._capture.program)
+        except BaseException as e:
+            ring.close()
+            self._resolve(self.opened, e)
+            self._resolve(self.done, None)
+            return
         self._resolve(self.opened, None)
         try:
             self._poll(ring)
@@ -471,6 +481,18 @@ class _CaptureThread(threading.Thread):
             if now >= next_stats:
                 next_stats = now + 1.0
                 self._account_kernel_stats(ring)
+        # Blocks the kernel already retired are handed over on a clean stop; only the block still open
+        # (at most block_timeout_ms of traffic) is left, and it shows as kernel_packets - kernel_drops - frames.
+        while (batch := ring.next_block()) is not None:
+            st.blocks += 1
+            st.frames += len(batch)
+            st.bytes += sum(batch.wirelens)
+            st.captured_bytes += sum(batch.caplens)
+            self.pending += 1
+            try:
+                self._loop.call_soon_threadsafe(deliver, self, batch)
+            except RuntimeError:
+                return
 
 
 class _Backoff:
@@ -603,6 +625,12 @@ class LiveCapture:
             async with asyncio.TaskGroup() as tg:
                 for name in self.settings.interfaces:
                     tg.create_task(self._supervise(name), name=f"leafguard.capture[{name}].supervisor")
+        except BaseExceptionGroup as group:
+            # Callers expect the one-line CaptureError itself; anything else (a bug) keeps its group.
+            fatal, rest = group.split(CaptureError)
+            if fatal is not None and rest is None:
+                raise _first_leaf(fatal) from None
+            raise
         finally:
             self._running = False
 
@@ -662,6 +690,13 @@ class LiveCapture:
                 await _join(left, self.settings.poll_timeout_s * 20)
             st.state = InterfaceState.STOPPED
             st.since = time.time()
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _consume(fut: asyncio.Future[None]) -> None:
