@@ -42,6 +42,7 @@ from tests.hub.messages import (
     parse_event_topic,
 )
 from tests.hub.mqtt import ConnackCode, PacketType, Publish
+from tests.hub.notify import Notifier
 from tests.hub.twins import TwinError
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,8 @@ class Broker:
         self._handlers: set[asyncio.Task[None]] = set()
         self._methods: dict[str, asyncio.Future[MethodResult]] = {}
         self._method_ids = itertools.count(1)
-        self._connected = asyncio.Condition()
+        self.changed = Notifier()
+        """Notified on every connect, refusal, authentication failure and disconnect."""
 
     # ---- links -------------------------------------------------------------------------------------------
 
@@ -265,6 +267,7 @@ class Broker:
         conn.close()
         if self.connections.get(conn.client_id) is conn:
             del self.connections[conn.client_id]
+            self.changed.notify()
         kept = (s for s in self._stalled if s[0] is not conn)
         self._stalled = collections.deque(kept, maxlen=STALLED_LIMIT)
 
@@ -282,6 +285,7 @@ class Broker:
             return None
         if self.faults.refuse_code is not None:
             self.stats.refused += 1
+            self.changed.notify()
             link.write(mqtt.encode_connack(False, self.faults.refuse_code))
             await link.drain()
             return None
@@ -290,6 +294,7 @@ class Broker:
         except AuthError as exc:
             self.stats.auth_failures += 1
             self.stats.last_error = f"{packet.client_id}: {exc}"
+            self.changed.notify()
             log.info("refusing %s (%s): %s", packet.client_id, link.peer, exc)
             link.write(mqtt.encode_connack(False, ConnackCode.NOT_AUTHORIZED))
             await link.drain()
@@ -370,8 +375,7 @@ class Broker:
 
     async def _run(self, reader: asyncio.StreamReader, conn: Connection) -> None:
         await conn.link.drain()
-        async with self._connected:
-            self._connected.notify_all()
+        self.changed.notify()
         # The hub's keep-alive timeout is 1.5x the client's (learn "MQTT support", keep-alive).
         idle_s = conn.keep_alive_s * 1.5 if conn.keep_alive_s else None
         while not conn.closed:
@@ -624,6 +628,5 @@ class Broker:
 
     async def wait_connected(self, client_id: str, timeout_s: float, *, after: int = 0) -> None:
         """Wait until `client_id` is connected and at least `after` connects happened in total."""
-        async with asyncio.timeout(timeout_s), self._connected:
-            await self._connected.wait_for(
-                lambda: client_id in self.connections and self.stats.connects >= after)
+        await self.changed.wait_for(lambda: client_id in self.connections and self.stats.connects >= after,
+                                    timeout_s)

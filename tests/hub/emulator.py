@@ -351,6 +351,11 @@ class HubEmulator:
         """Wait until the client is connected and `stats.connects` has reached `after`."""
         await self._on_loop(self.broker.wait_connected(self.identity(identity).id, timeout_s, after=after))
 
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+        """Wait until `predicate()` (evaluated on the emulator's loop) holds after a connect, refusal,
+        authentication failure or disconnect, e.g. `lambda: hub.stats.refused >= 2`."""
+        await self._on_loop(self.broker.changed.wait_for(predicate, timeout_s))
+
     @property
     def stats(self) -> Stats:
         return self.broker.stats

@@ -7,7 +7,6 @@ The SDK encodes every key and value with `quote(safe="")` and puts system proper
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import urllib.parse
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from tests.hub.notify import Notifier
 
 MESSAGE_LIMIT_BYTES = 262144  # IoT Hub's device-to-cloud limit, body and properties together
 SECURITY_INTERFACE_ID = "urn:azureiot:Security:SecurityAgent:1"
@@ -134,16 +135,14 @@ class MessageLog:
         """Every message ever appended, evicted or cleared ones included."""
         self.evicted = 0
         self._items: collections.deque[ReceivedMessage] = collections.deque(maxlen=capacity)
-        self._waiters: set[asyncio.Future[None]] = set()
+        self._changed = Notifier()
 
     def append(self, message: ReceivedMessage) -> None:
         if len(self._items) == self.capacity:
             self.evicted += 1
         self._items.append(message)
         self.total += 1
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self._changed.notify()
 
     def items(self, identity: str | None = None) -> list[ReceivedMessage]:
         return [m for m in self._items if identity is None or m.identity == identity]
@@ -153,12 +152,5 @@ class MessageLog:
 
     async def wait_for(self, count: int, identity: str | None, timeout_s: float) -> list[ReceivedMessage]:
         """Wait until at least `count` messages (of `identity`) are in the log; TimeoutError otherwise."""
-        async with asyncio.timeout(timeout_s):
-            while len(found := self.items(identity)) < count:
-                waiter = asyncio.get_running_loop().create_future()
-                self._waiters.add(waiter)
-                try:
-                    await waiter
-                finally:
-                    self._waiters.discard(waiter)
-        return found
+        await self._changed.wait_for(lambda: len(self.items(identity)) >= count, timeout_s)
+        return self.items(identity)

@@ -101,6 +101,34 @@ async def test_refused_connection_is_retried_by_connect(hub: HubEmulator, client
     assert hub.stats.refused == 1 and client.connected
 
 
+async def test_reconnect_retries_while_refused_then_recovers(hub: HubEmulator, clients: list[Any]) -> None:
+    leaf = hub.add_device("plc1")
+    client = device_client(hub, leaf, clients)
+    async with asyncio.timeout(LIMIT_S):
+        await client.get_twin()
+        connects = hub.stats.connects
+        hub.refuse_connections(3)
+        hub.drop_connection(leaf)
+        # CONNACK 3 is transient for the SDK: it retries every connection_retry_interval (1 s here).
+        await hub.wait_until(lambda: hub.stats.refused >= 2)
+        hub.accept_connections()
+        await hub.wait_connected(leaf, after=connects + 1)
+        assert (await client.get_twin())["reported"] == {"$version": 1}
+
+
+async def test_reconnect_stops_after_not_authorized(hub: HubEmulator, clients: list[Any]) -> None:
+    leaf = hub.add_device("plc1")
+    client = device_client(hub, leaf, clients)
+    async with asyncio.timeout(LIMIT_S):
+        await client.connect()
+        leaf.primary_key = leaf.secondary_key = new_key()  # keys rotated in the hub
+        hub.drop_connection(leaf)
+        await hub.wait_until(lambda: hub.stats.auth_failures >= 1)
+        # CONNACK 5 is not transient: no retry follows within several retry intervals.
+        await asyncio.sleep(2.5)
+    assert hub.stats.auth_failures == 1 and hub.connections() == [] and not client.connected
+
+
 async def test_get_twin_and_patch_reported_versions(hub: HubEmulator, clients: list[Any]) -> None:
     leaf = hub.add_device("plc1")
     await hub.set_desired(leaf, {"interval": 10})
