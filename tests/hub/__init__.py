@@ -10,7 +10,7 @@
         # await asyncio.to_thread(IoTHubModuleClient.create_from_edge_environment)
         ...
         await hub.set_desired(leaf, {"interval": 10})
-        messages = await hub.wait_for_messages(1, timeout=5)
+        messages = await hub.wait_for_messages(1, timeout_s=5)
 
 Each emulator owns one loopback address 127.0.0.x (the SDK's port 8883 is fixed), a throw-away CA and a server
 certificate for that address, and an HTTP port with the workload API (trust bundle, sign) and the control API.

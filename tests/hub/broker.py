@@ -188,6 +188,8 @@ class Stats:
     """Connections dropped because the same client id connected again."""
     protocol_errors: int = 0
     oversized_messages: int = 0
+    stalled_dropped: int = 0
+    """Held (stalled) messages pushed out by newer ones: their PUBACK never comes."""
     last_error: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -451,6 +453,8 @@ class Broker:
         packet_id = packet.packet_id
         assert packet_id is not None, "the codec gives every QoS 1 PUBLISH a packet id"
         if self.faults.stall_pubacks:
+            if len(self._stalled) == STALLED_LIMIT:
+                self.stats.stalled_dropped += 1
             self._stalled.append((conn, packet_id, message))
         elif self.faults.puback_delay_s > 0:
 

@@ -84,7 +84,8 @@ def routes(hub: HubEmulator) -> web.RouteTableDef:
     async def summary(_: web.Request) -> web.Response:
         return _json({"host": hub.host, "hub_hostname": hub.hub_hostname, "mqtt_port": 8883,
                       "http_url": hub.http_url, "ca_file": str(hub.ca_file), "stats": hub.stats.to_dict(),
-                      "messages_total": hub.message_log.total, "faults": _faults(hub)})
+                      "messages_total": hub.message_log.total,
+                      "messages_evicted": hub.message_log.evicted, "faults": _faults(hub)})
 
     @table.get("/control/identities")
     async def identities(_: web.Request) -> web.Response:

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from tests.hub import HubEmulator, mqtt, sas
-from tests.hub.messages import decode_bag, encode_bag, parse_event_topic
+from tests.hub.messages import MessageLog, decode_bag, encode_bag, message_from_topic, parse_event_topic
 from tests.hub.rawclient import RawClient
 from tests.hub.twins import Section, TwinError, twin_size
 
@@ -147,6 +147,18 @@ def test_property_bag_decodes_sdk_encoding() -> None:
                          "$.ifid": "urn:azureiot:Security:SecurityAgent:1", "a": "1/2", "b": "x y",
                          "plus": "a+b", "flag": None}
     assert decode_bag(encode_bag({"k y": "v/w", "n": None})) == {"k y": "v/w", "n": None}
+
+
+def test_message_log_is_bounded_and_counts() -> None:
+    log = MessageLog(capacity=3)
+    topic = parse_event_topic("devices/d/messages/events/")
+    assert topic is not None
+    for i in range(5):
+        log.append(message_from_topic("d", topic, "t", str(i).encode(), dup=False, retain=False))
+    assert [m.body for m in log.items()] == [b"2", b"3", b"4"]
+    assert (log.total, log.evicted) == (5, 2)
+    log.clear()
+    assert log.items() == [] and log.total == 5
 
 
 @pytest.mark.parametrize("topic", ["devices/d/messages/events", "devices/d/messages/events/",

@@ -307,6 +307,18 @@ async def test_module_input_message(hub: HubEmulator, clients: list[Any]) -> Non
     assert message.data == b'{"cmd": 1}'
 
 
+async def test_cloud_to_device_message(hub: HubEmulator, clients: list[Any]) -> None:
+    leaf = hub.add_device("plc1")
+    client = device_client(hub, leaf, clients)
+    inbox: asyncio.Queue[Any] = asyncio.Queue()
+    async with asyncio.timeout(LIMIT_S):
+        await set_handler(client, "on_message_received", to_queue(inbox))
+        assert await hub.send_c2d(leaf, "reboot", {"$.mid": "c1", "reason": "patch day", "flag": None})
+        message = await inbox.get()
+    assert (message.data, message.message_id) == (b"reboot", "c1")
+    assert message.custom_properties == {"reason": "patch day", "flag": None}
+
+
 async def test_restart_drops_clients_and_they_come_back(hub: HubEmulator, clients: list[Any]) -> None:
     leaf = hub.add_device("plc1")
     client = device_client(hub, leaf, clients)
