@@ -6,7 +6,8 @@ A generator namespace replays an IoT-like capture with tcpreplay (``--pps``) int
 namespace LeafGuard (LiveCapture -> Analyzer.feed, in this process) and tcpdump (``-w /dev/null``) watch the
 same interface at the same time, on the same two cores as the generator. For each rate the script prints the
 rate tcpreplay actually reached and, per consumer, the fraction of the frames the generator's interface sent
-that it captured (LeafGuard: captured *and* analysed). Nothing leaves the two namespaces.
+that it captured (LeafGuard: captured *and* analysed), LeafGuard's kernel and queue drops, and the share of the
+wire bytes its snap lengths copied to user space. Nothing leaves the two namespaces.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ def _ip_header(src: bytes, dst: bytes, proto: int, payload_len: int) -> bytes:
     return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + payload_len, 0, 0x4000, 64, proto, 0, src, dst)
 
 
-def synthetic_capture(path: Path, frames: int, leaves: int = 50, seed: int = 7) -> None:
-    """An IoT-like mix: ARP, DNS, TCP sessions (handshake, small payloads, FIN) to 1883/8883/443, UDP telemetry."""
+def synthetic_capture(path: Path, frames: int, leaves: int = 50, seed: int = 7, bulk: bool = False) -> None:
+    """An IoT-like mix: ARP, DNS, TCP sessions (handshake, small payloads, FIN) to 1883/8883/443, UDP telemetry.
+
+    ``bulk``: TCP data segments are full-size (1448 bytes of payload), like a camera's stream.
+    """
     rng = random.Random(seed)
     srv_mac, srv_ip = bytes.fromhex("027700000001"), bytes([10, 77, 0, 1])
     out = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)]
@@ -104,7 +108,7 @@ def synthetic_capture(path: Path, frames: int, leaves: int = 50, seed: int = 7) 
             tcp(False, 0x12, b"")
             tcp(True, 0x10, b"")
             for _ in range(rng.randrange(1, 6)):
-                tcp(True, 0x18, bytes(rng.randrange(20, 600)))
+                tcp(True, 0x18, bytes(1448 if bulk else rng.randrange(20, 600)))
                 tcp(False, 0x10, b"")
                 tcp(False, 0x18, bytes(rng.randrange(4, 200)))
                 tcp(True, 0x10, b"")
@@ -114,7 +118,10 @@ def synthetic_capture(path: Path, frames: int, leaves: int = 50, seed: int = 7) 
     path.write_bytes(b"".join(out))
 
 
-HEADER = f"{'rate':>8} {'achieved':>10} {'sent':>9} {'leafguard':>10} {'tcpdump':>9} {'k-drops':>8} {'q-drops':>8}"
+HEADER = (
+    f"{'rate':>8} {'achieved':>10} {'sent':>9} {'leafguard':>10} {'tcpdump':>9} {'k-drops':>8} {'q-drops':>8}"
+    f" {'copied':>7}"
+)
 
 
 @dataclass
@@ -126,6 +133,8 @@ class Result:
     tcpdump: int
     kernel_drops: int
     queue_drops: int
+    wire_bytes: int
+    captured_bytes: int
 
     @property
     def achieved(self) -> float:
@@ -135,7 +144,7 @@ class Result:
         lg, td = self.leafguard / self.sent, self.tcpdump / self.sent
         return (
             f"{self.rate:>8} {self.achieved:>10.0f} {self.sent:>9} {lg:>10.2%} {td:>9.2%} "
-            f"{self.kernel_drops:>8} {self.queue_drops:>8}"
+            f"{self.kernel_drops:>8} {self.queue_drops:>8} {self.captured_bytes / max(1, self.wire_bytes):>7.1%}"
         )
 
 
@@ -218,6 +227,8 @@ async def measure(gen: Netns, cap_ns: Netns, pcap: Path, rate: int, seconds: flo
         await asyncio.to_thread(stop_tcpdump, tcpdump),
         st.kernel_drops,
         st.queue_drops,
+        st.bytes,
+        st.captured_bytes,
     )
 
 
@@ -225,7 +236,7 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
     results = []
     with Lab() as lab, tempfile.TemporaryDirectory() as tmp:
         pcap = Path(tmp) / "iot.pcap"
-        synthetic_capture(pcap, args.frames)
+        synthetic_capture(pcap, args.frames, bulk=args.bulk)
         gen, cap_ns = lab.netns("gen"), lab.netns("cap")
         lab.veth(gen, "eth0", cap_ns, "cap0")
         print(HEADER)
@@ -247,13 +258,17 @@ def main() -> int:
     p.add_argument("--rates", default="10000,25000,50000,100000,200000", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--frames", type=int, default=50_000, help="frames in the synthetic capture (looped)")
-    p.add_argument("--snaplen", type=int, default=512)
+    p.add_argument("--snaplen", type=int, default=512, help="LeafGuard's snap length for non-inventory frames")
+    p.add_argument("--bulk", action="store_true", help="full-size TCP data segments (a camera-like stream)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
+    # Other work on the same two cores changes these numbers a lot; say so next to them.
+    load_before = os.getloadavg()[0]
     results = asyncio.run(main_async(args))
+    print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
     lg, td = lossless(results, "leafguard"), lossless(results, "tcpdump")
     at50 = [r for r in results if r.rate == 50_000]
     ratio = lg / td if td else float("nan")
