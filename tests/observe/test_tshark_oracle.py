@@ -25,7 +25,10 @@ What is compared, exactly (no tolerances):
   the address a DHCP ACK gives it (zeek_dhcp: the client only ever sends from 0.0.0.0 and is given the
   public 128.2.6.x, so by default it is not leaf-side; the all-leaf run covers its DHCP names).
 * (b) per TCP/UDP 5-tuple and direction: packets and bytes, derived from the per-frame fields, and the
-  derivation itself is checked against tshark's conversation tables (second, independent route).
+  derivation itself is checked against tshark's conversation tables (second, independent route). Also
+  per 5-tuple: the a side (initiator) from its first frame (SYN sender; the receiver if that frame is a
+  SYN-ACK, i.e. the capture missed the SYN; else the first sender) and first_seen/last_seen = its
+  earliest/latest frame time.
   Decisions, case by case (each one was checked against tshark 4.0 on this corpus):
     - ICMP/ICMPv6 errors quote the IP+TCP/UDP header of the packet they answer; tshark then prints two
       ip.src values and one tcp/udp port (esnet_nmap_80_all, ndpi_iphone, ndpi_alexa-app, HueBridge,
@@ -68,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from tests.conftest import PCAPS, REPO, SHARED, shared_pcaps
 
 pytestmark = pytest.mark.tshark
@@ -88,6 +92,7 @@ FIELDS = (
     "ipv6.dst",
     "tcp.srcport",
     "tcp.dstport",
+    "tcp.flags",
     "udp.srcport",
     "udp.dstport",
     "arp.src.proto_ipv4",
@@ -116,6 +121,18 @@ def _addr(text: str) -> str:
     return str(ipaddress.ip_address(text))
 
 
+def _undirected(key: Directed) -> tuple[Any, ...]:
+    proto, a, ap, b, bp = key
+    return (proto, *sorted([(a, ap), (b, bp)]))
+
+
+def _initiator(key: Directed, flags: int) -> tuple[str, int]:
+    """The contract's a side from the first frame of a 5-tuple: SYN sender, SYN-ACK receiver, else sender."""
+    _, src, sport, dst, dport = key
+    syn, ack = flags & 0x02, flags & 0x10
+    return (dst, dport) if syn and ack else (src, sport)
+
+
 @dataclass
 class TsharkView:
     """Everything the tests need from one tshark run over one capture."""
@@ -135,6 +152,8 @@ class TsharkView:
     flows: Counter[Directed] = field(default_factory=Counter)
     flow_bytes: Counter[Directed] = field(default_factory=Counter)
     icmp_quoted: Counter[Directed] = field(default_factory=Counter)
+    opener: dict[tuple[Any, ...], tuple[Directed, int]] = field(default_factory=dict)  # first frame, TCP flags
+    span: dict[tuple[Any, ...], list[float]] = field(default_factory=dict)  # earliest, latest timestamp
     conv_frames: Counter[Directed] = field(default_factory=Counter)
     conv_bytes_lo: Counter[Directed] = field(default_factory=Counter)
     conv_bytes_hi: Counter[Directed] = field(default_factory=Counter)
@@ -229,6 +248,11 @@ def _frame(view: TsharkView, row: dict[str, str]) -> None:
         else:
             view.flows[key] += 1
             view.flow_bytes[key] += size
+            ident = _undirected(key)
+            flags = int(first("tcp.flags"), 16) if transport == "tcp" else 0
+            view.opener.setdefault(ident, (key, flags))
+            span = view.span.setdefault(ident, [ts, ts])
+            span[0], span[1] = min(span[0], ts), max(span[1], ts)
     if row["dhcp.option.dhcp"].split(SEP)[0] == "5" and first("dhcp.ip.your") not in ("", "0.0.0.0"):
         view.src_ips.setdefault(first("dhcp.hw.mac_addr"), set()).add(ipaddress.ip_address(first("dhcp.ip.your")))
     if row["dhcp.type"].split(SEP)[0] == "1":  # BOOTREQUEST: the client's own options
@@ -438,6 +462,28 @@ def test_conversations(runs: _Runs, capture: str) -> None:
     ours_map = {k: (packets[k], size[k]) for k in packets | size if packets[k] or size[k]}
     their_map = {k: (view.flows[k], view.flow_bytes[k]) for k in view.flows}
     assert ours_map == their_map, _diff(f"{capture} (packets, bytes) per directed 5-tuple", ours_map, their_map)
+
+    # Initiator and first/last seen, per 5-tuple (earliest report entry if a 5-tuple is reported more than once).
+    earliest: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for conv in ours["conversations"]:
+        key = (conv["protocol"], _addr(conv["a_addr"]), int(conv["a_port"]), _addr(conv["b_addr"]), int(conv["b_port"]))
+        ident = _undirected(key)
+        if ident not in earliest or conv["first_seen"] < earliest[ident]["first_seen"]:
+            earliest[ident] = {"a": key[1:3], "first_seen": conv["first_seen"], "last_seen": conv["last_seen"]}
+    problems = []
+    for ident, got in sorted(earliest.items()):
+        if ident not in view.opener:
+            continue  # already reported above
+        opener, flags = view.opener[ident]
+        want = _initiator(opener, flags)
+        if got["a"] != want:
+            problems.append(f"{ident}: a side ours={got['a']} tshark={want} (first frame {opener}, flags {flags:#05x})")
+        lo, hi = view.span[ident]
+        if abs(got["first_seen"] - lo) > 1e-6 or abs(got["last_seen"] - hi) > 1e-6:
+            problems.append(
+                f"{ident}: first/last seen ours=({got['first_seen']}, {got['last_seen']}) tshark=({lo}, {hi})"
+            )
+    assert not problems, f"{capture}: {len(problems)} conversations differ\n" + "\n".join(problems[:25])
 
 
 @pytest.mark.parametrize("capture", _params())
