@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import orjson
 
@@ -73,7 +73,9 @@ def _analyze(args: argparse.Namespace) -> int:
     if not captures:
         print("leafguard analyze: give capture files, or --demo", file=sys.stderr)
         return 2
-    analyzer = Analyzer(AnalyzerSettings.from_cli(args.leaf_net, args.gateway_mac))
+    analyzer = Analyzer(
+        AnalyzerSettings.from_cli(args.leaf_net, args.gateway_mac), observations=bool(args.security_messages)
+    )
     writer = None
     if args.security_messages:
         from leafguard.agent.local import OfflineMessageWriter
@@ -95,13 +97,24 @@ def _analyze(args: argparse.Namespace) -> int:
         progress.done()
     if writer is not None:
         writer.finish(analyzer)
-    report = analyzer.report()
+    report = analyzer.report(conversations=not args.json)
     report["capture"]["truncated"] += truncated_records
     if args.json:
-        sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+        _write_json(report, analyzer, sys.stdout.buffer)
     else:
         _summary(report, args.top, sys.stdout)
     return 0
+
+
+def _write_json(report: dict[str, Any], analyzer: Any, out: BinaryIO) -> None:
+    """The report, with one conversation per line, written as it is built (no second copy in memory)."""
+    head = orjson.dumps({"capture": report["capture"], "leaves": report["leaves"]}, option=orjson.OPT_INDENT_2)
+    out.write(head[: head.rindex(b"}")].rstrip() + b',\n  "conversations": [')
+    sep = b"\n    "
+    for conv in analyzer.iter_conversations():
+        out.write(sep + orjson.dumps(conv))
+        sep = b",\n    "
+    out.write(b"\n  ]\n}\n")
 
 
 class _Progress:

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from leafguard.capture.batch import LINKTYPE_NAMES, SUPPORTED_LINKTYPES, FrameBatch
 from leafguard.errors import CaptureFileError
 
@@ -29,6 +31,7 @@ BLOCK_SPB = 0x00000003
 BLOCK_EPB = 0x00000006
 
 CHUNK_BYTES = 8 << 20
+_HEADER_BYTES = np.arange(16, dtype=np.int64)
 MAX_RECORD_BYTES = 1 << 18  # larger than any snap length in use; a bigger value means a corrupt file
 
 
@@ -97,8 +100,8 @@ def _read_pcap(path: Path, fh: object, head: bytes, batch_frames: int, st: FileS
     if linktype not in SUPPORTED_LINKTYPES:
         raise _unsupported(path, linktype)
     divisor = 1e9 if magic == PCAP_MAGIC_NS else 1e6
-    rec = struct.Struct(endian + "IIII")
-    unpack_rec = rec.unpack_from
+    caplen_at = struct.Struct(endian + "I").unpack_from
+    dt = np.dtype(np.uint32).newbyteorder("<" if endian == "<" else ">")
     src = str(path)
     carry = b""
     eof = False
@@ -109,34 +112,41 @@ def _read_pcap(path: Path, fh: object, head: bytes, batch_frames: int, st: FileS
         data = carry + chunk if carry else chunk
         n = len(data)
         pos = 0
-        batch = _new_batch(linktype, data, src)
-        offsets = batch.offsets
-        caplens = batch.caplens
-        wirelens = batch.wirelens
-        stamps = batch.timestamps
+        # The record walk is the one sequential step; it only follows the captured lengths. Everything else in
+        # the record headers is gathered afterwards for all records at once.
+        records: list[int] = []
+        append = records.append
         while pos + 16 <= n:
-            sec, frac, caplen, wirelen = unpack_rec(data, pos)
-            if caplen > MAX_RECORD_BYTES:
-                raise CaptureFileError(
-                    f"{path}: corrupt record at byte {fh.tell() - n + pos}: captured length {caplen}"
-                )
+            caplen = caplen_at(data, pos + 8)[0]
             end = pos + 16 + caplen
             if end > n:
+                if caplen > MAX_RECORD_BYTES:
+                    raise CaptureFileError(
+                        f"{path}: corrupt record at byte {fh.tell() - n + pos}: captured length {caplen}"
+                    )
                 break
-            offsets.append(pos + 16)
-            caplens.append(caplen)
-            wirelens.append(wirelen if wirelen >= caplen else caplen)
-            stamps.append(sec + frac / divisor)
+            append(pos)
             pos = end
-            if len(offsets) >= batch_frames:
-                yield batch
-                batch = _new_batch(linktype, data, src)
-                offsets = batch.offsets
-                caplens = batch.caplens
-                wirelens = batch.wirelens
-                stamps = batch.timestamps
-        if offsets:
-            yield batch
+        if records:
+            rec = np.asarray(records, dtype=np.int64)
+            # Records sit at any byte offset: gather each 16-byte header, then read it as four integers.
+            raw = np.frombuffer(data, dtype=np.uint8)[rec[:, None] + _HEADER_BYTES]
+            heads = raw.view(dt).reshape(-1, 4)
+            stamps = heads[:, 0] + heads[:, 1] / divisor
+            caplens = heads[:, 2].astype(np.int64)
+            wirelens = np.maximum(heads[:, 3].astype(np.int64), caplens)
+            offsets = rec + 16
+            for lo in range(0, len(records), batch_frames):
+                hi = lo + batch_frames
+                yield FrameBatch(
+                    linktype=linktype,
+                    data=data,
+                    offsets=array("q", offsets[lo:hi].tobytes()),
+                    caplens=array("q", caplens[lo:hi].tobytes()),
+                    wirelens=array("q", wirelens[lo:hi].tobytes()),
+                    timestamps=array("d", stamps[lo:hi].astype(np.float64).tobytes()),
+                    source=src,
+                )
         carry = data[pos:]
         if eof and carry:
             st.truncated_records += 1

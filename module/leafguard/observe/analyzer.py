@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 from leafguard.capture.batch import LINKTYPE_NAMES, FrameBatch
@@ -89,8 +90,12 @@ class CaptureStats:
 class Analyzer:
     """Bounded passive inventory of leaves and conversations."""
 
-    def __init__(self, settings: AnalyzerSettings | None = None, *, fast_path: bool = True) -> None:
+    def __init__(
+        self, settings: AnalyzerSettings | None = None, *, fast_path: bool = True, observations: bool = True
+    ) -> None:
+        """``observations=False`` when nobody consumes them (a report-only run): they are then not built."""
         self.settings = settings or AnalyzerSettings()
+        self._observe = observations
         self.stats = CaptureStats()
         self.macs: dict[bytes, MacState] = {}
         self.flows: dict[tuple[int, bytes, int, bytes, int], Flow] = {}
@@ -143,9 +148,10 @@ class Analyzer:
         bare = plan.bare
         uflows = plan.uflows
         deferred: list[int] = []
+        ctrl = plan.ctrl
         for i in plan.walk:
             u = frame_key[i]
-            if u >= 0 and (settled[u] or (bare[i] and known[u])):
+            if u >= 0 and not ctrl[i] and (settled[u] or (bare[i] and known[u])):
                 deferred.append(i)
                 continue
             flow = self.frame(decode(data, offsets[i], caplens[i], linktype), data, stamps[i], wirelens[i])
@@ -297,14 +303,10 @@ class Analyzer:
             self._tcp(flow, forward, flags, p, data, ts, src)
         else:
             if not forward and not flow.b_seen:
-                flow.b_seen = True
-                # A reply from the responder's port is a service, unless the flow was first seen mid-way
-                # (a well-known port talking to an ephemeral one: the "responder" is really the client).
-                if src is not None and not (flow.a_port < 1024 <= flow.b_port) and self.is_leaf_ip(sip):
-                    self._add_service(src, "udp", flow.b_port)
+                self.first_reply(flow, src, sip)
             if p.payload_len and (sport in DEEP_UDP_PORTS or dport in DEEP_UDP_PORTS) and src is not None:
                 self._udp_payload(p, data[p.payload_off : p.payload_off + p.payload_len], src)
-            flow.slow = flow.a_port in DEEP_UDP_PORTS or flow.b_port in DEEP_UDP_PORTS or not flow.b_seen
+            flow.slow = flow.a_port in DEEP_UDP_PORTS or flow.b_port in DEEP_UDP_PORTS
         return flow
 
     def _new_flow(self, key: tuple[int, bytes, int, bytes, int], p: Packet, ts: float) -> Flow:
@@ -326,7 +328,8 @@ class Analyzer:
                 flow.login = LoginTracker(proto_name)
                 flow.login_budget = LOGIN_BUDGET_BYTES
         self.flows[key] = flow
-        self._observe_connection(flow, "tcp" if p.proto == PROTO_TCP else "udp", ts)
+        if self._observe:
+            self._observe_connection(flow, "tcp" if p.proto == PROTO_TCP else "udp", ts)
         return flow
 
     def _evict_flow(self, now: float) -> None:
@@ -367,21 +370,35 @@ class Analyzer:
         if p.payload_len:
             payload = data[p.payload_off : p.payload_off + p.payload_len]
             if forward and not flow.hello_checked:
-                flow.hello_checked = True
-                if src is not None:
-                    hello = deep.tls_client_hello(payload)
-                    if hello is not None:
-                        if hello.sni:
-                            self._add_name(src.tls_sni, hello.sni)
-                        for v in hello.versions:
-                            src.tls_versions[v] = None
+                self.inspect_hello(flow, src, payload)
             if flow.login is not None and flow.login_budget > 0:
                 flow.login_budget -= len(payload)
                 for outcome in flow.login.feed(forward, payload):
                     self._observe_login(flow, flow.login.protocol, outcome, ts)
-                if flow.login.finished:
+                if flow.login.finished or flow.login_budget <= 0:
+                    # Nothing more to follow: release the tracker's buffers.
+                    flow.login = None
                     flow.login_budget = 0
-        flow.slow = not flow.hello_checked or (flow.login is not None and flow.login_budget > 0)
+        flow.slow = flow.login is not None and flow.login_budget > 0
+
+    def inspect_hello(self, flow: Flow, src: MacState | None, payload: bytes) -> None:
+        """The initiator's first payload: a TLS ClientHello names the server (SNI) and the offered versions."""
+        flow.hello_checked = True
+        if src is None:
+            return
+        hello = deep.tls_client_hello(payload)
+        if hello is not None:
+            if hello.sni:
+                self._add_name(src.tls_sni, hello.sni)
+            for v in hello.versions:
+                src.tls_versions[v] = None
+
+    def first_reply(self, flow: Flow, src: MacState | None, sender_ip: bytes) -> None:
+        """The responder's first UDP datagram: its port is a service, unless the flow was first seen mid-way
+        (a well-known port talking to an ephemeral one: the "responder" is really the client)."""
+        flow.b_seen = True
+        if src is not None and not (flow.a_port < 1024 <= flow.b_port) and self.is_leaf_ip(sender_ip):
+            self._add_service(src, "udp", flow.b_port)
 
     def _add_service(self, st: MacState, proto: str, port: int) -> None:
         key = (proto, port)
@@ -477,6 +494,8 @@ class Analyzer:
             )
 
     def _observe_login(self, flow: Flow, protocol: Any, outcome: LoginOutcome, ts: float) -> None:
+        if not self._observe:
+            return
         for leaf_ip, leaf_port, leaf_mac, peer_ip, peer_port, direction in (
             (flow.a_ip, flow.a_port, flow.a_mac, flow.b_ip, flow.b_port, "Out"),
             (flow.b_ip, flow.b_port, flow.b_mac, flow.a_ip, flow.a_port, "In"),
@@ -542,7 +561,25 @@ class Analyzer:
             os_version=os_version,
         )
 
-    def report(self) -> dict[str, Any]:
+    def iter_conversations(self) -> Iterator[dict[str, Any]]:
+        """Conversations in report order (first seen, then 5-tuple), built one at a time."""
+        for f in sorted(self.flows.values(), key=lambda f: (f.first, f.proto, f.a_ip, f.a_port, f.b_ip, f.b_port)):
+            yield {
+                "protocol": "tcp" if f.proto == PROTO_TCP else "udp",
+                "a_addr": ip_text(f.a_ip),
+                "a_port": f.a_port,
+                "b_addr": ip_text(f.b_ip),
+                "b_port": f.b_port,
+                "packets_ab": f.packets_ab,
+                "bytes_ab": f.bytes_ab,
+                "packets_ba": f.packets_ba,
+                "bytes_ba": f.bytes_ba,
+                "first_seen": f.first,
+                "last_seen": f.last,
+                "state": f.state,
+            }
+
+    def report(self, *, conversations: bool = True) -> dict[str, Any]:
         st = self.stats
         leaves = []
         for m in self.leaves():
@@ -573,26 +610,7 @@ class Analyzer:
                     "os": {"name": v.os_name, "vendor": v.os_vendor, "version": v.os_version},
                 }
             )
-        convs = []
-        for f in sorted(
-            self.flows.values(), key=lambda f: (f.first, f.proto, f.a_ip, f.a_port, f.b_ip, f.b_port)
-        ):
-            convs.append(
-                {
-                    "protocol": "tcp" if f.proto == PROTO_TCP else "udp",
-                    "a_addr": ip_text(f.a_ip),
-                    "a_port": f.a_port,
-                    "b_addr": ip_text(f.b_ip),
-                    "b_port": f.b_port,
-                    "packets_ab": f.packets_ab,
-                    "bytes_ab": f.bytes_ab,
-                    "packets_ba": f.packets_ba,
-                    "bytes_ba": f.bytes_ba,
-                    "first_seen": f.first,
-                    "last_seen": f.last,
-                    "state": f.state,
-                }
-            )
+        convs = list(self.iter_conversations()) if conversations else []
         return {
             "capture": {
                 "files": st.files,

@@ -47,12 +47,16 @@ class Plan:
     __slots__ = (
         "bare",
         "cand",
+        "ctrl",
         "early",
         "frame_key",
         "fwd_lo",
         "ip_lo",
+        "is_tcp",
         "known",
         "o",
+        "pay_len",
+        "pay_off",
         "port_lo",
         "settled",
         "sip",
@@ -70,6 +74,11 @@ class Plan:
         """Per conversation key: its frames only add to counters (set during the walk as flows settle)."""
         self.known: list[bool] = []
         """Per conversation key: the conversation exists."""
+        self.ctrl: list[bool] = []
+        """Per frame: a TCP segment with SYN, FIN or RST (always walked)."""
+        self.pay_off: _I64 = np.empty(0, dtype=np.int64)
+        self.pay_len: _I64 = np.empty(0, dtype=np.int64)
+        self.is_tcp: npt.NDArray[np.bool_] = np.empty(0, dtype=bool)
         self.bare: list[bool] = []
         """Per frame: a TCP segment with no payload and no SYN/FIN/RST, which cannot change any state."""
         self.uflows: list[Flow | None] = []
@@ -119,7 +128,6 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
     is_tcp = proto == 6
     ok &= is_tcp | (proto == 17)
     flags = arr[safe_off + 47]
-    ok &= ~is_tcp | ((flags & (TCP_SYN | TCP_FIN | TCP_RST)) == 0)
     # A TCP header with options longer than the captured bytes, or a bad data offset, is for the slow path.
     doff = (arr[safe_off + 46] >> 4).astype(np.int64) * 4
     ok &= ~is_tcp | ((doff >= 20) & (cap >= 34 + doff))
@@ -127,7 +135,11 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
     if cand.size == 0:
         return None
     total_len = _u16(arr, safe_off + 16)
-    bare = ok & is_tcp & (total_len - 20 - doff <= 0)
+    l4_len = np.where(is_tcp, doff, 8)
+    pay_len = np.minimum(total_len - 20 - l4_len, cap - 34 - l4_len)
+    # Control segments change TCP state: they are walked, but they carry a conversation key like the rest.
+    ctrl = ok & is_tcp & ((flags & (TCP_SYN | TCP_FIN | TCP_RST)) != 0)
+    bare = ok & is_tcp & ~ctrl & (total_len - 20 - doff <= 0)
     o = off[cand]
     sip = _u32(arr, o + 26)
     dip = _u32(arr, o + 30)
@@ -161,11 +173,15 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
     settled0 = np.asarray(plan.settled, dtype=bool)
     known0 = np.asarray(plan.known, dtype=bool)
     early = np.zeros(n, dtype=bool)
-    early[cand] = settled0[inv] | (bare[cand] & known0[inv])
+    early[cand] = ~ctrl[cand] & (settled0[inv] | (bare[cand] & known0[inv]))
     plan.early = np.flatnonzero(early)
     plan.walk = np.flatnonzero(~early).tolist()
     plan.frame_key = frame_key.tolist()
     plan.bare = bare.tolist()
+    plan.ctrl = ctrl.tolist()
+    plan.pay_off = (o + 34 + l4_len[cand])
+    plan.pay_len = np.maximum(pay_len[cand], 0)
+    plan.is_tcp = is_tcp[cand]
     plan.cand = cand
     plan.uinv = inv
     plan.fwd_lo = src_lo
@@ -211,7 +227,36 @@ def count_settled(an: Analyzer, batch: FrameBatch, plan: Plan, deferred: list[in
         if last[u] > flow.last:
             flow.last = float(last[u])
     arr = np.frombuffer(batch.data, dtype=np.uint8)
+    _first_of_flow(an, batch.data, arr, plan, pos, inv, fwd)
     _count_macs(an, arr, plan.o[pos], wl, ts, plan.sip[pos])
+
+
+def _first_of_flow(
+    an: Analyzer, data: bytes, arr: _U8, plan: Plan, pos: _I64, inv: _I64, fwd: npt.NDArray[np.bool_]
+) -> None:
+    """What the per-frame path does on a conversation's first payload from ``a`` (a TLS ClientHello is looked
+    for) and on the first UDP datagram from ``b`` (the responder's port is a service): here once per conversation,
+    on the same frame the per-frame path would have used (``pos`` is in batch order)."""
+    has_pay = plan.pay_len[pos] > 0
+    tcp = plan.is_tcp[pos]
+    for mask, tls in ((fwd & has_pay & tcp, True), (~fwd & ~tcp, False)):
+        sel = np.flatnonzero(mask)
+        if not sel.size:
+            continue
+        users, first = np.unique(inv[sel], return_index=True)
+        for u, k in zip(users.tolist(), sel[first].tolist(), strict=True):
+            flow = plan.uflows[u]
+            assert flow is not None
+            j = int(pos[k])
+            if tls:
+                if flow.hello_checked:
+                    continue
+                src = an.macs.get(data[int(plan.o[j]) + 6 : int(plan.o[j]) + 12])
+                start = int(plan.pay_off[j])
+                an.inspect_hello(flow, src, data[start : start + int(plan.pay_len[j])])
+            elif not flow.b_seen:
+                src = an.macs.get(data[int(plan.o[j]) + 6 : int(plan.o[j]) + 12])
+                an.first_reply(flow, src, flow.b_ip)
 
 
 def _count_macs(an: Analyzer, arr: _U8, o: _I64, wl: _I64, ts: npt.NDArray[np.float64], sip: _I64) -> None:
