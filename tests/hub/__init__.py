@@ -15,12 +15,26 @@
 Each emulator owns one loopback address 127.0.0.x (the SDK's port 8883 is fixed), a throw-away CA and a server
 certificate for that address, and an HTTP port with the workload API (trust bundle, sign) and the control API.
 
+The API, in short (docs/hub-emulator.md has the details):
+
+* addresses: `host`, `hub_hostname`, `ca_pem`, `ca_file`, `http_url`, `workload_uri(device)`;
+* identities: `add_device(id, parent=, edge=)`, `add_module(device, module)`, `identity(client_id)`,
+  `connection_string(identity)`, `edge_environment(device, module)`, `local_dev_environment(module)`,
+  `scope_to(edge_device)`;
+* twins and messages: `await set_desired(identity, patch)`, `twin(identity)`, `messages(identity=None)`,
+  `clear_messages()`, `await wait_for_messages(n, timeout_s)`, `await send_to_input(...)`, `await send_c2d(...)`,
+  `await invoke_method(identity, name, payload)`, `answer_unsubscribed_twin_requests`;
+* connections: `connections()`, `await wait_connected(identity, after=n)`, `await wait_until(predicate)`,
+  `stats`;
+* faults: `refuse_connections(code)` / `accept_connections()`, `drop_connection(identity=None)`,
+  `stall_pubacks()` / `release_pubacks()`, `delay_pubacks(seconds)`, `fail_twin_requests(status, count)`,
+  `await restart(downtime_s=0)`.
+
 **Same loop, so never block it.** The emulator runs on the loop that started it. SDK calls that block the
 calling thread until the hub answers (creating a client from the edge environment: HTTP to the workload API;
 assigning a handler: connect + SUBSCRIBE, iothub-protocol.md §1.4) must run in a thread
-(`asyncio.to_thread`) or they deadlock against the emulator. The SDK's async methods are fine.
-
-See docs/hub-emulator.md for the in-process API, the faults and the standalone command.
+(`asyncio.to_thread`) or they deadlock against the emulator; or start it with `HubEmulator.start(thread=True)`,
+which gives it a loop of its own. The SDK's async methods are fine either way.
 """
 
 from tests.hub.broker import ConnectionInfo, MethodResult, Stats

@@ -46,8 +46,8 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="hub-emulator-loop", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._run, name="hub-emulator-loop", daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -59,7 +59,7 @@ class _LoopThread:
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
+        self.thread.join()
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -121,7 +121,7 @@ class HubEmulator:
 
     def _sync(self, fn: Callable[[], T]) -> T:
         """Run `fn` where the broker lives: transports and waiters are not thread-safe."""
-        if self._own_loop is None or threading.current_thread() is self._own_loop._thread:
+        if self._own_loop is None or threading.current_thread() is self._own_loop.thread:
             return fn()
 
         async def call() -> T:
