@@ -46,6 +46,14 @@ What is compared, exactly (no tolerances):
     - tshark prints byte counts of 10,000 and more in kB, truncated (format_size: value // 1000); such a
       cell is the exact interval [v*1000, v*1000+999], and the sums of those intervals must contain the
       per-frame total.
+* (d) TCP services (all-leaf run): a leaf's services with protocol tcp are exactly the source ports of the
+  SYN-ACKs it sent (outside ICMP errors).
+* (e) DNS queries (all-leaf run): the names in the question section of DNS queries (QR=0) a MAC sent over
+  UDP to port 53, 5353 (mDNS) or 5355 (LLMNR). There is no DNS over TCP in this corpus (checked).
+  Per-leaf name lists are capped (256 in the default settings): the test asks for equality when the report
+  counts no evicted names, else that ours is a subset of tshark's of the capped size.
+* (f) TLS SNI (all-leaf run): the server_name of every TLS ClientHello a MAC sent over TCP, same cap rule.
+  (No ClientHello over UDP/QUIC in this corpus: checked.)
 * (c) DHCP: per client MAC (dhcp.hw.mac_addr of BOOTREQUEST messages only; replies carry the server's
   own options, e.g. zeek_dhcp's OFFER/ACK with vendor class `ArubaAP`), the leaf's dhcp.hostname /
   vendor_class / param_request_list are the last value the client sent (messages without the option do
@@ -96,6 +104,10 @@ FIELDS = (
     "udp.srcport",
     "udp.dstport",
     "arp.src.proto_ipv4",
+    "dns.flags.response",
+    "dns.qry.name",
+    "tls.handshake.type",
+    "tls.handshake.extensions_server_name",
     "dhcp.type",
     "dhcp.option.dhcp",
     "dhcp.ip.your",
@@ -161,6 +173,9 @@ class TsharkView:
     dhcp_vendor: dict[str, str] = field(default_factory=dict)
     dhcp_prl: dict[str, list[int]] = field(default_factory=dict)
     dhcp_clients: set[str] = field(default_factory=set)
+    syn_ack_ports: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    dns_queries: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    tls_sni: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
 
 
 CONV_ROW = re.compile(
@@ -251,6 +266,12 @@ def _frame(view: TsharkView, row: dict[str, str]) -> None:
             ident = _undirected(key)
             flags = int(first("tcp.flags"), 16) if transport == "tcp" else 0
             view.opener.setdefault(ident, (key, flags))
+            if flags & 0x12 == 0x12 and src:
+                view.syn_ack_ports[src].add(key[2])
+            if transport == "udp" and key[4] in (53, 5353, 5355) and row["dns.flags.response"][:1] == "0" and src:
+                view.dns_queries[src].update(row["dns.qry.name"].split(SEP))
+            if transport == "tcp" and "1" in row["tls.handshake.type"].split(SEP) and src:
+                view.tls_sni[src].update(n for n in row["tls.handshake.extensions_server_name"].split(SEP) if n)
             span = view.span.setdefault(ident, [ts, ts])
             span[0], span[1] = min(span[0], ts), max(span[1], ts)
     if row["dhcp.option.dhcp"].split(SEP)[0] == "5" and first("dhcp.ip.your") not in ("", "0.0.0.0"):
@@ -514,3 +535,45 @@ def test_dhcp_names(runs: _Runs, capture: str) -> None:
         if mac not in view.dhcp_clients and (dhcp.get("hostname") or dhcp.get("vendor_class")):
             problems.append(f"{mac} never sent a DHCP request but has dhcp={dhcp} (server options taken as its own?)")
     assert not problems, f"{capture}:\n" + "\n".join(problems)
+
+
+def _fffd(name: str) -> str:
+    """Collapse runs of U+FFFD. Names with bytes that are not UTF-8 (ndpi_dns-tunnel-iodine's binary labels)
+    are decoded with replacement characters on both sides, but tshark (GLib) and Python's "replace" handler
+    emit different numbers of U+FFFD for the same invalid bytes; everything else must be equal."""
+    return re.sub("\ufffd+", "\ufffd", name)
+
+
+def _names_check(
+    capture: str, what: str, ours: dict[str, list[str]], theirs: dict[str, set[str]], evicted: int
+) -> list[str]:
+    problems = []
+    for mac in sorted(set(ours) | set(theirs)):
+        got = {_fffd(n) for n in ours.get(mac, [])}
+        want = {_fffd(n) for n in theirs.get(mac, set())}
+        if got == want:
+            continue
+        if evicted and got < want and len(got) >= 256:
+            continue  # capped list: the report says names were evicted
+        problems.append(
+            f"{capture} {mac} {what}: only ours {sorted(got - want)[:10]}, only tshark {sorted(want - got)[:10]} "
+            f"(ours {len(got)}, tshark {len(want)})"
+        )
+    return problems
+
+
+@pytest.mark.parametrize("capture", _params())
+def test_services_dns_sni(runs: _Runs, capture: str) -> None:
+    view, ours = runs.get_all_leaf(capture)
+    leaves = _leaves(ours)
+    evicted = int(ours["capture"].get("evicted_names") or 0)
+    problems = []
+    services = {m: {s["port"] for s in leaf["services"] if s["protocol"] == "tcp"} for m, leaf in leaves.items()}
+    want_services = {m: view.syn_ack_ports.get(m, set()) for m in leaves}
+    if services != want_services:
+        problems.append(_diff(f"{capture} TCP services (SYN-ACK source ports) per leaf", services, want_services))
+    dns = {m: leaf["dns_queries"] for m, leaf in leaves.items() if leaf["dns_queries"]}
+    problems += _names_check(capture, "dns_queries", dns, {m: q for m, q in view.dns_queries.items() if q}, evicted)
+    sni = {m: leaf["tls_sni"] for m, leaf in leaves.items() if leaf["tls_sni"]}
+    problems += _names_check(capture, "tls_sni", sni, {m: n for m, n in view.tls_sni.items() if n}, evicted)
+    assert not problems, "\n".join(problems)
