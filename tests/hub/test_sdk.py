@@ -37,8 +37,12 @@ async def clients() -> AsyncIterator[list[IoTHubDeviceClient | IoTHubModuleClien
     made: list[IoTHubDeviceClient | IoTHubModuleClient] = []
     yield made
     for client in made:
-        async with asyncio.timeout(LIMIT_S):
-            await client.shutdown()
+        await shutdown(client)
+
+
+async def shutdown(client: IoTHubDeviceClient | IoTHubModuleClient) -> None:
+    async with asyncio.timeout(LIMIT_S):
+        await client.shutdown()
 
 
 def device_client(hub: HubEmulator, identity: Identity, made: list[Any], **kwargs: Any) -> IoTHubDeviceClient:
@@ -370,7 +374,7 @@ async def test_websocket_transport(clients: list[Any]) -> None:
                 await hub.wait_connected(leaf, after=2)
                 await client.patch_twin_reported_properties({"over": "ws"})
         finally:
-            await client.shutdown()
+            await shutdown(client)
             clients.remove(client)
 
 
@@ -386,7 +390,7 @@ async def test_clients_of_two_emulators(clients: list[Any]) -> None:
             assert [m.body for m in two.messages()] == [b"two"]
         finally:
             for client in (first, second):
-                await client.shutdown()
+                await shutdown(client)
                 clients.remove(client)
 
 
@@ -411,4 +415,4 @@ async def test_threaded_emulator_tolerates_blocking_sdk_calls(clients: list[Any]
             hub.stall_pubacks()
             assert hub.release_pubacks() == 0
         finally:
-            await client.shutdown()
+            await shutdown(client)
