@@ -32,7 +32,7 @@ import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, fragment6
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.layers.tls.extensions import ServerName, TLS_Ext_ServerName
 from scapy.layers.tls.handshake import TLSClientHello
@@ -519,3 +519,31 @@ def test_link_types(tmp_path: Path, linktype: int, wrap: Any, fmt: str) -> None:
     expected_out = {m: (v[0], v[1]) for m, v in expected_macs(frames).items()}
     assert {m: (v["packets_out"], v["bytes_out"]) for m, v in leaves.items()} == expected_out
     assert [s["port"] for s in leaves[PEER_MAC]["services"] if s["protocol"] == "tcp"] == [8554]
+
+
+# ------------------------------------------------------------------------------------------ fragments
+@pytest.mark.parametrize("order", ["in-order", "reversed"])
+def test_fragmented_datagrams(tmp_path: Path, order: str) -> None:
+    """Every fragment of a UDP datagram counts in its 5-tuple, IPv4 and IPv6, whatever their order.
+
+    Some stacks send the last fragment first; a passive monitor that drops a non-first fragment seen before
+    the first one under-counts those flows.
+    """
+    cap = Capture()
+    v4 = IP(src=L3_IP, dst=SERVER, id=777) / UDP(sport=50100, dport=5683) / bytes(2000)
+    parts4 = fragment(v4, fragsize=800)
+    v6 = IPv6(src=L1_IP6, dst=L2_IP6) / IPv6ExtHdrFragment(id=4711) / UDP(sport=50200, dport=5683) / bytes(2000)
+    parts6 = fragment6(v6, 1000)
+    if order == "reversed":
+        parts4, parts6 = parts4[::-1], parts6[::-1]
+    for part in parts4:
+        cap.add(Ether(src=L3, dst=GW) / part, ("udp", L3_IP, 50100, SERVER, 5683))
+    for part in parts6:
+        cap.add(Ether(src=L1, dst=L2) / part, ("udp", L1_IP6, 50200, L2_IP6, 5683))
+    assert len(parts4) == 3 and len(parts6) == 3
+    report = analyze(write_pcap(tmp_path / f"frag-{order}.pcap", cap.frames, LINKTYPE_ETHERNET))
+    ours = ours_conversations(report)
+    expected = expected_conversations(cap.frames)
+    assert set(ours) == set(expected)
+    got = {i: [c["packets_ab"], c["bytes_ab"], c["packets_ba"], c["bytes_ba"]] for i, c in ours.items()}
+    assert got == {i: exp["ab"] + exp["ba"] for i, exp in expected.items()}
