@@ -441,8 +441,22 @@ async def test_control_api(hub: HubEmulator) -> None:
             assert faults["refuse"] == 3 and faults["twin_failure"] == {"status": 500, "count": 1}
         async with http.get(url + "/connections") as resp:
             assert await resp.json() == []
-        async with http.get(url + "/messages") as resp:
-            assert (await resp.json())["total"] == 0
+        hub.accept_connections()
+        client, _ = await RawClient.connect(hub, hub.identity("edge1/m1"))
+        client.publish("devices/edge1/modules/m1/messages/events/%24.on=alerts", b"{}")
+        await hub.wait_for_messages(1)
+        async with http.get(url + "/messages", params={"identity": "edge1/m1"}) as resp:
+            body = await resp.json()
+            assert body["total"] == 1 and body["messages"][0]["system"] == {"$.on": "alerts"}
+        async with http.get(url + "/connections") as resp:
+            assert [c["client_id"] for c in await resp.json()] == ["edge1/m1"]
+        async with http.delete(url + "/connections/edge1/m1") as resp:
+            assert await resp.json() == {"dropped": 1}
+        assert await client.closed_by_server()
+        await client.close()
+        async with http.delete(url + "/messages") as resp:
+            assert resp.status == 200
+        assert hub.messages() == []
         async with http.get(url + "/twins/nobody") as resp:
             assert resp.status == 404
         async with http.post(url + "/restart", json={}) as resp:
