@@ -6,7 +6,7 @@ default leaf side, and with `--leaf-net 0.0.0.0/0 --leaf-net ::/0` ("all-leaf") 
 source MAC becomes a leaf and its counters and DHCP names can be checked whatever its addresses.
 All of them run in a thread pool, started for every selected capture when the first test needs one.
 
-What is compared, exactly (no tolerances):
+What is compared, exactly (no tolerance but the microsecond resolution of the timestamps):
 
 * capture.packets / capture.bytes / first_ts / last_ts = tshark's frame count, sum of frame.len and
   the earliest/latest frame.time_epoch (to the microsecond). Earliest/latest, not first/last frame:
@@ -39,27 +39,33 @@ What is compared, exactly (no tolerances):
       directly carries the TCP/UDP header, as tshark's tables do: IPv6-in-IPv4 (6in4, protocol 41) and
       PPPoE sessions in ndpi_syslog, 802.1Q in several files.
     - IP fragments: there are none in this corpus (checked with `ip.flags.mf==1 or ip.frag_offset>0
-      or ipv6.fragment`); a non-first fragment has no ports, so tshark would not count it in a 5-tuple.
+      or ipv6.fragment`). tshark would count a fragmented datagram once, on the frame that completes its
+      reassembly, while LeafGuard counts every fragment frame in the 5-tuple (see
+      tests/decode/test_generated_captures.py); a capture with fragments needs that handled here.
+    - UDP-in-UDP tunnels (VXLAN, Teredo, GTP): none in this corpus. The derivation counts a frame in its
+      first TCP/UDP header only; tshark would also count the inner one, and the self-check
+      (test_tshark_conv_tables_agree_with_fields) would point at it.
     - tshark splits a reused 5-tuple into several conversations (new TCP stream after FIN/RST); rows
       are summed per 5-tuple. Its "->" columns are A-to-B and "<-" B-to-A, where A is tshark's first
       address, not necessarily our initiator: everything is compared as *directed* 5-tuples.
     - tshark prints byte counts of 10,000 and more in kB, truncated (format_size: value // 1000); such a
       cell is the exact interval [v*1000, v*1000+999], and the sums of those intervals must contain the
       per-frame total.
-* (d) TCP services (all-leaf run): a leaf's services with protocol tcp are exactly the source ports of the
-  SYN-ACKs it sent (outside ICMP errors).
-* (e) DNS queries (all-leaf run): the names in the question section of DNS queries (QR=0) a MAC sent over
-  UDP to port 53, 5353 (mDNS) or 5355 (LLMNR). There is no DNS over TCP in this corpus (checked).
-  Per-leaf name lists are capped (256 in the default settings): the test asks for equality when the report
-  counts no evicted names, else that ours is a subset of tshark's of the capped size.
-* (f) TLS SNI (all-leaf run): the server_name of every TLS ClientHello a MAC sent over TCP, same cap rule.
-  (No ClientHello over UDP/QUIC in this corpus: checked.)
-* (c) DHCP: per client MAC (dhcp.hw.mac_addr of BOOTREQUEST messages only; replies carry the server's
+* (c) DHCP (all-leaf run): per client MAC (dhcp.hw.mac_addr of BOOTREQUEST messages only; replies carry the server's
   own options, e.g. zeek_dhcp's OFFER/ACK with vendor class `ArubaAP`), the leaf's dhcp.hostname /
   vendor_class / param_request_list are the last value the client sent (messages without the option do
   not clear it), and leaf.hostnames contains every DHCP hostname the client sent. MACs that never sent a
   BOOTREQUEST have no DHCP hostname or vendor class. (tshark labels the MAC inside option 61 as
   dhcp.hw.mac_addr too, so the first occurrence is chaddr.)
+* (d) TCP services (all-leaf run): a leaf's services with protocol tcp are exactly the source ports of the
+  SYN-ACKs it sent (outside ICMP errors).
+* (e) DNS queries (all-leaf run): the names in the question section of DNS queries (QR=0) a MAC sent over
+  UDP to port 53, 5353 (mDNS) or 5355 (LLMNR). There is no DNS over TCP in this corpus (checked).
+  Per-leaf name lists are capped (256 in the default settings): the test asks for equality when the report
+  counts no evicted names, else that ours is a subset of tshark's of the capped size. Runs of U+FFFD are
+  collapsed on both sides (see _fffd: iodine's binary labels).
+* (f) TLS SNI (all-leaf run): the server_name of every TLS ClientHello a MAC sent over TCP, same cap rule.
+  (No ClientHello over UDP/QUIC in this corpus: checked.)
 """
 
 from __future__ import annotations
