@@ -122,10 +122,11 @@ class CaptureSettings:
     block_size: int = 1 << 20
     block_count: int = 16
     block_timeout_ms: int = 50
-    queue_maxsize: int = 256
-    """Batches, across all interfaces."""
+    queue_maxsize: int = 32
+    """Batches, across all interfaces. A batch is at most one block, so with ``max_pending_batches`` this bounds
+    user-space buffering to (queue_maxsize + max_pending_batches) x block_size, on top of the ring."""
     overflow: OverflowPolicy = OverflowPolicy.DROP_OLDEST
-    max_pending_batches: int = 64
+    max_pending_batches: int = 16
     poll_timeout_s: float = 0.1
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
