@@ -4,14 +4,16 @@ Tasks (all children of the root group, all named):
 
 * ``leafguard.source``: live capture (:class:`~leafguard.capture.live.LiveCapture`, its own threads and
   supervisors) or a paced replay of capture files; either way batches land in one bounded queue.
-* ``leafguard.pipeline``: batches → the analyzer → the Defender agents → the local output folder.
+* ``leafguard.pipeline``: batches → the analyzer → the Defender agents → the output: the local folder, or in
+  edge mode (inside IoT Edge) the hub transport.
 * ``leafguard.periodic``: wall-clock ticks (live), desired-properties polling, capture-drop diagnostics, and the
   atomic rewrite of ``leaves.json`` / ``conversations.json`` / ``stats.json``.
 * ``leafguard.http``: ``/healthz`` and ``/metrics`` when a port is given.
+* ``leafguard.hub`` (edge mode): :class:`~leafguard.hub.transport.EdgeTransport`, the edge hub connection.
 
 SIGINT/SIGTERM only set an event. Shutdown then runs in order against a deadline: stop the source (capture
 threads joined), drain what is queued into the analyzer, stop the periodic task, flush the agents (their last
-messages) and write the final files, close HTTP.
+messages) and write the final files (edge mode: flush the transport's outbox, close the client), close HTTP.
 """
 
 from __future__ import annotations
@@ -23,17 +25,22 @@ import dataclasses
 import logging
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import uvloop
 
 from leafguard import __version__
-from leafguard.agent.local import LocalAgentOutput, make_fleet
+from leafguard.agent.config import ConfigOutcome
+from leafguard.agent.fleet import ViewsProvider
+from leafguard.agent.local import AnalyzerLike, LocalAgentOutput, make_fleet
 from leafguard.capture.batch import FrameBatch
 from leafguard.errors import CaptureError, LeafGuardError
 from leafguard.observe.analyzer import Analyzer
 from leafguard.service.files import write_json_atomic
 from leafguard.service.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from leafguard.hub.transport import EdgeTransport
 
 log = logging.getLogger("leafguard.service")
 
@@ -47,13 +54,34 @@ def run_service(args: argparse.Namespace) -> int:
         return runner.run(Service(settings).run())
 
 
+class AgentOutput(Protocol):
+    """Where the agents' messages and twins go: ``LocalAgentOutput`` (a folder) or ``EdgeAgentOutput`` (the hub)."""
+
+    def after_batch(self, analyzer: AnalyzerLike) -> None: ...
+
+    def tick(self, now: float, views: ViewsProvider | None = None) -> None: ...
+
+    def poll_desired(self, now: float) -> list[tuple[str, ConfigOutcome]]: ...
+
+    def close(self, now: float | None) -> None: ...
+
+
 class Service:
     def __init__(self, settings: ServiceSettings) -> None:
-        assert settings.local_dir is not None
         self.settings = settings
         self.analyzer = Analyzer(settings.analyzer)
         self.fleet = make_fleet()
-        self.out = LocalAgentOutput(settings.local_dir, self.fleet)
+        self.out: AgentOutput
+        self.transport: EdgeTransport | None = None
+        if settings.edge is not None:
+            from leafguard.hub.output import EdgeAgentOutput
+            from leafguard.hub.transport import EdgeTransport
+
+            self.transport = EdgeTransport(settings.edge)
+            self.out = EdgeAgentOutput(self.transport, self.fleet)
+        else:
+            assert settings.local_dir is not None
+            self.out = LocalAgentOutput(settings.local_dir, self.fleet)
         self.capture: Any = None
         self.queue: asyncio.Queue[FrameBatch] = asyncio.Queue(REPLAY_QUEUE_BATCHES)
         self.stopping = asyncio.Event()
@@ -85,7 +113,10 @@ class Service:
             if self.settings.live
             else f"replay of {self.settings.pcap}"
         )
-        log.info("leafguard %s: %s, local mode in %s", __version__, source, self.settings.local_dir)
+        if self.settings.edge is not None:
+            log.info("leafguard %s: %s, edge mode as %s", __version__, source, self.settings.edge.identity)
+        else:
+            log.info("leafguard %s: %s, local mode in %s", __version__, source, self.settings.local_dir)
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = {
@@ -93,6 +124,8 @@ class Service:
                     "pipeline": tg.create_task(self._pipeline(), name="leafguard.pipeline"),
                     "periodic": tg.create_task(self._periodic(), name="leafguard.periodic"),
                 }
+                if self.transport is not None:
+                    tasks["hub"] = tg.create_task(self.transport.run(), name="leafguard.hub")
                 http = None
                 if self.settings.http_port is not None:
                     from leafguard.service.http import start_http
@@ -125,6 +158,10 @@ class Service:
                 while not self.queue.empty():
                     self._process(self.queue.get_nowait())
         self.out.close(self.analyzer.now)
+        if self.transport is not None:
+            # Flush the outbox against the deadline, then close the client; its task ends with it.
+            await self.transport.shutdown(deadline)
+            await tasks["hub"]
         self._write_files()
 
     async def _source(self) -> None:
@@ -171,7 +208,7 @@ class Service:
                             "desired properties for %s %s", identity, "applied" if outcome.accepted else "rejected"
                         )
                 next_poll = mono + s.desired_poll_interval_s
-            if mono >= next_write:
+            if mono >= next_write and s.local_dir is not None:
                 self._write_files()
                 next_write = mono + s.write_interval_s
             await asyncio.sleep(s.tick_interval_s)
@@ -205,14 +242,17 @@ class Service:
             "capture": report_capture,
             "agents": dataclasses.asdict(self.fleet.stats()) | {"leaves": len(self.fleet.agents())},
         }
+        if self.transport is not None:
+            out["uplink"] = self.transport.counters()
         if self.capture is not None:
             out["interfaces"] = {name: st.as_dict() for name, st in self.capture.stats().items()}
         return out
 
     def _write_files(self) -> None:
-        assert self.settings.local_dir is not None
-        report = self.analyzer.report()
         base = self.settings.local_dir
+        if base is None:
+            return
+        report = self.analyzer.report()
         write_json_atomic(base / "leaves.json", {"updated_at": time.time(), "leaves": report["leaves"]})
         write_json_atomic(
             base / "conversations.json", {"updated_at": time.time(), "conversations": report["conversations"]}

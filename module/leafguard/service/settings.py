@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leafguard.errors import ConfigurationError
+from leafguard.hub.settings import EDGE_ENV, EdgeSettings
 from leafguard.observe.settings import AnalyzerSettings
-
-EDGE_ENV = ("IOTEDGE_IOTHUBHOSTNAME", "IOTEDGE_DEVICEID", "IOTEDGE_MODULEID", "IOTEDGE_WORKLOADURI")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +30,8 @@ class ServiceSettings:
     drop_report_interval_s: float = 60.0
     """At most one capture-drop Diagnostic per leaf per this interval."""
     shutdown_deadline_s: float = 10.0
+    edge: EdgeSettings | None = None
+    """Edge mode (inside IoT Edge, no local folder): the uplink through the edge hub instead of ``local_dir``."""
 
     @property
     def live(self) -> bool:
@@ -47,12 +48,11 @@ class ServiceSettings:
                 "leafguard run needs a source: --interface IF (or LEAFGUARD_INTERFACES) or --pcap FILE"
             )
         local = args.local_dir or env.get("LEAFGUARD_LOCAL_DIR")
+        edge = None
         if local is None:
-            if all(k in env for k in EDGE_ENV):
-                raise ConfigurationError(
-                    "the IoT Edge hub transport is not built yet; run in local mode with --local-dir DIR"
-                )
-            raise ConfigurationError("outside IoT Edge, leafguard run needs --local-dir DIR (local mode)")
+            if not any(k in env for k in EDGE_ENV):
+                raise ConfigurationError("outside IoT Edge, leafguard run needs --local-dir DIR (local mode)")
+            edge = EdgeSettings.from_env(env)  # edge mode; names the missing variables if any
         speed = float(args.replay_speed)
         if math.isnan(speed) or speed < 0:
             raise ConfigurationError("--replay-speed must be 0 (as fast as possible) or a positive factor")
@@ -62,10 +62,11 @@ class ServiceSettings:
             interfaces=interfaces,
             pcap=Path(args.pcap) if args.pcap else None,
             replay_speed=speed,
-            local_dir=Path(local),
+            local_dir=Path(local) if local is not None else None,
             analyzer=AnalyzerSettings.from_cli(args.leaf_net),
             write_interval_s=float(args.write_interval),
             extra_filter=args.extra_filter or "",
             promiscuous=not args.no_promisc,
             http_port=args.http_port,
+            edge=edge,
         )

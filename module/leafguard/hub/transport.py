@@ -1,0 +1,464 @@
+"""`EdgeTransport`: LeafGuard's uplink through the edge hub, as the module's own identity.
+
+One ``IoTHubModuleClient`` (``create_from_edge_environment()``) carries everything: the Defender security messages
+of every leaf on output ``security`` (routed to ``$upstream`` by the manifest, the leaf named in the
+``leafIdentity`` property), the module twin's desired patches in, and coalesced reported properties out.
+
+Threads. azure-iot-device blocks its caller in places (creating the client does HTTP to the workload API;
+assigning a receive handler connects and subscribes) and runs handlers on its own threads: blocking calls go
+through ``asyncio.to_thread``, handlers only ``loop.call_soon_threadsafe`` onto our loop, and everything else
+(outbox, twin state, supervisor) is touched on our loop only.
+
+Tasks (children of :meth:`run`'s TaskGroup, named ``leafguard.hub.*``):
+
+* ``supervisor``: the :class:`~leafguard.hub.link.LinkState` machine. We own reconnection (the client is created
+  with ``connection_retry=False, auto_connect=False``), with capped jittered backoff. Warnings are logged on
+  transitions only, and an info line when the link recovers.
+* ``sender``: one message at a time from the :class:`~leafguard.hub.outbox.Outbox`. A stalled PUBACK holds the
+  sender (backpressure: the outbox fills, within its byte bound, instead of tasks piling up); a send not
+  acknowledged within ``send_timeout_s`` breaks the connection, and the unacknowledged message is sent again
+  after the reconnect (same ``$.mid``; IoT Hub is at-least-once).
+* ``twin``: a twin GET after every (re)connect (it also subscribes the twin response topic; the GET replaces our
+  copy of the desired document, so patches missed while disconnected are caught up), and the reported patches.
+
+A second transport (one client per registered leaf device through the gateway) would plug in next to this one:
+:class:`~leafguard.hub.output.EdgeAgentOutput` only uses :meth:`EdgeTransport.submit`,
+:meth:`take_desired_updates`, :meth:`report_leaf` and :meth:`request_twin_resync`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from azure.iot.device.aio import IoTHubModuleClient
+from azure.iot.device.exceptions import ClientError
+
+from leafguard.agent.messages import OutgoingMessage
+from leafguard.hub.link import Backoff, LinkState
+from leafguard.hub.outbox import Outbox, Pending
+from leafguard.hub.settings import EdgeSettings
+from leafguard.hub.twin import ReportedState
+
+log = logging.getLogger("leafguard.hub")
+
+LEAF_IDENTITY_PROPERTY = "leafIdentity"
+
+
+class DesiredOverflow(enum.Enum):
+    """What happens when desired updates arrive faster than the service applies them."""
+
+    RESYNC = "resync"
+    """Drop the update and fetch the whole twin again (nothing is lost: the GET carries every change)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredUpdate:
+    """A desired document from the hub: a patch (with ``$version``), or the whole document from a twin GET."""
+
+    doc: dict[str, Any]
+    whole: bool
+
+
+@dataclass(slots=True)
+class TransportStats:
+    connects: int = 0
+    reconnects: int = 0
+    send_timeouts: int = 0
+    send_errors: int = 0
+    desired_updates: int = 0
+    desired_overflows: int = 0
+    reported_patches: int = 0
+    reported_failures: int = 0
+    unsent_at_shutdown: int = 0
+
+
+def default_client_factory(settings: EdgeSettings) -> Any:
+    """The module client from the ``IOTEDGE_*`` environment (blocking: HTTP to the workload API)."""
+    return IoTHubModuleClient.create_from_edge_environment(
+        connection_retry=False, auto_connect=False, keep_alive=settings.keep_alive_s
+    )
+
+
+class EdgeTransport:
+    """The module's one connection to the edge hub: security messages out, module twin in and out."""
+
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        *,
+        on_dropped: Callable[[OutgoingMessage], None] | None = None,
+        health: Callable[[], dict[str, Any]] | None = None,
+        client_factory: Callable[[EdgeSettings], Any] = default_client_factory,
+    ) -> None:
+        self.settings = settings
+        self.outbox = Outbox(settings.outbox_max_bytes)
+        self.reported = ReportedState()
+        self.stats = TransportStats()
+        self.state = LinkState.DISCONNECTED
+        self.on_dropped = on_dropped
+        """Called (on the loop) for every message the outbox drops; the service reports it to the leaf's agent."""
+        self.health = health
+        """Returns the ``leafguard`` health section of the reported properties."""
+        self._client_factory = client_factory
+        self._client: Any = None
+        self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+        self._desired: asyncio.Queue[DesiredUpdate] = asyncio.Queue(settings.desired_queue_max)
+        self._accepting = True
+        self._wake = asyncio.Event()
+        """Set when the outbox gets a message or the link comes up; the sender waits on it."""
+        self._up = asyncio.Event()
+        self._broken = asyncio.Event()
+        self._broken_reason = ""
+        self._force_disconnect = False
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._closing = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._send_scope: asyncio.Timeout | None = None
+        self._epoch = 0
+        """Counts successful connects; the twin task fetches the twin once per epoch."""
+        self._twin_epoch = -1
+        self._resync = False
+        self._last_reported = float("-inf")
+        self._last_health = float("-inf")
+        self._down_since: float | None = None
+        self._failed_attempts = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- the service side (call on the loop) -----------------------------------------------------------------
+
+    def submit(self, messages: Iterable[OutgoingMessage]) -> None:
+        """Queue messages for sending (never blocks); drops per the outbox policy are reported to ``on_dropped``."""
+        for message in messages:
+            if not self._accepting:
+                self._dropped(message)
+                continue
+            for dropped in self.outbox.put(message):
+                self._dropped(dropped)
+        if len(self.outbox):
+            self._drained.clear()
+            self._wake.set()
+
+    def take_desired_updates(self) -> list[DesiredUpdate]:
+        """The desired updates received since the last call, oldest first."""
+        out: list[DesiredUpdate] = []
+        while not self._desired.empty():
+            out.append(self._desired.get_nowait())
+        return out
+
+    def request_twin_resync(self) -> None:
+        """Fetch the whole twin again (a desired patch was missed)."""
+        self._resync = True
+
+    def report_leaf(self, identity: str, reported: dict[str, Any]) -> None:
+        """A leaf's reported properties changed: they go out with the next coalesced patch."""
+        self.reported.update_leaf(identity, reported)
+
+    def counters(self) -> dict[str, Any]:
+        """The uplink's state and counters (health section, metrics)."""
+        o = self.outbox.stats
+        return {
+            "state": self.state.value,
+            "queued": len(self.outbox),
+            "queued_bytes": self.outbox.bytes,
+            "sent": o.acked,
+            "dropped": o.dropped,
+            "dropped_bytes": o.dropped_bytes,
+            "resent": o.resent,
+            "leaves_not_reported": self.reported.left_out,
+            "reported_trims": self.reported.trims,
+        } | dataclasses.asdict(self.stats)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Supervise the connection, send, and sync the twin until :meth:`shutdown`."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self._supervise(), name="leafguard.hub.supervisor"),
+                    tg.create_task(self._send_loop(), name="leafguard.hub.sender"),
+                    tg.create_task(self._twin_loop(), name="leafguard.hub.twin"),
+                ]
+                await self._closing.wait()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            self._stopped.set()
+
+    async def shutdown(self, deadline_s: float) -> None:
+        """Stop accepting, flush the outbox (and the reported properties) until ``deadline_s``, close the client.
+
+        What is still queued at the deadline is lost, logged and counted (``unsent_at_shutdown``).
+        """
+        self._accepting = False
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(deadline_s):
+                await self._drained.wait()
+                await self._flush_reported()
+        except TimeoutError:
+            self.stats.unsent_at_shutdown = len(self.outbox)
+            log.warning(
+                "shutdown deadline (%.1f s): %d security messages (%d bytes) not sent",
+                deadline_s,
+                len(self.outbox),
+                self.outbox.bytes,
+            )
+        self._closing.set()
+        if self._loop is not None:
+            async with asyncio.timeout(deadline_s):
+                await self._stopped.wait()
+        await self._close_client(max(1.0, deadline_s - (time.monotonic() - started)))
+        self._set_state(LinkState.DISCONNECTED)
+
+    async def _close_client(self, timeout_s: float) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await client.shutdown()
+        except (TimeoutError, ClientError) as exc:
+            log.warning("closing the hub client: %r", exc)
+
+    # -- supervisor ------------------------------------------------------------------------------------------
+
+    def _set_state(self, new: LinkState) -> None:
+        old, self.state = self.state, new
+        if new is LinkState.CONNECTED:
+            self._up.set()
+            self._wake.set()
+        else:
+            self._up.clear()
+        log.debug("uplink %s -> %s", old.value, new.value)
+
+    def _link_broken(self, reason: str, *, force: bool) -> None:
+        """Called on the loop when the connection is found broken (SDK state, send failure or timeout)."""
+        if self.state is not LinkState.CONNECTED or self._broken.is_set():
+            return
+        self._broken_reason = reason
+        self._force_disconnect = force
+        self._broken.set()
+        self._up.clear()
+        if self._send_scope is not None:
+            # Abandon the send in progress now; the message stays in the outbox and goes again after reconnect.
+            self._send_scope.reschedule(asyncio.get_running_loop().time())
+
+    async def _supervise(self) -> None:
+        while True:
+            if self.state is LinkState.DISCONNECTED:
+                self._set_state(LinkState.CONNECTING)
+            elif self.state is LinkState.CONNECTING:
+                try:
+                    await self._connect()
+                except (TimeoutError, OSError, ClientError) as exc:
+                    self._failed_attempts += 1
+                    if self._failed_attempts == 1:
+                        log.warning("cannot connect to the edge hub (%r); retrying with backoff", exc)
+                    else:
+                        log.debug("connect attempt %d failed: %r", self._failed_attempts, exc)
+                    self._set_state(LinkState.BACKOFF)
+                else:
+                    self._on_connected()
+            elif self.state is LinkState.BACKOFF:
+                await asyncio.sleep(self._backoff.next_delay())
+                self._set_state(LinkState.CONNECTING)
+            else:
+                await self._broken.wait()
+                self._broken.clear()
+                self._down_since = time.monotonic()
+                log.warning("uplink to the edge hub lost: %s", self._broken_reason)
+                if self._force_disconnect:
+                    await self._disconnect_quietly()
+                self._set_state(LinkState.DISCONNECTED)
+
+    def _on_connected(self) -> None:
+        self.stats.connects += 1
+        self._epoch += 1
+        if self._down_since is not None or self._failed_attempts:
+            self.stats.reconnects += 1 if self._down_since is not None else 0
+            down = time.monotonic() - self._down_since if self._down_since is not None else 0.0
+            log.info(
+                "uplink recovered after %.1f s (%d failed attempts); %d messages queued",
+                down,
+                self._failed_attempts,
+                len(self.outbox),
+            )
+        else:
+            log.info("connected to the edge hub as %s", self.settings.identity)
+        self._down_since = None
+        self._failed_attempts = 0
+        self._backoff.reset()
+        self._set_state(LinkState.CONNECTED)
+
+    async def _connect(self) -> None:
+        s = self.settings
+        async with asyncio.timeout(s.connect_timeout_s):
+            if self._client is None:
+                self._client = await asyncio.to_thread(self._client_factory, s)
+                # A client-event handler, not a receive handler: assigning it does not connect.
+                self._client.on_connection_state_change = self._sdk_state_changed
+            client = self._client
+            await client.connect()
+        try:
+            # Assigning a receive handler subscribes, synchronously; re-assigning it once subscribed is a no-op,
+            # and after a failed subscription it tries again.
+            async with asyncio.timeout(s.twin_timeout_s):
+                await asyncio.to_thread(
+                    setattr, client, "on_twin_desired_properties_patch_received", self._sdk_desired_patch
+                )
+        except TimeoutError:
+            # The SDK keeps retrying the SUBSCRIBE; the twin GET after each connect catches up meanwhile.
+            log.warning("subscribing to desired-properties patches timed out; relying on twin GETs")
+
+    async def _disconnect_quietly(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                await client.disconnect()
+        except (TimeoutError, ClientError) as exc:
+            log.debug("disconnect after a broken link: %r", exc)
+
+    # -- SDK threads → our loop --------------------------------------------------------------------------------
+
+    def _sdk_state_changed(self) -> None:
+        """SDK handler thread: the connection state changed."""
+        self._call_on_loop(self._check_connected)
+
+    def _sdk_desired_patch(self, patch: Any) -> None:
+        """SDK handler thread: a desired patch (or, after a reconnect, the whole desired document)."""
+        if isinstance(patch, dict):
+            self._call_on_loop(self._put_desired, DesiredUpdate(patch, whole=False))
+
+    def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: we are shutting down
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _check_connected(self) -> None:
+        client = self._client
+        if client is not None and not client.connected:
+            self._link_broken("the SDK reports the connection lost", force=False)
+
+    def _put_desired(self, update: DesiredUpdate) -> None:
+        self.stats.desired_updates += 1
+        try:
+            self._desired.put_nowait(update)
+        except asyncio.QueueFull:
+            # Policy DesiredOverflow.RESYNC: the next twin GET carries this change and every other.
+            self.stats.desired_overflows += 1
+            self._resync = True
+
+    # -- sender ----------------------------------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._up.wait()
+            entry = self.outbox.next_to_send()
+            if entry is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._send(entry)
+            if not len(self.outbox):
+                self._drained.set()
+
+    async def _send(self, entry: Pending) -> None:
+        msg = entry.message.to_sdk_message()
+        msg.message_id = entry.message_id
+        msg.custom_properties[LEAF_IDENTITY_PROPERTY] = entry.message.identity
+        try:
+            async with asyncio.timeout(self.settings.send_timeout_s) as scope:
+                self._send_scope = scope
+                await self._client.send_message_to_output(msg, self.settings.output_name)
+        except TimeoutError:
+            self.outbox.release_in_flight()
+            if self.state is LinkState.CONNECTED and not self._broken.is_set():
+                self.stats.send_timeouts += 1
+                self._link_broken(f"no acknowledgement within {self.settings.send_timeout_s:g} s", force=True)
+        except ValueError as exc:
+            # The SDK refuses the message itself (its size estimate): it can never be sent.
+            log.error("the SDK refused a security message of %s: %s", entry.message.identity, exc)
+            self.outbox.fail(entry)
+            self._dropped(entry.message)
+        except ClientError as exc:
+            self.stats.send_errors += 1
+            self.outbox.release_in_flight()
+            self._link_broken(f"send failed: {exc!r}", force=True)
+        else:
+            self.outbox.ack(entry)
+        finally:
+            self._send_scope = None
+
+    def _dropped(self, message: OutgoingMessage) -> None:
+        if self.on_dropped is not None:
+            self.on_dropped(message)
+
+    # -- twin ------------------------------------------------------------------------------------------------
+
+    async def _twin_loop(self) -> None:
+        interval = self.settings.reported_interval_s
+        while True:
+            await self._up.wait()
+            client = self._client
+            try:
+                if self._twin_epoch != self._epoch or self._resync:
+                    epoch, self._resync = self._epoch, False
+                    async with asyncio.timeout(self.settings.twin_timeout_s):
+                        twin = await client.get_twin()
+                    self._twin_epoch = epoch
+                    desired = twin.get("desired") if isinstance(twin, dict) else None
+                    if isinstance(desired, dict):
+                        self._put_desired(DesiredUpdate(desired, whole=True))
+                await self._patch_reported(final=False)
+            except (TimeoutError, ClientError) as exc:
+                # Twin requests are not re-sent by the SDK; a lost one just waits. Try again next round.
+                self.stats.reported_failures += 1
+                log.debug("twin request failed: %r", exc)
+            await asyncio.sleep(interval)
+
+    async def _patch_reported(self, *, final: bool) -> None:
+        now = time.monotonic()
+        if not final and now - self._last_reported < self.settings.reported_interval_s:
+            return
+        health: dict[str, Any] | None = None
+        if self.health is not None and (
+            final or self.reported.has_leaf_changes or now - self._last_health >= self.settings.health_interval_s
+        ):
+            health = self.health() | {"uplink": self.counters()}
+        patch = self.reported.take_patch(health)
+        if patch is None:
+            return
+        try:
+            async with asyncio.timeout(self.settings.twin_timeout_s):
+                await self._client.patch_twin_reported_properties(patch.body)
+        except BaseException:
+            self.reported.restore(patch)
+            raise
+        self.stats.reported_patches += 1
+        self._last_reported = now
+        if health is not None:
+            self._last_health = now
+
+    async def _flush_reported(self) -> None:
+        """The last reported patch at shutdown (only while connected; the twin task may be mid-request)."""
+        if self.state is not LinkState.CONNECTED or self._client is None:
+            return
+        try:
+            await self._patch_reported(final=True)
+        except ClientError as exc:
+            log.warning("last reported-properties patch failed: %r", exc)
