@@ -10,7 +10,9 @@ Expectations that go beyond tshark (which the real-capture oracle test uses):
 * IPv4 fragments: both fragments of a UDP datagram count in its 5-tuple (the non-first fragment carries
   no ports; it is tied to the flow by the IP identification). tshark would instead count the datagram
   once, on the reassembling frame.
-* A frame cut by the snaplen counts with its original length, and capture.truncated counts it.
+* A frame cut by the snaplen counts with its original length. capture.truncated counts frames cut inside
+  a header they announce (README: "frames cut before the end of a header they announce"), not frames cut
+  in their payload: the scenario has one of each.
 * TCP states: S0 = SYN(s) never answered, REJ = SYN answered by RST, EST = handshake done and not closed,
   CLOSED = handshake done then FIN, OTHER = first seen mid-stream (no SYN).
 * Services are TCP ports that a leaf answers with SYN-ACK (a refused port is not a service).
@@ -227,6 +229,8 @@ def build_scenario() -> Capture:
     cap.flow(c("PA", b"\x17\x03\x03" + bytes(997)), snaplen=100)
     for pkt in (s("A"), c("FA"), s("FA"), c("A")):
         cap.flow(pkt)
+    # A frame cut inside its IPv4 header: no 5-tuple, but it still counts for the MACs and the totals.
+    cap.add(Ether(src=L1, dst=GW) / IP(src=L1_IP, dst=SERVER) / UDP(sport=40009, dport=123) / bytes(48), snaplen=24)
     # EST: leaf-to-leaf HTTP, never closed; L2 offers tcp/80.
     c, s = _tcp(L1, L2, L1_IP, L2_IP, 40002, 80)
     get = b"GET /description.xml HTTP/1.1\r\nHost: 192.168.1.20\r\n\r\n"
