@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 CACHE = Path(__file__).resolve().parent / ".cache"
 START_TS = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
@@ -117,7 +117,7 @@ def tcp(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flag
     if flags & 0x02:  # SYN and SYN/ACK carry an MSS option (24-byte header)
         hdr = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 6 << 4, flags, 64240, 0, 0) + b"\x02\x04\x05\xb4"
     else:
-        hdr = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 5 << 4, flags, 502, 0, 0)
+        hdr = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, 5 << 4, flags, 64240, 0, 0)
     total = _native_sum(_pseudo(src, dst, 6, len(hdr) + len(payload))) + _odd_safe(hdr, payload)
     return hdr[:16] + _fold(total) + hdr[18:] + payload
 
