@@ -69,6 +69,23 @@ def test_arp_and_ipv4_fragment() -> None:
     assert q.fragment and q.frag_first and q.frag_id == 77 and q.sport == 9
 
 
+def test_pppoe_session_and_ip_tunnels_expose_the_inner_conversation() -> None:
+    inner = IP(src="95.1.2.3", dst="93.4.5.6") / UDP(sport=514, dport=514) / b"<13>hello"
+    pppoe = struct.pack("!BBHHH", 0x11, 0, 0x0042, len(bytes(inner)) + 2, 0x0021) + bytes(inner)
+    raw = bytes(Ether(src="00:11:22:33:44:55", dst="66:77:88:99:aa:bb", type=0x8864)) + pppoe
+    p = decode(raw, 0, len(raw), LINKTYPE_ETHERNET)
+    assert (p.src_ip, p.sport, p.dport) == (bytes([95, 1, 2, 3]), 514, 514)
+    six_in_four = bytes(
+        Ether()
+        / IP(src="193.0.0.1", dst="216.0.0.1", proto=41)
+        / IPv6(src="2001:db8::2", dst="2001:db8::b")
+        / UDP(sport=38159, dport=514)
+    )
+    q = decode(six_in_four, 0, len(six_in_four), LINKTYPE_ETHERNET)
+    assert (q.ip_version, q.proto, q.sport, q.dport) == (6, 17, 38159, 514)
+    assert q.src_ip is not None and len(q.src_ip) == 16
+
+
 def test_cooked_and_raw_link_types() -> None:
     ip = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=7, dport=8))
     sll = struct.pack("!HHH8sH", 0, 1, 6, bytes.fromhex("0011223344550000"), 0x0800) + ip

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
-from tests.conftest import shared_pcaps
 
 from leafguard.capture.batch import FrameBatch
 from leafguard.capture.pcapfile import read_batches
@@ -19,6 +18,7 @@ from leafguard.demo import demo_capture
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.model import ConnectionSeen, LoginSeen
 from leafguard.observe.settings import AnalyzerSettings
+from tests.conftest import shared_pcaps
 
 LEAF = ("00:17:88:00:00:01", "10.1.0.5")
 PEER = ("00:17:88:00:00:02", "10.1.0.6")
@@ -114,6 +114,22 @@ def test_arp_teaches_addresses_and_counts_both_ways() -> None:
     assert leaf["ips"] == [LEAF[1]]
     assert (leaf["packets_out"], leaf["packets_in"]) == (1, 1)
     assert leaf["bytes_out"] == leaf["bytes_in"] == 42
+
+
+@pytest.mark.parametrize("order", ["in order", "reversed"])
+def test_fragments_count_in_their_conversation_in_any_order(order: str) -> None:
+    from scapy.layers.inet import fragment
+
+    datagram = IP(src=LEAF[1], dst=PEER[1], id=4242) / UDP(sport=7000, dport=7001) / (b"z" * 3000)
+    frags = fragment(datagram, fragsize=1000)
+    assert len(frags) == 4
+    pkts = [Ether(src=LEAF[0], dst=PEER[0]) / f for f in frags]
+    if order == "reversed":
+        pkts.reverse()
+    an = Analyzer()
+    an.feed(_batch(pkts))
+    c = _conv(an, 7001)
+    assert (c["packets_ab"], c["bytes_ab"]) == (len(pkts), sum(len(bytes(p)) for p in pkts))
 
 
 def test_observations_from_the_demo_capture() -> None:

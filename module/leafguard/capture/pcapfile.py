@@ -159,7 +159,7 @@ def _read_pcapng(path: Path, fh: object, batch_frames: int, st: FileStats) -> It
     src = str(path)
     endian = "<"
     # Per section: interface id -> (linktype, seconds per tick, snaplen)
-    interfaces: list[tuple[int, float]] = []
+    interfaces: list[tuple[int, int]] = []
     data = fh.read()
     n = len(data)
     pos = 0
@@ -206,7 +206,11 @@ def _read_pcapng(path: Path, fh: object, batch_frames: int, st: FileStats) -> It
                 raise CaptureFileError(f"{path}: packet block at byte {pos} names unknown interface {iface}")
             linktype, tick = interfaces[iface]
             # Simple packet blocks carry no time; they take the previous frame's.
-            ts = ticks * tick if ticks >= 0 else (current.timestamps[-1] if current and current.timestamps else 0.0)
+            if ticks >= 0:
+                # Whole seconds plus the fraction, as the pcap reader does, so both formats give equal floats.
+                ts = ticks // tick + (ticks % tick) / tick
+            else:
+                ts = current.timestamps[-1] if current and current.timestamps else 0.0
             if caplen > blen:
                 raise CaptureFileError(f"{path}: corrupt packet block at byte {pos}")
             if linktype not in SUPPORTED_LINKTYPES:
@@ -227,14 +231,14 @@ def _read_pcapng(path: Path, fh: object, batch_frames: int, st: FileStats) -> It
         yield current
 
 
-def _idb_tick(data: bytes, opt: int, end: int, endian: str) -> float:
-    """Seconds per timestamp unit from the if_tsresol option (default: microseconds)."""
+def _idb_tick(data: bytes, opt: int, end: int, endian: str) -> int:
+    """Timestamp units per second from the if_tsresol option (default: microseconds)."""
     while opt + 4 <= end:
         code, olen = struct.unpack_from(endian + "HH", data, opt)
         if code == 0:
             break
         if code == 9 and olen >= 1:
             res = data[opt + 4]
-            return float(2 ** -(res & 0x7F)) if res & 0x80 else float(10 ** -(res & 0x7F))
+            return int(2 ** (res & 0x7F)) if res & 0x80 else int(10 ** (res & 0x7F))
         opt += 4 + ((olen + 3) & ~3)
-    return 1e-6
+    return 1_000_000

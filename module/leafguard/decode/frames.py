@@ -22,12 +22,18 @@ from leafguard.capture.batch import (
 ETH_IPV4 = 0x0800
 ETH_ARP = 0x0806
 ETH_IPV6 = 0x86DD
+ETH_PPPOE_SESSION = 0x8864
+PPP_IPV4 = 0x0021
+PPP_IPV6 = 0x0057
 VLAN_TPIDS = frozenset({0x8100, 0x88A8, 0x9100})
 
 PROTO_ICMP = 1
 PROTO_TCP = 6
 PROTO_UDP = 17
 PROTO_ICMPV6 = 58
+PROTO_IPIP = 4
+PROTO_IPV6_IN_IP = 41
+MAX_TUNNEL_DEPTH = 2
 # IPv6 extension headers that are walked to reach the transport header (RFC 8200 section 4).
 IPV6_EXT = frozenset({0, 43, 60, 135, 139, 140})
 IPV6_FRAGMENT = 44
@@ -154,6 +160,15 @@ def decode(data: bytes, off: int, caplen: int, linktype: int) -> Packet:
     else:
         p.malformed = True
         return p
+    if etype == ETH_PPPOE_SESSION:
+        # PPPoE session header (RFC 2516): 6 bytes, then the PPP protocol number.
+        if pos + 8 > end:
+            p.truncated = True
+            return p
+        ppp = _H(data, pos + 6)[0]
+        etype = ETH_IPV4 if ppp == PPP_IPV4 else ETH_IPV6 if ppp == PPP_IPV6 else etype
+        if etype != ETH_PPPOE_SESSION:
+            pos += 8
     p.ethertype = etype
     if etype == ETH_IPV4:
         _ipv4(p, data, pos, end)
@@ -182,7 +197,7 @@ def _arp(p: Packet, data: bytes, pos: int, end: int) -> None:
     p.arp_tpa = data[pos + 24 : pos + 28]
 
 
-def _ipv4(p: Packet, data: bytes, pos: int, end: int) -> None:
+def _ipv4(p: Packet, data: bytes, pos: int, end: int, depth: int = 0) -> None:
     if pos + 20 > end:
         p.truncated = True
         return
@@ -212,10 +227,13 @@ def _ipv4(p: Packet, data: bytes, pos: int, end: int) -> None:
     if pos + ihl > end:
         p.truncated = True
         return
+    if proto in (PROTO_IPIP, PROTO_IPV6_IN_IP) and not p.fragment and depth < MAX_TUNNEL_DEPTH:
+        _tunnel(p, data, pos + ihl, l4_end, depth)
+        return
     _transport(p, data, pos + ihl, l4_end, pos + total)
 
 
-def _ipv6(p: Packet, data: bytes, pos: int, end: int) -> None:
+def _ipv6(p: Packet, data: bytes, pos: int, end: int, depth: int = 0) -> None:
     if pos + 40 > end:
         p.truncated = True
         return
@@ -260,7 +278,21 @@ def _ipv6(p: Packet, data: bytes, pos: int, end: int) -> None:
     if pos > ip_end:
         p.malformed = True
         return
+    if nxt in (PROTO_IPIP, PROTO_IPV6_IN_IP) and not p.fragment and depth < MAX_TUNNEL_DEPTH:
+        _tunnel(p, data, pos, l4_end, depth)
+        return
     _transport(p, data, pos, l4_end, ip_end)
+
+
+def _tunnel(p: Packet, data: bytes, pos: int, end: int, depth: int) -> None:
+    """IP in IP (4) or IPv6 in IP (41, 6in4): the inner datagram is what the conversation is about, as tshark
+    sees it; its addresses replace the outer ones."""
+    inner = p.proto
+    p.fragment = p.frag_first = False
+    if inner == PROTO_IPIP:
+        _ipv4(p, data, pos, end, depth + 1)
+    else:
+        _ipv6(p, data, pos, end, depth + 1)
 
 
 def _transport(p: Packet, data: bytes, pos: int, end: int, ip_end: int) -> None:

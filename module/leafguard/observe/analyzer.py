@@ -100,6 +100,7 @@ class Analyzer:
         self.macs: dict[bytes, MacState] = {}
         self.flows: dict[tuple[int, bytes, int, bytes, int], Flow] = {}
         self._frags: dict[tuple[bytes, bytes, int, int], tuple[tuple[int, bytes, int, bytes, int], bool]] = {}
+        self._frag_pending: dict[tuple[bytes, bytes, int, int], list[Any]] = {}
         self._observations: list[Observation] = []
         self._leaf_side_cache: dict[bytes, bool] = {}
         self._gateway = frozenset(bytes.fromhex(m.replace(":", "")) for m in self.settings.gateway_macs)
@@ -141,7 +142,9 @@ class Analyzer:
             return
         # Walk in order; a frame of a conversation that has settled (here or in an earlier batch) is deferred
         # to the bulk count, which gives the same result because such a frame only adds to counters.
-        # A bare TCP segment (no payload, no SYN/FIN/RST) of an existing conversation is deferred too.
+        # A bare TCP segment (no payload, no SYN/FIN/RST) of an existing conversation is deferred too. Control
+        # segments of settled conversations are deferred as well: the bulk step replays their state changes in
+        # batch order, and nothing else in a settled conversation depends on that state.
         frame_key = plan.frame_key
         settled = plan.settled
         known = plan.known
@@ -151,7 +154,7 @@ class Analyzer:
         ctrl = plan.ctrl
         for i in plan.walk:
             u = frame_key[i]
-            if u >= 0 and not ctrl[i] and (settled[u] or (bare[i] and known[u])):
+            if u >= 0 and (settled[u] or (bare[i] and known[u] and not ctrl[i])):
                 deferred.append(i)
                 continue
             flow = self.frame(decode(data, offsets[i], caplens[i], linktype), data, stamps[i], wirelens[i])
@@ -261,8 +264,18 @@ class Analyzer:
         assert p.src_ip is not None
         assert p.dst_ip is not None
         if p.fragment and not p.frag_first:
-            got = self._frags.get((p.src_ip, p.dst_ip, proto, p.frag_id))
+            fid = (p.src_ip, p.dst_ip, proto, p.frag_id)
+            got = self._frags.get(fid)
             if got is None:
+                # A fragment ahead of the one with the transport header: held until that one names the flow.
+                pending = self._frag_pending.get(fid)
+                if pending is None:
+                    if len(self._frag_pending) >= self.settings.max_fragments:
+                        self._frag_pending.pop(next(iter(self._frag_pending)))
+                    pending = self._frag_pending[fid] = [0, 0, ts]
+                pending[0] += 1
+                pending[1] += wirelen
+                pending[2] = max(pending[2], ts)
                 return None
             fkey, forward = got
             frag_flow = self.flows.get(fkey)
@@ -296,9 +309,19 @@ class Analyzer:
             flow.bytes_ba += wirelen
         flow.last = max(flow.last, ts)
         if p.fragment:
+            fid = (sip, dip, proto, p.frag_id)
             if len(self._frags) >= self.settings.max_fragments:
                 self._frags.pop(next(iter(self._frags)))
-            self._frags[(sip, dip, proto, p.frag_id)] = (key, forward)
+            self._frags[fid] = (key, forward)
+            early = self._frag_pending.pop(fid, None)
+            if early is not None:
+                if forward:
+                    flow.packets_ab += early[0]
+                    flow.bytes_ab += early[1]
+                else:
+                    flow.packets_ba += early[0]
+                    flow.bytes_ba += early[1]
+                flow.last = max(flow.last, early[2])
         if proto == PROTO_TCP:
             self._tcp(flow, forward, flags, p, data, ts, src)
         else:
@@ -349,24 +372,7 @@ class Analyzer:
         self, flow: Flow, forward: bool, flags: int, p: Packet, data: bytes, ts: float, src: MacState | None
     ) -> None:
         if flags & (TCP_SYN | TCP_FIN | TCP_RST):
-            state = flow.state
-            if flags & TCP_SYN:
-                if flags & TCP_ACK:
-                    if not forward:
-                        if state in ("S0", "OTHER", "REJ"):
-                            flow.state = "EST" if state != "OTHER" else state
-                        # A router forwarding a remote server's answer is not offering that service.
-                        if src is not None and p.src_ip is not None and self.is_leaf_ip(p.src_ip):
-                            self._add_service(src, "tcp", p.sport)
-                elif state in ("CLOSED", "REJ") and forward:
-                    flow.state = "S0"  # the 5-tuple is reused by a new connection
-            elif flags & TCP_RST:
-                if state == "S0" and not forward:
-                    flow.state = "REJ"
-                elif state == "EST":
-                    flow.state = "CLOSED"
-            elif state == "EST":
-                flow.state = "CLOSED"
+            self.tcp_control(flow, forward, flags, src, p.src_ip, p.sport)
         if p.payload_len:
             payload = data[p.payload_off : p.payload_off + p.payload_len]
             if forward and not flow.hello_checked:
@@ -380,6 +386,29 @@ class Analyzer:
                     flow.login = None
                     flow.login_budget = 0
         flow.slow = flow.login is not None and flow.login_budget > 0
+
+    def tcp_control(
+        self, flow: Flow, forward: bool, flags: int, src: MacState | None, src_ip: bytes | None, sport: int
+    ) -> None:
+        """The state change a SYN, FIN or RST makes (and the service a SYN-ACK reveals)."""
+        state = flow.state
+        if flags & TCP_SYN:
+            if flags & TCP_ACK:
+                if not forward:
+                    if state in ("S0", "REJ"):
+                        flow.state = "EST"
+                    # A router forwarding a remote server's answer is not offering that service.
+                    if src is not None and src_ip is not None and self.is_leaf_ip(src_ip):
+                        self._add_service(src, "tcp", sport)
+            elif state in ("CLOSED", "REJ") and forward:
+                flow.state = "S0"  # the 5-tuple is reused by a new connection
+        elif flags & TCP_RST:
+            if state == "S0" and not forward:
+                flow.state = "REJ"
+            elif state == "EST":
+                flow.state = "CLOSED"
+        elif state == "EST":
+            flow.state = "CLOSED"
 
     def inspect_hello(self, flow: Flow, src: MacState | None, payload: bytes) -> None:
         """The initiator's first payload: a TLS ClientHello names the server (SNI) and the offered versions."""
@@ -414,6 +443,10 @@ class Analyzer:
             if d is not None:
                 self._dhcp(d, src)
         elif sport in (53, 5353, 5355) or dport in (53, 5353, 5355):
+            # Only queries (the names a leaf asks for) and mDNS announcements (its own names) are kept:
+            # a unicast DNS answer needs no parsing.
+            if len(payload) > 2 and payload[2] & 0x80 and sport != 5353:
+                return
             m = deep.dns(payload)
             if m is None:
                 return

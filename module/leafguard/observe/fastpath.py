@@ -48,7 +48,9 @@ class Plan:
         "bare",
         "cand",
         "ctrl",
+        "ctrl_c",
         "early",
+        "flags",
         "frame_key",
         "fwd_lo",
         "ip_lo",
@@ -79,6 +81,8 @@ class Plan:
         self.pay_off: _I64 = np.empty(0, dtype=np.int64)
         self.pay_len: _I64 = np.empty(0, dtype=np.int64)
         self.is_tcp: npt.NDArray[np.bool_] = np.empty(0, dtype=bool)
+        self.flags: _U8 = np.empty(0, dtype=np.uint8)
+        self.ctrl_c: npt.NDArray[np.bool_] = np.empty(0, dtype=bool)
         self.bare: list[bool] = []
         """Per frame: a TCP segment with no payload and no SYN/FIN/RST, which cannot change any state."""
         self.uflows: list[Flow | None] = []
@@ -173,7 +177,7 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
     settled0 = np.asarray(plan.settled, dtype=bool)
     known0 = np.asarray(plan.known, dtype=bool)
     early = np.zeros(n, dtype=bool)
-    early[cand] = ~ctrl[cand] & (settled0[inv] | (bare[cand] & known0[inv]))
+    early[cand] = settled0[inv] | (bare[cand] & known0[inv])
     plan.early = np.flatnonzero(early)
     plan.walk = np.flatnonzero(~early).tolist()
     plan.frame_key = frame_key.tolist()
@@ -182,6 +186,8 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
     plan.pay_off = (o + 34 + l4_len[cand])
     plan.pay_len = np.maximum(pay_len[cand], 0)
     plan.is_tcp = is_tcp[cand]
+    plan.flags = flags[cand]
+    plan.ctrl_c = ctrl[cand]
     plan.cand = cand
     plan.uinv = inv
     plan.fwd_lo = src_lo
@@ -227,8 +233,31 @@ def count_settled(an: Analyzer, batch: FrameBatch, plan: Plan, deferred: list[in
         if last[u] > flow.last:
             flow.last = float(last[u])
     arr = np.frombuffer(batch.data, dtype=np.uint8)
-    _first_of_flow(an, batch.data, arr, plan, pos, inv, fwd)
     _count_macs(an, arr, plan.o[pos], wl, ts, plan.sip[pos])
+    _control(an, batch.data, plan, pos, inv, fwd)
+    _first_of_flow(an, batch.data, arr, plan, pos, inv, fwd)
+
+
+def _control(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: npt.NDArray[np.bool_]) -> None:
+    """Replay the deferred SYN/FIN/RST segments' state changes, in batch order (``pos`` is sorted)."""
+    sel = np.flatnonzero(plan.ctrl_c[pos])
+    if not sel.size:
+        return
+    uflows = plan.uflows
+    o = plan.o
+    for k, u, forward, flags in zip(
+        sel.tolist(), inv[sel].tolist(), fwd[sel].tolist(), plan.flags[pos[sel]].tolist(), strict=True
+    ):
+        flow = uflows[u]
+        assert flow is not None
+        src = src_ip = None
+        sport = 0
+        if flags & 0x12 == 0x12 and not forward:  # SYN-ACK from the responder: a service, maybe
+            at = int(o[int(pos[k])])
+            src = an.macs.get(data[at + 6 : at + 12])
+            src_ip = data[at + 26 : at + 30]
+            sport = int.from_bytes(data[at + 34 : at + 36], "big")
+        an.tcp_control(flow, forward, flags, src, src_ip, sport)
 
 
 def _first_of_flow(
@@ -281,8 +310,18 @@ def _count_macs(an: Analyzer, arr: _U8, o: _I64, wl: _I64, ts: npt.NDArray[np.fl
         st.packets_out += int(cnt[u])
         st.bytes_out += int(byt[u])
     # The (MAC, source address) pairs: normally known already, but a MAC can start using a new address mid-flow.
-    pairs = np.unique(np.stack([src, sip], axis=1), axis=0)
-    for mac_i, ip_i in pairs.tolist():
+    # Most MACs use one address per batch; only those with several need the full pair list.
+    ip_lo = np.full(nu, np.iinfo(np.int64).max)
+    ip_hi = np.full(nu, -1)
+    np.minimum.at(ip_lo, sinv, sip)
+    np.maximum.at(ip_hi, sinv, sip)
+    many = ip_lo != ip_hi
+    pairs: list[tuple[int, int]] = list(zip(usrc[~many].tolist(), ip_lo[~many].tolist(), strict=True))
+    if many.any():
+        multi = many[sinv]
+        both = np.unique(np.stack([src[multi], sip[multi]], axis=1), axis=0)
+        pairs += [(int(m), int(i)) for m, i in both.tolist()]
+    for mac_i, ip_i in pairs:
         known = an.macs.get(int(mac_i).to_bytes(6, "big"))
         if known is not None:
             an._learn_ip(known, int(ip_i).to_bytes(4, "big"))
