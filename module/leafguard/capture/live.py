@@ -382,8 +382,14 @@ class _CaptureThread(threading.Thread):
         for fut in (self.opened, self.done):
             # A supervisor cancelled mid-wait no longer reads the outcome; don't let asyncio log it as lost.
             fut.add_done_callback(_consume)
-        self.pending = 0
-        """Batches scheduled onto the loop and not yet queued; written by both sides under the GIL."""
+        # Batches in flight = handed - delivered. Each counter has one writer (`+=` is not atomic across
+        # threads, even under the GIL), so the difference never drifts.
+        self.handed = 0
+        self.delivered = 0
+
+    @property
+    def pending(self) -> int:
+        return self.handed - self.delivered
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -454,7 +460,6 @@ class _CaptureThread(threading.Thread):
         poller.register(ring.sock.fileno(), select.POLLIN | select.POLLERR)
         timeout_ms = max(1, int(settings.poll_timeout_s * 1000))
         next_stats = time.monotonic() + 1.0
-        deliver = self._capture._deliver
         while not self._stop_requested.is_set():
             if self.pending >= settings.max_pending_batches:
                 # The loop is behind: leave blocks in the ring; it absorbs the burst, or the kernel counts drops.
@@ -468,16 +473,8 @@ class _CaptureThread(threading.Thread):
                         if err:
                             cls = _InterfaceDown if err == errno.ENETDOWN else OSError
                             raise cls(err, f"{self.interface}: {os.strerror(err)}")
-            else:
-                st.blocks += 1
-                st.frames += len(batch)
-                st.bytes += sum(batch.wirelens)
-                st.captured_bytes += sum(batch.caplens)
-                self.pending += 1
-                try:
-                    self._loop.call_soon_threadsafe(deliver, self, batch)
-                except RuntimeError:  # the loop closed under us: nothing left to deliver to
-                    return
+            elif not self._hand_over(batch, st):
+                return
             now = time.monotonic()
             if now >= next_stats:
                 next_stats = now + 1.0
@@ -485,15 +482,21 @@ class _CaptureThread(threading.Thread):
         # Blocks the kernel already retired are handed over on a clean stop; only the block still open
         # (at most block_timeout_ms of traffic) is left, and it shows as kernel_packets - kernel_drops - frames.
         while (batch := ring.next_block()) is not None:
-            st.blocks += 1
-            st.frames += len(batch)
-            st.bytes += sum(batch.wirelens)
-            st.captured_bytes += sum(batch.caplens)
-            self.pending += 1
-            try:
-                self._loop.call_soon_threadsafe(deliver, self, batch)
-            except RuntimeError:
+            if not self._hand_over(batch, st):
                 return
+
+    def _hand_over(self, batch: FrameBatch, st: InterfaceStats) -> bool:
+        """Count a batch and schedule it onto the loop; False once the loop is closed."""
+        st.blocks += 1
+        st.frames += len(batch)
+        st.bytes += sum(batch.wirelens)
+        st.captured_bytes += sum(batch.caplens)
+        self.handed += 1
+        try:
+            self._loop.call_soon_threadsafe(self._capture._deliver, self, batch)
+        except RuntimeError:  # the loop closed under us: nothing left to deliver to
+            return False
+        return True
 
 
 class _Backoff:
@@ -580,7 +583,7 @@ class LiveCapture:
     # -- the loop side of the thread hand-off -------------------------------------------------------------
 
     def _deliver(self, thread: _CaptureThread, batch: FrameBatch) -> None:
-        thread.pending -= 1
+        thread.delivered += 1
         q = self.queue
         if q.full():
             if self.settings.overflow is OverflowPolicy.DROP_NEWEST:
