@@ -39,7 +39,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from azure.iot.device.aio import IoTHubModuleClient
-from azure.iot.device.exceptions import ClientError
+from azure.iot.device.exceptions import (
+    ClientError,
+    ConnectionDroppedError,
+    ConnectionFailedError,
+    NoConnectionError,
+    OperationCancelled,
+    OperationTimeout,
+)
 
 from leafguard.agent.messages import OutgoingMessage
 from leafguard.hub.link import Backoff, LinkState
@@ -48,6 +55,9 @@ from leafguard.hub.settings import EdgeSettings
 from leafguard.hub.twin import ReportedState
 
 log = logging.getLogger("leafguard.hub")
+
+SDK_ERRORS = (ClientError, OperationCancelled, OperationTimeout)
+"""What azure-iot-device raises for a failed operation (the last two are not ClientErrors)."""
 
 LEAF_IDENTITY_PROPERTY = "leafIdentity"
 
@@ -123,6 +133,8 @@ class EdgeTransport:
         self._closing = asyncio.Event()
         self._stopped = asyncio.Event()
         self._send_scope: asyncio.Timeout | None = None
+        self._abandoned: set[asyncio.Task[None]] = set()
+        """Sends we stopped waiting for (timeout, broken link); the SDK still owns their PUBLISH."""
         self._epoch = 0
         """Counts successful connects; the twin task fetches the twin once per epoch."""
         self._twin_epoch = -1
@@ -228,8 +240,13 @@ class EdgeTransport:
         try:
             async with asyncio.timeout(timeout_s):
                 await client.shutdown()
-        except (TimeoutError, ClientError) as exc:
+                # Shutting down settles every PUBLISH the SDK still held (cancelled): let those tasks end.
+                if self._abandoned:
+                    await asyncio.wait(set(self._abandoned))
+        except (TimeoutError, *SDK_ERRORS) as exc:
             log.warning("closing the hub client: %r", exc)
+        for send in list(self._abandoned):
+            send.cancel()
 
     # -- supervisor ------------------------------------------------------------------------------------------
 
@@ -250,7 +267,7 @@ class EdgeTransport:
         self._force_disconnect = force
         self._broken.set()
         self._up.clear()
-        if self._send_scope is not None:
+        if self._send_scope is not None and not self._send_scope.expired():
             # Abandon the send in progress now; the message stays in the outbox and goes again after reconnect.
             self._send_scope.reschedule(asyncio.get_running_loop().time())
 
@@ -261,7 +278,7 @@ class EdgeTransport:
             elif self.state is LinkState.CONNECTING:
                 try:
                     await self._connect()
-                except (TimeoutError, OSError, ClientError) as exc:
+                except (TimeoutError, OSError, *SDK_ERRORS) as exc:
                     self._failed_attempts += 1
                     if self._failed_attempts == 1:
                         log.warning("cannot connect to the edge hub (%r); retrying with backoff", exc)
@@ -328,7 +345,7 @@ class EdgeTransport:
         try:
             async with asyncio.timeout(self.settings.connect_timeout_s):
                 await client.disconnect()
-        except (TimeoutError, ClientError) as exc:
+        except (TimeoutError, *SDK_ERRORS) as exc:
             log.debug("disconnect after a broken link: %r", exc)
 
     # -- SDK threads → our loop --------------------------------------------------------------------------------
@@ -381,10 +398,16 @@ class EdgeTransport:
         msg = entry.message.to_sdk_message()
         msg.message_id = entry.message_id
         msg.custom_properties[LEAF_IDENTITY_PROPERTY] = entry.message.identity
+        # The SDK completes its own future when the PUBACK (or the cancellation) comes, and logs an error if that
+        # future was cancelled under it: so we stop waiting for a send (shield) rather than cancel it.
+        send = asyncio.get_running_loop().create_task(
+            self._client.send_message_to_output(msg, self.settings.output_name),
+            name=f"leafguard.hub.send[{entry.seq}]",
+        )
         try:
             async with asyncio.timeout(self.settings.send_timeout_s) as scope:
                 self._send_scope = scope
-                await self._client.send_message_to_output(msg, self.settings.output_name)
+                await asyncio.shield(send)
         except TimeoutError:
             self.outbox.release_in_flight()
             if self.state is LinkState.CONNECTED and not self._broken.is_set():
@@ -395,7 +418,14 @@ class EdgeTransport:
             log.error("the SDK refused a security message of %s: %s", entry.message.identity, exc)
             self.outbox.fail(entry)
             self._dropped(entry.message)
-        except ClientError as exc:
+        except OperationCancelled:
+            # A disconnect cancelled it: the supervisor deals with the link; the message goes again.
+            self.outbox.release_in_flight()
+        except (NoConnectionError, ConnectionDroppedError, ConnectionFailedError) as exc:
+            self.stats.send_errors += 1
+            self.outbox.release_in_flight()
+            self._link_broken(f"send failed: {exc!r}", force=False)
+        except SDK_ERRORS as exc:
             self.stats.send_errors += 1
             self.outbox.release_in_flight()
             self._link_broken(f"send failed: {exc!r}", force=True)
@@ -403,6 +433,20 @@ class EdgeTransport:
             self.outbox.ack(entry)
         finally:
             self._send_scope = None
+            self._abandon(send)
+
+    def _abandon(self, send: asyncio.Task[None]) -> None:
+        """Keep a send we stopped waiting for until the SDK settles it (ack, or cancelled by a disconnect)."""
+        if send.done():
+            self._settled(send)
+            return
+        self._abandoned.add(send)
+        send.add_done_callback(self._settled)
+
+    def _settled(self, send: asyncio.Task[None]) -> None:
+        self._abandoned.discard(send)
+        if not send.cancelled() and send.exception() is not None:
+            log.debug("abandoned send ended with %r", send.exception())
 
     def _dropped(self, message: OutgoingMessage) -> None:
         if self.on_dropped is not None:
@@ -425,7 +469,7 @@ class EdgeTransport:
                     if isinstance(desired, dict):
                         self._put_desired(DesiredUpdate(desired, whole=True))
                 await self._patch_reported(final=False)
-            except (TimeoutError, ClientError) as exc:
+            except (TimeoutError, *SDK_ERRORS) as exc:
                 # Twin requests are not re-sent by the SDK; a lost one just waits. Try again next round.
                 self.stats.reported_failures += 1
                 log.debug("twin request failed: %r", exc)
@@ -460,5 +504,5 @@ class EdgeTransport:
             return
         try:
             await self._patch_reported(final=True)
-        except ClientError as exc:
+        except SDK_ERRORS as exc:
             log.warning("last reported-properties patch failed: %r", exc)

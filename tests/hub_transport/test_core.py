@@ -1,0 +1,142 @@
+"""The pure parts of edge mode: the outbox and its drop policy, backoff, the module twin documents, settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
+from leafguard.agent.messages import OutgoingMessage, Trigger
+from leafguard.errors import ConfigurationError
+from leafguard.hub.link import Backoff
+from leafguard.hub.outbox import Outbox
+from leafguard.hub.settings import EDGE_ENV, EdgeSettings
+from leafguard.hub.twin import (
+    REPORTED_LIMIT_BYTES,
+    MissedDesiredPatchError,
+    ModuleDesired,
+    ReportedState,
+    twin_size,
+)
+
+
+def msg(name: str, size: int = 100, priority: Trigger = "High") -> OutgoingMessage:
+    return OutgoingMessage(name, b"x" * size, priority, 1)
+
+
+def test_outbox_is_fifo_and_keeps_unacknowledged_messages() -> None:
+    box = Outbox(1000)
+    for name in "abc":
+        assert box.put(msg(name)) == []
+    first = box.next_to_send()
+    assert first is not None and first.message.identity == "a"
+    assert box.release_in_flight() == 1
+    again = box.next_to_send()
+    assert again is first and again.attempts == 2 and box.stats.resent == 1
+    box.ack(again)
+    nxt = box.next_to_send()
+    assert nxt is not None and nxt.message.identity == "b"
+    assert (len(box), box.bytes, box.stats.acked) == (2, 200, 1)
+
+
+def test_outbox_drops_low_first_then_oldest_but_never_in_flight() -> None:
+    box = Outbox(500)
+    for name, prio in [("h1", "High"), ("l1", "Low"), ("h2", "High"), ("l2", "Low"), ("h3", "High")]:
+        box.put(msg(name, priority=prio))  # type: ignore[arg-type]
+    head = box.next_to_send()
+    assert head is not None and head.message.identity == "h1"
+    assert [m.identity for m in box.put(msg("h4"))] == ["l1"]
+    assert [m.identity for m in box.put(msg("h5", 200))] == ["l2", "h2"]
+    # h1 is in flight: it is never evicted, so a message that needs its room is dropped itself.
+    assert [m.identity for m in box.put(msg("huge", 450))] == ["huge"]
+    assert box.stats.dropped == 4 and box.stats.dropped_bytes == 100 * 3 + 450
+    assert box.bytes <= box.max_bytes
+    names = []
+    while (entry := box.next_to_send()) is not None:
+        names.append(entry.message.identity)
+    assert names == ["h3", "h4", "h5"]
+
+
+def test_outbox_message_ids_survive_resend() -> None:
+    box = Outbox(1000)
+    box.put(msg("a"))
+    first = box.next_to_send()
+    assert first is not None
+    box.release_in_flight()
+    again = box.next_to_send()
+    assert again is not None and again.message_id == first.message_id
+
+
+def test_backoff_is_capped_jittered_and_resets() -> None:
+    draws = iter([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    backoff = Backoff(1.0, 5.0, rand=lambda: next(draws))
+    assert [backoff.next_delay() for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert backoff.next_delay() == 0.5
+    backoff.reset()
+    assert backoff.next_delay() == 1.0
+
+
+def test_effective_desired_merges_leaf_over_default() -> None:
+    desired = ModuleDesired()
+    change = desired.replace(
+        {
+            CFG: {"maxMessageSizeInBytes": {"value": 65536}, "eventPriorityLogin": {"value": "Low"}},
+            "leaves": {"plc1": {CFG: {"maxMessageSizeInBytes": {"value": 16384}}}},
+            "$version": 3,
+        }
+    )
+    assert change is not None and change.default_changed and change.leaves == {"plc1"}
+    assert desired.effective("plc1") == {
+        CFG: {"maxMessageSizeInBytes": {"value": 16384}, "eventPriorityLogin": {"value": "Low"}}
+    }
+    assert desired.effective("cam1") == {
+        CFG: {"maxMessageSizeInBytes": {"value": 65536}, "eventPriorityLogin": {"value": "Low"}}
+    }
+    change = desired.patch({"leaves": {"plc1": None}, "$version": 4})
+    assert change is not None and not change.default_changed and change.leaves == {"plc1"}
+    assert desired.effective("plc1") == desired.effective("cam1")
+    assert desired.patch({"$version": 4, "x": 1}) is None  # stale
+    with pytest.raises(MissedDesiredPatchError):
+        desired.patch({"$version": 6, "x": 1})
+    assert desired.replace({"$version": 6}) is not None and desired.doc == {}
+
+
+def test_reported_state_trims_leaves_to_stay_under_32_kb() -> None:
+    state = ReportedState()
+    big = {CFG: {f"key{i:03d}": {"value": "v" * 40} for i in range(40)}}  # about 2 KB per leaf
+    for i in range(40):
+        state.update_leaf(f"leaf-{i:02d}", big)
+    patch = state.take_patch({"version": "0.1.0"})
+    assert patch is not None
+    assert twin_size(patch.body) <= REPORTED_LIMIT_BYTES
+    assert 0 < len(patch.body["leaves"]) < 40
+    assert state.left_out == 40 - len(patch.body["leaves"]) and state.trims == state.left_out
+    assert state.take_patch(None) is None
+
+
+def test_reported_state_restores_a_failed_patch() -> None:
+    state = ReportedState()
+    state.update_leaf("a", {"x": 1})
+    patch = state.take_patch(None)
+    assert patch is not None
+    state.update_leaf("b", {"y": 2})
+    state.restore(patch)
+    again = state.take_patch(None)
+    assert again is not None and again.body == {"leaves": {"a": {"x": 1}, "b": {"y": 2}}}
+
+
+def _env(**extra: str) -> dict[str, Any]:
+    return dict.fromkeys(EDGE_ENV, "x") | extra
+
+
+def test_edge_settings_from_env() -> None:
+    settings = EdgeSettings.from_env(_env(IOTEDGE_DEVICEID="edge1", LEAFGUARD_SEND_TIMEOUT_S="2.5"))
+    assert settings.identity == "edge1/x" and settings.send_timeout_s == 2.5
+    assert settings.outbox_max_bytes == 16 * 1024 * 1024 and settings.output_name == "security"
+    with pytest.raises(ConfigurationError, match="IOTEDGE_WORKLOADURI"):
+        EdgeSettings.from_env({k: v for k, v in _env().items() if k != "IOTEDGE_WORKLOADURI"})
+    with pytest.raises(ConfigurationError, match="LEAFGUARD_OUTBOX_MAX_BYTES"):
+        EdgeSettings.from_env(_env(LEAFGUARD_OUTBOX_MAX_BYTES="lots"))
+    with pytest.raises(ConfigurationError, match="outbox"):
+        EdgeSettings.from_env(_env(LEAFGUARD_OUTBOX_MAX_BYTES="1000"))
