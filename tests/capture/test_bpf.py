@@ -69,13 +69,36 @@ def test_other_frames_are_kept_but_cut_to_the_snap_length(name: str) -> None:
     assert capture_program(snaplen=128).run(frame) == 128
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.binary(min_size=0, max_size=200), st.sampled_from([b"\x08\x00", b"\x86\xdd", b"\x08\x06", b"\x81\x00"]))
+@settings(max_examples=400, deadline=None)
+@given(st.binary(min_size=0, max_size=700), st.sampled_from([b"\x08\x00", b"\x86\xdd", b"\x08\x06", b"\x81\x00"]))
 def test_default_filter_never_drops_a_frame(tail: bytes, ethertype: bytes) -> None:
     # Counters stay exact only if every frame reaches user space: runts and malformed headers included.
     frame = bytes(12) + ethertype + tail
     assert capture_program().run(frame) > 0
     assert capture_program(snaplen=64).run(frame) > 0
+
+
+TCP_STARTS = {
+    "tls_client_hello": b"\x16\x03\x01\x06\x00\x01",
+    "http_get": b"GET /api/v1/telemetry HTTP/1.1\r\n",
+    "http_post": b"POST /upload HTTP/1.1\r\n",
+    "http_put": b"PUT /x HTTP/1.1\r\n",
+    "http_head": b"HEAD / HTTP/1.1\r\n",
+    "mqtt_connect": b"\x10\xff\x01\x00\x04MQTT",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TCP_STARTS))
+def test_tcp_segments_the_deep_decoders_read_are_kept_whole(name: str) -> None:
+    options = [("MSS", 1460), ("NOP", None), ("WScale", 7), ("SAckOK", b""), ("Timestamp", (1, 2))]
+    for tcp in (TCP(sport=40000, dport=443), TCP(sport=40000, dport=8080, options=options)):
+        frame = _b(E / IP() / tcp / Raw(TCP_STARTS[name] + b"a" * 1300))
+        assert capture_program().run(frame) == 65535
+
+
+def test_tcp_payload_of_other_records_is_cut() -> None:
+    app_data = _b(E / IP() / TCP(sport=443, dport=40000) / Raw(b"\x17\x03\x03\x05\x00" + b"z" * 1300))
+    assert capture_program().run(app_data) == 512
 
 
 def test_extra_filter_narrows_both_branches() -> None:
@@ -85,6 +108,9 @@ def test_extra_filter_narrows_both_branches() -> None:
     assert prog.run(_b(E / IP(dst="10.77.0.9") / UDP(sport=1, dport=53) / PAD)) == 0
     assert prog.run(_b(E / IP(dst="10.77.0.8") / UDP(sport=1, dport=53) / PAD)) == 65535
     assert prog.run(_b(E / IP(dst="10.77.0.8") / TCP() / PAD)) == 512
+    # Short frames: kept whole, but only if the extra filter takes them.
+    assert prog.run(_b(E / IP(dst="10.77.0.9") / TCP())) == 0
+    assert prog.run(_b(E / IP(dst="10.77.0.8") / TCP())) == 65535
 
 
 @pytest.mark.parametrize("bad", ["hots 10.0.0.1", "tcp port 99999", "((udp", "ether host zz"])

@@ -1,23 +1,24 @@
 """Classic BPF programs for the live capture socket, compiled by libpcap at run time.
 
 The kernel filter never drops a frame that the core counts. It only decides *how many bytes* of each frame
-reach user space, because a classic BPF program's return value is the snap length: 0 drops the frame, ``n``
-keeps its first ``n`` bytes, and the ring header still carries the original length. The default program
-therefore is
+reach user space: a classic BPF program's return value is the snap length (0 drops the frame, ``n`` keeps its
+first ``n`` bytes) and the ring header still carries the original length. The default program keeps
 
-* the frames that carry inventory (ARP, DHCP, DNS, mDNS, LLMNR, NetBIOS, SSDP): whole
-  (``inventory_snaplen``);
-* every other frame: the first ``snaplen`` bytes, enough for all headers (802.1Q + IPv6 + TCP with options
-  is 122 bytes) and the first payload bytes the deep decoders read (TLS ClientHello up to the SNI, MQTT
-  CONNECT, an HTTP request line and headers, telnet/FTP logins).
+* whole (``inventory_snaplen``): ARP, DHCP, DNS, mDNS, LLMNR, NetBIOS, SSDP, DHCPv6, and IPv4 TCP segments
+  that start a TLS handshake record, an HTTP request or an MQTT CONNECT;
+* the first ``snaplen`` bytes of every other frame: all headers (802.1Q + IPv6 + TCP with options is 122
+  bytes) and the first payload bytes of each segment;
+* whole: every frame shorter than :data:`GUARD_LEN`.
 
-Per-MAC and per-conversation packet and byte counters stay exact because every frame arrives (with its wire
-length); only mid-flow payload bytes, which nothing reads, are cut. An operator's extra filter expression
-narrows what is captured at all: it is and-ed into both branches.
+Per-MAC and per-conversation packet and byte counters stay exact because every frame arrives, with its wire
+length; only mid-flow payload bytes, which nothing reads, are cut. An operator's extra filter expression
+narrows what is captured at all: it is and-ed into every branch.
 
-libpcap compiles each expression (``pcap_compile`` on a ``pcap_open_dead`` handle, link type Ethernet); the
-two programs are then spliced into one: every ``ret #0`` of the inventory program becomes a jump to the
-start of the second program, whose ``ret`` carries the short snap length.
+libpcap compiles each expression (``pcap_compile`` on a ``pcap_open_dead`` handle, link type Ethernet) and
+:func:`splice` joins the programs: every ``ret #0`` of the inventory program becomes a jump to the program with
+the short snap length, and a length test in front sends short frames to a third one, so that no load of the
+inventory program can run past the end of a runt or a malformed frame (in classic BPF that aborts the
+program with 0: a silent drop).
 """
 
 from __future__ import annotations
@@ -44,11 +45,23 @@ BPF_LD_W_LEN = 0x80
 DEFAULT_SNAPLEN = 512
 DEFAULT_INVENTORY_SNAPLEN = 65535
 
+_TCP_PAYLOAD = "tcp[((tcp[12:1] & 0xf0) >> 2):{n}]"
 INVENTORY_EXPRESSION = (
     "arp or rarp or (udp and (port 53 or port 67 or port 68 or port 137 or port 138"
     " or port 1900 or port 5353 or port 5355 or port 546 or port 547))"
+    # TCP segments that start a TLS handshake record, an HTTP request or an MQTT CONNECT (IPv4: libpcap's
+    # tcp[] does not follow IPv6). A large ClientHello puts the SNI anywhere (Chrome shuffles extensions) and
+    # request headers often pass 512 bytes; random payload that happens to match only costs some copying.
+    f" or (tcp and ({_TCP_PAYLOAD.format(n=1)} = 0x16 or {_TCP_PAYLOAD.format(n=1)} = 0x10"
+    f" or {_TCP_PAYLOAD.format(n=4)} = 0x47455420 or {_TCP_PAYLOAD.format(n=4)} = 0x504f5354"
+    f" or {_TCP_PAYLOAD.format(n=4)} = 0x50555420 or {_TCP_PAYLOAD.format(n=4)} = 0x48454144))"
 )
 """Frames kept whole: the deep decoders read their full payload (DHCP options sit past byte 282)."""
+
+GUARD_LEN = 160
+"""Frames shorter than this skip the inventory program and are kept whole. Its loads reach byte 138 at most
+(14 + 60-byte IPv4 header + 60-byte TCP header + 4), so from here on none can run past the frame's end: in
+classic BPF such a load aborts the program with 0, which would drop a runt or a malformed frame silently."""
 
 
 class _BpfInsn(ctypes.Structure):
@@ -173,21 +186,22 @@ def compile_expression(expression: str, snaplen: int) -> BpfProgram:
     return BpfProgram(insns, expression)
 
 
-def splice(first: BpfProgram, rest: BpfProgram, *, min_len: int = 0) -> BpfProgram:
+def splice(
+    first: BpfProgram, rest: BpfProgram, *, min_len: int = 0, short: BpfProgram | None = None
+) -> BpfProgram:
     """Run ``first``; where it would drop the frame, run ``rest`` instead.
 
-    Frames shorter than ``min_len`` go straight to ``rest``. A classic BPF load past the end of the frame
-    aborts the whole program with 0 (drop), so a runt or a malformed header would otherwise never reach ``rest``
-    and vanish uncounted; below the short snap length both branches keep the whole frame anyway.
+    Frames shorter than ``min_len`` skip ``first`` and run ``short`` (or ``rest`` when there is none).
     """
     n = len(first.insns)
     out: list[Insn] = []
     if min_len > 0:
+        to_short = n + (len(rest.insns) if short is not None else 0)
         out += [
             (BPF_LD_W_LEN, 0, 0, 0),
             (BPF_JMP_JGE_K, 1, 0, min_len),
-            # Conditional jumps reach 255 instructions at most; ja reaches past any `first`.
-            (BPF_JMP_JA, 0, 0, n),
+            # Conditional jumps reach 255 instructions at most; ja reaches past any program.
+            (BPF_JMP_JA, 0, 0, to_short),
         ]
     for i, (code, jt, jf, k) in enumerate(first.insns):
         if code == BPF_RET_K and k == 0:
@@ -195,6 +209,8 @@ def splice(first: BpfProgram, rest: BpfProgram, *, min_len: int = 0) -> BpfProgr
         else:
             out.append((code, jt, jf, k))
     out.extend(rest.insns)
+    if short is not None:
+        out.extend(short.insns)
     if len(out) > BPF_MAXINSNS:
         raise CaptureError(
             f"capture filter too long ({len(out)} instructions, the kernel takes {BPF_MAXINSNS}): "
@@ -222,5 +238,6 @@ def capture_program(
     else:
         narrow = compile_expression("", snaplen)
         whole = compile_expression(INVENTORY_EXPRESSION, inventory_snaplen)
-    prog = splice(whole, narrow, min_len=snaplen)
+    short = compile_expression(extra, inventory_snaplen)
+    prog = splice(whole, narrow, min_len=GUARD_LEN, short=short)
     return BpfProgram(prog.insns, extra or "(all frames)")
