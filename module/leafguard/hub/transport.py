@@ -405,9 +405,12 @@ class EdgeTransport:
             name=f"leafguard.hub.send[{entry.seq}]",
         )
         try:
-            async with asyncio.timeout(self.settings.send_timeout_s) as scope:
-                self._send_scope = scope
-                await asyncio.shield(send)
+            try:
+                async with asyncio.timeout(self.settings.send_timeout_s) as scope:
+                    self._send_scope = scope
+                    await asyncio.shield(send)
+            finally:
+                self._send_scope = None
         except TimeoutError:
             self.outbox.release_in_flight()
             if self.state is LinkState.CONNECTED and not self._broken.is_set():
@@ -432,7 +435,6 @@ class EdgeTransport:
         else:
             self.outbox.ack(entry)
         finally:
-            self._send_scope = None
             self._abandon(send)
 
     def _abandon(self, send: asyncio.Task[None]) -> None:
