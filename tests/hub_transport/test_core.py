@@ -140,3 +140,39 @@ def test_edge_settings_from_env() -> None:
         EdgeSettings.from_env(_env(LEAFGUARD_OUTBOX_MAX_BYTES="lots"))
     with pytest.raises(ConfigurationError, match="outbox"):
         EdgeSettings.from_env(_env(LEAFGUARD_OUTBOX_MAX_BYTES="1000"))
+
+
+def test_outbox_drops_are_reported_to_the_leaf_agent_as_send_failures() -> None:
+    from leafguard.agent.local import make_fleet
+    from leafguard.hub.output import EdgeAgentOutput
+    from leafguard.hub.transport import EdgeTransport
+    from leafguard.observe.model import identity_for_mac
+
+    fleet = make_fleet()
+    agent = fleet.ensure("00:11:22:33:44:55", 1000.0)
+    assert agent is not None
+    transport = EdgeTransport(EdgeSettings.from_env(_env(LEAFGUARD_OUTBOX_MAX_BYTES="262144")))
+    output = EdgeAgentOutput(transport, fleet)
+    ident = identity_for_mac("00:11:22:33:44:55")
+    transport.submit([msg(ident, 100_000, "Low") for _ in range(4)] + [msg("gone", 100_000)])
+    assert transport.outbox.stats.dropped == 3 and output.unattributed_drops == 0
+    assert len(transport.outbox) == 2  # "gone" (High) pushed out a second Low message
+    events = [e for m in fleet.shutdown(2000.0) for e in m.body_json()["Events"]]
+    (stats,) = [e for e in events if e["Name"] == "MessageStatistics"]
+    assert stats["Payload"][0]["TotalFailed"] == 3
+
+
+def test_service_settings_choose_edge_mode_only_without_a_local_folder(tmp_path: Any) -> None:
+    from leafguard.cli import _parser
+    from leafguard.service.settings import ServiceSettings
+
+    args = _parser().parse_args(["run", "--pcap", "x.pcap"])
+    edge = ServiceSettings.from_args(args, _env(IOTEDGE_MODULEID="leafguard"))
+    assert edge.edge is not None and edge.local_dir is None and edge.edge.module_id == "leafguard"
+    local = ServiceSettings.from_args(_parser().parse_args(["run", "--pcap", "x", "--local-dir", str(tmp_path)]),
+                                      _env())
+    assert local.edge is None and local.local_dir == tmp_path
+    with pytest.raises(ConfigurationError, match="IOTEDGE_DEVICEID"):
+        ServiceSettings.from_args(args, {k: v for k, v in _env().items() if k != "IOTEDGE_DEVICEID"})
+    with pytest.raises(ConfigurationError, match="--local-dir"):
+        ServiceSettings.from_args(args, {})

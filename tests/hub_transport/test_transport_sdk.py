@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -92,7 +93,8 @@ def many(messages: list[OutgoingMessage], n: int) -> list[OutgoingMessage]:
 
 
 async def test_security_messages_go_out_on_output_security(hub: HubEmulator, module: Identity,
-                                                           demo_messages: list[OutgoingMessage]) -> None:
+                                                           demo_messages: list[OutgoingMessage],
+                                                           shared_dir: Path) -> None:
     transport = EdgeTransport(settings())
     async with asyncio.timeout(LIMIT_S), running(transport):
         transport.submit(demo_messages)

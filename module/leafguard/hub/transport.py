@@ -109,6 +109,10 @@ class EdgeTransport:
         client_factory: Callable[[EdgeSettings], Any] = default_client_factory,
     ) -> None:
         self.settings = settings
+        sdk_log = logging.getLogger("azure.iot.device")
+        if sdk_log.level == logging.NOTSET:
+            # The SDK logs three INFO lines per message sent; its warnings and errors are what matter here.
+            sdk_log.setLevel(logging.WARNING)
         self.outbox = Outbox(settings.outbox_max_bytes)
         self.reported = ReportedState()
         self.stats = TransportStats()

@@ -1,0 +1,102 @@
+"""`leafguard run` in edge mode, as a real process with the IoT Edge environment, against the hub emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
+from leafguard.demo import demo_capture
+from tests.agent.schema import errors
+from tests.hub import HubEmulator, Identity
+
+LIMIT_S = 40.0
+MODULE = "edge1/leafguard"
+SENSOR = "leaf-5ccf7f07aefb"
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[HubEmulator]:
+    async with HubEmulator.start(thread=True) as emulator:
+        yield emulator
+
+
+async def until(predicate: Callable[[], Any], interval_s: float = 0.05) -> None:
+    while True:
+        if predicate():
+            return
+        await asyncio.sleep(interval_s)
+
+
+def service_env(hub: HubEmulator, module: Identity) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IOTEDGE_", "LEAFGUARD_"))}
+    return env | hub.edge_environment(module) | {"LEAFGUARD_REPORTED_INTERVAL_S": "0.3"}
+
+
+async def test_edge_mode_service_sends_is_tuned_by_its_twin_and_stops_cleanly(hub: HubEmulator,
+                                                                             shared_dir: Path) -> None:
+    module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "leafguard", "run", "--pcap", str(demo_capture()), "--replay-speed", "0",
+        env=service_env(hub, module), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+    def reported() -> dict[str, Any]:
+        doc: dict[str, Any] = hub.twin(module)["reported"]
+        return doc
+
+    def max_size() -> Any:
+        return reported().get("leaves", {}).get(SENSOR, {}).get(CFG, {}).get("maxMessageSizeInBytes")
+
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: max_size() == {"value": 204800})
+            await hub.set_desired(module, {"leaves": {SENSOR: {CFG: {"maxMessageSizeInBytes": {"value": 16384}}}}})
+            await until(lambda: max_size() == {"value": 16384})
+            # Rejected whole: the previous configuration stays in force and is reported again (a new version).
+            version = reported()["$version"]
+            await hub.set_desired(module, {"leaves": {SENSOR: {CFG: {"maxMessageSizeInBytes": {"value": "big"}}}}})
+            await until(lambda: reported()["$version"] > version)
+            assert max_size() == {"value": 16384}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(LIMIT_S):
+            _out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert b"stopped cleanly" in err
+
+    received = hub.messages(MODULE)
+    ids = {m.system["$.mid"] for m in received}
+    health = reported()["leafguard"]
+    # Everything the agents built was acknowledged and arrived; nothing was dropped.
+    assert len(ids) == health["agents"]["messages"] == health["uplink"]["sent"] > 0
+    assert health["uplink"]["dropped"] == 0 and health["uplink"]["queued"] == 0
+    for message in received:
+        assert message.output_name == "security" and message.is_security_message
+        assert message.properties["leafIdentity"].startswith("leaf-")
+        assert errors(message.json()) == []
+    sensor_events = [e for m in received if m.properties["leafIdentity"] == SENSOR for e in m.json()["Events"]]
+    problems = [p for e in sensor_events if e["Name"] == "ConfigurationError" for p in e["Payload"]]
+    assert any(p["ErrorType"] == "TypeMismatch" and p["ConfigurationName"] == "maxMessageSizeInBytes"
+               for p in problems)
+    assert hub.connections() == []
+
+
+async def test_incomplete_edge_environment_is_a_one_line_error(hub: HubEmulator) -> None:
+    module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
+    env = service_env(hub, module)
+    del env["IOTEDGE_WORKLOADURI"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "leafguard", "run", "--pcap", str(demo_capture()),
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(LIMIT_S):
+        _out, err = await proc.communicate()
+    assert proc.returncode == 2
+    lines = [line for line in err.decode().splitlines() if line.startswith("leafguard:")]
+    assert len(lines) == 1 and "IOTEDGE_WORKLOADURI" in lines[0]
