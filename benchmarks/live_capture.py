@@ -28,14 +28,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.netns import Lab, Netns
 
-from leafguard.capture.live import CaptureSettings, InterfaceState, LiveCapture
+from leafguard.capture.live import CaptureSettings, InterfaceState, LiveCapture, OverflowPolicy
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
 
@@ -195,9 +195,15 @@ async def until(cond: Callable[[], bool]) -> None:
         await asyncio.sleep(0.02)
 
 
-async def measure(gen: Netns, cap_ns: Netns, pcap: Path, rate: int, seconds: float, snaplen: int) -> Result:
+async def measure(gen: Netns, cap_ns: Netns, pcap: Path, rate: int, seconds: float, args: argparse.Namespace) -> Result:
     analyzer = Analyzer(AnalyzerSettings())
-    cap = LiveCapture(CaptureSettings(interfaces=("cap0",), netns=cap_ns.name, snaplen=snaplen))
+    settings = CaptureSettings(interfaces=("cap0",), netns=cap_ns.name, snaplen=args.snaplen)
+    if args.ring_blocks:
+        settings = replace(settings, block_count=args.ring_blocks)
+    if args.queue:
+        settings = replace(settings, queue_maxsize=args.queue)
+    settings = replace(settings, overflow=OverflowPolicy(args.overflow))
+    cap = LiveCapture(settings)
 
     async def feed() -> None:
         while True:
@@ -263,7 +269,7 @@ async def main_async(args: argparse.Namespace) -> list[Result]:
         lab.veth(gen, "eth0", cap_ns, "cap0")
         print(HEADER)
         for rate in args.rates:
-            r = await measure(gen, cap_ns, pcap, rate, args.seconds, args.snaplen)
+            r = await measure(gen, cap_ns, pcap, rate, args.seconds, args)
             print(r.row(), flush=True)
             results.append(r)
     return results
@@ -281,6 +287,9 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--frames", type=int, default=50_000, help="frames in the synthetic capture (looped)")
     p.add_argument("--snaplen", type=int, default=512, help="LeafGuard's snap length for non-inventory frames")
+    p.add_argument("--ring-blocks", type=int, default=0, help="ring blocks of 1 MiB (default: the setting's)")
+    p.add_argument("--queue", type=int, default=0, help="queue size in batches (default: the setting's)")
+    p.add_argument("--overflow", default="drop_oldest", choices=[str(x) for x in OverflowPolicy])
     p.add_argument("--bulk", action="store_true", help="full-size TCP data segments (a camera-like stream)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import subprocess
 import sys
@@ -273,7 +274,7 @@ async def test_a_dead_capture_thread_is_noticed_restarted_and_counted(
     assert len(await collect(cap, 1)) >= 1
 
 
-@pytest.mark.parametrize("policy", list(OverflowPolicy))
+@pytest.mark.parametrize("policy", [OverflowPolicy.DROP_OLDEST, OverflowPolicy.DROP_NEWEST])
 async def test_queue_overflow_policy_counts_every_dropped_frame(
     pair: Pair, running: Start, policy: OverflowPolicy
 ) -> None:
@@ -312,6 +313,31 @@ async def test_ring_overflow_is_counted_by_the_kernel(pair: Pair, running: Start
     assert st.ring_freezes > 0
     assert st.frames + st.kernel_drops == sent
     assert st.kernel_packets == sent
+
+
+async def test_ring_policy_keeps_the_queue_and_lets_the_kernel_count(pair: Pair, running: Start) -> None:
+    cap = LiveCapture(
+        settings_for(pair, block_size=4096, block_count=4, queue_maxsize=2, overflow=OverflowPolicy.RING)
+    )
+    running(cap)
+    await until(lambda: cap.stats()["cap0"].state is InterfaceState.RUNNING)
+    sent = 2000
+    # Nothing consumes the queue: it fills to 2 batches, then the ring fills, then the kernel drops.
+    pair.send([udp_frame(9, 200)], repeat=sent)
+    await asyncio.sleep(1.2)  # one PACKET_STATISTICS read per second
+    st = cap.stats()["cap0"]
+    assert cap.queue.qsize() == 2
+    assert (st.queue_drops, st.queue_dropped_batches) == (0, 0)
+    assert st.kernel_drops > 0
+    # Once the consumer is back, what the ring held arrives too: nothing is lost uncounted.
+    got = 0
+    async with asyncio.timeout(5):
+        while got + cap.stats()["cap0"].kernel_drops < sent:
+            with contextlib.suppress(TimeoutError):
+                got += len(await asyncio.wait_for(cap.get(), 0.1))
+    st = cap.stats()["cap0"]
+    assert got + st.kernel_drops == sent == st.kernel_packets
+    assert got == st.frames
 
 
 async def test_stop_is_prompt_and_leaves_no_thread(pair: Pair) -> None:

@@ -92,6 +92,10 @@ class OverflowPolicy(enum.StrEnum):
     """Evict the oldest queued batch to make room: the core sees the freshest traffic."""
     DROP_NEWEST = "drop_newest"
     """Discard the arriving batch: the core sees a contiguous prefix of the traffic."""
+    RING = "ring"
+    """Never drop in the queue: while it is full the thread leaves blocks in the kernel ring, which becomes the
+    overflow buffer (no extra memory); when the ring is full too the kernel drops the newest frames and counts
+    them in ``kernel_drops``."""
 
 
 class InterfaceState(enum.StrEnum):
@@ -460,8 +464,15 @@ class _CaptureThread(threading.Thread):
         poller.register(ring.sock.fileno(), select.POLLIN | select.POLLERR)
         timeout_ms = max(1, int(settings.poll_timeout_s * 1000))
         next_stats = time.monotonic() + 1.0
+        ring_policy = settings.overflow is OverflowPolicy.RING
         while not self._stop_requested.is_set():
-            if self.pending >= settings.max_pending_batches:
+            now = time.monotonic()
+            if now >= next_stats:
+                next_stats = now + 1.0
+                self._account_kernel_stats(ring)
+            if self.pending >= settings.max_pending_batches or (
+                ring_policy and self._capture.queue.qsize() + self.pending >= settings.queue_maxsize
+            ):
                 # The loop is behind: leave blocks in the ring; it absorbs the burst, or the kernel counts drops.
                 self._stop_requested.wait(0.002)
                 continue
@@ -475,10 +486,6 @@ class _CaptureThread(threading.Thread):
                             raise cls(err, f"{self.interface}: {os.strerror(err)}")
             elif not self._hand_over(batch, st):
                 return
-            now = time.monotonic()
-            if now >= next_stats:
-                next_stats = now + 1.0
-                self._account_kernel_stats(ring)
         # Blocks the kernel already retired are handed over on a clean stop; only the block still open
         # (at most block_timeout_ms of traffic) is left, and it shows as kernel_packets - kernel_drops - frames.
         while (batch := ring.next_block()) is not None:
@@ -586,6 +593,8 @@ class LiveCapture:
         thread.delivered += 1
         q = self.queue
         if q.full():
+            # Under RING the threads keep the queue from filling; only several interfaces racing for its last
+            # slots get here, and then the oldest batch goes, as under DROP_OLDEST.
             if self.settings.overflow is OverflowPolicy.DROP_NEWEST:
                 self._count_drop(batch)
                 return
