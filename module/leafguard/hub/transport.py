@@ -60,6 +60,8 @@ SDK_ERRORS = (ClientError, OperationCancelled, OperationTimeout)
 """What azure-iot-device raises for a failed operation (the last two are not ClientErrors)."""
 
 LEAF_IDENTITY_PROPERTY = "leafIdentity"
+STABLE_CONNECTION_S = 10.0
+"""A connection that lasted this long resets the backoff when it breaks; a shorter one backs off first."""
 
 
 class DesiredOverflow(enum.Enum):
@@ -146,6 +148,7 @@ class EdgeTransport:
         self._last_reported = float("-inf")
         self._last_health = float("-inf")
         self._down_since: float | None = None
+        self._connected_at = 0.0
         self._failed_attempts = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -210,6 +213,9 @@ class EdgeTransport:
                     task.cancel()
         finally:
             self._stopped.set()
+            if not self._closing.is_set():
+                # Torn down without shutdown() (the service is failing): still release the SDK's threads.
+                await self._close_client(5.0)
 
     async def shutdown(self, deadline_s: float) -> None:
         """Stop accepting, flush the outbox (and the reported properties) until ``deadline_s``, close the client.
@@ -232,8 +238,11 @@ class EdgeTransport:
             )
         self._closing.set()
         if self._loop is not None:
-            async with asyncio.timeout(deadline_s):
-                await self._stopped.wait()
+            try:
+                async with asyncio.timeout(deadline_s):
+                    await self._stopped.wait()
+            except TimeoutError:
+                log.warning("the hub transport's tasks did not stop within %.1f s", deadline_s)
         await self._close_client(max(1.0, deadline_s - (time.monotonic() - started)))
         self._set_state(LinkState.DISCONNECTED)
 
@@ -296,30 +305,39 @@ class EdgeTransport:
                 self._set_state(LinkState.CONNECTING)
             else:
                 await self._broken.wait()
-                self._broken.clear()
                 self._down_since = time.monotonic()
                 log.warning("uplink to the edge hub lost: %s", self._broken_reason)
+                # A connection that did not stay up for a while does not reset the backoff: a hub that accepts
+                # and then drops us at once must not be hammered in a tight loop.
+                stable = self._down_since - self._connected_at >= STABLE_CONNECTION_S
+                if stable:
+                    self._backoff.reset()
+                self._set_state(LinkState.DISCONNECTED if stable else LinkState.BACKOFF)
                 if self._force_disconnect:
                     await self._disconnect_quietly()
-                self._set_state(LinkState.DISCONNECTED)
 
     def _on_connected(self) -> None:
         self.stats.connects += 1
         self._epoch += 1
-        if self._down_since is not None or self._failed_attempts:
-            self.stats.reconnects += 1 if self._down_since is not None else 0
-            down = time.monotonic() - self._down_since if self._down_since is not None else 0.0
+        self._connected_at = time.monotonic()
+        if self._down_since is not None:
+            self.stats.reconnects += 1
             log.info(
                 "uplink recovered after %.1f s (%d failed attempts); %d messages queued",
-                down,
+                self._connected_at - self._down_since,
                 self._failed_attempts,
                 len(self.outbox),
             )
         else:
-            log.info("connected to the edge hub as %s", self.settings.identity)
+            log.info(
+                "connected to the edge hub as %s%s",
+                self.settings.identity,
+                f" after {self._failed_attempts} failed attempts" if self._failed_attempts else "",
+            )
         self._down_since = None
         self._failed_attempts = 0
-        self._backoff.reset()
+        # Only here, with no await since connect() returned: a drop reported from now on is a new one.
+        self._broken.clear()
         self._set_state(LinkState.CONNECTED)
 
     async def _connect(self) -> None:
