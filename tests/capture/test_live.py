@@ -249,6 +249,16 @@ async def test_missing_and_down_interfaces_are_retried_while_others_keep_going(
     assert ("cap1", InterfaceState.DOWN) in seen
 
 
+async def test_a_non_ethernet_interface_is_reported(pair: Pair, running: Start) -> None:
+    pair.gw.run("ip", "tuntap", "add", "dev", "tun7", "mode", "tun")
+    pair.gw.up("tun7")
+    cap = LiveCapture(settings_for(pair, interfaces=("tun7", "cap0")))
+    running(cap)
+    await until(lambda: cap.stats()["tun7"].state is InterfaceState.FAILED)
+    assert cap.stats()["tun7"].last_error == "interface tun7 is not Ethernet (ARPHRD 65534)"
+    await until(lambda: cap.stats()["cap0"].state is InterfaceState.RUNNING)
+
+
 async def test_a_dead_capture_thread_is_noticed_restarted_and_counted(
     pair: Pair, running: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -64,6 +64,9 @@ TPACKET_V3 = 2
 ETH_P_ALL = 0x0003
 SIOCGIFFLAGS = 0x8913
 SIOCGIFINDEX = 0x8933
+SIOCGIFHWADDR = 0x8927
+ARPHRD_ETHER = 1
+ARPHRD_LOOPBACK = 772
 IFF_UP = 0x1
 CLONE_NEWNET = 0x40000000
 
@@ -229,10 +232,16 @@ def _interface_index_and_up(sock: socket.socket, name: str) -> tuple[int, bool]:
         req = _ifreq(name)
         fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, req)
         flags = struct.unpack_from("H", req, 16)[0]
+        req = _ifreq(name)
+        fcntl.ioctl(sock.fileno(), SIOCGIFHWADDR, req)
+        hwtype = struct.unpack_from("H", req, 16)[0]
     except OSError as exc:
         if exc.errno in (errno.ENODEV, errno.ENXIO):
             raise _InterfaceMissing(errno.ENODEV, f"interface {name} does not exist") from exc
         raise
+    if hwtype not in (ARPHRD_ETHER, ARPHRD_LOOPBACK):
+        # Frames of a tun or PPP link carry no Ethernet header; the filter and the batches assume one.
+        raise OSError(errno.EPROTONOSUPPORT, f"interface {name} is not Ethernet (ARPHRD {hwtype})")
     return int(index), bool(flags & IFF_UP)
 
 
