@@ -228,3 +228,22 @@ async def test_module_twin_tunes_every_leaf_and_reports_back(hub: HubEmulator, m
         await asyncio.sleep(0.5)
         assert max_size(plc) == {"value": 16384}
         assert fleet.agent(plc).config.max_message_size_bytes == 16384  # type: ignore[union-attr]
+
+
+async def test_sas_renewal_by_the_sdk_is_not_an_outage(hub: HubEmulator, module: Identity,
+                                                      demo_messages: list[OutgoingMessage]) -> None:
+    from azure.iot.device.aio import IoTHubModuleClient
+
+    def short_token_client(_settings: EdgeSettings) -> Any:
+        # The SDK renews 120 s before expiry: with a 122 s token it re-authorizes (DISCONNECT + CONNECT) after 2 s.
+        return IoTHubModuleClient.create_from_edge_environment(
+            connection_retry=False, auto_connect=False, sastoken_ttl=122)
+
+    transport = EdgeTransport(settings(), client_factory=short_token_client)
+    async with asyncio.timeout(LIMIT_S), running(transport):
+        await until(lambda: transport.state is LinkState.CONNECTED)
+        await until(lambda: hub.stats.connects >= 2)
+        await asyncio.sleep(0.5)
+        transport.submit(demo_messages[:2])
+        await until(lambda: len(distinct_ids(hub)) == 2)
+        assert transport.stats.reconnects == 0 and transport.stats.connects == 1

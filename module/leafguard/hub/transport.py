@@ -62,6 +62,9 @@ SDK_ERRORS = (ClientError, OperationCancelled, OperationTimeout)
 LEAF_IDENTITY_PROPERTY = "leafIdentity"
 STABLE_CONNECTION_S = 10.0
 """A connection that lasted this long resets the backoff when it breaks; a shorter one backs off first."""
+SDK_RECONNECT_GRACE_S = 3.0
+"""How long a disconnect the SDK reports may last before we call the link lost: the SDK renews its SAS token
+(every ~58 min by default) with a DISCONNECT and a CONNECT of its own, which is not an outage."""
 
 
 class DesiredOverflow(enum.Enum):
@@ -149,6 +152,7 @@ class EdgeTransport:
         self._last_health = float("-inf")
         self._down_since: float | None = None
         self._connected_at = 0.0
+        self._loss_timer: asyncio.TimerHandle | None = None
         self._failed_attempts = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -212,6 +216,7 @@ class EdgeTransport:
                 for task in tasks:
                     task.cancel()
         finally:
+            self._cancel_loss_timer()
             self._stopped.set()
             if not self._closing.is_set():
                 # Torn down without shutdown() (the service is failing): still release the SDK's threads.
@@ -276,6 +281,7 @@ class EdgeTransport:
         """Called on the loop when the connection is found broken (SDK state, send failure or timeout)."""
         if self.state is not LinkState.CONNECTED or self._broken.is_set():
             return
+        self._cancel_loss_timer()
         self._broken_reason = reason
         self._force_disconnect = force
         self._broken.set()
@@ -390,8 +396,23 @@ class EdgeTransport:
 
     def _check_connected(self) -> None:
         client = self._client
+        if client is None or self.state is not LinkState.CONNECTED:
+            return
+        if client.connected:
+            self._cancel_loss_timer()
+        elif self._loss_timer is None:
+            self._loss_timer = asyncio.get_running_loop().call_later(SDK_RECONNECT_GRACE_S, self._confirm_lost)
+
+    def _confirm_lost(self) -> None:
+        self._loss_timer = None
+        client = self._client
         if client is not None and not client.connected:
             self._link_broken("the SDK reports the connection lost", force=False)
+
+    def _cancel_loss_timer(self) -> None:
+        if self._loss_timer is not None:
+            self._loss_timer.cancel()
+            self._loss_timer = None
 
     def _put_desired(self, update: DesiredUpdate) -> None:
         self.stats.desired_updates += 1
