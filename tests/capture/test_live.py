@@ -424,7 +424,7 @@ def test_block_parsing_reinserts_stripped_vlan_tags() -> None:
     assert batch.frame(0) == plain
     assert batch.frame(1) == stripped[:12] + b"\x81\x00\x20\x07" + stripped[12:]
     assert batch.frame(2) == stripped[:12] + b"\x88\xa8\x00\x05" + stripped[12:]
-    assert batch.caplens == [64, 68, 68]
+    assert list(batch.caplens) == [64, 68, 68]
     # The ring's tp_len counts the frame without the stripped tag; the wire carried it.
-    assert batch.wirelens == [164, 168, 168]
+    assert list(batch.wirelens) == [164, 168, 168]
     assert list(batch.timestamps) == pytest.approx([1_700_000_000.25] * 3)

@@ -43,6 +43,7 @@ import socket
 import struct
 import threading
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -337,10 +338,11 @@ class _Ring:
 
 
 def _parse_block(data: bytes, num: int, first: int, source: str) -> FrameBatch:
-    offsets: list[int] = []
-    caplens: list[int] = []
-    wirelens: list[int] = []
-    timestamps: list[float] = []
+    # array.array rather than lists: the core's numpy fast path views them without a per-element conversion.
+    offsets = array("q")
+    caplens = array("q")
+    wirelens = array("q")
+    timestamps = array("d")
     vlans: list[tuple[int, int, int]] = []  # (frame index, tpid, tci)
     off = first
     unpack = _FRAME_HDR.unpack_from
