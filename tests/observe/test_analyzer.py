@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.dns import DNS, DNSQR, DNSRR
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 
 from leafguard.capture.batch import FrameBatch
 from leafguard.capture.pcapfile import read_batches
-from leafguard.demo import demo_capture
+from leafguard.demo import _client_hello, demo_capture
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.model import ConnectionSeen, LoginSeen
 from leafguard.observe.settings import AnalyzerSettings
@@ -183,35 +184,75 @@ def test_state_is_bounded_and_evictions_are_counted() -> None:
     assert grown < 256 * 1024, f"memory grew by {grown} bytes once the caps were reached"
 
 
+def _payloads(rnd: random.Random, dport: int) -> list[tuple[bool, bytes]]:
+    """A plausible exchange for the service on ``dport``: (from the client?, payload) in order."""
+    if dport == 1883:
+        user = b"dev%d" % rnd.randrange(10)
+        body = b"\x00\x04MQTT\x04\xc2\x00\x3c\x00\x02id" + len(user).to_bytes(2, "big") + user + b"\x00\x02pw"
+        code = rnd.choice([0, 0, 5])
+        return [
+            (True, bytes([0x10, len(body)]) + body),
+            (False, bytes([0x20, 2, 0, code])),
+            (True, b"\x30\x05\x00\x01tx"),
+        ]
+    if dport in (80, 8080):
+        auth = b"Authorization: Basic YWRtaW46eA==\r\n" if rnd.random() < 0.5 else b""
+        status = rnd.choice([b"200 OK", b"401 No"])
+        return [(True, b"GET / HTTP/1.1\r\n" + auth + b"\r\n"), (False, b"HTTP/1.1 " + status + b"\r\n\r\n")]
+    if dport == 23:
+        return [(False, b"login: "), (True, b"root\r\n"), (False, b"Password: "), (True, b"x\r\n"), (False, b"$ ")]
+    if dport == 443:
+        return [(True, _client_hello(f"s{rnd.randrange(5)}.example")), (False, b"\x16\x03\x03\x00\x01\x00")]
+    return [(rnd.random() < 0.5, b"x" * rnd.randint(1, 60)) for _ in range(rnd.randint(0, 6))]
+
+
+def _session(rnd: random.Random, a: tuple[str, str], b: tuple[str, str], n: int) -> list[Any]:
+    sport, kind = 20000 + n, rnd.random()
+    if kind < 0.15:  # DNS, CoAP or mDNS
+        u = rnd.choice([53, 5683, 5353])
+        q = bytes(DNS(rd=1, qd=DNSQR(qname=f"h{rnd.randrange(9)}.example")))
+        ans = bytes(DNS(qr=1, qd=DNSQR(qname="cam.local"), an=DNSRR(rrname="cam.local", rdata=a[1])))
+        out = [Ether(src=a[0], dst=b[0]) / IP(src=a[1], dst=b[1]) / UDP(sport=sport, dport=u) / q]
+        out += [Ether(src=b[0], dst=a[0]) / IP(src=b[1], dst=a[1]) / UDP(sport=u, dport=sport) / ans]
+        return out * rnd.randint(1, 2)
+    if kind < 0.2:  # ICMP echo and ARP
+        return [
+            Ether(src=a[0], dst="ff:ff:ff:ff:ff:ff") / ARP(hwsrc=a[0], psrc=a[1], pdst=b[1]),
+            Ether(src=b[0], dst=a[0]) / ARP(op=2, hwsrc=b[0], psrc=b[1], pdst=a[1]),
+            Ether(src=a[0], dst=b[0]) / IP(src=a[1], dst=b[1]) / ICMP(),
+            Ether(src=b[0], dst=a[0]) / IP(src=b[1], dst=a[1]) / ICMP(type=0),
+        ]
+    dport = rnd.choice([80, 443, 1883, 502, 8080, 23])
+    start = rnd.random()
+    if start < 0.1:  # refused
+        return [_tcp(a, b, sport, dport, "S"), _tcp(b, a, dport, sport, "RA")]
+    if start < 0.2:  # the capture starts mid-connection
+        out = []
+    elif start < 0.3:  # ... or at the SYN-ACK
+        out = [_tcp(b, a, dport, sport, "SA"), _tcp(a, b, sport, dport, "A")]
+    else:
+        out = [_tcp(a, b, sport, dport, "S"), _tcp(b, a, dport, sport, "SA"), _tcp(a, b, sport, dport, "A")]
+    for from_client, data in _payloads(rnd, dport):
+        if from_client:
+            out += [_tcp(a, b, sport, dport, "PA", data), _tcp(b, a, dport, sport, "A")]
+        else:
+            out += [_tcp(b, a, dport, sport, "PA", data), _tcp(a, b, sport, dport, "A")]
+    if rnd.random() < 0.8:
+        out += [_tcp(a, b, sport, dport, "FA"), _tcp(b, a, dport, sport, "FA"), _tcp(a, b, sport, dport, "A")]
+    return out
+
+
 def _session_frames(rnd: random.Random, n_sessions: int) -> list[Any]:
+    hosts = [(f"00:17:88:00:01:{i:02x}", f"10.2.0.{i + 1}") for i in range(6)] + [("00:1b:21:00:00:09", "52.9.9.9")]
+    sessions = [_session(rnd, *rnd.sample(hosts, 2), n) for n in range(n_sessions)]
+    # Interleave the sessions as a capture does, each one's frames staying in order.
     frames: list[Any] = []
-    hosts = [(f"00:17:88:00:01:{i:02x}", f"10.2.0.{i + 1}") for i in range(8)]
-    for s in range(n_sessions):
-        a, b = rnd.sample(hosts, 2)
-        sport, dport = 20000 + s, rnd.choice([80, 443, 1883, 502, 8080, 23])
-        kind = rnd.random()
-        if kind < 0.2:
-            u = rnd.choice([53, 5683, 161])
-            for k in range(rnd.randint(1, 6)):
-                fwd = k % 2 == 0
-                src, dst = (a, b) if fwd else (b, a)
-                frames.append(
-                    Ether(src=src[0], dst=dst[0])
-                    / IP(src=src[1], dst=dst[1])
-                    / UDP(sport=sport if fwd else u, dport=u if fwd else sport)
-                    / (b"q" * rnd.randint(0, 30))
-                )
-            continue
-        frames += [_tcp(a, b, sport, dport, "S"), _tcp(b, a, dport, sport, "SA"), _tcp(a, b, sport, dport, "A")]
-        for _ in range(rnd.randint(0, 25)):
-            if rnd.random() < 0.5:
-                frames.append(_tcp(a, b, sport, dport, "PA", b"x" * rnd.randint(1, 60)))
-            else:
-                frames.append(_tcp(b, a, dport, sport, rnd.choice(["A", "PA"]), b"y" * rnd.randint(0, 60)))
-        if rnd.random() < 0.8:
-            frames += [_tcp(a, b, sport, dport, "FA"), _tcp(b, a, dport, sport, "FA"), _tcp(a, b, sport, dport, "A")]
-    # Interleave sessions the way a real capture does.
-    rnd.shuffle(frames) if rnd.random() < 0.1 else None
+    live = [list(reversed(s)) for s in sessions if s]
+    while live:
+        k = rnd.randrange(min(len(live), 4))
+        frames.append(live[k].pop())
+        if not live[k]:
+            live.pop(k)
     return frames
 
 
@@ -226,8 +267,10 @@ def _run(frames: list[Any], fast: bool, batch: int) -> tuple[dict[str, Any], lis
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), batch=st.sampled_from([64, 100, 257, 4096]))
 def test_fast_path_gives_the_same_result_as_the_per_frame_path(seed: int, batch: int) -> None:
-    frames = _session_frames(random.Random(seed), 30)
-    assert _run(frames, True, batch) == _run(frames, False, batch)
+    frames = _session_frames(random.Random(seed), 40)
+    fast, slow = _run(frames, True, batch), _run(frames, False, batch)
+    assert fast == slow
+    assert any(isinstance(o, LoginSeen) for o in slow[1]), "the generator should exercise the login trackers"
 
 
 @pytest.mark.parametrize("capture", [p.name for p in shared_pcaps()])

@@ -99,6 +99,8 @@ class Analyzer:
         self.stats = CaptureStats()
         self.macs: dict[bytes, MacState] = {}
         self.flows: dict[tuple[int, bytes, int, bytes, int], Flow] = {}
+        self.flows4: dict[tuple[int, int], Flow] = {}
+        """The IPv4 conversations again, keyed as the bulk step groups frames (see `fastpath.plan_batch`)."""
         self._frags: dict[tuple[bytes, bytes, int, int], tuple[tuple[int, bytes, int, bytes, int], bool]] = {}
         self._frag_pending: dict[tuple[bytes, bytes, int, int], list[Any]] = {}
         self._observations: list[Observation] = []
@@ -140,21 +142,19 @@ class Analyzer:
             for i in range(n):
                 self.frame(decode(data, offsets[i], caplens[i], linktype), data, stamps[i], wirelens[i])
             return
-        # Walk in order; a frame of a conversation that has settled (here or in an earlier batch) is deferred
-        # to the bulk count, which gives the same result because such a frame only adds to counters.
-        # A bare TCP segment (no payload, no SYN/FIN/RST) of an existing conversation is deferred too. Control
-        # segments of settled conversations are deferred as well: the bulk step replays their state changes in
-        # batch order, and nothing else in a settled conversation depends on that state.
+        fastpath.create_new(self, batch, plan)
+        # Walk, in order, what the plan left to the per-frame path. A frame of a conversation that settles during
+        # the walk (nothing left to inspect but deep datagrams) is deferred to the bulk step from then on.
         frame_key = plan.frame_key
         settled = plan.settled
         known = plan.known
         bare = plan.bare
+        deep = plan.deep
         uflows = plan.uflows
         deferred: list[int] = []
-        ctrl = plan.ctrl
         for i in plan.walk:
             u = frame_key[i]
-            if u >= 0 and (settled[u] or (bare[i] and known[u] and not ctrl[i])):
+            if u >= 0 and not deep[i] and (settled[u] or (bare[i] and known[u])):
                 deferred.append(i)
                 continue
             flow = self.frame(decode(data, offsets[i], caplens[i], linktype), data, stamps[i], wirelens[i])
@@ -329,30 +329,53 @@ class Analyzer:
                 self.first_reply(flow, src, sip)
             if p.payload_len and (sport in DEEP_UDP_PORTS or dport in DEEP_UDP_PORTS) and src is not None:
                 self._udp_payload(p, data[p.payload_off : p.payload_off + p.payload_len], src)
-            flow.slow = flow.a_port in DEEP_UDP_PORTS or flow.b_port in DEEP_UDP_PORTS
         return flow
 
     def _new_flow(self, key: tuple[int, bytes, int, bytes, int], p: Packet, ts: float) -> Flow:
-        if len(self.flows) >= self.settings.max_flows:
-            self._evict_flow(ts)
         assert p.src_ip is not None
         assert p.dst_ip is not None
-        flags = p.tcp_flags
-        responder_first = p.proto == PROTO_TCP and flags & TCP_SYN and flags & TCP_ACK
+        return self.create_flow(
+            key, p.proto, p.src_ip, p.sport, p.dst_ip, p.dport, p.src_mac, p.dst_mac, p.tcp_flags, ts
+        )
+
+    def create_flow(
+        self,
+        key: tuple[int, bytes, int, bytes, int],
+        proto: int,
+        sip: bytes,
+        sport: int,
+        dip: bytes,
+        dport: int,
+        smac: bytes | None,
+        dmac: bytes | None,
+        flags: int,
+        ts: float,
+    ) -> Flow:
+        """A conversation seen for the first time, on a frame from ``sip:sport`` to ``dip:dport``."""
+        if len(self.flows) >= self.settings.max_flows:
+            self._evict_flow(ts)
+        responder_first = proto == PROTO_TCP and flags & TCP_SYN and flags & TCP_ACK
         if responder_first:
             # Capture started between SYN and SYN-ACK: the SYN-ACK's receiver is the initiator.
-            flow = Flow(p.proto, p.dst_ip, p.dport, p.src_ip, p.sport, p.dst_mac, p.src_mac, ts)
+            flow = Flow(proto, dip, dport, sip, sport, dmac, smac, ts)
         else:
-            flow = Flow(p.proto, p.src_ip, p.sport, p.dst_ip, p.dport, p.src_mac, p.dst_mac, ts)
-        if p.proto == PROTO_TCP:
+            flow = Flow(proto, sip, sport, dip, dport, smac, dmac, ts)
+        if proto == PROTO_TCP:
             flow.state = "S0" if flags & TCP_SYN and not flags & TCP_ACK else "EST" if responder_first else "OTHER"
             proto_name = LOGIN_PORTS.get(flow.b_port)
             if proto_name is not None:
                 flow.login = LoginTracker(proto_name)
                 flow.login_budget = LOGIN_BUDGET_BYTES
+        flow.slow = flow.login is not None
+        flow.a_is_lo = flow.a_ip == key[1] and flow.a_port == key[2]
+        if len(sip) == 4:
+            lo = int.from_bytes(key[1], "big")
+            hi = int.from_bytes(key[3], "big")
+            flow.nkey = ((lo << 32) | hi, (key[2] << 24) | (key[4] << 8) | proto)
+            self.flows4[flow.nkey] = flow
         self.flows[key] = flow
         if self._observe:
-            self._observe_connection(flow, "tcp" if p.proto == PROTO_TCP else "udp", ts)
+            self._observe_connection(flow, "tcp" if proto == PROTO_TCP else "udp", ts)
         return flow
 
     def _evict_flow(self, now: float) -> None:
@@ -365,7 +388,9 @@ class Analyzer:
                 continue
             break
         else:
-            flows.pop(next(iter(flows)))
+            f = flows.pop(next(iter(flows)))
+        if f.nkey is not None:
+            self.flows4.pop(f.nkey, None)
         self.stats.evicted_flows += 1
 
     def _tcp(
@@ -377,15 +402,21 @@ class Analyzer:
             payload = data[p.payload_off : p.payload_off + p.payload_len]
             if forward and not flow.hello_checked:
                 self.inspect_hello(flow, src, payload)
-            if flow.login is not None and flow.login_budget > 0:
-                flow.login_budget -= len(payload)
-                for outcome in flow.login.feed(forward, payload):
-                    self._observe_login(flow, flow.login.protocol, outcome, ts)
-                if flow.login.finished or flow.login_budget <= 0:
-                    # Nothing more to follow: release the tracker's buffers.
-                    flow.login = None
-                    flow.login_budget = 0
-        flow.slow = flow.login is not None and flow.login_budget > 0
+            if flow.login is not None:
+                self.follow_login(flow, forward, payload, ts)
+        flow.slow = flow.login is not None
+
+    def follow_login(self, flow: Flow, forward: bool, payload: bytes, ts: float) -> None:
+        """Feed one segment's payload to the conversation's login tracker (it is not None)."""
+        login = flow.login
+        assert login is not None
+        flow.login_budget -= len(payload)
+        for outcome in login.feed(forward, payload):
+            self._observe_login(flow, login.protocol, outcome, ts)
+        if login.finished or flow.login_budget <= 0:
+            # Nothing more to follow: release the tracker's buffers.
+            flow.login = None
+            flow.login_budget = 0
 
     def tcp_control(
         self, flow: Flow, forward: bool, flags: int, src: MacState | None, src_ip: bytes | None, sport: int
@@ -553,9 +584,10 @@ class Analyzer:
             )
 
     def drain_observations(self) -> list[Observation]:
-        """Observations since the last call, in packet order."""
+        """Observations since the last call, in packet order (the bulk step makes some after the walk)."""
         out = self._observations
         self._observations = []
+        out.sort(key=_obs_time)
         return out
 
     # ----------------------------------------------------------------------------------------- output
@@ -664,6 +696,10 @@ class Analyzer:
 
 
 _ULA = ipaddress.ip_network("fc00::/7")
+
+
+def _obs_time(obs: Observation) -> float:
+    return obs.ts
 
 
 def _ip_sort(text: str) -> tuple[int, int]:

@@ -66,6 +66,7 @@ class Flow:
 
     __slots__ = (
         "a_ip",
+        "a_is_lo",
         "a_mac",
         "a_port",
         "b_ip",
@@ -79,6 +80,7 @@ class Flow:
         "last",
         "login",
         "login_budget",
+        "nkey",
         "packets_ab",
         "packets_ba",
         "proto",
@@ -115,5 +117,9 @@ class Flow:
         self.hello_checked = False
         self.login: LoginTracker | None = None
         self.login_budget = 0
-        self.slow = True
-        """Its frames still need the per-frame path (deep inspection or state not settled)."""
+        self.a_is_lo = True
+        """Side ``a`` is the lower (address, port) endpoint of the conversation's key."""
+        self.nkey: tuple[int, int] | None = None
+        """The IPv4 conversation key as two integers (the bulk step's index), or None for IPv6."""
+        self.slow = False
+        """Its frames need the per-frame path: a login exchange on it is being followed."""
