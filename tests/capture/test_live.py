@@ -244,9 +244,11 @@ async def test_missing_and_down_interfaces_are_retried_while_others_keep_going(
     st0, st1 = cap.stats()["cap0"], cap.stats()["cap1"]
     assert (st0.opens, st0.restarts, st0.state) == (1, 0, InterfaceState.RUNNING)
     assert (st1.opens, st1.restarts) == (3, 2)
-    seen = [(c.interface, c.state) for c in changes if c.interface == "cap1"]
-    assert seen[:2] == [("cap1", InterfaceState.OPENING), ("cap1", InterfaceState.MISSING)]
-    assert ("cap1", InterfaceState.DOWN) in seen
+    seen = [c.state for c in changes if c.interface == "cap1"]
+    # Reported on transitions only, however many retries each waiting state took.
+    assert seen[:3] == [InterfaceState.OPENING, InterfaceState.MISSING, InterfaceState.DOWN]
+    assert seen.count(InterfaceState.MISSING) == 2
+    assert seen.count(InterfaceState.RUNNING) == 3
 
 
 async def test_a_non_ethernet_interface_is_reported(pair: Pair, running: Start) -> None:

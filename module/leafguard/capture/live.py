@@ -116,6 +116,9 @@ class InterfaceState(enum.StrEnum):
     """Opening failed for another reason, or the capture thread died; retried with backoff."""
 
 
+_WAITING = frozenset({InterfaceState.MISSING, InterfaceState.DOWN, InterfaceState.FAILED})
+
+
 @dataclass(frozen=True, slots=True)
 class CaptureSettings:
     """Live capture settings (the gateway twin's capture section)."""
@@ -621,20 +624,18 @@ class LiveCapture:
     # -- supervision -----------------------------------------------------------------------------------------
 
     def _set_state(self, st: InterfaceStats, state: InterfaceState, error: str = "") -> None:
-        if st.state is state and st.last_error == error:
+        if st.state is state:
+            if error:
+                st.last_error = error
             return
         previous = st.state
         st.state = state
         st.since = time.time()
         if error:
             st.last_error = error
-        if state in (InterfaceState.MISSING, InterfaceState.DOWN, InterfaceState.FAILED):
+        if state in _WAITING:
             log.warning("capture on %s: %s (%s)", st.interface, state, error)
-        elif state is InterfaceState.RUNNING and previous in (
-            InterfaceState.MISSING,
-            InterfaceState.DOWN,
-            InterfaceState.FAILED,
-        ):
+        elif state is InterfaceState.RUNNING and previous in _WAITING:
             log.info("capture on %s recovered", st.interface)
         if self._on_state_change is not None:
             self._on_state_change(replace(st))
@@ -665,7 +666,9 @@ class LiveCapture:
         was_running = False
         try:
             while True:
-                self._set_state(st, InterfaceState.OPENING)
+                if st.state not in _WAITING:
+                    # A retry keeps the waiting state, so a missing interface is reported once, not per attempt.
+                    self._set_state(st, InterfaceState.OPENING)
                 thread = _CaptureThread(self, interface, loop)
                 self._threads[interface] = thread
                 thread.start()
@@ -712,8 +715,7 @@ class LiveCapture:
             if left is not None:
                 left.request_stop()
                 await _join(left, self.settings.poll_timeout_s * 20)
-            st.state = InterfaceState.STOPPED
-            st.since = time.time()
+            self._set_state(st, InterfaceState.STOPPED)
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
