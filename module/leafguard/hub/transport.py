@@ -34,9 +34,9 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from azure.iot.device.aio import IoTHubModuleClient
 from azure.iot.device.exceptions import (
@@ -55,6 +55,7 @@ from leafguard.hub.settings import EdgeSettings
 from leafguard.hub.twin import ReportedState
 
 log = logging.getLogger("leafguard.hub")
+T = TypeVar("T")
 
 SDK_ERRORS = (ClientError, OperationCancelled, OperationTimeout)
 """What azure-iot-device raises for a failed operation (the last two are not ClientErrors)."""
@@ -142,7 +143,7 @@ class EdgeTransport:
         self._closing = asyncio.Event()
         self._stopped = asyncio.Event()
         self._send_scope: asyncio.Timeout | None = None
-        self._abandoned: set[asyncio.Task[None]] = set()
+        self._abandoned: set[asyncio.Task[Any]] = set()
         """Sends we stopped waiting for (timeout, broken link); the SDK still owns their PUBLISH."""
         self._epoch = 0
         """Counts successful connects; the twin task fetches the twin once per epoch."""
@@ -155,6 +156,7 @@ class EdgeTransport:
         self._loss_timer: asyncio.TimerHandle | None = None
         self._failed_attempts = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._creating: asyncio.Task[Any] | None = None
 
     # -- the service side (call on the loop) -----------------------------------------------------------------
 
@@ -235,12 +237,15 @@ class EdgeTransport:
                 await self._flush_reported()
         except TimeoutError:
             self.stats.unsent_at_shutdown = len(self.outbox)
-            log.warning(
-                "shutdown deadline (%.1f s): %d security messages (%d bytes) not sent",
-                deadline_s,
-                len(self.outbox),
-                self.outbox.bytes,
-            )
+            if len(self.outbox):
+                log.warning(
+                    "shutdown deadline (%.1f s): %d security messages (%d bytes) not sent",
+                    deadline_s,
+                    len(self.outbox),
+                    self.outbox.bytes,
+                )
+            else:
+                log.warning("shutdown deadline (%.1f s): the last reported patch did not complete", deadline_s)
         self._closing.set()
         if self._loop is not None:
             try:
@@ -253,6 +258,13 @@ class EdgeTransport:
 
     async def _close_client(self, timeout_s: float) -> None:
         client, self._client = self._client, None
+        creating, self._creating = self._creating, None
+        if client is None and creating is not None:
+            # A creation still running in its thread: wait for it, so that its client is shut down too.
+            with contextlib.suppress(TimeoutError, OSError, *SDK_ERRORS):
+                async with asyncio.timeout(timeout_s):
+                    client = await asyncio.shield(creating)
+            self._abandon(creating)
         if client is None:
             return
         try:
@@ -346,22 +358,55 @@ class EdgeTransport:
         self._broken.clear()
         self._set_state(LinkState.CONNECTED)
 
+    async def _sdk_call(self, call: Coroutine[Any, Any, T], timeout_s: float, name: str) -> T:
+        """Await an SDK call (or a thread) for at most ``timeout_s``, never cancelling it.
+
+        The SDK resolves its own futures from its threads and logs an error when one was cancelled under it; a
+        call we stop waiting for is kept (``_abandoned``) until the SDK settles it.
+        """
+        task = asyncio.get_running_loop().create_task(call, name=f"leafguard.hub.{name}")
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.shield(task)
+        finally:
+            self._abandon(task)
+
+    async def _create_client(self) -> Any:
+        """The one client, created once. A creation that outlives a connect attempt is awaited again by the next
+        one, never started twice: two clients of one identity would keep kicking each other off the hub."""
+        if self._client is not None:
+            return self._client
+        if self._creating is None:
+            self._creating = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self._client_factory, self.settings), name="leafguard.hub.create_client"
+            )
+        creating = self._creating
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                client = await asyncio.shield(creating)
+        except BaseException:
+            if creating.done():
+                self._creating = None
+            raise
+        self._creating = None
+        self._client = client
+        # A client-event handler, not a receive handler: assigning it does not connect.
+        client.on_connection_state_change = self._sdk_state_changed
+        return client
+
     async def _connect(self) -> None:
         s = self.settings
-        async with asyncio.timeout(s.connect_timeout_s):
-            if self._client is None:
-                self._client = await asyncio.to_thread(self._client_factory, s)
-                # A client-event handler, not a receive handler: assigning it does not connect.
-                self._client.on_connection_state_change = self._sdk_state_changed
-            client = self._client
-            await client.connect()
+        client = await self._create_client()
+        await self._sdk_call(client.connect(), s.connect_timeout_s, "connect")
         try:
             # Assigning a receive handler subscribes, synchronously; re-assigning it once subscribed is a no-op,
             # and after a failed subscription it tries again.
-            async with asyncio.timeout(s.twin_timeout_s):
-                await asyncio.to_thread(
-                    setattr, client, "on_twin_desired_properties_patch_received", self._sdk_desired_patch
-                )
+            handler = self._sdk_desired_patch
+            await self._sdk_call(
+                asyncio.to_thread(setattr, client, "on_twin_desired_properties_patch_received", handler),
+                s.twin_timeout_s,
+                "subscribe_desired",
+            )
         except TimeoutError:
             # The SDK keeps retrying the SUBSCRIBE; the twin GET after each connect catches up meanwhile.
             log.warning("subscribing to desired-properties patches timed out; relying on twin GETs")
@@ -371,8 +416,7 @@ class EdgeTransport:
         if client is None:
             return
         try:
-            async with asyncio.timeout(self.settings.connect_timeout_s):
-                await client.disconnect()
+            await self._sdk_call(client.disconnect(), self.settings.connect_timeout_s, "disconnect")
         except (TimeoutError, *SDK_ERRORS) as exc:
             log.debug("disconnect after a broken link: %r", exc)
 
@@ -480,7 +524,7 @@ class EdgeTransport:
         finally:
             self._abandon(send)
 
-    def _abandon(self, send: asyncio.Task[None]) -> None:
+    def _abandon(self, send: asyncio.Task[Any]) -> None:
         """Keep a send we stopped waiting for until the SDK settles it (ack, or cancelled by a disconnect)."""
         if send.done():
             self._settled(send)
@@ -488,7 +532,7 @@ class EdgeTransport:
         self._abandoned.add(send)
         send.add_done_callback(self._settled)
 
-    def _settled(self, send: asyncio.Task[None]) -> None:
+    def _settled(self, send: asyncio.Task[Any]) -> None:
         self._abandoned.discard(send)
         if not send.cancelled() and send.exception() is not None:
             log.debug("abandoned send ended with %r", send.exception())
@@ -507,8 +551,7 @@ class EdgeTransport:
             try:
                 if self._twin_epoch != self._epoch or self._resync:
                     epoch, self._resync = self._epoch, False
-                    async with asyncio.timeout(self.settings.twin_timeout_s):
-                        twin = await client.get_twin()
+                    twin = await self._sdk_call(client.get_twin(), self.settings.twin_timeout_s, "get_twin")
                     self._twin_epoch = epoch
                     desired = twin.get("desired") if isinstance(twin, dict) else None
                     if isinstance(desired, dict):
@@ -533,8 +576,9 @@ class EdgeTransport:
         if patch is None:
             return
         try:
-            async with asyncio.timeout(self.settings.twin_timeout_s):
-                await self._client.patch_twin_reported_properties(patch.body)
+            await self._sdk_call(
+                self._client.patch_twin_reported_properties(patch.body), self.settings.twin_timeout_s, "patch_reported"
+            )
         except BaseException:
             self.reported.restore(patch)
             raise
