@@ -316,7 +316,6 @@ async def capture_all(net: Net, tmp_path: Path) -> tuple[dict[str, Any], dict[st
             await settle(lambda: cap.stats()["br0"].state is InterfaceState.RUNNING)
         start_services(net, tmp_path)
         facts = await asyncio.to_thread(make_traffic, net)
-        await asyncio.to_thread(stop_tcpdumps, net)
         # Every frame on the segment entered the bridge through one port, so br0 sees each exactly once.
         # Kernels may still send a late ACK or ARP: wait until the counters are quiet and all is analysed.
         async with asyncio.timeout(10):
@@ -327,6 +326,9 @@ async def capture_all(net: Net, tmp_path: Path) -> tuple[dict[str, Any], dict[st
                 await asyncio.sleep(0.3)
                 if net.tx() == after and analyzer.stats.packets == sent_total:
                     break
+        # The leaves' own captures stop only now, so they include any late frame the counters include.
+        await asyncio.to_thread(stop_tcpdumps, net)
+        assert net.tx() == after, "traffic after the quiet period: the oracles would disagree"
         runner.cancel()
         feeder.cancel()
     stats = cap.stats()["br0"].as_dict()
@@ -444,17 +446,19 @@ def test_leafguard_run_writes_the_same_inventory(net: Net, tmp_path: Path) -> No
     """The service end to end: ``leafguard run --interface br0 --local-dir DIR`` in the gateway namespace."""
     out = tmp_path / "out"
     before = net.tx()
-    proc = net.gw.popen(
-        sys.executable, "-m", "leafguard", "run", "--interface", "br0", "--local-dir", str(out),
-        "--write-interval", "0.2", stderr=subprocess.PIPE,
-    )
+    log_path = tmp_path / "leafguard.log"
+    # A file, not a pipe: a pipe nobody reads fills up and would block the service's logging.
+    with log_path.open("wb") as log_file:
+        proc = net.gw.popen(
+            sys.executable, "-m", "leafguard", "run", "--interface", "br0", "--local-dir", str(out),
+            "--write-interval", "0.2", stderr=log_file,
+        )
     running = wait_for_file(
         out / "stats.json", lambda d: d.get("interfaces", {}).get("br0", {}).get("state") == "running"
     )
     assert running["interfaces"]["br0"]["opens"] == 1
     start_services(net, tmp_path)
     facts = make_traffic(net)
-    stop_tcpdumps(net)
     while True:
         after = net.tx()
         total = sum(after[n][0] - before[n][0] for n in after)
@@ -462,9 +466,10 @@ def test_leafguard_run_writes_the_same_inventory(net: Net, tmp_path: Path) -> No
         time.sleep(0.3)
         if net.tx() == after:
             break
+    stop_tcpdumps(net)
+    assert net.tx() == after, "traffic after the quiet period: the oracles would disagree"
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0, err.decode()
+    assert proc.wait(20) == 0, log_path.read_text()
     stats = read_json(out / "stats.json")
     report = {
         "capture": stats["capture"],
