@@ -247,3 +247,44 @@ async def test_sas_renewal_by_the_sdk_is_not_an_outage(hub: HubEmulator, module:
         transport.submit(demo_messages[:2])
         await until(lambda: len(distinct_ids(hub)) == 2)
         assert transport.stats.reconnects == 0 and transport.stats.connects == 1
+
+
+async def test_full_outbox_drops_low_first_and_counts_every_drop(hub: HubEmulator, module: Identity,
+                                                                demo_messages: list[OutgoingMessage]) -> None:
+    dropped: list[OutgoingMessage] = []
+    transport = EdgeTransport(settings(outbox_max_bytes=262_144, send_timeout_s=20.0), on_dropped=dropped.append)
+    batch = many(demo_messages, 120)  # about 400 KB of bodies: more than the outbox holds
+    async with asyncio.timeout(LIMIT_S), running(transport):
+        await until(lambda: transport.state is LinkState.CONNECTED)
+        hub.stall_pubacks()
+        transport.submit(batch)
+        assert dropped and transport.outbox.bytes <= 262_144
+        # The policy itself (Low first, then oldest, never the one in flight) is unit-tested in test_core.
+        assert any(m.priority == "Low" for m in dropped)
+        hub.release_pubacks()
+        await until(lambda: not len(transport.outbox))
+    counters = transport.counters()
+    assert counters["dropped"] == len(dropped) > 0
+    assert len(distinct_ids(hub)) + len(dropped) == len(batch)
+
+
+async def test_edge_hub_restart_with_downtime(hub: HubEmulator, module: Identity,
+                                              demo_messages: list[OutgoingMessage]) -> None:
+    transport = EdgeTransport(settings())
+    async with asyncio.timeout(LIMIT_S), running(transport):
+        await until(lambda: transport.state is LinkState.CONNECTED)
+        await hub.restart(downtime_s=1.5)
+        transport.submit(demo_messages)
+        await until(lambda: len(distinct_ids(hub)) == len(demo_messages))
+    assert transport.stats.reconnects >= 1
+
+
+async def test_failed_reported_patch_is_retried(hub: HubEmulator, module: Identity) -> None:
+    transport = EdgeTransport(settings(), health=lambda: {"version": "test"})
+    async with asyncio.timeout(LIMIT_S), running(transport):
+        await until(lambda: transport.state is LinkState.CONNECTED)
+        await until(lambda: "leafguard" in hub.twin(module)["reported"])
+        hub.fail_twin_requests(503, count=2)
+        transport.report_leaf("plc1", {CFG: {"maxMessageSizeInBytes": {"value": 8192}}})
+        await until(lambda: "plc1" in hub.twin(module)["reported"].get("leaves", {}))
+    assert transport.stats.reported_failures >= 1
