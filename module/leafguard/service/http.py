@@ -50,6 +50,22 @@ def _metric_lines(service: Service) -> list[str]:
             f"# TYPE leafguard_agent_events_{name} gauge",
             f"leafguard_agent_events_{name} {getattr(agents, name)}",
         ]
+    transport = service.transport
+    if transport is not None:
+        uplink = transport.counters()
+        lines += [
+            "# TYPE leafguard_uplink_connected gauge",
+            f"leafguard_uplink_connected {int(uplink['state'] == 'connected')}",
+        ]
+        for name, kind in (
+            ("queued", "gauge"),
+            ("queued_bytes", "gauge"),
+            ("sent", "counter"),
+            ("dropped", "counter"),
+            ("resent", "counter"),
+        ):
+            metric = f"leafguard_uplink_{name}" + ("_total" if kind == "counter" else "")
+            lines += [f"# TYPE {metric} {kind}", f"{metric} {uplink[name]}"]
     if service.capture is not None:
         for field in ("frames", "kernel_drops", "queue_drops", "restarts"):
             lines.append(f"# TYPE leafguard_capture_{field}_total counter")
