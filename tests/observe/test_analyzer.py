@@ -101,6 +101,32 @@ def test_leaf_rules_and_services() -> None:
     assert [leaf["mac"] for leaf in only.report()["leaves"]] == []
 
 
+def test_dhcp_server_and_mdns_responder_are_services() -> None:
+    from scapy.layers.dhcp import BOOTP, DHCP
+    from scapy.layers.dns import DNS, DNSRR
+
+    an = Analyzer()
+    an.feed(
+        _batch(
+            [
+                Ether(src=ROUTER[0], dst="ff:ff:ff:ff:ff:ff")
+                / IP(src=ROUTER[1], dst="255.255.255.255")
+                / UDP(sport=67, dport=68)
+                / BOOTP(op=2, chaddr=bytes.fromhex("001788000001"), yiaddr=LEAF[1])
+                / DHCP(options=[("message-type", "offer"), "end"]),
+                Ether(src=LEAF[0], dst="01:00:5e:00:00:fb")
+                / IP(src=LEAF[1], dst="224.0.0.251")
+                / UDP(sport=5353, dport=5353)
+                / DNS(qr=1, an=DNSRR(rrname="cam.local", rdata=LEAF[1])),
+            ]
+        )
+    )
+    leaves = {leaf["mac"]: leaf for leaf in an.report()["leaves"]}
+    assert {"protocol": "udp", "port": 67} in leaves[ROUTER[0]]["services"]
+    assert leaves[LEAF[0]]["services"] == [{"protocol": "udp", "port": 5353}]
+    assert leaves[LEAF[0]]["hostnames"] == ["cam.local"]
+
+
 def test_arp_teaches_addresses_and_counts_both_ways() -> None:
     an = Analyzer()
     an.feed(

@@ -473,6 +473,10 @@ class Analyzer:
             d = deep.dhcp(payload)
             if d is not None:
                 self._dhcp(d, src)
+                # A server's OFFER/ACK goes to a broadcast or a new address, never back on the request's 5-tuple,
+                # so the reply rule cannot see it: a BOOTREPLY from port 67 is the evidence.
+                if d.op == 2 and sport == 67 and p.src_ip is not None and self.is_leaf_ip(p.src_ip):
+                    self._add_service(src, "udp", 67)
         elif sport in (53, 5353, 5355) or dport in (53, 5353, 5355):
             # Only queries (the names a leaf asks for) and mDNS announcements (its own names) are kept:
             # a unicast DNS answer needs no parsing.
@@ -485,6 +489,9 @@ class Analyzer:
                 for q in m.questions:
                     self._add_name(src.dns_queries, q)
             if sport == 5353:
+                if m.response and m.records:
+                    # Answering mDNS (to the multicast group, so again not on the query's 5-tuple).
+                    self._add_service(src, "udp", 5353)
                 for name, rtype, _value in m.records:
                     if rtype in (deep.DNS_A, deep.DNS_AAAA) and name:
                         self._add_name(src.hostnames, name)
@@ -628,12 +635,22 @@ class Analyzer:
 
     def iter_conversations(self) -> Iterator[dict[str, Any]]:
         """Conversations in report order (first seen, then 5-tuple), built one at a time."""
-        for f in sorted(self.flows.values(), key=lambda f: (f.first, f.proto, f.a_ip, f.a_port, f.b_ip, f.b_port)):
+        names: dict[bytes, str] = {}  # a few addresses recur in most conversations
+
+        def text(ip: bytes) -> str:
+            got = names.get(ip)
+            if got is None:
+                if len(names) >= LEAF_SIDE_CACHE:
+                    names.clear()
+                got = names[ip] = ip_text(ip)
+            return got
+
+        for f in sorted(self.flows.values(), key=_report_order):
             yield {
                 "protocol": "tcp" if f.proto == PROTO_TCP else "udp",
-                "a_addr": ip_text(f.a_ip),
+                "a_addr": text(f.a_ip),
                 "a_port": f.a_port,
-                "b_addr": ip_text(f.b_ip),
+                "b_addr": text(f.b_ip),
                 "b_port": f.b_port,
                 "packets_ab": f.packets_ab,
                 "bytes_ab": f.bytes_ab,
@@ -696,6 +713,10 @@ class Analyzer:
 
 
 _ULA = ipaddress.ip_network("fc00::/7")
+
+
+def _report_order(f: Flow) -> tuple[float, int, bytes, int, bytes, int]:
+    return (f.first, f.proto, f.a_ip, f.a_port, f.b_ip, f.b_port)
 
 
 def _obs_time(obs: Observation) -> float:
