@@ -24,6 +24,8 @@ What is compared, exactly (no tolerance but the microsecond resolution of the ti
   (chrissanders_arppoison: the attacker only forwards public traffic but claims 172.16.0.1 in ARP) and
   the address a DHCP ACK gives it (zeek_dhcp: the client only ever sends from 0.0.0.0 and is given the
   public 128.2.6.x, so by default it is not leaf-side; the all-leaf run covers its DHCP names).
+* (g) leaf.ips (default run) = the MAC's addresses (the three sources above) that are RFC 1918,
+  link-local or ULA, unless the default cap of 32 addresses is reached.
 * (b) per TCP/UDP 5-tuple and direction: packets and bytes, derived from the per-frame fields, and the
   derivation itself is checked against tshark's conversation tables (second, independent route). Also
   per 5-tuple: the a side (initiator) from its first frame (SYN sender; the receiver if that frame is a
@@ -122,6 +124,7 @@ FIELDS = (
     "dhcp.option.vendor_class_id",
     "dhcp.option.request_list_item",
 )
+MAX_IPS_PER_LEAF = 32  # the default cap of leaf.ips
 UNSPECIFIED = {ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")}
 LEAF_NETS = [
     ipaddress.ip_network(n)
@@ -428,6 +431,21 @@ def test_leaf_set(runs: _Runs, capture: str) -> None:
     detail = {mac: sorted(map(str, view.src_ips.get(mac, ()))) for mac in (required - leaves) | (public_only & leaves)}
     assert not required - leaves, f"leaf-side MACs missing from leaves[]: {sorted(required - leaves)}; {detail}"
     assert not public_only & leaves, f"MACs with only global addresses reported as leaves: {detail}"
+
+    # (g) leaf.ips: its leaf-side addresses (RFC 1918, link-local, ULA; README), from the same three sources.
+    wrong = []
+    for leaf in ours["leaves"]:
+        got = {ipaddress.ip_address(x) for x in leaf["ips"]}
+        want = {
+            ip
+            for ip in view.src_ips.get(leaf["mac"], set())
+            if ip not in UNSPECIFIED and any(ip in net for net in LEAF_NETS if net.version == ip.version)
+        }
+        if got != want and not (len(got) >= MAX_IPS_PER_LEAF and got < want):
+            wrong.append(
+                f"{leaf['mac']}: only ours {sorted(map(str, got - want))}, only tshark {sorted(map(str, want - got))}"
+            )
+    assert not wrong, f"{capture} leaf ips differ:\n" + "\n".join(wrong)
 
 
 @pytest.mark.parametrize("capture", _params())
