@@ -115,6 +115,10 @@ FIELDS = (
     "dns.flags.response",
     "dns.qry.name",
     "tls.handshake.type",
+    "nbns.flags.opcode",
+    "nbns.flags.response",
+    "nbns.name",
+    "nbns.nb_flags.group",
     "tls.handshake.extensions_server_name",
     "dhcp.type",
     "dhcp.option.dhcp",
@@ -185,6 +189,7 @@ class TsharkView:
     syn_ack_ports: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
     dns_queries: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     tls_sni: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    nbns_registered: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
 
 
 CONV_ROW = re.compile(
@@ -283,6 +288,15 @@ def _frame(view: TsharkView, row: dict[str, str]) -> None:
                 view.tls_sni[src].update(n for n in row["tls.handshake.extensions_server_name"].split(SEP) if n)
             span = view.span.setdefault(ident, [ts, ts])
             span[0], span[1] = min(span[0], ts), max(span[1], ts)
+    if (
+        src
+        and first("nbns.flags.response") == "0"
+        and first("nbns.flags.opcode") in ("5", "8", "9")  # registration, refresh
+        and "1" not in row["nbns.nb_flags.group"].split(SEP)
+    ):
+        m = re.fullmatch(r"(.+)<(00|20)>", first("nbns.name"))
+        if m:
+            view.nbns_registered[src].add(m[1].rstrip())
     if row["dhcp.option.dhcp"].split(SEP)[0] == "5" and first("dhcp.ip.your") not in ("", "0.0.0.0"):
         view.src_ips.setdefault(first("dhcp.hw.mac_addr"), set()).add(ipaddress.ip_address(first("dhcp.ip.your")))
     if row["dhcp.type"].split(SEP)[0] == "1":  # BOOTREQUEST: the client's own options
@@ -601,3 +615,22 @@ def test_services_dns_sni(runs: _Runs, capture: str) -> None:
     sni = {m: leaf["tls_sni"] for m, leaf in leaves.items() if leaf["tls_sni"]}
     problems += _names_check(capture, "tls_sni", sni, {m: n for m, n in view.tls_sni.items() if n}, evicted)
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("capture", _params())
+def test_hostnames(runs: _Runs, capture: str) -> None:
+    """(h) hostnames (all-leaf run): every unique NetBIOS name a MAC registered (tshark: name-registration or
+    refresh requests, suffix <00> or <20>, not a group name) is among its hostnames, and every hostname is a
+    name: no control characters, never the NetBIOS wildcard "*" (NBSTAT node-status queries and answers
+    carry "*" padded with NULs, ndpi_netbios frames 55, 129, 174, 187)."""
+    view, ours = runs.get_all_leaf(capture)
+    problems = []
+    for mac, leaf in _leaves(ours).items():
+        names = leaf.get("hostnames") or []
+        missing = view.nbns_registered.get(mac, set()) - set(names)
+        if missing:
+            problems.append(f"{mac}: registered NetBIOS names {sorted(missing)} missing from hostnames {names}")
+        bad = [n for n in names if n.startswith("*") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in n)]
+        if bad:
+            problems.append(f"{mac}: hostnames that are not names: {bad!r}")
+    assert not problems, f"{capture}:\n" + "\n".join(problems)
