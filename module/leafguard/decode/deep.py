@@ -198,7 +198,8 @@ def _nb_name(msg: bytes, pos: int) -> tuple[str, int, int] | None:
         if end >= len(msg) or msg[end] == 0:
             break
         end += 1 + msg[end]
-    return raw[:15].decode("ascii", "replace").rstrip(" "), raw[15], end + 1
+    # Names are padded with spaces; the NBSTAT wildcard "*" is padded with NULs.
+    return raw[:15].decode("ascii", "replace").rstrip(" \x00"), raw[15], end + 1
 
 
 def _nb_flags(msg: bytes, pos: int) -> int | None:

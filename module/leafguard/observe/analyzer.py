@@ -502,7 +502,7 @@ class Analyzer:
             # Registrations and refreshes (opcodes 5, 8, 9) and positive answers name the sender itself.
             if (not nb.response and nb.opcode in (5, 8, 9)) or (nb.response and nb.opcode == 0):
                 for name, suffix, group in nb.names:
-                    if suffix in (0x00, 0x20) and not group and name and name != "*":
+                    if suffix in (0x00, 0x20) and not group and name and name.isprintable() and name[0] != "*":
                         self._add_name(src.hostnames, name)
         elif sport == 1900 or dport == 1900:
             s = deep.ssdp(payload)
