@@ -66,6 +66,7 @@ What is compared, exactly (no tolerance but the microsecond resolution of the ti
   Per-leaf name lists are capped (256 in the default settings): the test asks for equality when the report
   counts no evicted names, else that ours is a subset of tshark's of the capped size. Runs of U+FFFD are
   collapsed on both sides (see _fffd: iodine's binary labels).
+* (h) hostnames (all-leaf run): see test_hostnames.
 * (f) TLS SNI (all-leaf run): the server_name of every TLS ClientHello a MAC sent over TCP, same cap rule.
   (No ClientHello over UDP/QUIC in this corpus: checked.)
 """
@@ -114,6 +115,7 @@ FIELDS = (
     "arp.src.proto_ipv4",
     "dns.flags.response",
     "dns.qry.name",
+    "dns.resp.type",
     "tls.handshake.type",
     "nbns.flags.opcode",
     "nbns.flags.response",
@@ -190,6 +192,8 @@ class TsharkView:
     dns_queries: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     tls_sni: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     nbns_registered: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    mdns_answer_frames: int = 0
+    mdns_names: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
 
 
 CONV_ROW = re.compile(
@@ -282,6 +286,8 @@ def _frame(view: TsharkView, row: dict[str, str]) -> None:
             view.opener.setdefault(ident, (key, flags))
             if flags & 0x12 == 0x12 and src:
                 view.syn_ack_ports[src].add(key[2])
+            if transport == "udp" and key[2] == 5353 and row["dns.resp.type"]:
+                view.mdns_answer_frames += 1
             if transport == "udp" and key[4] in (53, 5353, 5355) and row["dns.flags.response"][:1] == "0" and src:
                 view.dns_queries[src].update(row["dns.qry.name"].split(SEP))
             if transport == "tcp" and "1" in row["tls.handshake.type"].split(SEP) and src:
@@ -318,7 +324,40 @@ def run_tshark(path: Path) -> TsharkView:
         args += ["-e", name]
     proc = subprocess.run(args, capture_output=True, text=True, check=False, errors="surrogateescape")
     assert proc.returncode == 0, f"tshark failed on {path.name}: {proc.stderr[-2000:]}"
-    return parse_tshark(proc.stdout)
+    view = parse_tshark(proc.stdout)
+    if view.mdns_answer_frames:
+        _mdns_names(path, view)
+    return view
+
+
+def _resource_records(node: Any) -> Any:
+    if isinstance(node, dict):
+        if "dns.resp.type" in node:
+            yield node
+        for value in node.values():
+            yield from _resource_records(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _resource_records(value)
+
+
+def _mdns_names(path: Path, view: TsharkView) -> None:
+    """Names of the A/AAAA records each MAC sent from port 5353, from tshark's JSON tree.
+
+    A second tshark run, only for captures with mDNS records: in `-T fields` output, dns.resp.name and
+    dns.resp.type cannot be paired, because tshark gives SRV, NSEC and some other records a type but no
+    dns.resp.name (SRV gets dns.srv.service/proto/name instead). The JSON tree keeps each record together.
+    """
+    assert TSHARK
+    args = [TSHARK, "-n", "-r", str(path), "-Y", "udp.srcport==5353 and dns.resp.type", "-T", "json"]
+    proc = subprocess.run([*args, "-J", "eth sll mdns"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"tshark -T json failed on {path.name}: {proc.stderr[-2000:]}"
+    for packet in json.loads(proc.stdout or "[]"):
+        layers = packet["_source"]["layers"]
+        src = (layers.get("eth") or {}).get("eth.src") or (layers.get("sll") or {}).get("sll.src.eth")
+        for rr in _resource_records(layers.get("mdns", {})):
+            if src and rr["dns.resp.type"] in ("1", "28") and rr.get("dns.resp.name"):
+                view.mdns_names[src].add(rr["dns.resp.name"])
 
 
 ALL_LEAF = ("--leaf-net", "0.0.0.0/0", "--leaf-net", "::/0")
@@ -620,7 +659,8 @@ def test_services_dns_sni(runs: _Runs, capture: str) -> None:
 @pytest.mark.parametrize("capture", _params())
 def test_hostnames(runs: _Runs, capture: str) -> None:
     """(h) hostnames (all-leaf run): every unique NetBIOS name a MAC registered (tshark: name-registration or
-    refresh requests, suffix <00> or <20>, not a group name) is among its hostnames, and every hostname is a
+    refresh requests, suffix <00> or <20>, not a group name) and the name of every mDNS A/AAAA record it sent
+    from port 5353 (any section) are among its hostnames (unless the list is at its cap), and every hostname is a
     name: no control characters, never the NetBIOS wildcard "*" (NBSTAT node-status queries and answers
     carry "*" padded with NULs, ndpi_netbios frames 55, 129, 174, 187)."""
     view, ours = runs.get_all_leaf(capture)
@@ -630,6 +670,9 @@ def test_hostnames(runs: _Runs, capture: str) -> None:
         missing = view.nbns_registered.get(mac, set()) - set(names)
         if missing:
             problems.append(f"{mac}: registered NetBIOS names {sorted(missing)} missing from hostnames {names}")
+        missing = view.mdns_names.get(mac, set()) - set(names)
+        if missing and len(names) < 256:
+            problems.append(f"{mac}: names of its mDNS A/AAAA records {sorted(missing)} missing from {names}")
         bad = [n for n in names if n.startswith("*") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in n)]
         if bad:
             problems.append(f"{mac}: hostnames that are not names: {bad!r}")
