@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,7 +29,7 @@ from leafguard.decode.frames import (
 )
 from leafguard.decode.login import LOGIN_PORTS, LoginOutcome, LoginTracker
 from leafguard.observe import fastpath
-from leafguard.observe.model import ConnectionSeen, LeafView, LoginSeen, Observation, Service
+from leafguard.observe.model import ConnectionSeen, Direction, LeafView, LoginSeen, Observation, Service
 from leafguard.observe.oui import vendor_of
 from leafguard.observe.settings import AnalyzerSettings
 from leafguard.observe.state import Flow, MacState
@@ -103,7 +104,7 @@ class Analyzer:
         """The IPv4 conversations again, keyed as the bulk step groups frames (see `fastpath.plan_batch`)."""
         self._frags: dict[tuple[bytes, bytes, int, int], tuple[tuple[int, bytes, int, bytes, int], bool]] = {}
         self._frag_pending: dict[tuple[bytes, bytes, int, int], list[Any]] = {}
-        self._observations: list[Observation] = []
+        self._observations: deque[Observation] = deque(maxlen=MAX_PENDING_OBSERVATIONS)
         self._leaf_side_cache: dict[bytes, bool] = {}
         self._gateway = frozenset(bytes.fromhex(m.replace(":", "")) for m in self.settings.gateway_macs)
         self._fast = fast_path
@@ -535,30 +536,34 @@ class Analyzer:
         return mac if self.is_leaf_ip(ip) else None
 
     def _emit(self, obs: Observation) -> None:
-        if len(self._observations) >= MAX_PENDING_OBSERVATIONS:
-            # Nobody is draining (a report-only run): keep memory bounded and count what is lost.
-            self._observations.pop(0)
+        if len(self._observations) == MAX_PENDING_OBSERVATIONS:
+            # Nobody is draining: the deque drops the oldest; memory stays bounded and the loss is counted.
             self.stats.observations_dropped += 1
         self._observations.append(obs)
 
-    def _observe_connection(self, flow: Flow, proto: str, ts: float) -> None:
-        for leaf_ip, leaf_port, leaf_mac, peer_ip, peer_port, direction in (
+    def _leaf_sides(self, flow: Flow) -> Iterator[tuple[str, Direction, str, int, str, int]]:
+        """Each side of a conversation that is a leaf: (MAC, direction, local address and port, remote ones)."""
+        sides: tuple[tuple[bytes, int, bytes | None, bytes, int, Direction], ...] = (
             (flow.a_ip, flow.a_port, flow.a_mac, flow.b_ip, flow.b_port, "Out"),
             (flow.b_ip, flow.b_port, flow.b_mac, flow.a_ip, flow.a_port, "In"),
-        ):
+        )
+        for leaf_ip, leaf_port, leaf_mac, peer_ip, peer_port, direction in sides:
             mac = self._leaf_mac_for(leaf_ip, leaf_mac)
-            if mac is None:
-                continue
+            if mac is not None:
+                yield mac_text(mac), direction, ip_text(leaf_ip), leaf_port, ip_text(peer_ip), peer_port
+
+    def _observe_connection(self, flow: Flow, proto: str, ts: float) -> None:
+        for mac, direction, local_addr, local_port, remote_addr, remote_port in self._leaf_sides(flow):
             self._emit(
                 ConnectionSeen(
                     ts=ts,
-                    leaf_mac=mac_text(mac),
-                    direction="Out" if direction == "Out" else "In",
+                    leaf_mac=mac,
+                    direction=direction,
                     protocol="tcp" if proto == "tcp" else "udp",
-                    local_addr=ip_text(leaf_ip),
-                    local_port=leaf_port,
-                    remote_addr=ip_text(peer_ip),
-                    remote_port=peer_port,
+                    local_addr=local_addr,
+                    local_port=local_port,
+                    remote_addr=remote_addr,
+                    remote_port=remote_port,
                     tcp_state=flow.state or "",
                     bytes_seen=flow.bytes_ab + flow.bytes_ba,
                 )
@@ -567,23 +572,17 @@ class Analyzer:
     def _observe_login(self, flow: Flow, protocol: Any, outcome: LoginOutcome, ts: float) -> None:
         if not self._observe:
             return
-        for leaf_ip, leaf_port, leaf_mac, peer_ip, peer_port, direction in (
-            (flow.a_ip, flow.a_port, flow.a_mac, flow.b_ip, flow.b_port, "Out"),
-            (flow.b_ip, flow.b_port, flow.b_mac, flow.a_ip, flow.a_port, "In"),
-        ):
-            mac = self._leaf_mac_for(leaf_ip, leaf_mac)
-            if mac is None:
-                continue
+        for mac, direction, local_addr, local_port, remote_addr, remote_port in self._leaf_sides(flow):
             self._emit(
                 LoginSeen(
                     ts=ts,
-                    leaf_mac=mac_text(mac),
+                    leaf_mac=mac,
                     protocol=protocol,
-                    direction="Out" if direction == "Out" else "In",
-                    local_addr=ip_text(leaf_ip),
-                    local_port=leaf_port,
-                    remote_addr=ip_text(peer_ip),
-                    remote_port=peer_port,
+                    direction=direction,
+                    local_addr=local_addr,
+                    local_port=local_port,
+                    remote_addr=remote_addr,
+                    remote_port=remote_port,
                     user=outcome.user,
                     result=outcome.result,
                     reply_code=outcome.reply_code,
@@ -592,9 +591,8 @@ class Analyzer:
 
     def drain_observations(self) -> list[Observation]:
         """Observations since the last call, in packet order (the bulk step makes some after the walk)."""
-        out = self._observations
-        self._observations = []
-        out.sort(key=_obs_time)
+        out = sorted(self._observations, key=_obs_time)
+        self._observations.clear()
         return out
 
     # ----------------------------------------------------------------------------------------- output
