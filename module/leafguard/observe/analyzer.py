@@ -282,13 +282,7 @@ class Analyzer:
             frag_flow = self.flows.get(fkey)
             if frag_flow is None:
                 return None
-            if forward:
-                frag_flow.packets_ab += 1
-                frag_flow.bytes_ab += wirelen
-            else:
-                frag_flow.packets_ba += 1
-                frag_flow.bytes_ba += wirelen
-            frag_flow.last = max(frag_flow.last, ts)
+            frag_flow.count(forward, 1, wirelen, ts)
             return None
         if p.sport < 0:
             return None
@@ -302,13 +296,7 @@ class Analyzer:
         if flow is None:
             flow = self._new_flow(key, p, ts)
         forward = flow.a_ip == sip and flow.a_port == sport
-        if forward:
-            flow.packets_ab += 1
-            flow.bytes_ab += wirelen
-        else:
-            flow.packets_ba += 1
-            flow.bytes_ba += wirelen
-        flow.last = max(flow.last, ts)
+        flow.count(forward, 1, wirelen, ts)
         if p.fragment:
             fid = (sip, dip, proto, p.frag_id)
             if len(self._frags) >= self.settings.max_fragments:
@@ -316,13 +304,7 @@ class Analyzer:
             self._frags[fid] = (key, forward)
             early = self._frag_pending.pop(fid, None)
             if early is not None:
-                if forward:
-                    flow.packets_ab += early[0]
-                    flow.bytes_ab += early[1]
-                else:
-                    flow.packets_ba += early[0]
-                    flow.bytes_ba += early[1]
-                flow.last = max(flow.last, early[2])
+                flow.count(forward, early[0], early[1], early[2])
         if proto == PROTO_TCP:
             self._tcp(flow, forward, flags, p, data, ts, src)
         else:

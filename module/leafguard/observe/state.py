@@ -123,3 +123,13 @@ class Flow:
         """The IPv4 conversation key as two integers (the bulk step's index), or None for IPv6."""
         self.slow = False
         """Its frames need the per-frame path: a login exchange on it is being followed."""
+
+    def count(self, forward: bool, packets: int, nbytes: int, last: float) -> None:
+        """Add frames sent by ``a`` (``forward``) or by ``b``."""
+        if forward:
+            self.packets_ab += packets
+            self.bytes_ab += nbytes
+        else:
+            self.packets_ba += packets
+            self.bytes_ba += nbytes
+        self.last = max(self.last, last)
