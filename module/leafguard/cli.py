@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="analyse capture files and print the leaf inventory and conversations")
     an.add_argument("captures", nargs="*", metavar="CAPTURE", help="pcap or pcapng files")
-    an.add_argument("--demo", action="store_true", help="analyse a small built-in capture of three leaves")
+    an.add_argument("--demo", action="store_true", help="analyse a small built-in capture of a plant network")
     an.add_argument("--json", action="store_true", help="print one JSON document instead of a summary")
     an.add_argument("--leaf-net", action="append", metavar="CIDR", help="leaf-side network (repeatable)")
     an.add_argument("--gateway-mac", action="append", metavar="MAC", help="the gateway's own MAC (repeatable)")

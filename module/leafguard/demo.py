@@ -1,4 +1,4 @@
-"""The embedded default capture: three leaves on a small plant network, built with scapy on first use.
+"""The embedded default capture: a small plant network (camera, PLC, sensor, workstation, gateway), built with scapy.
 
 It exercises what `analyze` reports (DHCP fingerprints, DNS, mDNS, TLS SNI, services, a refused connection,
 a cleartext MQTT login) so that `leafguard analyze --demo` shows real output on a machine with no captures.
