@@ -29,8 +29,9 @@ What is compared, exactly (no tolerance but the microsecond resolution of the ti
 * (b) per TCP/UDP 5-tuple and direction: packets and bytes, derived from the per-frame fields, and the
   derivation itself is checked against tshark's conversation tables (second, independent route). Also
   per 5-tuple: the a side (initiator) from its first frame (SYN sender; the receiver if that frame is a
-  SYN-ACK, i.e. the capture missed the SYN; else the first sender) and first_seen/last_seen = its
-  earliest/latest frame time.
+  SYN-ACK, i.e. the capture missed the SYN; else the first sender), first_seen/last_seen = its
+  earliest/latest frame time, and for TCP the state: README's state table (S0, REJ, EST, CLOSED, OTHER,
+  reuse after CLOSED/REJ back to S0) replayed on tshark's tcp.flags of its frames in capture order.
   Decisions, case by case (each one was checked against tshark 4.0 on this corpus):
     - ICMP/ICMPv6 errors quote the IP+TCP/UDP header of the packet they answer; tshark then prints two
       ip.src values and one tcp/udp port (esnet_nmap_80_all, ndpi_iphone, ndpi_alexa-app, HueBridge,
@@ -153,6 +154,34 @@ def _undirected(key: Directed) -> tuple[Any, ...]:
     return (proto, *sorted([(a, ap), (b, bp)]))
 
 
+def _tcp_states(events: list[tuple[Directed, int]]) -> dict[tuple[Any, ...], str]:
+    """README's TCP state table replayed on tshark's per-frame flags, in capture order, per 5-tuple."""
+    state: dict[tuple[Any, ...], str] = {}
+    initiator: dict[tuple[Any, ...], tuple[str, int]] = {}
+    for key, flags in events:
+        ident = _undirected(key)
+        syn, ack, fin, rst = flags & 0x02, flags & 0x10, flags & 0x01, flags & 0x04
+        if ident not in state:
+            initiator[ident] = _initiator(key, flags)
+            state[ident] = "S0" if syn and not ack else "EST" if syn else "OTHER"
+            continue
+        forward, now = key[1:3] == initiator[ident], state[ident]
+        if syn and ack:
+            if not forward and now in ("S0", "REJ"):
+                state[ident] = "EST"  # the attempt was answered
+        elif syn:
+            if forward and now in ("CLOSED", "REJ"):
+                state[ident] = "S0"  # the 5-tuple is reused by a new attempt
+        elif rst:
+            if now == "S0" and not forward:
+                state[ident] = "REJ"
+            elif now == "EST":
+                state[ident] = "CLOSED"
+        elif fin and now == "EST":
+            state[ident] = "CLOSED"
+    return state
+
+
 def _initiator(key: Directed, flags: int) -> tuple[str, int]:
     """The contract's a side from the first frame of a 5-tuple: SYN sender, SYN-ACK receiver, else sender."""
     _, src, sport, dst, dport = key
@@ -180,6 +209,7 @@ class TsharkView:
     flow_bytes: Counter[Directed] = field(default_factory=Counter)
     icmp_quoted: Counter[Directed] = field(default_factory=Counter)
     opener: dict[tuple[Any, ...], tuple[Directed, int]] = field(default_factory=dict)  # first frame, TCP flags
+    tcp_events: list[tuple[Directed, int]] = field(default_factory=list)  # every TCP frame: 5-tuple, flags
     span: dict[tuple[Any, ...], list[float]] = field(default_factory=dict)  # earliest, latest timestamp
     conv_frames: Counter[Directed] = field(default_factory=Counter)
     conv_bytes_lo: Counter[Directed] = field(default_factory=Counter)
@@ -284,6 +314,8 @@ def _frame(view: TsharkView, row: dict[str, str]) -> None:
             ident = _undirected(key)
             flags = int(first("tcp.flags"), 16) if transport == "tcp" else 0
             view.opener.setdefault(ident, (key, flags))
+            if transport == "tcp":
+                view.tcp_events.append((key, flags))
             if flags & 0x12 == 0x12 and src:
                 view.syn_ack_ports[src].add(key[2])
             if transport == "udp" and key[2] == 5353 and row["dns.resp.type"]:
@@ -582,6 +614,15 @@ def test_conversations(runs: _Runs, capture: str) -> None:
                 f"{ident}: first/last seen ours=({got['first_seen']}, {got['last_seen']}) tshark=({lo}, {hi})"
             )
     assert not problems, f"{capture}: {len(problems)} conversations differ\n" + "\n".join(problems[:25])
+
+    # TCP state, per 5-tuple: README's table replayed on tshark's flags (last entry if reported twice).
+    ours_state = {
+        _undirected(("tcp", _addr(c["a_addr"]), int(c["a_port"]), _addr(c["b_addr"]), int(c["b_port"]))): c["state"]
+        for c in ours["conversations"]
+        if c["protocol"] == "tcp"
+    }
+    want_state = _tcp_states(view.tcp_events)
+    assert ours_state == want_state, _diff(f"{capture} TCP state per 5-tuple", ours_state, want_state)
 
 
 @pytest.mark.parametrize("capture", _params())
