@@ -188,6 +188,22 @@ def test_dropped_statistics_are_per_interval() -> None:
     assert reported_drops(stats) == st.dropped
 
 
+def test_capture_drops_are_reported_per_interval_as_operational_events() -> None:
+    a = LeafAgent("leaf-x", config(snapshotFrequency="PT1H"), T0)
+    out = a.tick(T0)
+    a.record_capture_drops(7)
+    a.record_capture_drops(5)
+    out += a.tick(T0 + 3600)
+    a.record_capture_drops(3)
+    out += a.shutdown(T0 + 3700)
+    stats = [e for e in events(out) if e["Name"] == "DroppedEventsStatistics"]
+    assert all(e["EventType"] == "Operational" for e in stats)
+    high = [
+        next(i for i in e["Payload"] if i["Queue"] == "High")["ExtraDetails"]["CaptureDroppedFrames"] for e in stats
+    ]
+    assert high == ["0", "12", "3"]
+
+
 def test_off_means_not_produced() -> None:
     a = LeafAgent("leaf-x", config(eventPriorityLogin="Off", eventPriorityConnectionCreate="Off"), T0)
     a.observe(login(T0 + 1))

@@ -75,6 +75,7 @@ class LeafAgent:
         self._interval_sent = 0
         self._interval_under_4kb = 0
         self._interval_failed = 0
+        self._interval_capture_drops = 0
         self._next_due = now
         self._size_threshold = self._builder.max_event_bytes
 
@@ -124,6 +125,12 @@ class LeafAgent:
     def diagnostic(self, severity: ev.Severity, message: str, now: float) -> None:
         """Queue a Diagnostic event about this agent (per ``eventPriorityDiagnostic``)."""
         self._enqueue(ev.diagnostic(severity, message, now), self._config.priority_diagnostic)
+
+    def record_capture_drops(self, frames: int) -> None:
+        """Live capture lost frames before analysis (kernel or queue drops), so this leaf's events may be
+        incomplete: reported in the next DroppedEventsStatistics (``CaptureDroppedFrames``), per interval."""
+        self._interval_capture_drops += frames
+        self._schedule()
 
     def record_send_failures(self, count: int = 1) -> None:
         """The transport failed to send messages this agent built (MessageStatistics ``TotalFailed``)."""
@@ -214,7 +221,12 @@ class LeafAgent:
         out: list[OutgoingMessage] = []
         self._drain(out)
         # Statistics for the last interval, sent last, so that drops since the last snapshot are reported too.
-        if self._queues.has_interval_activity() or self._interval_sent or self._interval_failed:
+        if (
+            self._queues.has_interval_activity()
+            or self._interval_sent
+            or self._interval_failed
+            or self._interval_capture_drops
+        ):
             self._statistics(now)
             self._drain(out)
         return out
@@ -269,8 +281,9 @@ class LeafAgent:
         # next interval.
         high, low, op = self._queues.take_counts()
         sent, under, failed = self._interval_sent, self._interval_under_4kb, self._interval_failed
-        self._interval_sent = self._interval_under_4kb = self._interval_failed = 0
-        dropped_stats = ev.dropped_events_statistics(high, low, op, now)
+        capture_drops = self._interval_capture_drops
+        self._interval_sent = self._interval_under_4kb = self._interval_failed = self._interval_capture_drops = 0
+        dropped_stats = ev.dropped_events_statistics(high, low, op, now, capture_dropped=capture_drops)
         self._enqueue(dropped_stats, cfg.priority_dropped_events_statistics, operational=True)
         self._enqueue(
             ev.message_statistics(sent, under, failed, now), cfg.priority_message_statistics, operational=True

@@ -252,11 +252,14 @@ class QueueCounts:
     """Of ``dropped``: events larger than any message could carry."""
 
 
-def dropped_events_statistics(high: QueueCounts, low: QueueCounts, operational: QueueCounts, ts: float) -> Event:
+def dropped_events_statistics(
+    high: QueueCounts, low: QueueCounts, operational: QueueCounts, ts: float, *, capture_dropped: int = 0
+) -> Event:
     """A Periodic DroppedEventsStatistics with the High and Low items the schema allows.
 
     The schema's ``Queue`` enum has no "Operational" (C# sends one anyway and fails it), so the operational
-    queue's counters ride in the High item's ExtraDetails.
+    queue's counters ride in the High item's ExtraDetails, and so do the frames live capture lost before
+    analysis (``CaptureDroppedFrames``): events the agent never got to see.
     """
     hi: dict[str, Any] = {"Queue": "High", "CollectedEvents": high.collected, "DroppedEvents": high.dropped}
     lo: dict[str, Any] = {"Queue": "Low", "CollectedEvents": low.collected, "DroppedEvents": low.dropped}
@@ -265,6 +268,7 @@ def dropped_events_statistics(high: QueueCounts, low: QueueCounts, operational: 
         "OperationalCollectedEvents": str(operational.collected),
         "OperationalDroppedEvents": str(operational.dropped),
         "OperationalTooLargeEvents": str(operational.too_large),
+        "CaptureDroppedFrames": str(capture_dropped),
     }
     lo["ExtraDetails"] = {"TooLargeEvents": str(low.too_large)}
     return Event("DroppedEventsStatistics", "Periodic", "Operational", ts, (hi, lo))

@@ -89,6 +89,7 @@ class Service:
         self.batches = 0
         self.replay_done = False
         self._drops_reported = 0
+        self._drops_counted = 0
         self._last_drop_report = 0.0
         if settings.live:
             from leafguard.capture.live import CaptureSettings, LiveCapture
@@ -157,6 +158,8 @@ class Service:
             if name == "pipeline":
                 while not self.queue.empty():
                     self._process(self.queue.get_nowait())
+        # Drops seen since the last tick still reach the agents' final statistics.
+        self._report_capture_drops(time.time())
         self.out.close(self.analyzer.now)
         if self.transport is not None:
             # Flush the outbox against the deadline, then close the client; its task ends with it.
@@ -214,19 +217,27 @@ class Service:
             await asyncio.sleep(s.tick_interval_s)
 
     def _report_capture_drops(self, now: float) -> None:
-        """Frames lost before the analyzer are reported to every leaf's agent as a Diagnostic warning."""
+        """Frames lost before the analyzer reach every leaf's agent: counted into its next DroppedEventsStatistics
+        (an operational event) at once, and announced by a Diagnostic warning at most once per interval."""
         if self.capture is None:
             return
         stats = self.capture.stats()
         total = sum(st.kernel_drops + st.queue_drops for st in stats.values())
-        if total <= self._drops_reported or now - self._last_drop_report < self.settings.drop_report_interval_s:
+        delta = total - self._drops_counted
+        if delta <= 0:
+            return
+        self._drops_counted = total
+        agents = self.fleet.agents()
+        for agent in agents:
+            agent.record_capture_drops(delta)
+        if now - self._last_drop_report < self.settings.drop_report_interval_s:
             return
         detail = ", ".join(
             f"{name}: kernel {st.kernel_drops}, queue {st.queue_drops}" for name, st in sorted(stats.items())
         )
         message = f"capture dropped {total - self._drops_reported} frames since the last report ({detail})"
         log.warning(message)
-        for agent in self.fleet.agents():
+        for agent in agents:
             agent.diagnostic("Warning", message, now)
         self._drops_reported = total
         self._last_drop_report = now
