@@ -641,8 +641,24 @@ class Analyzer:
                 "state": f.state,
             }
 
-    def report(self, *, conversations: bool = True) -> dict[str, Any]:
+    def capture_report(self) -> dict[str, Any]:
         st = self.stats
+        return {
+            "files": list(st.files),
+            "packets": st.packets,
+            "bytes": st.bytes,
+            "first_ts": st.first_ts,
+            "last_ts": st.last_ts,
+            "link_types": sorted(st.link_types),
+            "decode_errors": st.decode_errors,
+            "truncated": st.truncated,
+            "evicted_flows": st.evicted_flows,
+            "evicted_leaves": st.evicted_macs,
+            "evicted_names": st.evicted_names,
+            "observations_dropped": st.observations_dropped,
+        }
+
+    def report(self, *, conversations: bool = True) -> dict[str, Any]:
         leaves = []
         for m in self.leaves():
             v = self._view(m)
@@ -674,19 +690,7 @@ class Analyzer:
             )
         convs = list(self.iter_conversations()) if conversations else []
         return {
-            "capture": {
-                "files": st.files,
-                "packets": st.packets,
-                "bytes": st.bytes,
-                "first_ts": st.first_ts,
-                "last_ts": st.last_ts,
-                "link_types": sorted(st.link_types),
-                "decode_errors": st.decode_errors,
-                "truncated": st.truncated,
-                "evicted_flows": st.evicted_flows,
-                "evicted_leaves": st.evicted_macs,
-                "evicted_names": st.evicted_names,
-            },
+            "capture": self.capture_report(),
             "leaves": leaves,
             "conversations": convs,
         }

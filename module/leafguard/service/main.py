@@ -242,8 +242,10 @@ class Service:
         self._drops_reported = total
         self._last_drop_report = now
 
-    def stats(self) -> dict[str, Any]:
-        report_capture = self.analyzer.report()["capture"] if self.analyzer.stats.packets else {}
+    def stats(self, capture: dict[str, Any] | None = None) -> dict[str, Any]:
+        if capture is None and self.analyzer.stats.packets:
+            capture = self.analyzer.capture_report()
+        report_capture = capture or {}
         out: dict[str, Any] = {
             "version": __version__,
             "started_at": self.started_at,
@@ -268,4 +270,4 @@ class Service:
         write_json_atomic(
             base / "conversations.json", {"updated_at": time.time(), "conversations": report["conversations"]}
         )
-        write_json_atomic(base / "stats.json", self.stats())
+        write_json_atomic(base / "stats.json", self.stats(report["capture"]))
