@@ -30,6 +30,8 @@ class EdgeAgentOutput:
         self.fleet = fleet
         self.desired = ModuleDesired()
         self.frames = 0
+        self.gateway_status: dict[str, Any] = {}
+        """Gateway settings in force and their last errors (the service fills it), reported in the health section."""
         self.unattributed_drops = 0
         """Dropped messages whose leaf no longer has an agent under that identity (renamed meanwhile)."""
         self._pump = SecurityMessagePump(fleet, transport.submit)
@@ -77,7 +79,7 @@ class EdgeAgentOutput:
             "frames": self.frames,
             "leaves": len(self.fleet.agents()),
             "agents": dataclasses.asdict(self.fleet.stats()),
-        }
+        } | self.gateway_status
 
     def _apply(self, change: DesiredChange, now: float) -> list[tuple[str, ConfigOutcome]]:
         targets = set(change.leaves)

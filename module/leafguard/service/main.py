@@ -34,9 +34,10 @@ from leafguard.agent.config import ConfigOutcome
 from leafguard.agent.fleet import ViewsProvider
 from leafguard.agent.local import AnalyzerLike, LocalAgentOutput, make_fleet
 from leafguard.capture.batch import FrameBatch
-from leafguard.errors import CaptureError, LeafGuardError
+from leafguard.errors import CaptureError, ConfigurationError, LeafGuardError
 from leafguard.observe.analyzer import Analyzer
 from leafguard.service.files import write_json_atomic
+from leafguard.service.gateway import GatewaySettingsFile, apply_capture_section
 from leafguard.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -90,6 +91,10 @@ class Service:
         self.replay_done = False
         self._drops_reported = 0
         self._drops_counted = 0
+        self.capture_filter: dict[str, Any] = {"extraFilter": settings.extra_filter, "error": None}
+        """The operator's extra capture filter in force, and why the last change was refused (if it was)."""
+        self._gateway_file = GatewaySettingsFile(settings.local_dir) if settings.local_dir is not None else None
+        self._gateway_section: object = None
         self._last_drop_report = 0.0
         if settings.live:
             from leafguard.capture.live import CaptureSettings, LiveCapture
@@ -210,11 +215,36 @@ class Service:
                         log.info(
                             "desired properties for %s %s", identity, "applied" if outcome.accepted else "rejected"
                         )
+                self._poll_gateway_settings()
                 next_poll = mono + s.desired_poll_interval_s
             if mono >= next_write and s.local_dir is not None:
                 self._write_files()
                 next_write = mono + s.write_interval_s
             await asyncio.sleep(s.tick_interval_s)
+
+    def _poll_gateway_settings(self) -> None:
+        """Apply a changed capture section (``DIR/gateway.json`` locally, the module twin in edge mode)."""
+        section: object
+        if self._gateway_file is not None:
+            try:
+                changed, section = self._gateway_file.changed()
+            except ConfigurationError as exc:
+                self.capture_filter["error"] = str(exc)
+                log.warning("gateway settings rejected: %s", exc)
+                return
+            if not changed:
+                return
+        else:
+            desired = getattr(self.out, "desired", None)
+            section = desired.doc.get("capture") if desired is not None else None
+            if section == self._gateway_section:
+                return
+        self._gateway_section = section
+        apply_capture_section(self.capture, section, self.capture_filter)
+        if self.capture_filter["error"]:
+            log.warning("capture settings rejected, the filter in force stays: %s", self.capture_filter["error"])
+        if hasattr(self.out, "gateway_status"):
+            self.out.gateway_status["captureFilter"] = dict(self.capture_filter)
 
     def _report_capture_drops(self, now: float) -> None:
         """Frames lost before the analyzer reach every leaf's agent: counted into its next DroppedEventsStatistics
@@ -252,6 +282,7 @@ class Service:
             "updated_at": time.time(),
             "batches": self.batches,
             "replay_done": self.replay_done,
+            "capture_filter": self.capture_filter,
             "capture": report_capture,
             "agents": dataclasses.asdict(self.fleet.stats()) | {"leaves": len(self.fleet.agents())},
         }
