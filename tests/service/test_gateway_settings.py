@@ -16,7 +16,7 @@ import pytest
 
 from leafguard.demo import demo_capture
 from leafguard.errors import ConfigurationError
-from leafguard.service.gateway import CaptureSection
+from leafguard.service.gateway import CaptureSection, parse_leaf_map
 from tests.netns import Lab, Netns, needs_root
 
 SEND = """
@@ -49,9 +49,7 @@ def _stats(out: Path) -> dict[str, Any]:
 
 
 def _set(out: Path, section: object) -> None:
-    tmp = out / "gateway.json.tmp"
-    tmp.write_text(json.dumps({"capture": section}))
-    tmp.replace(out / "gateway.json")
+    _set_doc(out, {"capture": section})
 
 
 def test_section_parsing() -> None:
@@ -119,3 +117,41 @@ def test_replay_reports_that_the_filter_needs_live_capture(tmp_path: Path) -> No
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+def test_leaf_map_names_leaves_and_a_bad_map_keeps_the_old(tmp_path: Path) -> None:
+    assert parse_leaf_map({"5C-CF-7F-07-AE-FB": "sensor-7"}) == {"5c:cf:7f:07:ae:fb": "sensor-7"}
+    for bad in (
+        {"nope": "x"},
+        {"5c:cf:7f:07:ae:fb": "has space"},
+        {"00:00:00:00:00:01": "a", "00:00:00:00:00:02": "a"},
+    ):
+        with pytest.raises(ConfigurationError):
+            parse_leaf_map(bad)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gateway.json").write_text(json.dumps({"leafMap": {"5c:cf:7f:07:ae:fb": "plant1-sensor7"}}))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "leafguard", "run", "--pcap", str(demo_capture()), "--replay-speed", "0",
+         "--local-dir", str(out), "--write-interval", "0.2"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert _wait(lambda: _stats(out)["leaf_map"] == {"leaves": 1, "error": None})
+        _wait((out / "twins" / "plant1-sensor7.json").exists)
+        _set_doc(out, {"leafMap": {"5c:cf:7f:07:ae:fb": "bad name!"}})
+        status = _wait(lambda: (s := _stats(out)["leaf_map"])["error"] and s)
+        assert "bad name!" in status["error"] and status["leaves"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    identities = {json.loads(line)["identity"] for line in (out / "messages.jsonl").read_text().splitlines()}
+    assert "plant1-sensor7" in identities and "leaf-5ccf7f07aefb" not in identities
+    assert "leaf-000e8caabb01" in identities  # a leaf the map does not name keeps its MAC-derived identity
+
+
+def _set_doc(out: Path, doc: object) -> None:
+    tmp = out / "gateway.json.tmp"
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(out / "gateway.json")

@@ -1,12 +1,16 @@
-"""Gateway settings that operators change live: the capture section of the module's desired properties.
+"""Gateway settings that operators change live, from the module's desired properties.
 
-Edge mode reads it from the module twin (``capture`` in the desired properties, as the deployment manifest
-writes it); local mode from ``DIR/gateway.json`` (the same shape). Today the section carries the operator's
-extra capture filter; an invalid one is reported and the filter in force stays.
+Edge mode reads them from the module twin; local mode from ``DIR/gateway.json`` (the same shape):
+
+* ``capture.extraFilter``: the operator's extra capture filter; an invalid one is reported and the filter in
+  force stays;
+* ``leafMap``: ``{"<MAC>": "<identity>"}``, the twin identities of known leaves (a leaf it does not name keeps
+  the identity derived from its MAC); an invalid map is reported and the map in force stays.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,30 @@ class CaptureSection:
         return cls(expr)
 
 
+_MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
+# IoT Hub device ids: up to 128 characters of letters, digits and -.%_*?!(),:=@$' (IoT Hub identity registry).
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9\-.%_*?!(),:=@$']{1,128}$")
+
+
+def parse_leaf_map(section: object) -> dict[str, str]:
+    """A validated leaf map with canonical MACs; ConfigurationError names what is wrong."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigurationError("leafMap must be an object of MAC -> identity")
+    out: dict[str, str] = {}
+    for mac, identity in section.items():
+        canon = str(mac).lower().replace("-", ":")
+        if not _MAC.match(canon):
+            raise ConfigurationError(f"leafMap: {mac!r} is not a MAC address")
+        if not isinstance(identity, str) or not _DEVICE_ID.match(identity):
+            raise ConfigurationError(f"leafMap: {identity!r} (for {mac}) is not a valid device identity")
+        out[canon] = identity
+    if len(set(out.values())) != len(out):
+        raise ConfigurationError("leafMap: two MACs map to the same identity")
+    return out
+
+
 class GatewaySettingsFile:
     """``DIR/gateway.json``, read again whenever it changes; a file that is not JSON is a reported error."""
 
@@ -42,8 +70,8 @@ class GatewaySettingsFile:
         self.path = directory / GATEWAY_FILE
         self._seen: tuple[int, int] | None = None
 
-    def changed(self) -> tuple[bool, object]:
-        """(changed since the last call, the capture section or None)."""
+    def changed(self) -> tuple[bool, dict[str, Any]]:
+        """(changed since the last call, the whole settings document)."""
         try:
             st = self.path.stat()
         except FileNotFoundError:
@@ -51,17 +79,17 @@ class GatewaySettingsFile:
         else:
             stamp = (st.st_mtime_ns, st.st_size)
         if stamp == self._seen:
-            return False, None
+            return False, {}
         self._seen = stamp
         if stamp is None:
-            return True, None
+            return True, {}
         try:
             doc: Any = orjson.loads(self.path.read_bytes())
         except (OSError, orjson.JSONDecodeError) as exc:
             raise ConfigurationError(f"{self.path}: not readable JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise ConfigurationError(f"{self.path}: must hold a JSON object")
-        return True, doc.get("capture")
+        return True, doc
 
 
 def apply_capture_section(capture: Any, section: object, status: dict[str, Any]) -> None:

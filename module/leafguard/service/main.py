@@ -37,7 +37,7 @@ from leafguard.capture.batch import FrameBatch
 from leafguard.errors import CaptureError, ConfigurationError, LeafGuardError
 from leafguard.observe.analyzer import Analyzer
 from leafguard.service.files import write_json_atomic
-from leafguard.service.gateway import GatewaySettingsFile, apply_capture_section
+from leafguard.service.gateway import GatewaySettingsFile, apply_capture_section, parse_leaf_map
 from leafguard.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -95,6 +95,8 @@ class Service:
         """The operator's extra capture filter in force, and why the last change was refused (if it was)."""
         self._gateway_file = GatewaySettingsFile(settings.local_dir) if settings.local_dir is not None else None
         self._gateway_section: object = None
+        self._leaf_map_section: object = None
+        self.leaf_map_status: dict[str, Any] = {"leaves": 0, "error": None}
         self._last_drop_report = 0.0
         if settings.live:
             from leafguard.capture.live import CaptureSettings, LiveCapture
@@ -123,6 +125,8 @@ class Service:
             log.info("leafguard %s: %s, edge mode as %s", __version__, source, self.settings.edge.identity)
         else:
             log.info("leafguard %s: %s, local mode in %s", __version__, source, self.settings.local_dir)
+        # Settings already in place (a leaf map, a filter) apply before the first frame is analysed.
+        self._poll_gateway_settings(time.time())
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = {
@@ -215,36 +219,46 @@ class Service:
                         log.info(
                             "desired properties for %s %s", identity, "applied" if outcome.accepted else "rejected"
                         )
-                self._poll_gateway_settings()
+                    self._poll_gateway_settings(clock)
                 next_poll = mono + s.desired_poll_interval_s
             if mono >= next_write and s.local_dir is not None:
                 self._write_files()
                 next_write = mono + s.write_interval_s
             await asyncio.sleep(s.tick_interval_s)
 
-    def _poll_gateway_settings(self) -> None:
-        """Apply a changed capture section (``DIR/gateway.json`` locally, the module twin in edge mode)."""
-        section: object
+    def _poll_gateway_settings(self, now: float) -> None:
+        """Apply changed gateway settings (``DIR/gateway.json`` locally, the module twin in edge mode)."""
+        doc: dict[str, Any]
         if self._gateway_file is not None:
             try:
-                changed, section = self._gateway_file.changed()
+                changed, doc = self._gateway_file.changed()
             except ConfigurationError as exc:
-                self.capture_filter["error"] = str(exc)
+                self.capture_filter["error"] = self.leaf_map_status["error"] = str(exc)
                 log.warning("gateway settings rejected: %s", exc)
                 return
             if not changed:
                 return
         else:
             desired = getattr(self.out, "desired", None)
-            section = desired.doc.get("capture") if desired is not None else None
-            if section == self._gateway_section:
-                return
-        self._gateway_section = section
-        apply_capture_section(self.capture, section, self.capture_filter)
-        if self.capture_filter["error"]:
-            log.warning("capture settings rejected, the filter in force stays: %s", self.capture_filter["error"])
+            doc = dict(desired.doc) if desired is not None else {}
+        capture, leaf_map = doc.get("capture"), doc.get("leafMap")
+        if capture != self._gateway_section:
+            self._gateway_section = capture
+            apply_capture_section(self.capture, capture, self.capture_filter)
+            if self.capture_filter["error"]:
+                log.warning("capture settings rejected, the filter in force stays: %s", self.capture_filter["error"])
+        if leaf_map != self._leaf_map_section:
+            self._leaf_map_section = leaf_map
+            try:
+                mapping = parse_leaf_map(leaf_map)
+            except ConfigurationError as exc:
+                self.leaf_map_status["error"] = str(exc)
+                log.warning("leaf map rejected, the map in force stays: %s", exc)
+            else:
+                self.fleet.set_leaf_map(mapping, now)
+                self.leaf_map_status.update(leaves=len(mapping), error=None)
         if hasattr(self.out, "gateway_status"):
-            self.out.gateway_status["captureFilter"] = dict(self.capture_filter)
+            self.out.gateway_status.update(captureFilter=dict(self.capture_filter), leafMap=dict(self.leaf_map_status))
 
     def _report_capture_drops(self, now: float) -> None:
         """Frames lost before the analyzer reach every leaf's agent: counted into its next DroppedEventsStatistics
@@ -283,6 +297,7 @@ class Service:
             "batches": self.batches,
             "replay_done": self.replay_done,
             "capture_filter": self.capture_filter,
+            "leaf_map": self.leaf_map_status,
             "capture": report_capture,
             "agents": dataclasses.asdict(self.fleet.stats()) | {"leaves": len(self.fleet.agents())},
         }
