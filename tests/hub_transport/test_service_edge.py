@@ -100,3 +100,32 @@ async def test_incomplete_edge_environment_is_a_one_line_error(hub: HubEmulator)
     assert proc.returncode == 2
     lines = [line for line in err.decode().splitlines() if line.startswith("leafguard:")]
     assert len(lines) == 1 and "IOTEDGE_WORKLOADURI" in lines[0]
+
+
+async def test_module_twin_leaf_map_and_capture_section(hub: HubEmulator) -> None:
+    module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
+    await hub.set_desired(
+        module, {"leafMap": {"5c:cf:7f:07:ae:fb": "plant1-sensor7"}, "capture": {"extraFilter": "not arp"}}
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "leafguard", "run", "--pcap", str(demo_capture()), "--replay-speed", "0",
+        env=service_env(hub, module), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+    def health() -> dict[str, Any]:
+        doc: dict[str, Any] = hub.twin(module)["reported"].get("leafguard", {})
+        return doc
+
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            # Reported properties merge: a null error is no "error" key at all.
+            await until(lambda: health().get("leafMap") == {"leaves": 1})
+            # A replay has no capture filter to change: reported, not applied.
+            assert "live capture only" in health()["captureFilter"]["error"]
+            await until(lambda: "plant1-sensor7" in hub.twin(module)["reported"].get("leaves", {}))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(LIMIT_S):
+            _out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    identities = {m.properties["leafIdentity"] for m in hub.messages(MODULE)}
+    assert "plant1-sensor7" in identities and SENSOR not in identities

@@ -187,6 +187,10 @@ class EdgeTransport:
         """A leaf's reported properties changed: they go out with the next coalesced patch."""
         self.reported.update_leaf(identity, reported)
 
+    def refresh_health(self) -> None:
+        """Report the health section with the next reported patch (something an operator set changed)."""
+        self._last_health = float("-inf")
+
     def counters(self) -> dict[str, Any]:
         """The uplink's state and counters (health section, metrics)."""
         o = self.outbox.stats

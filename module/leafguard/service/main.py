@@ -259,6 +259,8 @@ class Service:
                 self.leaf_map_status.update(leaves=len(mapping), error=None)
         if hasattr(self.out, "gateway_status"):
             self.out.gateway_status.update(captureFilter=dict(self.capture_filter), leafMap=dict(self.leaf_map_status))
+        if self.transport is not None:
+            self.transport.refresh_health()
 
     def _report_capture_drops(self, now: float) -> None:
         """Frames lost before the analyzer reach every leaf's agent: counted into its next DroppedEventsStatistics
