@@ -40,8 +40,6 @@ _U8 = npt.NDArray[np.uint8]
 _I64 = npt.NDArray[np.int64]
 _B = npt.NDArray[np.bool_]
 
-_DHCP = np.asarray([67, 68], dtype=np.int64)
-_DNS = np.asarray([53, 5353, 5355], dtype=np.int64)
 
 
 def _u16(arr: _U8, at: _I64) -> _I64:
@@ -145,8 +143,8 @@ def _group(k1: _I64, k2: _I64) -> tuple[_I64, _I64]:
 def _deep_udp(arr: _U8, sport: _I64, dport: _I64, pay_off: _I64, pay_len: _I64) -> _B:
     """The datagrams `Analyzer._udp_payload` decodes; keep the two in step."""
     has = pay_len > 0
-    dhcp = np.isin(sport, _DHCP) | np.isin(dport, _DHCP)
-    dns_port = np.isin(sport, _DNS) | np.isin(dport, _DNS)
+    dhcp = (sport == 67) | (sport == 68) | (dport == 67) | (dport == 68)
+    dns_port = (sport == 53) | (sport == 5353) | (sport == 5355) | (dport == 53) | (dport == 5353) | (dport == 5355)
     # A unicast DNS answer is not decoded (only queries and mDNS announcements are).
     qr = arr[np.where(pay_len > 2, pay_off + 2, 0)] & 0x80
     answer = (pay_len > 2) & (qr != 0) & (sport != 5353)
@@ -384,18 +382,24 @@ def _first_of_flow(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, 
                 an.first_reply(flow, an.macs.get(data[at + 6 : at + 12]), data[at + 26 : at + 30])
 
 
+def _sorted_groups(keys: _I64) -> tuple[_I64, _I64, _I64]:
+    """The distinct keys, the order that sorts ``keys``, and where each key's run starts in that order."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    return ordered[starts], order, starts
+
+
 def _count_macs(an: Analyzer, arr: _U8, o: _I64, wl: _I64, ts: npt.NDArray[np.float64], sip: _I64) -> None:
+    # Reductions over sorted runs (reduceat) rather than ufunc.at: one sort per side, no scattered updates.
     dst = _u48(arr, o)
     src = _u48(arr, o + 6)
-    usrc, sinv = np.unique(src, return_inverse=True)
-    sinv = sinv.reshape(-1)
-    nu = usrc.size
-    cnt = np.bincount(sinv, minlength=nu)
-    byt = np.bincount(sinv, weights=wl, minlength=nu)
-    lo = np.full(nu, np.inf)
-    hi = np.full(nu, -np.inf)
-    np.minimum.at(lo, sinv, ts)
-    np.maximum.at(hi, sinv, ts)
+    usrc, order, starts = _sorted_groups(src)
+    cnt = np.diff(np.append(starts, src.size))
+    byt = np.add.reduceat(wl[order], starts)
+    ts_o = ts[order]
+    lo = np.minimum.reduceat(ts_o, starts)
+    hi = np.maximum.reduceat(ts_o, starts)
     now = float(hi.max())
     for mac_i, c, b, first_ts, last_ts in zip(
         usrc.tolist(), cnt.tolist(), byt.tolist(), lo.tolist(), hi.tolist(), strict=True
@@ -405,19 +409,21 @@ def _count_macs(an: Analyzer, arr: _U8, o: _I64, wl: _I64, ts: npt.NDArray[np.fl
             st.first_seen = first_ts
         st.last_seen = max(st.last_seen, last_ts)
         st.packets_out += c
-        st.bytes_out += int(b)
+        st.bytes_out += b
     # The (MAC, source address) pairs: normally known already, but a MAC can start using a new address mid-flow.
     # Most MACs use one address per batch; only those with several need the full pair list.
-    ip_lo = np.full(nu, np.iinfo(np.int64).max)
-    ip_hi = np.full(nu, -1)
-    np.minimum.at(ip_lo, sinv, sip)
-    np.maximum.at(ip_hi, sinv, sip)
+    sip_o = sip[order]
+    ip_lo = np.minimum.reduceat(sip_o, starts)
+    ip_hi = np.maximum.reduceat(sip_o, starts)
     many = ip_lo != ip_hi
     pairs: list[tuple[int, int]] = list(zip(usrc[~many].tolist(), ip_lo[~many].tolist(), strict=True))
     if many.any():
-        multi = many[sinv]
-        both = np.unique(np.stack([src[multi], sip[multi]], axis=1), axis=0)
-        pairs += [(int(m), int(i)) for m, i in both.tolist()]
+        # A router's MAC carries every remote address it forwards: one sorted int64 key per (MAC, address).
+        group = np.empty(src.size, dtype=np.int64)
+        group[order] = np.repeat(np.arange(usrc.size), cnt)
+        multi = many[group]
+        both = np.unique((group[multi] << 32) | sip[multi])
+        pairs += list(zip(usrc[both >> 32].tolist(), (both & 0xFFFFFFFF).tolist(), strict=True))
     for mac_i, ip_i in pairs:
         known = an.macs.get(mac_i.to_bytes(6, "big"))
         if known is not None:
@@ -426,13 +432,12 @@ def _count_macs(an: Analyzer, arr: _U8, o: _I64, wl: _I64, ts: npt.NDArray[np.fl
     if not unicast.any():
         return
     dst = dst[unicast]
-    udst, dinv = np.unique(dst, return_inverse=True)
-    dinv = dinv.reshape(-1)
-    dcnt = np.bincount(dinv, minlength=udst.size)
-    dbyt = np.bincount(dinv, weights=wl[unicast], minlength=udst.size)
+    udst, dorder, dstarts = _sorted_groups(dst)
+    dcnt = np.diff(np.append(dstarts, dst.size))
+    dbyt = np.add.reduceat(wl[unicast][dorder], dstarts)
     for mac_i, c, b in zip(udst.tolist(), dcnt.tolist(), dbyt.tolist(), strict=True):
         if mac_i == 0:
             continue
         st = an._mac(mac_i.to_bytes(6, "big"), now)
         st.packets_in += c
-        st.bytes_in += int(b)
+        st.bytes_in += b
