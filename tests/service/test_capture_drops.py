@@ -12,37 +12,18 @@ import os
 import shutil
 import signal
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from leafguard.demo import demo_capture
 from tests.netns import Lab, needs_root
+from tests.service.helpers import read_stats, wait_for
 
 pytestmark = [
     needs_root,
     pytest.mark.skipif(shutil.which("tcpreplay") is None, reason="needs tcpreplay (apt-get install tcpreplay)"),
 ]
-
-
-def _wait(what: Callable[[], Any], timeout_s: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            got = what()
-        except (OSError, ValueError, KeyError):
-            got = None
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError("timed out")
-
-
-def _stats(out: Path) -> dict[str, Any]:
-    return dict(json.loads((out / "stats.json").read_text()))
 
 
 def test_capture_drops_become_operational_events(tmp_path: Path) -> None:
@@ -60,10 +41,10 @@ def _run(lab: Lab, tmp_path: Path) -> None:
             sys.executable, "-m", "leafguard", "run", "--interface", "gw0", "--local-dir", str(out),
             "--write-interval", "0.2", stderr=log,
         )  # fmt: skip
-    _wait(lambda: _stats(out)["interfaces"]["gw0"]["state"] == "running")
+    wait_for(lambda: read_stats(out)["interfaces"]["gw0"]["state"] == "running")
     demo = str(demo_capture())
     gen.run("tcpreplay", "-q", "-i", "gen0", "--topspeed", demo)
-    _wait(lambda: _stats(out)["capture"]["packets"] >= 73)
+    wait_for(lambda: read_stats(out)["capture"]["packets"] >= 73)
 
     os.kill(proc.pid, signal.SIGSTOP)
     try:
@@ -71,11 +52,11 @@ def _run(lab: Lab, tmp_path: Path) -> None:
         gen.run("tcpreplay", "-q", "-i", "gen0", "--topspeed", "--loop", "3000", demo, timeout=60)
     finally:
         os.kill(proc.pid, signal.SIGCONT)
-    stats = _wait(lambda: (s := _stats(out)) and s["interfaces"]["gw0"]["kernel_drops"] > 0 and s)
+    stats = wait_for(lambda: (s := read_stats(out)) and s["interfaces"]["gw0"]["kernel_drops"] > 0 and s)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, (tmp_path / "leafguard.log").read_text()
 
-    iface = _stats(out)["interfaces"]["gw0"]
+    iface = read_stats(out)["interfaces"]["gw0"]
     lost = iface["kernel_drops"] + iface["queue_drops"]
     assert lost >= stats["interfaces"]["gw0"]["kernel_drops"] > 10_000
     per_leaf: dict[str, int] = {}

@@ -8,9 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,6 +16,7 @@ from leafguard.demo import demo_capture
 from leafguard.errors import ConfigurationError
 from leafguard.service.gateway import CaptureSection, parse_leaf_map
 from tests.netns import Lab, Netns, needs_root
+from tests.service.helpers import read_stats, wait_for
 
 SEND = """
 import sys
@@ -29,23 +28,6 @@ frames += [Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / IP(src="10.
            / UDP(sport=5000, dport=6000) / b"x"] * 30
 sendp(frames, iface=sys.argv[1], verbose=False)
 """
-
-
-def _wait(what: Callable[[], Any], timeout_s: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            got = what()
-        except (OSError, ValueError, KeyError):
-            got = None
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError("timed out")
-
-
-def _stats(out: Path) -> dict[str, Any]:
-    return dict(json.loads((out / "stats.json").read_text()))
 
 
 def _set(out: Path, section: object) -> None:
@@ -72,15 +54,15 @@ def test_filter_changes_live_and_a_bad_one_keeps_the_old(tmp_path: Path) -> None
                 sys.executable, "-m", "leafguard", "run", "--interface", "gw0", "--local-dir", str(out),
                 "--write-interval", "0.2", stderr=log,
             )  # fmt: skip
-        _wait(lambda: _stats(out)["interfaces"]["gw0"]["state"] == "running")
+        wait_for(lambda: read_stats(out)["interfaces"]["gw0"]["state"] == "running")
 
         _set(out, {"extraFilter": "tcp port"})  # does not compile
-        bad = _wait(lambda: (s := _stats(out)["capture_filter"])["error"] and s)
+        bad = wait_for(lambda: (s := read_stats(out)["capture_filter"])["error"] and s)
         assert "tcp port" in bad["error"] and bad["extraFilter"] == ""
         assert _sent_and_counted(gen, out) == 50  # everything still captured
 
         _set(out, {"extraFilter": "not arp"})
-        _wait(lambda: _stats(out)["capture_filter"] == {"extraFilter": "not arp", "error": None})
+        wait_for(lambda: read_stats(out)["capture_filter"] == {"extraFilter": "not arp", "error": None})
         time.sleep(0.3)  # the thread swaps the program on its socket
         assert _sent_and_counted(gen, out) == 30  # the 20 ARP frames are filtered out in the kernel
         proc.send_signal(signal.SIGTERM)
@@ -89,13 +71,13 @@ def test_filter_changes_live_and_a_bad_one_keeps_the_old(tmp_path: Path) -> None
 
 def _sent_and_counted(gen: Netns, out: Path) -> int:
     """Send 20 ARP and 30 UDP frames; how many the capture counted once the count stops moving."""
-    before = _stats(out)["interfaces"]["gw0"]["frames"]
+    before = read_stats(out)["interfaces"]["gw0"]["frames"]
     gen.python(SEND, "gen0")
     last = -1
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         time.sleep(0.5)  # the stats file is rewritten every 0.2 s
-        now = int(_stats(out)["interfaces"]["gw0"]["frames"]) - before
+        now = int(read_stats(out)["interfaces"]["gw0"]["frames"]) - before
         if now == last and now > 0:
             return now
         last = now
@@ -112,7 +94,7 @@ def test_replay_reports_that_the_filter_needs_live_capture(tmp_path: Path) -> No
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        status = _wait(lambda: (s := _stats(out)["capture_filter"])["error"] and s)
+        status = wait_for(lambda: (s := read_stats(out)["capture_filter"])["error"] and s)
         assert "live capture only" in status["error"]
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -138,10 +120,10 @@ def test_leaf_map_names_leaves_and_a_bad_map_keeps_the_old(tmp_path: Path) -> No
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        assert _wait(lambda: _stats(out)["leaf_map"] == {"leaves": 1, "error": None})
-        _wait((out / "twins" / "plant1-sensor7.json").exists)
+        assert wait_for(lambda: read_stats(out)["leaf_map"] == {"leaves": 1, "error": None})
+        wait_for((out / "twins" / "plant1-sensor7.json").exists)
         _set_doc(out, {"leafMap": {"5c:cf:7f:07:ae:fb": "bad name!"}})
-        status = _wait(lambda: (s := _stats(out)["leaf_map"])["error"] and s)
+        status = wait_for(lambda: (s := read_stats(out)["leaf_map"])["error"] and s)
         assert "bad name!" in status["error"] and status["leaves"] == 1
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -10,33 +10,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from leafguard.demo import demo_capture
+from tests.service.helpers import read_json, wait_for
 
 CFG = "ms_iotn:urn_azureiot_Security_SecurityAgentConfiguration"
 SENSOR = "leaf-5ccf7f07aefb"
-
-
-def _wait(predicate: Callable[[], Any], timeout_s: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            got = predicate()
-        except (OSError, ValueError, KeyError):
-            got = None
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for the service")
-
-
-def _read(path: Path) -> Any:
-    return json.loads(path.read_text())
 
 
 def _start(tmp_path: Path, *extra: str) -> subprocess.Popen[bytes]:
@@ -50,32 +32,32 @@ def _start(tmp_path: Path, *extra: str) -> subprocess.Popen[bytes]:
 def test_replay_then_live_desired_changes_then_clean_stop(tmp_path: Path) -> None:
     proc = _start(tmp_path, "--pcap", str(demo_capture()), "--replay-speed", "0")
     try:
-        _wait(lambda: _read(tmp_path / "stats.json")["replay_done"])
+        wait_for(lambda: read_json(tmp_path / "stats.json")["replay_done"])
         twin = tmp_path / "twins" / f"{SENSOR}.json"
-        reported = _wait(lambda: _read(twin))
+        reported = wait_for(lambda: read_json(twin))
         assert reported[CFG]["maxMessageSizeInBytes"] == {"value": 204800}
 
         desired = tmp_path / "desired" / f"{SENSOR}.json"
         desired.write_text(
             json.dumps({CFG: {"maxMessageSizeInBytes": {"value": 16384}, "eventPriorityLogin": {"value": "low"}}})
         )
-        _wait(lambda: _read(twin)[CFG]["maxMessageSizeInBytes"] == {"value": 16384})
-        assert _read(twin)[CFG]["eventPriorityLogin"] == {"value": "Low"}
+        wait_for(lambda: read_json(twin)[CFG]["maxMessageSizeInBytes"] == {"value": 16384})
+        assert read_json(twin)[CFG]["eventPriorityLogin"] == {"value": "Low"}
 
         # A type mismatch is rejected as a whole: the previous configuration stays and is reported again.
         desired.write_text(
             json.dumps({CFG: {"maxMessageSizeInBytes": {"value": "big"}, "eventPriorityLogin": {"value": "High"}}})
         )
         time.sleep(3)
-        assert _read(twin)[CFG]["maxMessageSizeInBytes"] == {"value": 16384}
-        assert _read(twin)[CFG]["eventPriorityLogin"] == {"value": "Low"}
+        assert read_json(twin)[CFG]["maxMessageSizeInBytes"] == {"value": 16384}
+        assert read_json(twin)[CFG]["eventPriorityLogin"] == {"value": "Low"}
     finally:
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err.decode()
     assert b"stopped cleanly" in err
 
-    leaves = _read(tmp_path / "leaves.json")["leaves"]
+    leaves = read_json(tmp_path / "leaves.json")["leaves"]
     analyzed = json.loads(
         subprocess.run(
             [sys.executable, "-m", "leafguard", "analyze", str(demo_capture()), "--json"],
@@ -106,7 +88,7 @@ def test_health_and_metrics_endpoints(tmp_path: Path) -> None:
     port = _free_port()
     proc = _start(tmp_path, "--pcap", str(demo_capture()), "--replay-speed", "0", "--http-port", str(port))
     try:
-        _wait(lambda: _read(tmp_path / "stats.json")["replay_done"])
+        wait_for(lambda: read_json(tmp_path / "stats.json")["replay_done"])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
             health = json.loads(r.read())
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -116,7 +98,7 @@ def test_health_and_metrics_endpoints(tmp_path: Path) -> None:
         proc.communicate(timeout=30)
     assert health["status"] == "ok" and health["batches"] >= 1
     values = dict(line.split(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
-    assert values["leafguard_frames_total"] == str(_read(tmp_path / "stats.json")["capture"]["packets"])
+    assert values["leafguard_frames_total"] == str(read_json(tmp_path / "stats.json")["capture"]["packets"])
     assert int(values["leafguard_agent_events_generated"]) > 0
     assert proc.returncode == 0
 
@@ -124,7 +106,7 @@ def test_health_and_metrics_endpoints(tmp_path: Path) -> None:
 def test_sigint_also_stops_cleanly(tmp_path: Path) -> None:
     proc = _start(tmp_path, "--pcap", str(demo_capture()), "--replay-speed", "1")
     try:
-        _wait((tmp_path / "stats.json").exists)
+        wait_for((tmp_path / "stats.json").exists)
     finally:
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=30)
