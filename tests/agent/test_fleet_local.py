@@ -262,3 +262,19 @@ def test_local_agent_output_folder(tmp_path: Path) -> None:
     assert {r["identity"] for r in recs} == {"leaf-001122334455", "leaf-66778899aabb"}
     first_other = next(r for r in recs if r["identity"] == "leaf-66778899aabb")
     assert first_other["properties"]["MessagePriority"] == "High"
+
+
+def test_renamed_leaf_leaves_no_stale_twin(tmp_path: Path) -> None:
+    from leafguard.agent.local import LocalAgentOutput
+
+    fleet = Fleet()
+    out = LocalAgentOutput(tmp_path, fleet)
+    analyzer = FakeAnalyzer([[login(T0 + 1)]])
+    analyzer.feed()
+    out.after_batch(analyzer)
+    assert sorted(p.name for p in (tmp_path / "twins").iterdir()) == ["leaf-001122334455.json"]
+    fleet.set_leaf_map({"00:11:22:33:44:55": "plc-7"}, T0 + 2)
+    out.tick(T0 + 3)
+    assert sorted(p.name for p in (tmp_path / "twins").iterdir()) == ["plc-7.json"]
+    assert fleet.take_retired() == []
+    out.close(T0 + 4)

@@ -126,6 +126,21 @@ def test_reported_state_restores_a_failed_patch() -> None:
     assert again is not None and again.body == {"leaves": {"a": {"x": 1}, "b": {"y": 2}}}
 
 
+def test_reported_state_removes_retired_leaves_and_restores_the_removal() -> None:
+    state = ReportedState()
+    state.update_leaf("old", {"x": 1})
+    state.update_leaf("kept", {"y": 2})
+    assert state.take_patch(None) is not None
+    state.remove_leaf("old")
+    state.remove_leaf("never-reported")  # nothing in the twin: nothing to remove
+    patch = state.take_patch(None)
+    assert patch is not None and patch.body == {"leaves": {"old": None}}
+    state.restore(patch)  # the patch failed: the removal is tried again
+    again = state.take_patch(None)
+    assert again is not None and again.body == {"leaves": {"old": None}}
+    assert state.take_patch(None) is None
+
+
 def _env(**extra: str) -> dict[str, Any]:
     return dict.fromkeys(EDGE_ENV, "x") | extra
 

@@ -53,6 +53,8 @@ class Fleet:
         """Desired documents by identity, kept so that a leaf created later starts with its own config."""
         self._last_discovery: float | None = None
         self._reported_dirty: set[str] = set()
+        self._retired: set[str] = set()
+        """Identities given up by a rename, whose reported properties should be removed."""
         """Identities whose reported properties must be (re)written."""
         self._dirty: set[str] = set()
         """MACs of agents that got input since the last tick (their schedule may have moved earlier)."""
@@ -74,6 +76,7 @@ class Fleet:
             ident = self.identity_for(mac)
             if ident != agent.identity:
                 del self._by_identity[agent.identity]
+                self._retired.add(agent.identity)
                 agent.rename(ident)
                 self._by_identity[ident] = mac
                 self._reported_dirty.add(ident)
@@ -137,6 +140,14 @@ class Fleet:
         """
         out = {ident: self.reported(ident) for ident in sorted(self._reported_dirty)}
         self._reported_dirty.clear()
+        return out
+
+    def take_retired(self) -> list[str]:
+        """Identities no leaf uses any more (renamed by the leaf map): remove their reported properties.
+
+        Take them before :meth:`take_reported_changes`: an identity can be retired and reused in one rename."""
+        out = sorted(self._retired - set(self._by_identity))
+        self._retired.clear()
         return out
 
     def reported(self, identity: str) -> dict[str, Any]:

@@ -102,6 +102,11 @@ class TwinsDirWriter:
         self._last[identity] = data
         return True
 
+    def remove(self, identity: str) -> None:
+        """The identity is no longer used (a leaf was renamed): its file goes."""
+        (self.directory / identity_filename(identity)).unlink(missing_ok=True)
+        self._last.pop(identity, None)
+
 
 # -- desired properties --------------------------------------------------------------------------------------
 
@@ -286,6 +291,8 @@ class LocalAgentOutput:
             self.messages.close()
 
     def _sync_twins(self) -> None:
+        for identity in self.fleet.take_retired():
+            self.twins.remove(identity)
         for identity, reported in self.fleet.take_reported_changes().items():
             self.twins.write(identity, reported)
 

@@ -101,5 +101,7 @@ class EdgeAgentOutput:
             agent.record_send_failures(1)
 
     def _sync_reported(self) -> None:
+        for identity in self.fleet.take_retired():
+            self.transport.remove_leaf(identity)
         for identity, reported in self.fleet.take_reported_changes().items():
             self.transport.report_leaf(identity, reported)

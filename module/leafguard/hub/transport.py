@@ -187,6 +187,10 @@ class EdgeTransport:
         """A leaf's reported properties changed: they go out with the next coalesced patch."""
         self.reported.update_leaf(identity, reported)
 
+    def remove_leaf(self, identity: str) -> None:
+        """A leaf identity is no longer used: its reported entry is removed with the next patch."""
+        self.reported.remove_leaf(identity)
+
     def refresh_health(self) -> None:
         """Report the health section with the next reported patch (something an operator set changed)."""
         self._last_health = float("-inf")

@@ -131,6 +131,8 @@ class ReportedPatch:
     wanted: dict[str, dict[str, Any]]
     """Every leaf entry this patch was built from, for :meth:`ReportedState.restore`."""
     in_twin_before: dict[str, int]
+    removed: frozenset[str] = frozenset()
+    """Identities this patch removes (no leaf uses them any more)."""
 
 
 class ReportedState:
@@ -146,6 +148,7 @@ class ReportedState:
         self._in_twin: dict[str, int] = {}
         """Identity → twin size of its entry as the twin holds it."""
         self._left_out: set[str] = set()
+        self._removing: set[str] = set()
         self.trims = 0
         """How many times a leaf was left out of (or removed from) the reported properties for lack of room."""
 
@@ -160,15 +163,27 @@ class ReportedState:
     def update_leaf(self, identity: str, reported: dict[str, Any]) -> None:
         self._pending[identity] = reported
 
+    def remove_leaf(self, identity: str) -> None:
+        self._pending.pop(identity, None)
+        self._left_out.discard(identity)
+        if identity in self._in_twin:
+            self._removing.add(identity)
+
     def take_patch(self, health: dict[str, Any] | None) -> ReportedPatch | None:
         """The next patch (pending leaf entries that fit, and ``health`` if given); None when nothing to send."""
-        if not self._pending and health is None:
+        removing, self._removing = self._removing, set()
+        if not self._pending and not removing and health is None:
             return None
         wanted = dict(self._pending)
         before = dict(self._in_twin)
         used = len(LEAVES) + sum(len(k.encode()) + v for k, v in self._in_twin.items())
         used += len(HEALTH) + twin_size(health or {})
         leaves: dict[str, dict[str, Any] | None] = {}
+        for identity in sorted(removing - set(self._pending)):
+            old = self._in_twin.get(identity)
+            if old is not None:
+                used -= len(identity.encode()) + old
+                leaves[identity] = None  # JSON merge: null deletes the entry from the twin
         for identity in sorted(self._pending):
             doc = self._pending[identity]
             size = twin_size(doc)
@@ -192,7 +207,7 @@ class ReportedState:
             body[HEALTH] = health
         if not body:
             return None
-        patch = ReportedPatch(body, leaves, wanted, before)
+        patch = ReportedPatch(body, leaves, wanted, before, frozenset(removing))
         for identity, entry in leaves.items():
             if entry is None:
                 self._in_twin.pop(identity, None)
@@ -205,3 +220,4 @@ class ReportedState:
         self._in_twin = dict(patch.in_twin_before)
         for identity, doc in patch.wanted.items():
             self._pending.setdefault(identity, doc)
+        self._removing |= {identity for identity in patch.removed if identity not in self._pending}
