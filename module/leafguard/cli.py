@@ -114,7 +114,8 @@ def _write_json(report: dict[str, Any], analyzer: Any, out: BinaryIO) -> None:
     for conv in analyzer.iter_conversations():
         out.write(sep + orjson.dumps(conv))
         sep = b",\n    "
-    out.write(b"\n  ]\n}\n")
+    out.write(b"\n  ],\n  \"alerts\": ")
+    out.write(orjson.dumps(report["alerts"], option=orjson.OPT_INDENT_2).replace(b"\n", b"\n  ") + b"\n}\n")
 
 
 class _Progress:

@@ -65,6 +65,8 @@ def test_replay_then_live_desired_changes_then_clean_stop(tmp_path: Path) -> Non
             capture_output=True,
         ).stdout
     )
+    assert read_json(tmp_path / "alerts.json")["alerts"] == analyzed["alerts"]  # the demo's MQTT and HTTP logins
+    assert {a["type"] for a in analyzed["alerts"]} == {"cleartext_login"}
     assert leaves == analyzed["leaves"]
 
     lines = [json.loads(line) for line in (tmp_path / "messages.jsonl").read_text().splitlines()]

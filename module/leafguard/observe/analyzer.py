@@ -28,6 +28,7 @@ from leafguard.decode.frames import (
     decode,
 )
 from leafguard.decode.login import LOGIN_PORTS, LoginOutcome, LoginTracker
+from leafguard.detect import detectors as det
 from leafguard.observe import fastpath
 from leafguard.observe.model import ConnectionSeen, Direction, LeafView, LoginSeen, Observation, Service
 from leafguard.observe.oui import vendor_of
@@ -104,6 +105,10 @@ class Analyzer:
         """The IPv4 conversations again, keyed as the bulk step groups frames (see `fastpath.plan_batch`)."""
         self._frags: dict[tuple[bytes, bytes, int, int], tuple[tuple[int, bytes, int, bytes, int], bool]] = {}
         self._frag_pending: dict[tuple[bytes, bytes, int, int], list[Any]] = {}
+        self.detectors = det.Detectors()
+        self._evidence: list[det.Evidence] = []
+        self._pairs: dict[tuple[bytes, bytes], float] = {}
+        """(leaf-side address, MAC) pairs of this batch with the first time each was seen: address bindings."""
         self._observations: deque[Observation] = deque(maxlen=MAX_PENDING_OBSERVATIONS)
         self._leaf_side_cache: dict[bytes, bool] = {}
         self._gateway = frozenset(bytes.fromhex(m.replace(":", "")) for m in self.settings.gateway_macs)
@@ -142,6 +147,7 @@ class Analyzer:
         if plan is None:
             for i in range(n):
                 self.frame(decode(data, offsets[i], caplens[i], linktype), data, stamps[i], wirelens[i])
+            self._detect()
             return
         fastpath.create_new(self, batch, plan)
         # Walk, in order, what the plan left to the per-frame path. A frame of a conversation that settles during
@@ -165,6 +171,23 @@ class Analyzer:
                 if not flow.slow:
                     settled[u] = True
         fastpath.count_settled(self, batch, plan, deferred)
+        self._detect()
+
+    def _detect(self) -> None:
+        """Hand the batch's evidence to the detectors, in packet-time order."""
+        evidence = self._evidence
+        evidence.extend((ts, det.BIND, (ip, mac)) for (ip, mac), ts in self._pairs.items())
+        self._pairs = {}
+        if evidence:
+            self._evidence = []
+            self.detectors.process(evidence)
+
+    def saw_address(self, ip: bytes, mac: bytes, ts: float) -> None:
+        """A leaf-side address was the source of a frame from ``mac`` (per batch, the earliest time counts)."""
+        key = (ip, mac)
+        first = self._pairs.get(key)
+        if first is None or ts < first:
+            self._pairs[key] = ts
 
     def frame(self, p: Packet, data: bytes, ts: float, wirelen: int) -> Flow | None:
         """Account for one decoded frame (its bytes are ``data``, the batch buffer)."""
@@ -186,11 +209,24 @@ class Analyzer:
             dst.packets_in += 1
             dst.bytes_in += wirelen
         if src is not None:
+            own = None
             if p.ethertype == ETH_ARP:
                 if p.arp_spa is not None and p.arp_sha == p.src_mac:
-                    self._learn_ip(src, p.arp_spa)
+                    own = p.arp_spa
+                    # A probe (sender 0.0.0.0, RFC 5227) and an announcement (sender == target) are a host
+                    # checking and claiming its own address: neither asks for somebody else's.
+                    if own != _ZERO_V4:
+                        self._evidence.append((ts, det.ARP_CLAIM, (own, src.mac)))
+                        if p.arp_op == 1 and p.arp_tpa is not None and p.arp_tpa != own:
+                            self._evidence.append((ts, det.ARP_ASK, (p.arp_tpa, src.mac)))
             elif p.src_ip is not None:
-                self._learn_ip(src, p.src_ip)
+                own = p.src_ip
+            if own is not None:
+                self._learn_ip(src, own)
+                # Bindings only from Ethernet: a cooked capture on "any" shows one packet per interface it
+                # crossed, with different link addresses.
+                if p.dst_mac is not None and own not in (_ZERO_V4, _ZERO_V6) and self.is_leaf_ip(own):
+                    self.saw_address(own, src.mac, ts)
         if p.sport >= 0 or p.fragment:
             return self._conversation(p, data, ts, wirelen, src)
         return None
@@ -311,7 +347,7 @@ class Analyzer:
             if not forward and not flow.b_seen:
                 self.first_reply(flow, src, sip)
             if p.payload_len and (sport in DEEP_UDP_PORTS or dport in DEEP_UDP_PORTS) and src is not None:
-                self._udp_payload(p, data[p.payload_off : p.payload_off + p.payload_len], src)
+                self._udp_payload(p, data[p.payload_off : p.payload_off + p.payload_len], src, ts)
         return flow
 
     def _new_flow(self, key: tuple[int, bytes, int, bytes, int], p: Packet, ts: float) -> Flow:
@@ -345,6 +381,8 @@ class Analyzer:
             flow = Flow(proto, sip, sport, dip, dport, smac, dmac, ts)
         if proto == PROTO_TCP:
             flow.state = "S0" if flags & TCP_SYN and not flags & TCP_ACK else "EST" if responder_first else "OTHER"
+            if flow.state == "S0":
+                self._evidence.append((ts, det.SYN, (sip, dip, dport, smac)))
             proto_name = LOGIN_PORTS.get(flow.b_port)
             if proto_name is not None:
                 flow.login = LoginTracker(proto_name)
@@ -396,6 +434,10 @@ class Analyzer:
         flow.login_budget -= len(payload)
         for outcome in login.feed(forward, payload):
             self._observe_login(flow, login.protocol, outcome, ts)
+            leaf = self._leaf_mac_for(flow.a_ip, flow.a_mac) or self._leaf_mac_for(flow.b_ip, flow.b_mac)
+            self._evidence.append(
+                (ts, det.LOGIN, (leaf, login.protocol, flow.a_ip, flow.b_ip, flow.b_port, outcome.user, outcome.result))
+            )
         if login.finished or flow.login_budget <= 0:
             # Nothing more to follow: release the tracker's buffers.
             flow.login = None
@@ -450,7 +492,7 @@ class Analyzer:
 
     # ----------------------------------------------------------------------------------------- deep
 
-    def _udp_payload(self, p: Packet, payload: bytes, src: MacState) -> None:
+    def _udp_payload(self, p: Packet, payload: bytes, src: MacState, ts: float) -> None:
         sport, dport = p.sport, p.dport
         if sport in (67, 68) or dport in (67, 68):
             d = deep.dhcp(payload)
@@ -460,6 +502,7 @@ class Analyzer:
                 # so the reply rule cannot see it: a BOOTREPLY from port 67 is the evidence.
                 if d.op == 2 and sport == 67 and p.src_ip is not None and self.is_leaf_ip(p.src_ip):
                     self._add_service(src, "udp", 67)
+                    self._evidence.append((ts, det.DHCP_SERVER, (src.mac, p.src_ip)))
         elif sport in (53, 5353, 5355) or dport in (53, 5353, 5355):
             # Only queries (the names a leaf asks for) and mDNS announcements (its own names) are kept:
             # a unicast DNS answer needs no parsing.
@@ -656,6 +699,7 @@ class Analyzer:
             "evicted_leaves": st.evicted_macs,
             "evicted_names": st.evicted_names,
             "observations_dropped": st.observations_dropped,
+            "alerts_dropped": self.detectors.dropped_alerts,
         }
 
     def report(self, *, conversations: bool = True) -> dict[str, Any]:
@@ -693,7 +737,12 @@ class Analyzer:
             "capture": self.capture_report(),
             "leaves": leaves,
             "conversations": convs,
+            "alerts": self.alerts(),
         }
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Findings so far, in packet-time order."""
+        return [a.to_json() for a in sorted(self.detectors.alerts, key=lambda a: (a.ts, a.type, a.summary))]
 
 
 _ULA = ipaddress.ip_network("fc00::/7")

@@ -416,18 +416,26 @@ def _count_macs(an: Analyzer, arr: _U8, o: _I64, wl: _I64, ts: npt.NDArray[np.fl
     ip_lo = np.minimum.reduceat(sip_o, starts)
     ip_hi = np.maximum.reduceat(sip_o, starts)
     many = ip_lo != ip_hi
-    pairs: list[tuple[int, int]] = list(zip(usrc[~many].tolist(), ip_lo[~many].tolist(), strict=True))
+    pairs: list[tuple[int, int, float]] = list(
+        zip(usrc[~many].tolist(), ip_lo[~many].tolist(), lo[~many].tolist(), strict=True)
+    )
     if many.any():
         # A router's MAC carries every remote address it forwards: one sorted int64 key per (MAC, address).
         group = np.empty(src.size, dtype=np.int64)
         group[order] = np.repeat(np.arange(usrc.size), cnt)
         multi = many[group]
-        both = np.unique((group[multi] << 32) | sip[multi])
-        pairs += list(zip(usrc[both >> 32].tolist(), (both & 0xFFFFFFFF).tolist(), strict=True))
-    for mac_i, ip_i in pairs:
-        known = an.macs.get(mac_i.to_bytes(6, "big"))
+        both, pinv = np.unique((group[multi] << 32) | sip[multi], return_inverse=True)
+        first = np.full(both.size, np.inf)
+        np.minimum.at(first, pinv.reshape(-1), ts[multi])
+        pairs += list(zip(usrc[both >> 32].tolist(), (both & 0xFFFFFFFF).tolist(), first.tolist(), strict=True))
+    for mac_i, ip_i, first_ts in pairs:
+        mac = mac_i.to_bytes(6, "big")
+        known = an.macs.get(mac)
         if known is not None:
-            an._learn_ip(known, ip_i.to_bytes(4, "big"))
+            ip = ip_i.to_bytes(4, "big")
+            an._learn_ip(known, ip)
+            if ip_i and an.is_leaf_ip(ip):
+                an.saw_address(ip, mac, first_ts)
     unicast = (dst >> 40) & 1 == 0
     if not unicast.any():
         return

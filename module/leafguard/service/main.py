@@ -318,4 +318,5 @@ class Service:
         write_json_atomic(
             base / "conversations.json", {"updated_at": time.time(), "conversations": report["conversations"]}
         )
+        write_json_atomic(base / "alerts.json", {"updated_at": time.time(), "alerts": report["alerts"]})
         write_json_atomic(base / "stats.json", self.stats(report["capture"]))

@@ -1,0 +1,259 @@
+"""Detectors over time-ordered evidence; pure, bounded, with packet time as the clock.
+
+The observation core records *evidence* while it walks a batch and counts in bulk (a TCP connection attempt,
+an address seen from a MAC for the first time, a DHCP server's reply, a login outcome). The order in which the
+two halves of the core meet the evidence is not the capture order, so the detectors only see it at the end of
+each batch, sorted by packet time: their findings do not depend on how frames were split into batches or paths.
+
+Thresholds follow what the reference monitors use (Zeek's scan policy: 15 ports of one host, or 25 hosts on
+one port, failed within 5 minutes); each finding is raised once per key and window, and every table is capped.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ALERT_SCHEMA_VERSION = "1.0"
+_NAMESPACE = uuid.UUID("7d6c1b8e-4f0a-4b8e-9a55-2c1d5e3f6a01")
+
+Severity = Literal["low", "medium", "high"]
+
+SCAN_WINDOW_S = 300.0
+PORT_SCAN_PORTS = 15
+ADDRESS_SCAN_HOSTS = 25
+BRUTE_FORCE_FAILURES = 10
+BINDING_MEMORY_S = 3600.0
+MAX_TRACKED = 4096
+MAX_ALERTS = 10_000
+
+
+def _ip(raw: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
+
+
+def _mac(raw: bytes) -> str:
+    return raw.hex(":")
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    type: str
+    severity: Severity
+    ts: float
+    mac: str | None
+    """The leaf the finding is about (the scanner, the new claimant of an address), when it has a MAC."""
+    summary: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        key = f"{self.type}|{self.ts:.6f}|{self.mac}|{sorted(self.evidence.items())}"
+        return {
+            "schema_version": ALERT_SCHEMA_VERSION,
+            "id": str(uuid.uuid5(_NAMESPACE, key)),
+            "type": self.type,
+            "severity": self.severity,
+            "ts": self.ts,
+            "mac": self.mac,
+            "summary": self.summary,
+            "evidence": self.evidence,
+        }
+
+
+# Evidence kinds, recorded as (ts, kind, payload) tuples.
+SYN = 0  # (src_ip, dst_ip, dst_port, src_mac)
+BIND = 1  # (ip, mac): a leaf-side address seen from a MAC for the first time
+DHCP_SERVER = 2  # (server_mac, server_ip)
+LOGIN = 3  # (leaf_mac or None, protocol, client_ip, server_ip, server_port, user, result)
+ARP_CLAIM = 4  # (ip, mac): an ARP packet in which ``mac`` announces ``ip`` as its own
+ARP_ASK = 5  # (ip, mac): an ARP request in which ``mac`` asks who has ``ip``
+
+Evidence = tuple[float, int, tuple[Any, ...]]
+
+
+class _Window:
+    """Distinct items seen for one key within a window, with the time each was first seen."""
+
+    __slots__ = ("alerted", "items", "start")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.items: dict[Any, float] = {}
+        self.alerted = False
+
+
+class Detectors:
+    def __init__(self) -> None:
+        self.alerts: list[Alert] = []
+        self.dropped_alerts = 0
+        self._ports: dict[tuple[bytes, bytes], _Window] = {}
+        self._hosts: dict[tuple[bytes, int], _Window] = {}
+        self._bindings: dict[bytes, tuple[bytes, float]] = {}
+        self._dhcp_servers: dict[bytes, bytes] = {}
+        self._rogue_reported: set[bytes] = set()
+        self._login_failures: dict[tuple[bytes, bytes, int], _Window] = {}
+        self._cleartext: dict[tuple[Any, ...], float] = {}
+        self._claims: dict[bytes, dict[bytes, float]] = {}
+        self._asks: dict[bytes, dict[bytes, float]] = {}
+        self._claims_reported: set[tuple[bytes, bytes]] = set()
+
+    def process(self, evidence: list[Evidence]) -> None:
+        """Consume one batch's evidence (any order: it is sorted here)."""
+        evidence.sort(key=_time_and_kind)
+        for ts, kind, data in evidence:
+            if kind == SYN:
+                self._syn(ts, *data)
+            elif kind == BIND:
+                self._bind(ts, *data)
+            elif kind == DHCP_SERVER:
+                self._dhcp(ts, *data)
+            elif kind == LOGIN:
+                self._login(ts, *data)
+            elif kind in (ARP_CLAIM, ARP_ASK):
+                self._arp(ts, data[0], data[1], kind == ARP_CLAIM)
+
+    def _raise(self, alert: Alert) -> None:
+        if len(self.alerts) >= MAX_ALERTS:
+            self.dropped_alerts += 1
+            return
+        self.alerts.append(alert)
+
+    @staticmethod
+    def _window(table: dict[Any, _Window], key: Any, ts: float) -> _Window:
+        w = table.get(key)
+        if w is None or ts - w.start > SCAN_WINDOW_S:
+            if w is None and len(table) >= MAX_TRACKED:
+                table.pop(next(iter(table)))
+            w = table[key] = _Window(ts)
+        return w
+
+    def _syn(self, ts: float, src: bytes, dst: bytes, port: int, mac: bytes | None) -> None:
+        w = self._window(self._ports, (src, dst), ts)
+        if not w.alerted and port not in w.items:
+            w.items[port] = ts
+            if len(w.items) >= PORT_SCAN_PORTS:
+                w.alerted = True
+                self._raise(
+                    Alert(
+                        "port_scan", "high", ts, _mac(mac) if mac else None,
+                        f"{_ip(src)} probed {len(w.items)} ports of {_ip(dst)} within {SCAN_WINDOW_S:.0f} s",
+                        {"scanner": _ip(src), "target": _ip(dst), "ports": sorted(w.items)[:50],
+                         "first_ts": w.start},
+                    )
+                )  # fmt: skip
+        h = self._window(self._hosts, (src, port), ts)
+        if not h.alerted and dst not in h.items:
+            h.items[dst] = ts
+            if len(h.items) >= ADDRESS_SCAN_HOSTS:
+                h.alerted = True
+                self._raise(
+                    Alert(
+                        "address_scan", "high", ts, _mac(mac) if mac else None,
+                        f"{_ip(src)} probed port {port} on {len(h.items)} hosts within {SCAN_WINDOW_S:.0f} s",
+                        {"scanner": _ip(src), "port": port, "hosts": sorted(_ip(d) for d in h.items)[:50],
+                         "first_ts": h.start},
+                    )
+                )  # fmt: skip
+
+    def _bind(self, ts: float, ip: bytes, mac: bytes) -> None:
+        old = self._bindings.get(ip)
+        if old is not None and old[0] != mac and ts - old[1] <= BINDING_MEMORY_S:
+            self._raise(
+                Alert(
+                    "address_conflict", "high", ts, _mac(mac),
+                    f"{_ip(ip)} moved from {_mac(old[0])} to {_mac(mac)} (ARP spoofing or a duplicate address)",
+                    {"ip": _ip(ip), "previous_mac": _mac(old[0]), "mac": _mac(mac), "previous_seen": old[1]},
+                )
+            )  # fmt: skip
+        if old is None and len(self._bindings) >= MAX_TRACKED * 4:
+            self._bindings.pop(next(iter(self._bindings)))
+        self._bindings[ip] = (mac, ts)
+
+    @staticmethod
+    def _remember(table: dict[bytes, dict[bytes, float]], mac: bytes, ip: bytes, ts: float) -> dict[bytes, float]:
+        seen = table.get(mac)
+        if seen is None:
+            if len(table) >= MAX_TRACKED:
+                table.pop(next(iter(table)))
+            seen = table[mac] = {}
+        if ip in seen or len(seen) < 64:
+            seen[ip] = ts
+        return seen
+
+    def _arp(self, ts: float, ip: bytes, mac: bytes, claim: bool) -> None:
+        # A MAC that announces an address as its own and also has to ask who has that address is answering for
+        # someone else: the trace ARP poisoning leaves (the attacker claims the gateway's address, and asks for
+        # the real gateway's MAC to relay the traffic it intercepts).
+        self._remember(self._claims if claim else self._asks, mac, ip, ts)
+        claimed = self._claims.get(mac, {}).get(ip)
+        asked = self._asks.get(mac, {}).get(ip)
+        if claimed is None or asked is None or abs(claimed - asked) > BINDING_MEMORY_S:
+            return
+        if (mac, ip) in self._claims_reported or len(self._claims_reported) >= MAX_TRACKED:
+            return
+        self._claims_reported.add((mac, ip))
+        own = sorted(_ip(other) for other in self._claims.get(mac, {}) if other != ip)
+        self._raise(
+            Alert(
+                "arp_spoofing", "high", ts, _mac(mac),
+                f"{_mac(mac)} announces {_ip(ip)} as its own but also asks who has it",
+                {"mac": _mac(mac), "ip": _ip(ip), "claimed_at": claimed, "asked_at": asked, "other_ips": own},
+            )
+        )  # fmt: skip
+
+    def _dhcp(self, ts: float, server_mac: bytes, server_ip: bytes) -> None:
+        if server_mac in self._dhcp_servers:
+            return
+        if len(self._dhcp_servers) < MAX_TRACKED:
+            self._dhcp_servers[server_mac] = server_ip
+        if len(self._dhcp_servers) > 1 and server_mac not in self._rogue_reported:
+            self._rogue_reported.add(server_mac)
+            others = sorted(_mac(m) for m in self._dhcp_servers if m != server_mac)
+            self._raise(
+                Alert(
+                    "rogue_dhcp", "high", ts, _mac(server_mac),
+                    f"a second DHCP server answers: {_mac(server_mac)} ({_ip(server_ip)}) besides {', '.join(others)}",
+                    {"server_mac": _mac(server_mac), "server_ip": _ip(server_ip), "known_servers": others},
+                )
+            )  # fmt: skip
+
+    def _login(
+        self, ts: float, mac: bytes | None, protocol: str, client: bytes, server: bytes, port: int,
+        user: str | None, result: str,
+    ) -> None:  # fmt: skip
+        key = (mac, protocol, server, port)
+        last = self._cleartext.get(key)
+        if last is None or ts - last > BINDING_MEMORY_S:
+            if last is None and len(self._cleartext) >= MAX_TRACKED:
+                self._cleartext.pop(next(iter(self._cleartext)))
+            self._cleartext[key] = ts
+            self._raise(
+                Alert(
+                    "cleartext_login", "medium", ts, _mac(mac) if mac else None,
+                    f"{protocol} login in cleartext from {_ip(client)} to {_ip(server)}:{port} ({result})",
+                    {"protocol": protocol, "client": _ip(client), "server": _ip(server), "port": port,
+                     "user": user, "result": result},
+                )
+            )  # fmt: skip
+        if result != "Fail":
+            return
+        w = self._window(self._login_failures, (client, server, port), ts)
+        w.items[len(w.items)] = ts
+        if not w.alerted and len(w.items) >= BRUTE_FORCE_FAILURES:
+            w.alerted = True
+            self._raise(
+                Alert(
+                    "brute_force", "high", ts, _mac(mac) if mac else None,
+                    f"{len(w.items)} failed {protocol} logins from {_ip(client)} to {_ip(server)}:{port} "
+                    f"within {SCAN_WINDOW_S:.0f} s",
+                    {"protocol": protocol, "client": _ip(client), "server": _ip(server), "port": port,
+                     "failures": len(w.items), "first_ts": w.start},
+                )
+            )  # fmt: skip
+
+
+def _time_and_kind(e: Evidence) -> tuple[float, int, str]:
+    # The payload breaks ties, so equal-time evidence is consumed in the same order however it was collected.
+    return e[0], e[1], repr(e[2])
