@@ -26,7 +26,7 @@ PORT_SCAN_PORTS = 15
 ADDRESS_SCAN_HOSTS = 25
 BRUTE_FORCE_FAILURES = 10
 BINDING_MEMORY_S = 3600.0
-MAX_TRACKED = 4096
+MAX_TRACKED = 2048
 MAX_ALERTS = 10_000
 
 
@@ -66,7 +66,7 @@ class Alert:
 SYN = 0  # (src_ip, dst_ip, dst_port, src_mac)
 BIND = 1  # (ip, mac): a leaf-side address seen from a MAC for the first time
 DHCP_SERVER = 2  # (server_mac, server_ip)
-LOGIN = 3  # (leaf_mac or None, protocol, client_ip, server_ip, server_port, user, result)
+LOGIN = 3  # (leaf_mac or None, protocol, client_ip, server_ip, server_port, user or "", result)
 ARP_CLAIM = 4  # (ip, mac): an ARP packet in which ``mac`` announces ``ip`` as its own
 ARP_ASK = 5  # (ip, mac): an ARP request in which ``mac`` asks who has ``ip``
 
@@ -167,7 +167,7 @@ class Detectors:
                     {"ip": _ip(ip), "previous_mac": _mac(old[0]), "mac": _mac(mac), "previous_seen": old[1]},
                 )
             )  # fmt: skip
-        if old is None and len(self._bindings) >= MAX_TRACKED * 4:
+        if old is None and len(self._bindings) >= MAX_TRACKED:
             self._bindings.pop(next(iter(self._bindings)))
         self._bindings[ip] = (mac, ts)
 
@@ -234,7 +234,7 @@ class Detectors:
                     "cleartext_login", "medium", ts, _mac(mac) if mac else None,
                     f"{protocol} login in cleartext from {_ip(client)} to {_ip(server)}:{port} ({result})",
                     {"protocol": protocol, "client": _ip(client), "server": _ip(server), "port": port,
-                     "user": user, "result": result},
+                     "user": user or None, "result": result},
                 )
             )  # fmt: skip
         if result != "Fail":
@@ -254,6 +254,7 @@ class Detectors:
             )  # fmt: skip
 
 
-def _time_and_kind(e: Evidence) -> tuple[float, int, str]:
-    # The payload breaks ties, so equal-time evidence is consumed in the same order however it was collected.
-    return e[0], e[1], repr(e[2])
+def _time_and_kind(e: Evidence) -> tuple[float, int, tuple[Any, ...]]:
+    # The payload breaks ties, so equal-time evidence is consumed in the same order however it was collected;
+    # None becomes b"" so that every position compares.
+    return e[0], e[1], tuple(b"" if v is None else v for v in e[2])

@@ -436,7 +436,11 @@ class Analyzer:
             self._observe_login(flow, login.protocol, outcome, ts)
             leaf = self._leaf_mac_for(flow.a_ip, flow.a_mac) or self._leaf_mac_for(flow.b_ip, flow.b_mac)
             self._evidence.append(
-                (ts, det.LOGIN, (leaf, login.protocol, flow.a_ip, flow.b_ip, flow.b_port, outcome.user, outcome.result))
+                (
+                    ts,
+                    det.LOGIN,
+                    (leaf, login.protocol, flow.a_ip, flow.b_ip, flow.b_port, outcome.user or "", outcome.result),
+                )
             )
         if login.finished or flow.login_budget <= 0:
             # Nothing more to follow: release the tracker's buffers.
