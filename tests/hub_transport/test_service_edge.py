@@ -71,11 +71,18 @@ async def test_edge_mode_service_sends_is_tuned_by_its_twin_and_stops_cleanly(hu
     assert proc.returncode == 0, err.decode()
     assert b"stopped cleanly" in err
 
-    received = hub.messages(MODULE)
+    everything = hub.messages(MODULE)
+    alerts = [m for m in everything if m.output_name == "alerts"]
+    received = [m for m in everything if m.output_name != "alerts"]
+    # The demo's cleartext MQTT and HTTP logins also go out as LeafGuard alerts: plain JSON, not security messages.
+    assert sorted(m.json()["type"] for m in alerts) == ["cleartext_login", "cleartext_login"]
+    assert all(not m.is_security_message and m.properties["alertType"] == "cleartext_login" for m in alerts)
+    # The MQTT login's leaf is the sensor (the client); the HTTP login's is the operator's workstation.
+    assert {m.properties["leafIdentity"] for m in alerts} == {SENSOR, "leaf-3c5282112233"}
     ids = {m.system["$.mid"] for m in received}
     health = reported()["leafguard"]
-    # Everything the agents built was acknowledged and arrived; nothing was dropped.
-    assert len(ids) == health["agents"]["messages"] == health["uplink"]["sent"] > 0
+    # Everything the agents built was acknowledged and arrived (and so did the alerts); nothing was dropped.
+    assert len(ids) == health["agents"]["messages"] == health["uplink"]["sent"] - len(alerts) > 0
     assert health["uplink"]["dropped"] == 0 and health["uplink"]["queued"] == 0
     for message in received:
         assert message.output_name == "security" and message.is_security_message
@@ -127,5 +134,6 @@ async def test_module_twin_leaf_map_and_capture_section(hub: HubEmulator) -> Non
         async with asyncio.timeout(LIMIT_S):
             _out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
-    identities = {m.properties["leafIdentity"] for m in hub.messages(MODULE)}
+    # Security messages are built at the end (packet time); the alerts went out before the twin named the leaf.
+    identities = {m.properties["leafIdentity"] for m in hub.messages(MODULE) if m.output_name == "security"}
     assert "plant1-sensor7" in identities and SENSOR not in identities

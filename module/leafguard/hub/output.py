@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from leafguard import __version__
 from leafguard.agent.config import ConfigOutcome
@@ -20,6 +23,28 @@ from leafguard.hub.transport import EdgeTransport
 from leafguard.hub.twin import DesiredChange, MissedDesiredPatchError, ModuleDesired
 
 log = logging.getLogger("leafguard.hub")
+
+
+ALERTS_OUTPUT = "alerts"
+
+
+@dataclass(frozen=True, slots=True)
+class AlertMessage(OutgoingMessage):
+    """A LeafGuard alert for module output ``alerts`` (plain JSON: not a Defender security message)."""
+
+    output: str = ALERTS_OUTPUT
+    alert_type: str = ""
+
+    @property
+    def custom_properties(self) -> dict[str, str]:
+        return {"alertType": self.alert_type}
+
+    def to_sdk_message(self) -> Any:
+        from azure.iot.device import Message
+
+        msg = Message(self.body, content_encoding="utf-8", content_type="application/json")  # type: ignore[no-untyped-call]
+        msg.custom_properties.update(self.custom_properties)
+        return msg
 
 
 class EdgeAgentOutput:
@@ -65,6 +90,19 @@ class EdgeAgentOutput:
                 applied.extend(self._apply(change, now))
         self._sync_reported()
         return applied
+
+    def submit_alerts(self, alerts: list[dict[str, Any]], module_identity: str) -> None:
+        """Send LeafGuard alerts on output ``alerts``; each names its leaf's identity (or the module's)."""
+        self.transport.submit(
+            AlertMessage(
+                identity=self.fleet.identity_for(alert["mac"]) if alert.get("mac") else module_identity,
+                body=orjson.dumps(alert),
+                priority="High",
+                event_count=1,
+                alert_type=str(alert["type"]),
+            )
+            for alert in alerts
+        )
 
     def close(self, now: float | None) -> None:
         """The final flush of every agent into the outbox (the transport's shutdown sends it)."""

@@ -496,7 +496,8 @@ class EdgeTransport:
         # The SDK completes its own future when the PUBACK (or the cancellation) comes, and logs an error if that
         # future was cancelled under it: so we stop waiting for a send (shield) rather than cancel it.
         send = asyncio.get_running_loop().create_task(
-            self._client.send_message_to_output(msg, self.settings.output_name),
+            # Alerts carry their own output; Defender security messages go to the configured one.
+            self._client.send_message_to_output(msg, getattr(entry.message, "output", self.settings.output_name)),
             name=f"leafguard.hub.send[{entry.seq}]",
         )
         try:

@@ -91,6 +91,7 @@ class Service:
         self.replay_done = False
         self._drops_reported = 0
         self._drops_counted = 0
+        self._alerts_forwarded = 0
         self.capture_filter: dict[str, Any] = {"extraFilter": settings.extra_filter, "error": None}
         """The operator's extra capture filter in force, and why the last change was refused (if it was)."""
         self._gateway_file = GatewaySettingsFile(settings.local_dir) if settings.local_dir is not None else None
@@ -202,6 +203,15 @@ class Service:
         self.analyzer.feed(batch)
         self.out.after_batch(self.analyzer)
         self.batches += 1
+        found = self.analyzer.detectors.alerts
+        if len(found) > self._alerts_forwarded:
+            if self.settings.edge is not None:
+                from leafguard.hub.output import EdgeAgentOutput
+
+                assert isinstance(self.out, EdgeAgentOutput)
+                fresh = [a.to_json() for a in found[self._alerts_forwarded :]]
+                self.out.submit_alerts(fresh, self.settings.edge.identity)
+            self._alerts_forwarded = len(found)
 
     async def _periodic(self) -> None:
         s = self.settings
