@@ -129,33 +129,36 @@ class Detectors:
             w = table[key] = _Window(ts)
         return w
 
+    def _crossed(self, table: dict[Any, _Window], key: Any, item: Any, ts: float, threshold: int) -> _Window | None:
+        """Count a distinct ``item`` for ``key``; the window, the first time it reaches ``threshold``."""
+        w = self._window(table, key, ts)
+        if w.alerted or item in w.items:
+            return None
+        w.items[item] = ts
+        if len(w.items) < threshold:
+            return None
+        w.alerted = True
+        return w
+
     def _syn(self, ts: float, src: bytes, dst: bytes, port: int, mac: bytes | None) -> None:
-        w = self._window(self._ports, (src, dst), ts)
-        if not w.alerted and port not in w.items:
-            w.items[port] = ts
-            if len(w.items) >= PORT_SCAN_PORTS:
-                w.alerted = True
-                self._raise(
-                    Alert(
-                        "port_scan", "high", ts, _mac(mac) if mac else None,
-                        f"{_ip(src)} probed {len(w.items)} ports of {_ip(dst)} within {SCAN_WINDOW_S:.0f} s",
-                        {"scanner": _ip(src), "target": _ip(dst), "ports": sorted(w.items)[:50],
-                         "first_ts": w.start},
-                    )
-                )  # fmt: skip
-        h = self._window(self._hosts, (src, port), ts)
-        if not h.alerted and dst not in h.items:
-            h.items[dst] = ts
-            if len(h.items) >= ADDRESS_SCAN_HOSTS:
-                h.alerted = True
-                self._raise(
-                    Alert(
-                        "address_scan", "high", ts, _mac(mac) if mac else None,
-                        f"{_ip(src)} probed port {port} on {len(h.items)} hosts within {SCAN_WINDOW_S:.0f} s",
-                        {"scanner": _ip(src), "port": port, "hosts": sorted(_ip(d) for d in h.items)[:50],
-                         "first_ts": h.start},
-                    )
-                )  # fmt: skip
+        leaf = _mac(mac) if mac else None
+        if (w := self._crossed(self._ports, (src, dst), port, ts, PORT_SCAN_PORTS)) is not None:
+            self._raise(
+                Alert(
+                    "port_scan", "high", ts, leaf,
+                    f"{_ip(src)} probed {len(w.items)} ports of {_ip(dst)} within {SCAN_WINDOW_S:.0f} s",
+                    {"scanner": _ip(src), "target": _ip(dst), "ports": sorted(w.items)[:50], "first_ts": w.start},
+                )
+            )  # fmt: skip
+        if (h := self._crossed(self._hosts, (src, port), dst, ts, ADDRESS_SCAN_HOSTS)) is not None:
+            self._raise(
+                Alert(
+                    "address_scan", "high", ts, leaf,
+                    f"{_ip(src)} probed port {port} on {len(h.items)} hosts within {SCAN_WINDOW_S:.0f} s",
+                    {"scanner": _ip(src), "port": port, "hosts": sorted(_ip(d) for d in h.items)[:50],
+                     "first_ts": h.start},
+                )
+            )  # fmt: skip
 
     def _bind(self, ts: float, ip: bytes, mac: bytes) -> None:
         old = self._bindings.get(ip)
