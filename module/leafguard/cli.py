@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("--security-messages", metavar="FILE", help="write the Defender messages as JSON lines")
     an.add_argument("--agent-config", metavar="FILE", help="desired properties (Defender object) for every leaf")
     an.add_argument("--top", type=int, default=15, help="conversations shown in the summary (default 15)")
+    an.add_argument(
+        "--learning-period", type=float, metavar="SECONDS", help="alert on leaves first seen after this long"
+    )
 
     run = sub.add_parser("run", help="run the service (IoT Edge module, or local mode outside IoT Edge)")
     src = run.add_mutually_exclusive_group()
@@ -42,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--extra-filter", metavar="BPF", help="extra capture filter expression")
     run.add_argument("--no-promisc", action="store_true", help="do not put interfaces in promiscuous mode")
     run.add_argument("--http-port", type=int, default=None, help="serve /healthz and /metrics on this port")
+    run.add_argument(
+        "--learning-period", type=float, metavar="SECONDS", help="alert on leaves first seen after this long"
+    )
     return ap
 
 
@@ -74,7 +80,8 @@ def _analyze(args: argparse.Namespace) -> int:
         print("leafguard analyze: give capture files, or --demo", file=sys.stderr)
         return 2
     analyzer = Analyzer(
-        AnalyzerSettings.from_cli(args.leaf_net, args.gateway_mac), observations=bool(args.security_messages)
+        AnalyzerSettings.from_cli(args.leaf_net, args.gateway_mac, args.learning_period),
+        observations=bool(args.security_messages),
     )
     writer = None
     if args.security_messages:

@@ -17,6 +17,7 @@ from scapy.layers.l2 import ARP, Ether
 from leafguard.capture.batch import FrameBatch
 from leafguard.capture.pcapfile import read_batches
 from leafguard.observe.analyzer import Analyzer
+from leafguard.observe.settings import AnalyzerSettings
 from tests.conftest import shared_pcaps
 
 EXPECTED = {
@@ -114,3 +115,38 @@ def test_the_schema_rejects_what_it_should() -> None:
     assert not list(VALIDATOR.iter_errors(good))
     for broken in ({**good, "type": "nope"}, {**good, "mac": "AA:BB"}, {k: v for k, v in good.items() if k != "ts"}):
         assert list(VALIDATOR.iter_errors(broken))
+
+
+def test_new_devices_after_the_learning_period() -> None:
+    def hello(mac: str, ip: str, t: float) -> tuple[float, bytes, int]:
+        raw = bytes(Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / ARP(hwsrc=mac, psrc=ip, pdst="10.5.0.1"))
+        return (1_700_000_000 + t, raw, len(raw))
+
+    frames = [hello("00:17:88:00:00:01", "10.5.0.2", 0), hello("00:17:88:00:00:02", "10.5.0.3", 5)]
+    frames += [hello("00:17:88:00:00:01", "10.5.0.2", 40), hello("5c:cf:7f:00:00:03", "10.5.0.4", 60)]
+    for learning, expected in ((10.0, ["5c:cf:7f:00:00:03"]), (None, []), (120.0, [])):
+        an = Analyzer(AnalyzerSettings(learning_period_s=learning))
+        an.feed(FrameBatch.from_frames(1, frames))
+        found = an.alerts()
+        assert [a["mac"] for a in found] == expected
+        for alert in found:
+            assert alert["type"] == "new_device" and alert["ts"] == 1_700_000_060
+            assert alert["evidence"]["vendor"] == "Espressif Inc." and alert["evidence"]["ips"] == ["10.5.0.4"]
+            assert not list(VALIDATOR.iter_errors(alert))
+
+
+@pytest.mark.parametrize("capture", ["ndpi_netbios.pcapng", "ndpi_tplink_shp.pcap", "ndpi_syslog.pcap"])
+def test_new_device_findings_do_not_depend_on_batches(capture: str) -> None:
+    pcaps = {p.name: p for p in shared_pcaps()}
+    if capture not in pcaps:
+        pytest.skip("../shared is absent")
+
+    def run(batch_frames: int, fast: bool) -> list[dict[str, Any]]:
+        an = Analyzer(AnalyzerSettings(learning_period_s=2.0), fast_path=fast)
+        for b in read_batches(pcaps[capture], batch_frames=batch_frames):
+            an.feed(b)
+        return an.alerts()
+
+    found = run(8192, True)
+    assert len(found) >= 5 and {a["type"] for a in found} >= {"new_device"}
+    assert found == run(97, True) == run(8192, False)

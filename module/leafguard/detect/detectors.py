@@ -69,6 +69,7 @@ DHCP_SERVER = 2  # (server_mac, server_ip)
 LOGIN = 3  # (leaf_mac or None, protocol, client_ip, server_ip, server_port, user or "", result)
 ARP_CLAIM = 4  # (ip, mac): an ARP packet in which ``mac`` announces ``ip`` as its own
 ARP_ASK = 5  # (ip, mac): an ARP request in which ``mac`` asks who has ``ip``
+NEW_LEAF = 6  # (mac, ips as text, vendor or ""): a leaf seen for the first time (ts: its first frame)
 
 Evidence = tuple[float, int, tuple[Any, ...]]
 
@@ -85,7 +86,10 @@ class _Window:
 
 
 class Detectors:
-    def __init__(self) -> None:
+    def __init__(self, learning_period_s: float | None = None) -> None:
+        self.learning_period_s = learning_period_s
+        self.learning_started: float | None = None
+        """Packet time of the first frame: the learning period runs from there."""
         self.alerts: list[Alert] = []
         self.dropped_alerts = 0
         self._ports: dict[tuple[bytes, bytes], _Window] = {}
@@ -113,6 +117,8 @@ class Detectors:
                 self._login(ts, *data)
             elif kind in (ARP_CLAIM, ARP_ASK):
                 self._arp(ts, data[0], data[1], kind == ARP_CLAIM)
+            elif kind == NEW_LEAF:
+                self._new_leaf(ts, *data)
 
     def _raise(self, alert: Alert) -> None:
         if len(self.alerts) >= MAX_ALERTS:
@@ -203,6 +209,21 @@ class Detectors:
                 "arp_spoofing", "high", ts, _mac(mac),
                 f"{_mac(mac)} announces {_ip(ip)} as its own but also asks who has it",
                 {"mac": _mac(mac), "ip": _ip(ip), "claimed_at": claimed, "asked_at": asked, "other_ips": own},
+            )
+        )  # fmt: skip
+
+    def _new_leaf(self, ts: float, mac: bytes, ips: str, vendor: str) -> None:
+        if self.learning_period_s is None or self.learning_started is None:
+            return
+        if ts - self.learning_started <= self.learning_period_s:
+            return  # learned: part of the baseline
+        self._raise(
+            Alert(
+                "new_device", "medium", ts, _mac(mac),
+                f"new device {_mac(mac)} ({vendor or 'unknown vendor'}{', ' + ips if ips else ''}) after the "
+                f"learning period",
+                {"mac": _mac(mac), "ips": ips.split(",") if ips else [], "vendor": vendor or None,
+                 "learning_period_s": self.learning_period_s},
             )
         )  # fmt: skip
 

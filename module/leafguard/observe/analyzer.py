@@ -105,7 +105,11 @@ class Analyzer:
         """The IPv4 conversations again, keyed as the bulk step groups frames (see `fastpath.plan_batch`)."""
         self._frags: dict[tuple[bytes, bytes, int, int], tuple[tuple[int, bytes, int, bytes, int], bool]] = {}
         self._frag_pending: dict[tuple[bytes, bytes, int, int], list[Any]] = {}
-        self.detectors = det.Detectors()
+        self.detectors = det.Detectors(self.settings.learning_period_s)
+        self._learning = self.settings.learning_period_s is not None
+        self._touched: set[bytes] = set()
+        """MACs seen in this batch (only while learning is on): candidates for a new-device finding."""
+        self._announced: set[bytes] = set()
         self._evidence: list[det.Evidence] = []
         self._pairs: dict[tuple[bytes, bytes], float] = {}
         """(leaf-side address, MAC) pairs of this batch with the first time each was seen: address bindings."""
@@ -176,6 +180,19 @@ class Analyzer:
     def _detect(self) -> None:
         """Hand the batch's evidence to the detectors, in packet-time order."""
         evidence = self._evidence
+        if self._learning:
+            if self.detectors.learning_started is None:
+                self.detectors.learning_started = self.stats.first_ts
+            for mac in self._touched:
+                st = self.macs.get(mac)
+                if st is None or mac in self._announced or not self.is_leaf(st):
+                    continue
+                if len(self._announced) >= self.settings.max_macs:
+                    self._announced.clear()  # bounded: a MAC forgotten here is only announced again
+                self._announced.add(mac)
+                ips = ",".join(ip_text(ip) for ip in st.ips)
+                evidence.append((st.first_seen, det.NEW_LEAF, (mac, ips, vendor_of(mac_text(mac)) or "")))
+            self._touched.clear()
         evidence.extend((ts, det.BIND, (ip, mac)) for (ip, mac), ts in self._pairs.items())
         self._pairs = {}
         if evidence:
@@ -234,6 +251,8 @@ class Analyzer:
     # ----------------------------------------------------------------------------------------- state
 
     def _mac(self, mac: bytes, ts: float) -> MacState:
+        if self._learning:
+            self._touched.add(mac)
         st = self.macs.get(mac)
         if st is None:
             if len(self.macs) >= self.settings.max_macs:

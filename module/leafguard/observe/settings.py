@@ -25,14 +25,20 @@ class AnalyzerSettings:
     max_fragments: int = 4096
     idle_flow_s: float = 300.0
     """A flow quiet for this long is preferred for eviction when the flow table is full."""
+    learning_period_s: float | None = None
+    """Leaves first seen this long after the first frame raise a ``new_device`` alert; None: no learning."""
 
     def __post_init__(self) -> None:
         for name in ("max_flows", "max_macs", "max_names_per_leaf", "max_services_per_leaf", "max_ips_per_leaf"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"{name} must be at least 1")
+        if self.learning_period_s is not None and not self.learning_period_s >= 0:
+            raise ConfigurationError("the learning period must be a number of seconds, 0 or more")
 
     @classmethod
-    def from_cli(cls, leaf_nets: list[str] | None, gateway_macs: list[str] | None = None) -> AnalyzerSettings:
+    def from_cli(
+        cls, leaf_nets: list[str] | None, gateway_macs: list[str] | None = None, learning_period_s: float | None = None
+    ) -> AnalyzerSettings:
         nets: list[Network] = []
         for text in leaf_nets or []:
             try:
@@ -42,4 +48,5 @@ class AnalyzerSettings:
         return cls(
             leaf_nets=tuple(nets),
             gateway_macs=frozenset(m.lower().replace("-", ":") for m in gateway_macs or []),
+            learning_period_s=learning_period_s,
         )
