@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]
+import pytest
 import rfc3339_validator  # type: ignore[import-untyped]
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT7
@@ -33,6 +34,8 @@ def _date_time(value: object) -> bool:
 
 @functools.cache
 def message_validator() -> jsonschema.Draft7Validator:
+    if not MESSAGE_SCHEMAS.is_dir():
+        pytest.skip(f"{MESSAGE_SCHEMAS} is absent: the official Defender schemas live in ../shared")
     resources = []
     for path in sorted(MESSAGE_SCHEMAS.glob("*.json")):
         if path.name == "samples.json":
