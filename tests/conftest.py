@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,3 +28,20 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent: the shared captures and schemas live there")
     return SHARED
+
+
+def run_analyze(path: Path, *extra: str, timeout_s: float = 240) -> dict[str, Any]:
+    """``leafguard analyze PATH --json`` as a process of this tree's code (not whatever is installed)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "module"), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "leafguard", "analyze", str(path), "--json", *extra],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        timeout=timeout_s,
+    )
+    assert proc.returncode == 0, f"leafguard analyze {path.name} exited {proc.returncode}: {proc.stderr[-3000:]}"
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return report

@@ -21,10 +21,7 @@ Expectations that go beyond tshark (which the real-capture oracle test uses):
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +38,8 @@ from scapy.layers.tls.handshake import TLSClientHello
 from scapy.layers.tls.record import TLS
 from scapy.packet import Packet
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import run_analyze
+
 LINKTYPE_ETHERNET, LINKTYPE_RAW, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2 = 1, 101, 113, 276
 T0 = 1_700_000_000.0
 
@@ -124,19 +122,7 @@ def write_pcapng(path: Path, frames: list[Frame], linktype: int) -> Path:
 
 
 def analyze(path: Path, *extra: str) -> dict[str, Any]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "module"), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "leafguard", "analyze", str(path), "--json", *extra],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-        timeout=120,
-    )
-    assert proc.returncode == 0, f"leafguard analyze exited {proc.returncode}: {proc.stderr[-3000:]}"
-    report: dict[str, Any] = json.loads(proc.stdout)
-    return report
+    return run_analyze(path, *extra, timeout_s=120)
 
 
 # ------------------------------------------------------------------------------------------ scenario

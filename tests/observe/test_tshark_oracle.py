@@ -80,7 +80,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 from collections import Counter, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -90,7 +89,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PCAPS, REPO, SHARED, shared_pcaps
+from tests.conftest import PCAPS, SHARED, run_analyze, shared_pcaps
 
 pytestmark = pytest.mark.tshark
 
@@ -396,19 +395,7 @@ ALL_LEAF = ("--leaf-net", "0.0.0.0/0", "--leaf-net", "::/0")
 
 
 def run_leafguard(path: Path, *extra: str) -> dict[str, Any]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "module"), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "leafguard", "analyze", str(path), "--json", *extra],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-        timeout=240,
-    )
-    assert proc.returncode == 0, f"leafguard analyze {path.name} exited {proc.returncode}: {proc.stderr[-3000:]}"
-    report: dict[str, Any] = json.loads(proc.stdout)
-    return report
+    return run_analyze(path, *extra, timeout_s=240)
 
 
 class _Runs:
