@@ -145,12 +145,11 @@ class Analyzer:
         offsets = batch.offsets
         caplens = batch.caplens
         wirelens = batch.wirelens
-        stamps = batch.timestamps
         linktype = batch.linktype
         plan = fastpath.plan_batch(self, batch) if self._fast and n >= 64 and linktype == 1 else None
         if plan is None:
             for i in range(n):
-                self.frame(decode(data, offsets[i], caplens[i], linktype), data, stamps[i], wirelens[i])
+                self.frame(decode(data, offsets[i], caplens[i], linktype), data, ts[i], wirelens[i])
             self._detect()
             return
         fastpath.create_new(self, batch, plan)
@@ -168,7 +167,7 @@ class Analyzer:
             if u >= 0 and not deep[i] and (settled[u] or (bare[i] and known[u])):
                 deferred.append(i)
                 continue
-            flow = self.frame(decode(data, offsets[i], caplens[i], linktype), data, stamps[i], wirelens[i])
+            flow = self.frame(decode(data, offsets[i], caplens[i], linktype), data, ts[i], wirelens[i])
             if u >= 0 and flow is not None:
                 known[u] = True
                 uflows[u] = flow

@@ -65,7 +65,6 @@ class Plan:
         "bare",
         "bulk_new",
         "cand",
-        "ctrl",
         "deep",
         "early",
         "first",
@@ -92,8 +91,6 @@ class Plan:
         """The frame's conversation ``u``, or -1 when it is not a candidate."""
         self.bare: list[bool] = []
         """A TCP segment with no payload and no SYN/FIN/RST: it cannot change any state."""
-        self.ctrl: list[bool] = []
-        """A TCP segment with SYN, FIN or RST."""
         self.deep: list[bool] = []
         """A UDP datagram whose payload the per-frame path decodes (DHCP, DNS query, mDNS, NetBIOS, SSDP)."""
         self.walk: list[int] = []
@@ -229,9 +226,6 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
     plan.frame_key = frame_key.tolist()
     per_frame[cand] = bare
     plan.bare = per_frame.tolist()
-    per_frame[:] = False
-    per_frame[cand] = ctrl
-    plan.ctrl = per_frame.tolist()
     per_frame[:] = False
     per_frame[cand] = deep
     plan.deep = per_frame.tolist()
