@@ -70,3 +70,18 @@ def test_security_messages_file(tmp_path: Path) -> None:
     assert lines and {"identity", "properties", "body"} == set(lines[0])
     leaves = {leaf["mac"].replace(":", "") for leaf in json.loads(proc.stdout)["leaves"]}
     assert {m["identity"].removeprefix("leaf-") for m in lines} <= leaves
+
+
+def test_reader_process_gives_the_single_process_report(tmp_path: Path) -> None:
+    from benchmarks.gen_capture import frames, write_pcap
+
+    from leafguard.capture.forked import MIN_FILE_BYTES
+
+    mix = tmp_path / "mix.pcap"
+    write_pcap(mix, frames(3, 40, 40_000))
+    assert mix.stat().st_size >= MIN_FILE_BYTES  # large enough for the default to fork a reader
+    forked = _analyze(str(mix), "--json")
+    single = _analyze(str(mix), "--json", "--single-process")
+    assert forked.returncode == single.returncode == 0, forked.stderr + single.stderr
+    assert forked.stdout == single.stdout
+    assert json.loads(forked.stdout)["capture"]["packets"] == 40_000

@@ -31,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("--agent-config", metavar="FILE", help="desired properties (Defender object) for every leaf")
     an.add_argument("--top", type=int, default=15, help="conversations shown in the summary (default 15)")
     an.add_argument(
+        "--single-process",
+        action="store_true",
+        help="read capture files in this process (by default a helper process reads large files when there are "
+        "two or more CPUs, so that reading overlaps the analysis)",
+    )
+    an.add_argument(
         "--learning-period", type=float, metavar="SECONDS", help="alert on leaves first seen after this long"
     )
 
@@ -67,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    from leafguard.capture.forked import read_batches_forked, worth_forking
     from leafguard.capture.pcapfile import FileStats, read_batches
     from leafguard.observe.analyzer import Analyzer
     from leafguard.observe.settings import AnalyzerSettings
@@ -93,7 +100,9 @@ def _analyze(args: argparse.Namespace) -> int:
     for path in captures:
         analyzer.add_file(path)
         fstats = FileStats(path)
-        for batch in read_batches(path, stats=fstats):
+        forked = not args.single_process and worth_forking(path)
+        batches = read_batches_forked(path, stats=fstats) if forked else read_batches(path, stats=fstats)
+        for batch in batches:
             analyzer.feed(batch)
             if writer is not None:
                 writer.step(analyzer)

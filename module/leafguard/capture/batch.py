@@ -43,6 +43,11 @@ class FrameBatch:
     wirelens: MutableSequence[int] = field(default_factory=list)
     timestamps: MutableSequence[float] = field(default_factory=list)
     source: str = ""
+    file_offset: int = -1
+    """Where ``data`` starts in the source file, when it is a stretch of that file (capture file readers set it,
+    so that another process can read the same bytes); -1 otherwise."""
+    prepared: object = None
+    """What a reader process already computed for this batch (see `capture.forked`), or None."""
 
     def __len__(self) -> int:
         return len(self.offsets)

@@ -53,6 +53,7 @@ def _new_batch(linktype: int, data: bytes, src: str) -> FrameBatch:
         wirelens=array("q"),
         timestamps=array("d"),
         source=src,
+        file_offset=0,
     )
 
 
@@ -111,6 +112,7 @@ def _read_pcap(path: Path, fh: object, head: bytes, batch_frames: int, st: FileS
             eof = True
         data = carry + chunk if carry else chunk
         n = len(data)
+        data_at = fh.tell() - n
         pos = 0
         # The record walk is the one sequential step; it only follows the captured lengths. Everything else in
         # the record headers is gathered afterwards for all records at once.
@@ -146,6 +148,7 @@ def _read_pcap(path: Path, fh: object, head: bytes, batch_frames: int, st: FileS
                     wirelens=array("q", wirelens[lo:hi].tobytes()),
                     timestamps=array("d", stamps[lo:hi].astype(np.float64).tobytes()),
                     source=src,
+                    file_offset=data_at,
                 )
         carry = data[pos:]
         if eof and carry:

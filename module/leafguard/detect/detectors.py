@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 import uuid
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Literal
 
 ALERT_SCHEMA_VERSION = "1.0"
@@ -105,7 +106,7 @@ class Detectors:
 
     def process(self, evidence: list[Evidence]) -> None:
         """Consume one batch's evidence (any order: it is sorted here)."""
-        evidence.sort(key=_time_and_kind)
+        _order(evidence)
         for ts, kind, data in evidence:
             if kind == SYN:
                 self._syn(ts, *data)
@@ -147,11 +148,10 @@ class Detectors:
         return w
 
     def _syn(self, ts: float, src: bytes, dst: bytes, port: int, mac: bytes | None) -> None:
-        leaf = _mac(mac) if mac else None
         if (w := self._crossed(self._ports, (src, dst), port, ts, PORT_SCAN_PORTS)) is not None:
             self._raise(
                 Alert(
-                    "port_scan", "high", ts, leaf,
+                    "port_scan", "high", ts, _mac(mac) if mac else None,
                     f"{_ip(src)} probed {len(w.items)} ports of {_ip(dst)} within {SCAN_WINDOW_S:.0f} s",
                     {"scanner": _ip(src), "target": _ip(dst), "ports": sorted(w.items)[:50], "first_ts": w.start},
                 )
@@ -159,7 +159,7 @@ class Detectors:
         if (h := self._crossed(self._hosts, (src, port), dst, ts, ADDRESS_SCAN_HOSTS)) is not None:
             self._raise(
                 Alert(
-                    "address_scan", "high", ts, leaf,
+                    "address_scan", "high", ts, _mac(mac) if mac else None,
                     f"{_ip(src)} probed port {port} on {len(h.items)} hosts within {SCAN_WINDOW_S:.0f} s",
                     {"scanner": _ip(src), "port": port, "hosts": sorted(_ip(d) for d in h.items)[:50],
                      "first_ts": h.start},
@@ -278,7 +278,24 @@ class Detectors:
             )  # fmt: skip
 
 
-def _time_and_kind(e: Evidence) -> tuple[float, int, tuple[Any, ...]]:
-    # The payload breaks ties, so equal-time evidence is consumed in the same order however it was collected;
-    # None becomes b"" so that every position compares.
-    return e[0], e[1], tuple(b"" if v is None else v for v in e[2])
+def _order(evidence: list[Evidence]) -> None:
+    """Sort by packet time, then kind, then payload: equal-time evidence is consumed in the same order however
+    it was collected. Ties are rare, so the payload (None as b"", so that every position compares) is only
+    looked at inside runs of equal (time, kind)."""
+    evidence.sort(key=_time_and_kind)
+    keys = list(map(_time_and_kind, evidence))
+    if len(set(keys)) == len(keys):
+        return
+    start = 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            if i - start > 1:
+                evidence[start:i] = sorted(evidence[start:i], key=_payload)
+            start = i
+
+
+_time_and_kind = itemgetter(0, 1)
+
+
+def _payload(e: Evidence) -> tuple[Any, ...]:
+    return tuple(b"" if v is None else v for v in e[2])

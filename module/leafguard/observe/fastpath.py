@@ -73,6 +73,7 @@ class Plan:
         "fwd_lo",
         "is_tcp",
         "known",
+        "maconly",
         "o",
         "pay_len",
         "pay_off",
@@ -97,6 +98,8 @@ class Plan:
         """Frames to walk, in order (some may still be deferred during the walk)."""
         self.early: _I64 = np.empty(0, dtype=np.int64)
         """Frames counted in bulk without being walked."""
+        self.maconly: _I64 = np.empty(0, dtype=np.int64)
+        """Plain IPv4 frames of other protocols (ICMP, IGMP...): only their MACs and source address count."""
         # Per conversation.
         self.uflows: list[Flow | None] = []
         self.known: list[bool] = []
@@ -163,13 +166,15 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
     ok &= ((arr[safe_off + 20] & 0x3F) == 0) & (arr[safe_off + 21] == 0)
     proto = arr[safe_off + 23]
     is_tcp = proto == 6
+    total_len = _u16(arr, safe_off + 16)
+    # Neither a conversation nor a tunnel (IP in IP, 6in4), and whole enough that decoding finds nothing amiss.
+    maconly = ok & (proto != 6) & (proto != 17) & (proto != 4) & (proto != 41) & (total_len >= 28)
     ok &= is_tcp | (proto == 17)
     # TCP needs its 20-byte header captured before its data offset can be read.
     tcp_off = np.where(ok & is_tcp & (cap >= 54), off, 0)
     doff = (arr[tcp_off + 46] >> 4).astype(np.int64) * 4
     # A TCP header with a bad data offset, or options beyond the captured bytes, is for the per-frame path.
     ok &= ~is_tcp | ((cap >= 54) & (doff >= 20) & (cap >= 34 + doff))
-    total_len = _u16(arr, safe_off + 16)
     ok &= total_len >= 20 + np.where(is_tcp, doff, 8)
     cand = np.flatnonzero(ok)
     if cand.size == 0:
@@ -215,13 +220,14 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
     plan.bulk_new = np.flatnonzero(bulk_new)[np.argsort(first[bulk_new], kind="stable")].tolist()
 
     early_c = ~deep & (settled0[inv] | (bare & known0[inv]) | bulk_new[inv])
-    early = np.zeros(n, dtype=bool)
+    early = maconly.copy()
     early[cand[early_c]] = True
     frame_key = np.full(n, -1, dtype=np.int64)
     frame_key[cand] = inv
     per_frame = np.zeros(n, dtype=bool)
 
     plan.early = cand[early_c]
+    plan.maconly = np.flatnonzero(maconly)
     plan.walk = np.flatnonzero(~early).tolist()
     plan.frame_key = frame_key.tolist()
     per_frame[cand] = bare
@@ -247,8 +253,15 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
 def count_settled(an: Analyzer, batch: FrameBatch, plan: Plan, deferred: list[int]) -> None:
     """Account for every frame the walk did not."""
     data = batch.data
+    arr = np.frombuffer(data, dtype=np.uint8)
+    m = plan.maconly
+    m_o = np.asarray(batch.offsets, dtype=np.int64)[m]
+    m_wl = np.asarray(batch.wirelens, dtype=np.int64)[m]
+    m_ts = np.asarray(batch.timestamps, dtype=np.float64)[m]
     idx = np.concatenate((plan.early, np.asarray(deferred, dtype=np.int64))) if deferred else plan.early
     if not idx.size:
+        if m.size:
+            _count_macs(an, arr, m_o, m_wl, m_ts, _u32(arr, m_o + 26))
         return
     idx.sort()
     pos = np.searchsorted(plan.cand, idx)
@@ -279,8 +292,14 @@ def count_settled(an: Analyzer, batch: FrameBatch, plan: Plan, deferred: list[in
         flow.bytes_ba += int(by_ba[u])
         if last[u] > flow.last:
             flow.last = float(last[u])
-    arr = np.frombuffer(data, dtype=np.uint8)
-    _count_macs(an, arr, plan.o[pos], wl, ts, plan.sip[pos])
+    o = plan.o[pos]
+    sip = plan.sip[pos]
+    if m.size:
+        o = np.concatenate((o, m_o))
+        wl = np.concatenate((wl, m_wl))
+        ts = np.concatenate((ts, m_ts))
+        sip = np.concatenate((sip, _u32(arr, m_o + 26)))
+    _count_macs(an, arr, o, wl, ts, sip)
     _control(an, data, plan, pos, inv, fwd)
     _first_of_flow(an, data, plan, pos, inv, fwd)
     _logins(an, data, plan, pos, inv, fwd, present)
