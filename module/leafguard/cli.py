@@ -76,6 +76,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from leafguard.capture.forked import read_batches_forked, worth_forking
     from leafguard.capture.pcapfile import FileStats, read_batches
     from leafguard.observe.analyzer import Analyzer
+    from leafguard.observe.fastpath import classify
     from leafguard.observe.settings import AnalyzerSettings
 
     captures: list[str] = list(args.captures)
@@ -101,7 +102,9 @@ def _analyze(args: argparse.Namespace) -> int:
         analyzer.add_file(path)
         fstats = FileStats(path)
         forked = not args.single_process and worth_forking(path)
-        batches = read_batches_forked(path, stats=fstats) if forked else read_batches(path, stats=fstats)
+        batches = (
+            read_batches_forked(path, stats=fstats, prepare=classify) if forked else read_batches(path, stats=fstats)
+        )
         for batch in batches:
             analyzer.feed(batch)
             if writer is not None:

@@ -490,11 +490,12 @@ class Analyzer:
 
     def inspect_hello(self, flow: Flow, src: MacState | None, payload: bytes) -> None:
         """The initiator's first payload: a TLS ClientHello names the server (SNI) and the offered versions."""
+        self.apply_hello(flow, src, deep.tls_client_hello(payload) if src is not None else None)
+
+    def apply_hello(self, flow: Flow, src: MacState | None, hello: deep.ClientHello | None) -> None:
+        """`inspect_hello` with the payload already parsed (``None``: it is not a ClientHello)."""
         flow.hello_checked = True
-        if src is None:
-            return
-        hello = deep.tls_client_hello(payload)
-        if hello is not None:
+        if src is not None and hello is not None:
             if hello.sni:
                 self._add_name(src.tls_sni, hello.sni)
             for v in hello.versions:

@@ -24,12 +24,14 @@ when they are drained.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from leafguard.capture.batch import FrameBatch
+from leafguard.decode.deep import ClientHello, tls_client_hello
 from leafguard.decode.frames import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 if TYPE_CHECKING:
@@ -55,38 +57,16 @@ def _u48(arr: _U8, at: _I64) -> _I64:
 
 
 class Plan:
-    """One batch's candidates (plain IPv4 TCP/UDP frames) and their conversations.
+    """One batch's plan: its `Classified` candidates, and what the state says of their conversations.
 
-    Arrays indexed by candidate position have one entry per candidate, in batch order; ``cand`` maps a
+    Arrays indexed by candidate position have one entry per candidate, in batch order; ``pre.cand`` maps a
     candidate position to its frame index in the batch. Lists indexed by ``u`` have one entry per conversation.
     """
 
-    __slots__ = (
-        "bare",
-        "bulk_new",
-        "cand",
-        "deep",
-        "early",
-        "first",
-        "flags",
-        "frame_key",
-        "fwd_lo",
-        "is_tcp",
-        "known",
-        "maconly",
-        "o",
-        "pay_len",
-        "pay_off",
-        "settled",
-        "sip",
-        "ts",
-        "uflows",
-        "uinv",
-        "walk",
-        "wl",
-    )
+    __slots__ = ("bare", "bulk_new", "deep", "early", "frame_key", "known", "pre", "settled", "uflows", "walk")
 
-    def __init__(self) -> None:
+    def __init__(self, pre: Classified) -> None:
+        self.pre = pre
         # Per frame of the batch, as lists for the walk.
         self.frame_key: list[int] = []
         """The frame's conversation ``u``, or -1 when it is not a candidate."""
@@ -97,32 +77,15 @@ class Plan:
         self.walk: list[int] = []
         """Frames to walk, in order (some may still be deferred during the walk)."""
         self.early: _I64 = np.empty(0, dtype=np.int64)
-        """Frames counted in bulk without being walked."""
-        self.maconly: _I64 = np.empty(0, dtype=np.int64)
-        """Plain IPv4 frames of other protocols (ICMP, IGMP...): only their MACs and source address count."""
+        """Candidate frames counted in bulk without being walked."""
         # Per conversation.
         self.uflows: list[Flow | None] = []
         self.known: list[bool] = []
         """The conversation exists (it did at the start of the batch, or the walk created it)."""
         self.settled: list[bool] = []
         """Its frames (other than deep ones) only need the bulk step."""
-        self.first: _I64 = np.empty(0, dtype=np.int64)
-        """Candidate position of the conversation's first frame in the batch."""
         self.bulk_new: list[int] = []
         """Conversations created by the bulk step, in the order of their first frame."""
-        # Per candidate.
-        self.cand: _I64 = np.empty(0, dtype=np.int64)
-        self.uinv: _I64 = np.empty(0, dtype=np.int64)
-        self.fwd_lo: _B = np.empty(0, dtype=bool)
-        """The sender is the lower (address, port) endpoint of the conversation key."""
-        self.o: _I64 = np.empty(0, dtype=np.int64)
-        self.sip: _I64 = np.empty(0, dtype=np.int64)
-        self.wl: _I64 = np.empty(0, dtype=np.int64)
-        self.ts: npt.NDArray[np.float64] = np.empty(0, dtype=np.float64)
-        self.flags: _U8 = np.empty(0, dtype=np.uint8)
-        self.is_tcp: _B = np.empty(0, dtype=bool)
-        self.pay_off: _I64 = np.empty(0, dtype=np.int64)
-        self.pay_len: _I64 = np.empty(0, dtype=np.int64)
 
 
 def _group(k1: _I64, k2: _I64) -> tuple[_I64, _I64]:
@@ -154,8 +117,52 @@ def _deep_udp(arr: _U8, sport: _I64, dport: _I64, pay_off: _I64, pay_len: _I64) 
     return deep
 
 
-def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
-    """Classify the frames of an Ethernet batch; ``None`` when nothing in it can be counted in bulk."""
+@dataclass(slots=True)
+class Classified:
+    """What can be known of an Ethernet batch without any state: its plain IPv4 TCP/UDP frames (candidates)
+    grouped by conversation, their header fields, and the other plain IPv4 frames. A reader process computes it
+    beside the analysis (`capture.forked`); otherwise `plan_batch` does. Arrays per candidate unless noted."""
+
+    n: int
+    cand: _I64
+    inv: _I64
+    """The candidate's conversation number (0..nu-1, in order of first appearance)."""
+    first: _I64
+    """Per conversation: the candidate position of its first frame."""
+    k1: list[int]
+    k2: list[int]
+    """Per conversation: its key, as `Analyzer.flows4` has it."""
+    any_deep: _B
+    """Per conversation: one of its datagrams is decoded per frame."""
+    src_lo: _B
+    o: _I64
+    sip: _I64
+    smac: _I64
+    dmac: _I64
+    wl: _I64
+    ts: npt.NDArray[np.float64]
+    flags: _U8
+    tcp: _B
+    pay_off: _I64
+    pay_len: _I64
+    deep: _B
+    bare: _B
+    hellos: dict[int, ClientHello | None]
+    """Candidates whose payload starts like a TLS ClientHello, and what it is; any other payload is not one."""
+    maconly: _I64
+    """Frame indices of plain IPv4 frames of other protocols (ICMP, IGMP...): only their MACs and source address
+    count."""
+    m_sip: _I64
+    m_smac: _I64
+    m_dmac: _I64
+    m_wl: _I64
+    m_ts: npt.NDArray[np.float64]
+
+
+def classify(batch: FrameBatch) -> Classified | None:
+    """The stateless half of the plan; ``None`` when no frame of the batch can be counted in bulk."""
+    if batch.linktype != 1:
+        return None
     n = len(batch)
     arr = np.frombuffer(batch.data, dtype=np.uint8)
     off = np.asarray(batch.offsets, dtype=np.int64)
@@ -168,7 +175,7 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
     is_tcp = proto == 6
     total_len = _u16(arr, safe_off + 16)
     # Neither a conversation nor a tunnel (IP in IP, 6in4), and whole enough that decoding finds nothing amiss.
-    maconly = ok & (proto != 6) & (proto != 17) & (proto != 4) & (proto != 41) & (total_len >= 28)
+    maconly_mask = ok & (proto != 6) & (proto != 17) & (proto != 4) & (proto != 41) & (total_len >= 28)
     ok &= is_tcp | (proto == 17)
     # TCP needs its 20-byte header captured before its data offset can be read.
     tcp_off = np.where(ok & is_tcp & (cap >= 54), off, 0)
@@ -201,11 +208,65 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
     k1 = (ip_lo << 32) | ip_hi
     k2 = (port_lo << 24) | (port_hi << 8) | pr
     first, inv = _group(k1, k2)
-    nu = first.size
+    # deep.tls_client_hello returns None unless the payload starts with these bytes: only those are parsed.
+    at = np.where(pay_len >= 9, pay_off, 0)
+    hello_like = tcp & (pay_len >= 9) & (arr[at] == 0x16) & (arr[at + 1] == 3) & (arr[at + 5] == 1)
+    data = batch.data
+    hellos = {
+        j: tls_client_hello(data[a : a + ln])
+        for j, a, ln in zip(
+            np.flatnonzero(hello_like).tolist(), pay_off[hello_like].tolist(), pay_len[hello_like].tolist(),
+            strict=True,
+        )
+    }  # fmt: skip
+    maconly = np.flatnonzero(maconly_mask)
+    m_o = off[maconly]
+    return Classified(
+        n=n,
+        cand=cand,
+        inv=inv,
+        first=first,
+        k1=k1[first].tolist(),
+        k2=k2[first].tolist(),
+        any_deep=np.bincount(inv, weights=deep, minlength=first.size) > 0,
+        src_lo=src_lo,
+        o=o,
+        sip=sip,
+        smac=_u48(arr, o + 6),
+        dmac=_u48(arr, o),
+        wl=np.asarray(batch.wirelens, dtype=np.int64)[cand],
+        ts=np.asarray(batch.timestamps, dtype=np.float64)[cand],
+        flags=flags,
+        tcp=tcp,
+        pay_off=pay_off,
+        pay_len=pay_len,
+        deep=deep,
+        bare=bare,
+        hellos=hellos,
+        maconly=maconly,
+        m_sip=_u32(arr, m_o + 26),
+        m_smac=_u48(arr, m_o + 6),
+        m_dmac=_u48(arr, m_o),
+        m_wl=np.asarray(batch.wirelens, dtype=np.int64)[maconly],
+        m_ts=np.asarray(batch.timestamps, dtype=np.float64)[maconly],
+    )
 
-    plan = Plan()
+
+def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
+    """Plan an Ethernet batch; ``None`` when nothing in it can be counted in bulk."""
+    pre = batch.prepared if isinstance(batch.prepared, Classified) else classify(batch)
+    if pre is None:
+        return None
+    n = pre.n
+    cand = pre.cand
+    inv = pre.inv
+    first = pre.first
+    deep = pre.deep
+    bare = pre.bare
+
+    plan = Plan(pre)
     flows4 = an.flows4
-    for key in zip(k1[first].tolist(), k2[first].tolist(), strict=True):
+    for key in zip(pre.k1, pre.k2, strict=True):
         flow = flows4.get(key)
         plan.uflows.append(flow)
         plan.known.append(flow is not None)
@@ -215,19 +276,18 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
 
     # A conversation that starts here is created before the walk, and none of its frames is walked, when none
     # of them carries a datagram to decode (TCP login exchanges are followed in bulk, in order, too).
-    any_deep = np.bincount(inv, weights=deep, minlength=nu) > 0
-    bulk_new = ~known0 & ~any_deep
+    bulk_new = ~known0 & ~pre.any_deep
     plan.bulk_new = np.flatnonzero(bulk_new)[np.argsort(first[bulk_new], kind="stable")].tolist()
 
     early_c = ~deep & (settled0[inv] | (bare & known0[inv]) | bulk_new[inv])
-    early = maconly.copy()
+    early = np.zeros(n, dtype=bool)
+    early[pre.maconly] = True
     early[cand[early_c]] = True
     frame_key = np.full(n, -1, dtype=np.int64)
     frame_key[cand] = inv
     per_frame = np.zeros(n, dtype=bool)
 
     plan.early = cand[early_c]
-    plan.maconly = np.flatnonzero(maconly)
     plan.walk = np.flatnonzero(~early).tolist()
     plan.frame_key = frame_key.tolist()
     per_frame[cand] = bare
@@ -235,71 +295,55 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
     per_frame[:] = False
     per_frame[cand] = deep
     plan.deep = per_frame.tolist()
-    plan.first = first
-    plan.cand = cand
-    plan.uinv = inv
-    plan.fwd_lo = src_lo
-    plan.o = o
-    plan.sip = sip
-    plan.wl = np.asarray(batch.wirelens, dtype=np.int64)[cand]
-    plan.ts = np.asarray(batch.timestamps, dtype=np.float64)[cand]
-    plan.flags = flags
-    plan.is_tcp = tcp
-    plan.pay_off = pay_off
-    plan.pay_len = pay_len
     return plan
 
 
 def count_settled(an: Analyzer, batch: FrameBatch, plan: Plan, deferred: list[int]) -> None:
     """Account for every frame the walk did not."""
     data = batch.data
-    arr = np.frombuffer(data, dtype=np.uint8)
-    m = plan.maconly
-    m_o = np.asarray(batch.offsets, dtype=np.int64)[m]
-    m_wl = np.asarray(batch.wirelens, dtype=np.int64)[m]
-    m_ts = np.asarray(batch.timestamps, dtype=np.float64)[m]
+    pre = plan.pre
+    m_smac, m_dmac, m_wl, m_ts, m_sip = pre.m_smac, pre.m_dmac, pre.m_wl, pre.m_ts, pre.m_sip
     idx = np.concatenate((plan.early, np.asarray(deferred, dtype=np.int64))) if deferred else plan.early
     if not idx.size:
-        if m.size:
-            _count_macs(an, arr, m_o, m_wl, m_ts, _u32(arr, m_o + 26))
+        if m_smac.size:
+            _count_macs(an, m_smac, m_dmac, m_wl, m_ts, m_sip)
         return
     idx.sort()
-    pos = np.searchsorted(plan.cand, idx)
-    inv = plan.uinv[pos]
+    pos = np.searchsorted(pre.cand, idx)
+    inv = pre.inv[pos]
     nu = len(plan.uflows)
-    a_is_lo = np.zeros(nu, dtype=bool)
     present = np.unique(inv)
     uflows = plan.uflows
-    for u in present.tolist():
-        flow = uflows[u]
-        assert flow is not None
-        a_is_lo[u] = flow.a_is_lo
-    fwd = plan.fwd_lo[pos] == a_is_lo[inv]
-    wl = plan.wl[pos]
-    ts = plan.ts[pos]
-    pk_ab = np.bincount(inv[fwd], minlength=nu)
-    by_ab = np.bincount(inv[fwd], weights=wl[fwd], minlength=nu)
-    pk_ba = np.bincount(inv[~fwd], minlength=nu)
-    by_ba = np.bincount(inv[~fwd], weights=wl[~fwd], minlength=nu)
+    flows = cast("list[Flow]", [uflows[u] for u in present.tolist()])
+    a_is_lo = np.zeros(nu, dtype=bool)
+    a_is_lo[present] = [f.a_is_lo for f in flows]
+    fwd = pre.src_lo[pos] == a_is_lo[inv]
+    wl = pre.wl[pos]
+    ts = pre.ts[pos]
+    inv_ab = inv[fwd]
+    inv_ba = inv[~fwd]
+    pk_ab = np.bincount(inv_ab, minlength=nu)[present].tolist()
+    by_ab = np.bincount(inv_ab, weights=wl[fwd], minlength=nu)[present].astype(np.int64).tolist()
+    pk_ba = np.bincount(inv_ba, minlength=nu)[present].tolist()
+    by_ba = np.bincount(inv_ba, weights=wl[~fwd], minlength=nu)[present].astype(np.int64).tolist()
     last = np.full(nu, -np.inf)
     np.maximum.at(last, inv, ts)
-    for u in present.tolist():
-        flow = plan.uflows[u]
-        assert flow is not None
-        flow.packets_ab += int(pk_ab[u])
-        flow.bytes_ab += int(by_ab[u])
-        flow.packets_ba += int(pk_ba[u])
-        flow.bytes_ba += int(by_ba[u])
-        if last[u] > flow.last:
-            flow.last = float(last[u])
-    o = plan.o[pos]
-    sip = plan.sip[pos]
-    if m.size:
-        o = np.concatenate((o, m_o))
+    for flow, p_ab, b_ab, p_ba, b_ba, t_last in zip(
+        flows, pk_ab, by_ab, pk_ba, by_ba, last[present].tolist(), strict=True
+    ):
+        flow.packets_ab += p_ab
+        flow.bytes_ab += b_ab
+        flow.packets_ba += p_ba
+        flow.bytes_ba += b_ba
+        flow.last = max(flow.last, t_last)
+    smac, dmac, sip = pre.smac[pos], pre.dmac[pos], pre.sip[pos]
+    if m_smac.size:
+        smac = np.concatenate((smac, m_smac))
+        dmac = np.concatenate((dmac, m_dmac))
         wl = np.concatenate((wl, m_wl))
         ts = np.concatenate((ts, m_ts))
-        sip = np.concatenate((sip, _u32(arr, m_o + 26)))
-    _count_macs(an, arr, o, wl, ts, sip)
+        sip = np.concatenate((sip, m_sip))
+    _count_macs(an, smac, dmac, wl, ts, sip)
     _control(an, data, plan, pos, inv, fwd)
     _first_of_flow(an, data, plan, pos, inv, fwd)
     _logins(an, data, plan, pos, inv, fwd, present)
@@ -310,7 +354,8 @@ def _logins(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B
     following = [u for u in present.tolist() if (f := plan.uflows[u]) is not None and f.login is not None]
     if not following:
         return
-    sel = np.flatnonzero(np.isin(inv, following) & (plan.pay_len[pos] > 0))
+    pre = plan.pre
+    sel = np.flatnonzero(np.isin(inv, following) & (pre.pay_len[pos] > 0))
     uflows = plan.uflows
     for k, u, forward in zip(sel.tolist(), inv[sel].tolist(), fwd[sel].tolist(), strict=True):
         flow = uflows[u]
@@ -318,8 +363,8 @@ def _logins(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B
         if flow.login is None:
             continue
         j = int(pos[k])
-        start = int(plan.pay_off[j])
-        an.follow_login(flow, forward, data[start : start + int(plan.pay_len[j])], float(plan.ts[j]))
+        start = int(pre.pay_off[j])
+        an.follow_login(flow, forward, data[start : start + int(pre.pay_len[j])], float(pre.ts[j]))
     for u in following:
         flow = uflows[u]
         assert flow is not None
@@ -330,11 +375,15 @@ def create_new(an: Analyzer, batch: FrameBatch, plan: Plan) -> None:
     """Create the conversations that start in this batch and need no walk, before the walk: a frame of the
     same 5-tuple that the walk sees (one the plan could not classify) then finds the conversation as the
     per-frame path would have made it."""
+    if not plan.bulk_new:
+        return
     data = batch.data
-    for u in plan.bulk_new:
-        at = int(plan.o[int(plan.first[u])])
-        j = int(plan.first[u])
-        proto = 6 if plan.is_tcp[j] else 17
+    pre = plan.pre
+    firsts = pre.first[plan.bulk_new]
+    for u, at, flags, ts in zip(
+        plan.bulk_new, pre.o[firsts].tolist(), pre.flags[firsts].tolist(), pre.ts[firsts].tolist(), strict=True
+    ):
+        proto = data[at + 23]
         sip = data[at + 26 : at + 30]
         dip = data[at + 30 : at + 34]
         sport = (data[at + 34] << 8) | data[at + 35]
@@ -343,27 +392,27 @@ def create_new(an: Analyzer, batch: FrameBatch, plan: Plan) -> None:
         flow = an.flows.get(key)
         if flow is None:
             flow = an.create_flow(
-                key, proto, sip, sport, dip, dport, data[at + 6 : at + 12], data[at : at + 6], int(plan.flags[j]),
-                float(plan.ts[j]),
-            )  # fmt: skip
+                key, proto, sip, sport, dip, dport, data[at + 6 : at + 12], data[at : at + 6], flags, ts
+            )
         plan.uflows[u] = flow
 
 
 def _control(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B) -> None:
     """Replay the bulk-counted SYN/FIN/RST segments' state changes, in batch order (``pos`` is sorted)."""
-    sel = np.flatnonzero((plan.flags[pos] & (TCP_SYN | TCP_FIN | TCP_RST)) != 0)
+    pre = plan.pre
+    sel = np.flatnonzero((pre.flags[pos] & (TCP_SYN | TCP_FIN | TCP_RST)) != 0)
     if not sel.size:
         return
     uflows = plan.uflows
     for k, u, forward, flags in zip(
-        sel.tolist(), inv[sel].tolist(), fwd[sel].tolist(), plan.flags[pos[sel]].tolist(), strict=True
+        sel.tolist(), inv[sel].tolist(), fwd[sel].tolist(), pre.flags[pos[sel]].tolist(), strict=True
     ):
         flow = uflows[u]
         assert flow is not None
         src = src_ip = None
         sport = 0
         if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) and not forward:  # may reveal a service
-            at = int(plan.o[int(pos[k])])
+            at = int(pre.o[int(pos[k])])
             src = an.macs.get(data[at + 6 : at + 12])
             src_ip = data[at + 26 : at + 30]
             sport = (data[at + 34] << 8) | data[at + 35]
@@ -374,23 +423,22 @@ def _first_of_flow(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, 
     """What the per-frame path does on a conversation's first payload from ``a`` (a TLS ClientHello is looked
     for) and on the first UDP datagram from ``b`` (the responder's port is a service): here once per conversation,
     on the same frame the per-frame path would have used (``pos`` is in batch order)."""
-    has_pay = plan.pay_len[pos] > 0
-    tcp = plan.is_tcp[pos]
+    pre = plan.pre
+    has_pay = pre.pay_len[pos] > 0
+    tcp = pre.tcp[pos]
+    hellos = pre.hellos
     for mask, tls in ((fwd & has_pay & tcp, True), (~fwd & ~tcp, False)):
         sel = np.flatnonzero(mask)
         if not sel.size:
             continue
         users, first = np.unique(inv[sel], return_index=True)
-        for u, k in zip(users.tolist(), sel[first].tolist(), strict=True):
+        for u, j in zip(users.tolist(), pos[sel[first]].tolist(), strict=True):
             flow = plan.uflows[u]
             assert flow is not None
-            at = int(plan.o[int(pos[k])])
+            at = int(pre.o[j])
             if tls:
-                if flow.hello_checked:
-                    continue
-                start = int(plan.pay_off[int(pos[k])])
-                payload = data[start : start + int(plan.pay_len[int(pos[k])])]
-                an.inspect_hello(flow, an.macs.get(data[at + 6 : at + 12]), payload)
+                if not flow.hello_checked:
+                    an.apply_hello(flow, an.macs.get(data[at + 6 : at + 12]), hellos.get(j))
             elif not flow.b_seen:
                 an.first_reply(flow, an.macs.get(data[at + 6 : at + 12]), data[at + 26 : at + 30])
 
@@ -403,10 +451,8 @@ def _sorted_groups(keys: _I64) -> tuple[_I64, _I64, _I64]:
     return ordered[starts], order, starts
 
 
-def _count_macs(an: Analyzer, arr: _U8, o: _I64, wl: _I64, ts: npt.NDArray[np.float64], sip: _I64) -> None:
+def _count_macs(an: Analyzer, src: _I64, dst: _I64, wl: _I64, ts: npt.NDArray[np.float64], sip: _I64) -> None:
     # Reductions over sorted runs (reduceat) rather than ufunc.at: one sort per side, no scattered updates.
-    dst = _u48(arr, o)
-    src = _u48(arr, o + 6)
     usrc, order, starts = _sorted_groups(src)
     cnt = np.diff(np.append(starts, src.size))
     byt = np.add.reduceat(wl[order], starts)
