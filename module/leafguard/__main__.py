@@ -1,3 +1,3 @@
-from leafguard.cli import main
+from leafguard.cli import entry
 
-raise SystemExit(main())
+entry()
