@@ -18,6 +18,9 @@ import orjson
 from leafguard import __version__
 from leafguard.errors import LeafGuardError
 
+BATCH_FRAMES = 16384
+"""Frames per batch for `analyze`: fewer per-batch steps than 8192, measured faster; 32768 was slower again."""
+
 if TYPE_CHECKING:
     from leafguard.agent.local import OfflineMessageWriter
     from leafguard.observe.analyzer import Analyzer
@@ -163,7 +166,9 @@ def _feed(
         fstats = FileStats(path)
         forked = not args.single_process and worth_forking(path)
         batches = (
-            read_batches_forked(path, stats=fstats, prepare=classify) if forked else read_batches(path, stats=fstats)
+            read_batches_forked(path, batch_frames=BATCH_FRAMES, stats=fstats, prepare=classify)
+            if forked
+            else read_batches(path, batch_frames=BATCH_FRAMES, stats=fstats)
         )
         for batch in batches:
             analyzer.feed(batch)

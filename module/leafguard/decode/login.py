@@ -147,6 +147,8 @@ class LoginTracker:
                 # Credentials come with the first request of a connection in practice; following the rest of a
                 # long keep-alive exchange would hold every frame of it on the per-frame path.
                 self._state = "done"
+                buf.clear()
+                break
         return out
 
     def _mqtt(self, from_client: bool, buf: bytearray) -> list[LoginOutcome]:

@@ -164,9 +164,14 @@ class Analyzer:
         deferred: list[int] = []
         for i in plan.walk:
             u = frame_key[i]
-            if u >= 0 and not deep[i] and (settled[u] or (bare[i] and known[u])):
-                deferred.append(i)
-                continue
+            if u >= 0:
+                if deep[i]:
+                    # Counted in bulk; only its payload is read here, in order with the frames walked around it.
+                    self._deep_datagram(data, offsets[i], caplens[i], ts[i])
+                    continue
+                if settled[u] or (bare[i] and known[u]):
+                    deferred.append(i)
+                    continue
             flow = self.frame(decode(data, offsets[i], caplens[i], linktype), data, ts[i], wirelens[i])
             if u >= 0 and flow is not None:
                 known[u] = True
@@ -365,7 +370,8 @@ class Analyzer:
             if not forward and not flow.b_seen:
                 self.first_reply(flow, src, sip)
             if p.payload_len and (sport in DEEP_UDP_PORTS or dport in DEEP_UDP_PORTS) and src is not None:
-                self._udp_payload(p, data[p.payload_off : p.payload_off + p.payload_len], src, ts)
+                payload = data[p.payload_off : p.payload_off + p.payload_len]
+                self._udp_payload(sport, dport, sip, payload, src, ts)
         return flow
 
     def _new_flow(self, key: tuple[int, bytes, int, bytes, int], p: Packet, ts: float) -> Flow:
@@ -387,8 +393,10 @@ class Analyzer:
         dmac: bytes | None,
         flags: int,
         ts: float,
+        nkey: tuple[int, int] | None = None,
     ) -> Flow:
-        """A conversation seen for the first time, on a frame from ``sip:sport`` to ``dip:dport``."""
+        """A conversation seen for the first time, on a frame from ``sip:sport`` to ``dip:dport`` (``nkey``: the
+        IPv4 key as `flows4` has it, when the caller has it already)."""
         if len(self.flows) >= self.settings.max_flows:
             self._evict_flow(ts)
         responder_first = proto == PROTO_TCP and flags & TCP_SYN and flags & TCP_ACK
@@ -408,10 +416,12 @@ class Analyzer:
         flow.slow = flow.login is not None
         flow.a_is_lo = flow.a_ip == key[1] and flow.a_port == key[2]
         if len(sip) == 4:
-            lo = int.from_bytes(key[1], "big")
-            hi = int.from_bytes(key[3], "big")
-            flow.nkey = ((lo << 32) | hi, (key[2] << 24) | (key[4] << 8) | proto)
-            self.flows4[flow.nkey] = flow
+            if nkey is None:
+                lo = int.from_bytes(key[1], "big")
+                hi = int.from_bytes(key[3], "big")
+                nkey = ((lo << 32) | hi, (key[2] << 24) | (key[4] << 8) | proto)
+            flow.nkey = nkey
+            self.flows4[nkey] = flow
         self.flows[key] = flow
         if self._observe:
             self._observe_connection(flow, "tcp" if proto == PROTO_TCP else "udp", ts)
@@ -515,17 +525,25 @@ class Analyzer:
 
     # ----------------------------------------------------------------------------------------- deep
 
-    def _udp_payload(self, p: Packet, payload: bytes, src: MacState, ts: float) -> None:
-        sport, dport = p.sport, p.dport
+    def _deep_datagram(self, data: bytes, off: int, caplen: int, ts: float) -> None:
+        """The payload of a plain IPv4 UDP datagram in an Ethernet frame (``fastpath.classify`` chose it)."""
+        total = (data[off + 16] << 8) | data[off + 17]
+        payload = data[off + 42 : off + min(14 + total, caplen)]
+        sport = (data[off + 34] << 8) | data[off + 35]
+        dport = (data[off + 36] << 8) | data[off + 37]
+        src = self._mac(data[off + 6 : off + 12], ts)
+        self._udp_payload(sport, dport, data[off + 26 : off + 30], payload, src, ts)
+
+    def _udp_payload(self, sport: int, dport: int, src_ip: bytes, payload: bytes, src: MacState, ts: float) -> None:
         if sport in (67, 68) or dport in (67, 68):
             d = deep.dhcp(payload)
             if d is not None:
                 self._dhcp(d, src)
                 # A server's OFFER/ACK goes to a broadcast or a new address, never back on the request's 5-tuple,
                 # so the reply rule cannot see it: a BOOTREPLY from port 67 is the evidence.
-                if d.op == 2 and sport == 67 and p.src_ip is not None and self.is_leaf_ip(p.src_ip):
+                if d.op == 2 and sport == 67 and self.is_leaf_ip(src_ip):
                     self._add_service(src, "udp", 67)
-                    self._evidence.append((ts, det.DHCP_SERVER, (src.mac, p.src_ip)))
+                    self._evidence.append((ts, det.DHCP_SERVER, (src.mac, src_ip)))
         elif sport in (53, 5353, 5355) or dport in (53, 5353, 5355):
             # Only queries (the names a leaf asks for) and mDNS announcements (its own names) are kept:
             # a unicast DNS answer needs no parsing.

@@ -83,7 +83,7 @@ class Plan:
         self.known: list[bool] = []
         """The conversation exists (it did at the start of the batch, or the walk created it)."""
         self.settled: list[bool] = []
-        """Its frames (other than deep ones) only need the bulk step."""
+        """Its frames only need the bulk step (the payloads of deep ones are still read during the walk)."""
         self.bulk_new: list[int] = []
         """Conversations created by the bulk step, in the order of their first frame."""
 
@@ -132,8 +132,6 @@ class Classified:
     k1: list[int]
     k2: list[int]
     """Per conversation: its key, as `Analyzer.flows4` has it."""
-    any_deep: _B
-    """Per conversation: one of its datagrams is decoded per frame."""
     src_lo: _B
     o: _I64
     sip: _I64
@@ -228,7 +226,6 @@ def classify(batch: FrameBatch) -> Classified | None:
         first=first,
         k1=k1[first].tolist(),
         k2=k2[first].tolist(),
-        any_deep=np.bincount(inv, weights=deep, minlength=first.size) > 0,
         src_lo=src_lo,
         o=o,
         sip=sip,
@@ -276,13 +273,15 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
 
     # A conversation that starts here is created before the walk, and none of its frames is walked, when none
     # of them carries a datagram to decode (TCP login exchanges are followed in bulk, in order, too).
-    bulk_new = ~known0 & ~pre.any_deep
+    bulk_new = ~known0
     plan.bulk_new = np.flatnonzero(bulk_new)[np.argsort(first[bulk_new], kind="stable")].tolist()
 
-    early_c = ~deep & (settled0[inv] | (bare & known0[inv]) | bulk_new[inv])
+    early_c = settled0[inv] | (bare & known0[inv]) | bulk_new[inv]
     early = np.zeros(n, dtype=bool)
     early[pre.maconly] = True
     early[cand[early_c]] = True
+    # Datagrams to decode are counted in bulk too, but their payloads are read during the walk, in frame order.
+    early[cand[deep]] = False
     frame_key = np.full(n, -1, dtype=np.int64)
     frame_key[cand] = inv
     per_frame = np.zeros(n, dtype=bool)
@@ -372,29 +371,29 @@ def _logins(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B
 
 
 def create_new(an: Analyzer, batch: FrameBatch, plan: Plan) -> None:
-    """Create the conversations that start in this batch and need no walk, before the walk: a frame of the
-    same 5-tuple that the walk sees (one the plan could not classify) then finds the conversation as the
-    per-frame path would have made it."""
+    """Create the conversations that start in this batch, before the walk: a frame of the same 5-tuple that the
+    walk sees (one the plan could not classify) then finds the conversation as the per-frame path would have
+    made it."""
     if not plan.bulk_new:
         return
     data = batch.data
     pre = plan.pre
     firsts = pre.first[plan.bulk_new]
-    for u, at, flags, ts in zip(
-        plan.bulk_new, pre.o[firsts].tolist(), pre.flags[firsts].tolist(), pre.ts[firsts].tolist(), strict=True
-    ):
+    k1, k2 = pre.k1, pre.k2
+    uflows = plan.uflows
+    for u, at, flags, ts, lo in zip(
+        plan.bulk_new, pre.o[firsts].tolist(), pre.flags[firsts].tolist(), pre.ts[firsts].tolist(),
+        pre.src_lo[firsts].tolist(), strict=True,
+    ):  # fmt: skip
         proto = data[at + 23]
         sip = data[at + 26 : at + 30]
         dip = data[at + 30 : at + 34]
         sport = (data[at + 34] << 8) | data[at + 35]
         dport = (data[at + 36] << 8) | data[at + 37]
-        key = (proto, sip, sport, dip, dport) if (sip, sport) <= (dip, dport) else (proto, dip, dport, sip, sport)
-        flow = an.flows.get(key)
-        if flow is None:
-            flow = an.create_flow(
-                key, proto, sip, sport, dip, dport, data[at + 6 : at + 12], data[at : at + 6], flags, ts
-            )
-        plan.uflows[u] = flow
+        key = (proto, sip, sport, dip, dport) if lo else (proto, dip, dport, sip, sport)
+        uflows[u] = an.create_flow(
+            key, proto, sip, sport, dip, dport, data[at + 6 : at + 12], data[at : at + 6], flags, ts, (k1[u], k2[u])
+        )
 
 
 def _control(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B) -> None:
