@@ -18,14 +18,19 @@ import contextlib
 import fcntl
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
+import struct
 import threading
 import traceback
 from array import array
 from collections.abc import Callable, Iterator
-from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import cast
+
+import numpy as np
+import numpy.typing as npt
 
 from leafguard.capture.batch import FrameBatch
 from leafguard.capture.pcapfile import FileStats, read_batches
@@ -34,10 +39,14 @@ from leafguard.errors import CaptureFileError, LeafGuardError
 MIN_FILE_BYTES = 8 << 20
 """Below this a file is read in-process: there is too little to overlap to pay for the child."""
 
-RUN_AHEAD = 16
-"""Batches the reader may be ahead of the parent (each message is about 300 kB for 8192 frames)."""
+RUN_AHEAD = 8
+"""Batches the reader process may have ready before the parent takes them (about 1.3 MB each for 16384 frames)."""
+RECEIVED_AHEAD = 2
+"""Batches (with their 8 MB chunk of frames) the parent may have received before the analysis takes them."""
 
 Prepare = Callable[[FrameBatch], object]
+_I64 = npt.NDArray[np.int64]
+_Batch = tuple[str, int, int, int, _I64, _I64, _I64, npt.NDArray[np.float64], object]
 
 
 class ReaderProcessError(LeafGuardError):
@@ -67,60 +76,114 @@ def read_batches_forked(
     forked child process."""
     path = Path(path)
     ctx = multiprocessing.get_context("fork")
-    receiver, sender = ctx.Pipe(duplex=False)
+    read_fd, write_fd = os.pipe()
     child = ctx.Process(
-        target=_child, args=(path, batch_frames, prepare, sender), name="leafguard-reader", daemon=True
+        target=_child, args=(path, batch_frames, prepare, read_fd, write_fd), name="leafguard-reader", daemon=True
     )
     child.start()
-    sender.close()
-    fd = -1
-    chunk_at = -1
-    chunk = b""
+    os.close(write_fd)
+    receiver = _Receiver(path, read_fd)
     try:
         while True:
-            try:
-                msg = receiver.recv()
-            except EOFError:
+            item = receiver.get()
+            if isinstance(item, FrameBatch):
+                yield item
+                continue
+            tag, value = item
+            if tag == "end":
+                if stats is not None:
+                    stats.truncated_records += cast(int, value)
+                return
+            if tag == "error":
+                raise CaptureFileError(cast(str, value))
+            if tag == "raise":
+                raise cast(BaseException, value)
+            if tag == "eof":
                 child.join()
                 raise ReaderProcessError(
                     f"{path}: the reader process ended without finishing (exit code {child.exitcode})"
-                ) from None
-            tag = msg[0]
-            if tag == "batch":
-                _, linktype, data_at, data_len, offsets, caplens, wirelens, stamps, prepared = msg
+                )
+            raise ReaderProcessError(f"{path}: the reader process failed:\n{value}")
+    finally:
+        receiver.stop()
+        if child.is_alive():
+            child.terminate()  # the parent stopped early (an error, or the consumer closed the generator)
+        child.join()
+        receiver.join()
+        os.close(read_fd)
+
+
+class _Receiver:
+    """The parent's end: a thread that receives the child's messages and reads the frame bytes they refer to.
+
+    Both are system calls that release the GIL (the copy from the pipe and from the page cache), so they overlap
+    the analysis; the thread is at most ``RECEIVED_AHEAD`` batches ahead of it.
+    """
+
+    def __init__(self, path: Path, read_fd: int) -> None:
+        self._path = path
+        self._read_fd = read_fd
+        self._ready: queue.Queue[FrameBatch | tuple[str, object]] = queue.Queue(maxsize=RECEIVED_AHEAD)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="leafguard-reader-receive", daemon=True)
+        self._thread.start()
+
+    def get(self) -> FrameBatch | tuple[str, object]:
+        return self._ready.get()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _put(self, item: FrameBatch | tuple[str, object]) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        fd = -1
+        chunk_at = -1
+        chunk = b""
+        try:
+            while not self._stopping.is_set():
+                try:
+                    msg = _receive(self._read_fd)
+                except EOFError:
+                    self._put(("eof", None))
+                    return
+                if msg[0] != "batch":
+                    self._put((cast(str, msg[0]), msg[1]))
+                    return
+                _, linktype, data_at, data_len, offsets, caplens, wirelens, stamps, prepared = cast(_Batch, msg)
                 if data_at != chunk_at or len(chunk) != data_len:
                     if fd < 0:
-                        fd = _open(path)
+                        fd = _open(self._path)
                     chunk = os.pread(fd, data_len, data_at)
                     chunk_at = data_at
                     if len(chunk) != data_len:
-                        raise CaptureFileError(f"{path}: the file shrank while it was being read")
-                yield FrameBatch(
+                        raise CaptureFileError(f"{self._path}: the file shrank while it was being read")
+                batch = FrameBatch(
                     linktype=linktype,
                     data=chunk,
                     offsets=_ints(offsets),
                     caplens=_ints(caplens),
                     wirelens=_ints(wirelens),
                     timestamps=_floats(stamps),
-                    source=str(path),
+                    source=str(self._path),
                     file_offset=data_at,
                     prepared=prepared,
                 )
-            elif tag == "end":
-                if stats is not None:
-                    stats.truncated_records += msg[1]
-                return
-            elif tag == "error":
-                raise CaptureFileError(msg[1])
-            else:
-                raise ReaderProcessError(f"{path}: the reader process failed:\n{msg[1]}")
-    finally:
-        receiver.close()
-        if fd >= 0:
-            os.close(fd)
-        if child.is_alive():
-            child.terminate()  # the parent stopped early (an error, or the consumer closed the generator)
-        child.join()
+                self._put(batch)
+        except BaseException as exc:  # raised again in the consuming thread
+            self._put(("raise", exc))
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
 
 def _open(path: Path) -> int:
@@ -130,26 +193,27 @@ def _open(path: Path) -> int:
         raise CaptureFileError(f"{path}: cannot open: {exc.strerror or exc}") from exc
 
 
-def _ints(raw: bytes) -> array[int]:
+def _ints(values: npt.NDArray[np.int64]) -> array[int]:
     out = array("q")
-    out.frombytes(raw)
+    out.frombytes(values.tobytes() if not values.flags.c_contiguous else values.data.cast("B"))
     return out
 
 
-def _floats(raw: bytes) -> array[float]:
+def _floats(values: npt.NDArray[np.float64]) -> array[float]:
     out = array("d")
-    out.frombytes(raw)
+    out.frombytes(values.tobytes() if not values.flags.c_contiguous else values.data.cast("B"))
     return out
 
 
-def _child(path: Path, batch_frames: int, prepare: Prepare | None, out: Connection) -> None:
+def _child(path: Path, batch_frames: int, prepare: Prepare | None, read_fd: int, write_fd: int) -> None:
+    os.close(read_fd)
     # Ctrl-C is the parent's to handle; it then stops this process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _widen(out)
+    _widen(write_fd)
     # A sender thread lets the reader run up to RUN_AHEAD batches ahead of the parent: writing to the pipe
     # releases the GIL, and a write blocked on a full pipe no longer stalls the record walk.
     outbox: queue.Queue[tuple[object, ...] | None] = queue.Queue(maxsize=RUN_AHEAD)
-    sender = threading.Thread(target=_send_all, args=(outbox, out), name="leafguard-reader-send", daemon=True)
+    sender = threading.Thread(target=_send_all, args=(outbox, write_fd), name="leafguard-reader-send", daemon=True)
     sender.start()
     try:
         st = FileStats(str(path))
@@ -158,36 +222,77 @@ def _child(path: Path, batch_frames: int, prepare: Prepare | None, out: Connecti
                 raise AssertionError("a file reader's batch must say where its bytes are in the file")
             outbox.put(
                 (
-                    "batch", b.linktype, b.file_offset, len(b.data), _raw(b.offsets), _raw(b.caplens),
-                    _raw(b.wirelens), _raw(b.timestamps), prepare(b) if prepare is not None else None,
+                    "batch", b.linktype, b.file_offset, len(b.data), _np(b.offsets, np.int64),
+                    _np(b.caplens, np.int64), _np(b.wirelens, np.int64), _np(b.timestamps, np.float64),
+                    prepare(b) if prepare is not None else None,
                 )
             )  # fmt: skip
         outbox.put(("end", st.truncated_records))
     except CaptureFileError as exc:
         outbox.put(("error", str(exc)))
-    except BaseException:
+    except BaseException:  # reported to the parent, which raises it
         outbox.put(("crash", traceback.format_exc()))
     finally:
         outbox.put(None)
         sender.join()
-        out.close()
+        os.close(write_fd)
 
 
-def _send_all(outbox: queue.Queue[tuple[object, ...] | None], out: Connection) -> None:
+def _send_all(outbox: queue.Queue[tuple[object, ...] | None], fd: int) -> None:
     while (msg := outbox.get()) is not None:
         try:
-            out.send(msg)
+            _send(fd, msg)
         except BrokenPipeError:
             return  # the parent stopped reading; it stops this process too
 
 
-def _widen(conn: Connection) -> None:
+# Messages are pickled with protocol 5 and their large buffers (numpy arrays) sent out of band, after the
+# pickle: the parent reads each straight into its own buffer and unpickles arrays as views of it, no copy.
+_HEAD = struct.Struct("<QI")
+_SIZE = struct.Struct("<Q")
+
+
+def _send(fd: int, msg: tuple[object, ...]) -> None:
+    buffers: list[pickle.PickleBuffer] = []
+    head = pickle.dumps(msg, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    parts: list[bytes | memoryview] = [_HEAD.pack(len(head), len(raws)), *(_SIZE.pack(r.nbytes) for r in raws)]
+    parts += [head, *raws]
+    for part in parts:
+        view = memoryview(part).cast("B")
+        while view.nbytes:
+            view = view[os.write(fd, view) :]
+
+
+def _receive(fd: int) -> tuple[object, ...]:
+    head_len, count = _HEAD.unpack(_read_exact(fd, _HEAD.size))
+    sizes = [_SIZE.unpack(_read_exact(fd, _SIZE.size))[0] for _ in range(count)]
+    head = _read_exact(fd, head_len)
+    buffers = [_read_exact(fd, n) for n in sizes]
+    msg = pickle.loads(head, buffers=buffers)
+    assert isinstance(msg, tuple)
+    return msg
+
+
+def _read_exact(fd: int, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = os.readv(fd, [view[got:]])
+        if k == 0:
+            raise EOFError
+        got += k
+    return buf
+
+
+def _widen(fd: int) -> None:
     """A larger pipe (Linux allows 1 MB unprivileged) means fewer switches between the two processes."""
     with contextlib.suppress(OSError):  # the default size works, only slower
-        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
 
 
-def _raw(seq: object) -> bytes:
+def _np(seq: object, dtype: type[np.generic]) -> npt.NDArray[np.generic]:
     if isinstance(seq, array):
-        return seq.tobytes()
+        return np.frombuffer(seq, dtype=dtype)
     raise AssertionError(f"reader arrays are array.array, not {type(seq).__name__}")

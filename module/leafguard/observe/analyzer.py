@@ -33,7 +33,7 @@ from leafguard.observe import fastpath
 from leafguard.observe.model import ConnectionSeen, Direction, LeafView, LoginSeen, Observation, Service
 from leafguard.observe.oui import vendor_of
 from leafguard.observe.settings import AnalyzerSettings
-from leafguard.observe.state import Flow, MacState
+from leafguard.observe.state import Flow, MacState, tcp_next_state
 
 DEEP_UDP_PORTS = frozenset({53, 67, 68, 137, 1900, 5353, 5355})
 LOGIN_BUDGET_BYTES = 8192
@@ -479,24 +479,16 @@ class Analyzer:
         self, flow: Flow, forward: bool, flags: int, src: MacState | None, src_ip: bytes | None, sport: int
     ) -> None:
         """The state change a SYN, FIN or RST makes (and the service a SYN-ACK reveals)."""
-        state = flow.state
-        if flags & TCP_SYN:
-            if flags & TCP_ACK:
-                if not forward:
-                    if state in ("S0", "REJ"):
-                        flow.state = "EST"
-                    # A router forwarding a remote server's answer is not offering that service.
-                    if src is not None and src_ip is not None and self.is_leaf_ip(src_ip):
-                        self._add_service(src, "tcp", sport)
-            elif state in ("CLOSED", "REJ") and forward:
-                flow.state = "S0"  # the 5-tuple is reused by a new connection
-        elif flags & TCP_RST:
-            if state == "S0" and not forward:
-                flow.state = "REJ"
-            elif state == "EST":
-                flow.state = "CLOSED"
-        elif state == "EST":
-            flow.state = "CLOSED"
+        assert flow.state is not None
+        flow.state = tcp_next_state(flow.state, forward, flags)
+        # A router forwarding a remote server's answer is not offering that service.
+        if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) and not forward:
+            self.syn_ack_service(src, src_ip, sport)
+
+    def syn_ack_service(self, src: MacState | None, src_ip: bytes | None, sport: int) -> None:
+        """A responder's SYN-ACK: its port is a service of the sender, when the sender is on the leaf side."""
+        if src is not None and src_ip is not None and self.is_leaf_ip(src_ip):
+            self._add_service(src, "tcp", sport)
 
     def inspect_hello(self, flow: Flow, src: MacState | None, payload: bytes) -> None:
         """The initiator's first payload: a TLS ClientHello names the server (SNI) and the offered versions."""

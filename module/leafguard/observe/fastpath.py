@@ -33,6 +33,7 @@ import numpy.typing as npt
 from leafguard.capture.batch import FrameBatch
 from leafguard.decode.deep import ClientHello, tls_client_hello
 from leafguard.decode.frames import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from leafguard.observe.state import tcp_next_state
 
 if TYPE_CHECKING:
     from leafguard.observe.analyzer import Analyzer
@@ -403,19 +404,16 @@ def _control(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _
     if not sel.size:
         return
     uflows = plan.uflows
-    for k, u, forward, flags in zip(
-        sel.tolist(), inv[sel].tolist(), fwd[sel].tolist(), pre.flags[pos[sel]].tolist(), strict=True
+    for at, u, forward, flags in zip(
+        pre.o[pos[sel]].tolist(), inv[sel].tolist(), fwd[sel].tolist(), pre.flags[pos[sel]].tolist(), strict=True
     ):
         flow = uflows[u]
-        assert flow is not None
-        src = src_ip = None
-        sport = 0
+        assert flow is not None and flow.state is not None
+        flow.state = tcp_next_state(flow.state, forward, flags)
         if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) and not forward:  # may reveal a service
-            at = int(pre.o[int(pos[k])])
-            src = an.macs.get(data[at + 6 : at + 12])
-            src_ip = data[at + 26 : at + 30]
-            sport = (data[at + 34] << 8) | data[at + 35]
-        an.tcp_control(flow, forward, flags, src, src_ip, sport)
+            an.syn_ack_service(
+                an.macs.get(data[at + 6 : at + 12]), data[at + 26 : at + 30], (data[at + 34] << 8) | data[at + 35]
+            )
 
 
 def _first_of_flow(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B) -> None:

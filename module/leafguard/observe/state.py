@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+from leafguard.decode.frames import TCP_ACK, TCP_RST, TCP_SYN
 from leafguard.decode.login import LoginTracker
 
 TCP_STATES = ("S0", "REJ", "EST", "CLOSED", "OTHER")
+
+
+def tcp_next_state(state: str, forward: bool, flags: int) -> str:
+    """A conversation's TCP state after a segment with SYN, FIN or RST from ``a`` (``forward``) or ``b``."""
+    if flags & TCP_SYN:
+        if flags & TCP_ACK:
+            if not forward and state in ("S0", "REJ"):
+                return "EST"
+        elif forward and state in ("CLOSED", "REJ"):
+            return "S0"  # the 5-tuple is reused by a new connection
+    elif flags & TCP_RST:
+        if state == "S0" and not forward:
+            return "REJ"
+        if state == "EST":
+            return "CLOSED"
+    elif state == "EST":
+        return "CLOSED"
+    return state
 
 
 class MacState:
