@@ -5,7 +5,8 @@
 Every tool runs as a child process of this one, on the same file (generated once by
 benchmarks/gen_capture.py and cached under benchmarks/.cache/). For each child, wall time comes from a
 monotonic clock around spawn-to-reap; peak RSS from GNU time's %M when /usr/bin/time exists (see
-_child for why not os.wait4's ru_maxrss alone), else from wait4.
+_child for why not os.wait4's ru_maxrss alone), else from wait4 -- or, when the tool runs helper processes
+(LeafGuard reads large files in a forked reader), the sum of every process's own peak, sampled from /proc.
 With --runs K each tool runs K times and its best (shortest) run is reported; peak RSS is the largest
 seen over the K runs.
 
@@ -29,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,16 +103,82 @@ def _child(
         cmd = [GNU_TIME, "-f", "%M", "-o", rss.name, *argv] if GNU_TIME else argv
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out if keep_stdout else subprocess.DEVNULL, stderr=err, env=env)
+        tree = _TreePeak(proc.pid, skip_root=bool(GNU_TIME))
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        tree.stop()
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
         peak_kb = float(usage.ru_maxrss)
         reported = Path(rss.name).read_text().split()
         if GNU_TIME and reported and reported[-1].isdigit():
             peak_kb = float(reported[-1])
+        # A tool with helper processes (LeafGuard's reader) counts them too.
+        peak_kb = tree.total_kb(peak_kb)
         out.seek(0)
         err.seek(0)
         return proc.returncode, wall, peak_kb / 1024.0, out.read(), err.read()
+
+
+class _TreePeak:
+    """The high-water marks (VmHWM, kept by the kernel) of the processes under ``root``, read every 50 ms.
+
+    GNU time and wait4 report the largest single process of a tree, not its total. `total_kb` adds the other
+    processes' own peaks to that largest one: an upper bound of the tree's resident memory at any moment (pages
+    shared between a parent and its forked child count twice).
+    """
+
+    def __init__(self, root: int, *, skip_root: bool) -> None:
+        self._root = root
+        self._skip_root = skip_root
+        self._peaks: dict[int, int] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def total_kb(self, largest_kb: float) -> float:
+        """``largest_kb``: the peak of the largest process, as GNU time or wait4 measured it."""
+        peaks = sorted(self._peaks.values())
+        return largest_kb + float(sum(peaks[:-1]))
+
+    def _run(self) -> None:
+        while not self._done.wait(0.05):
+            for pid in _descendants(self._root, include_root=not self._skip_root):
+                hwm = _vm_hwm_kb(pid)
+                if hwm is not None:
+                    self._peaks[pid] = max(self._peaks.get(pid, 0), hwm)
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass  # gone already
+    return out
+
+
+def _descendants(root: int, *, include_root: bool) -> list[int]:
+    found = [root] if include_root else []
+    frontier = [root]
+    while frontier:
+        frontier = [kid for pid in frontier for kid in _children(pid)]
+        found += frontier
+    return found
+
+
+def _vm_hwm_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def _leafguard_env() -> dict[str, str]:

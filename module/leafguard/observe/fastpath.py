@@ -1,21 +1,24 @@
 """The bulk half of the observation core: what numpy can do for a whole batch at once.
 
 Most frames of a busy capture only add to counters: mid-flow TCP segments and UDP datagrams of conversations
-that need no more inspection. For an Ethernet batch, `plan_batch` gathers the header fields of every plain IPv4
+that need no more inspection. For an Ethernet batch, `classify` gathers the header fields of every plain IPv4
 TCP/UDP frame (untagged, no IP options, not a fragment, headers captured) from the batch buffer and groups them
-by conversation. Then:
+by conversation; it needs no state, so a reader process can run it beside the analysis (`capture.forked`).
+`plan_batch` then looks the conversations up, and:
 
 * frames of conversations that are *settled* (no login exchange being followed) are not walked at all: their
   counters are added per conversation and per MAC (`count_settled`);
-* conversations that *start* in the batch and need no per-frame inspection are created here too, in the order of
-  their first frame, so none of their frames is walked either;
-* SYN/FIN/RST segments of those conversations are replayed, in batch order, through the same state machine the
-  per-frame path uses (`Analyzer.tcp_control`); the first payload from the initiator is checked for a TLS
-  ClientHello and the first datagram from a UDP responder reveals a service, once per conversation;
-* everything else is walked one frame at a time by `Analyzer.feed`: frames that carry something to decode (DHCP,
-  DNS queries, mDNS, NetBIOS, SSDP), conversations whose login exchange is being followed, and every frame that
-  is not plain IPv4 TCP/UDP (ARP, ICMP, IPv6, VLAN-tagged, fragments...). A walked frame of a conversation that
-  becomes settled during the walk is deferred to the bulk step from then on.
+* conversations that *start* in the batch are created here, in the order of their first frame, before the walk;
+* SYN/FIN/RST segments of those conversations are replayed, in batch order, through the same state transition
+  the per-frame path uses (`state.tcp_next_state`); the first payload from the initiator is checked for a TLS
+  ClientHello (parsed by `classify` when it starts like one) and the first datagram from a UDP responder reveals
+  a service, once per conversation;
+* plain IPv4 frames of other protocols (ICMP, IGMP...) only count for their MACs and source address, in bulk too;
+* datagrams with something to decode (DHCP, DNS queries, mDNS, NetBIOS, SSDP) are counted in bulk, and their
+  payloads read during the walk, in order with the frames around them;
+* everything else is walked one frame at a time by `Analyzer.feed`: conversations whose login exchange is being
+  followed, and every frame that is not plain IPv4 (ARP, IPv6, VLAN-tagged, fragments...). A walked frame of a
+  conversation that becomes settled during the walk is deferred to the bulk step from then on.
 
 The result is the same as walking every frame; `tests/observe/test_analyzer.py` checks it on generated sessions
 and on every shared capture. Observations made in bulk carry their packet time and are merged into packet order
