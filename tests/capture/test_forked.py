@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from leafguard.capture.batch import FrameBatch
 from leafguard.capture.forked import ReaderProcessError, read_batches_forked
 from leafguard.capture.pcapfile import FileStats, read_batches
 from leafguard.errors import CaptureFileError
+from tests.capture.test_pcapfile import BAD_FILES
 from tests.conftest import shared_pcaps
 
 
@@ -67,17 +67,7 @@ def test_shared_captures_read_alike(path: Path) -> None:
     assert forked_stats.truncated_records == inline_stats.truncated_records
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (b"", "not a capture file"),
-        (struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 147), "unsupported link type 147"),
-        (
-            struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1) + struct.pack("<IIII", 0, 0, 10_000_000, 10),
-            "corrupt record",
-        ),
-    ],
-)
+@pytest.mark.parametrize(("content", "message"), BAD_FILES)
 def test_file_errors_are_raised_in_the_parent_as_they_are(tmp_path: Path, content: bytes, message: str) -> None:
     f = tmp_path / "bad.pcap"
     f.write_bytes(content)

@@ -90,18 +90,19 @@ def test_cut_last_record_is_counted_not_fatal(tmp_path: Path) -> None:
     assert st.truncated_records == 1
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (b"", "not a capture file"),
-        (b"hello world, not a capture at all", "not a pcap or pcapng file"),
-        (struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 147), "unsupported link type 147"),
-        (
-            struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1) + struct.pack("<IIII", 0, 0, 10_000_000, 10),
-            "corrupt record",
-        ),
-    ],
-)
+BAD_FILES = [
+    (b"", "not a capture file"),
+    (b"hello world, not a capture at all", "not a pcap or pcapng file"),
+    (struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 147), "unsupported link type 147"),
+    (
+        struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1) + struct.pack("<IIII", 0, 0, 10_000_000, 10),
+        "corrupt record",
+    ),
+]
+"""Files that are not captures LeafGuard reads, and what the error says."""
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_FILES)
 def test_bad_files_give_one_line_errors_naming_the_file(tmp_path: Path, content: bytes, message: str) -> None:
     f = tmp_path / "bad.pcap"
     f.write_bytes(content)

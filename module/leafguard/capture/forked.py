@@ -34,7 +34,7 @@ import numpy.typing as npt
 
 from leafguard.capture.batch import FrameBatch
 from leafguard.capture.pcapfile import FileStats, read_batches
-from leafguard.errors import CaptureFileError, LeafGuardError
+from leafguard.errors import CaptureFileError
 
 MIN_FILE_BYTES = 8 << 20
 """Below this a file is read in-process: there is too little to overlap to pay for the child."""
@@ -49,8 +49,9 @@ _I64 = npt.NDArray[np.int64]
 _Batch = tuple[str, int, int, int, _I64, _I64, _I64, npt.NDArray[np.float64], object]
 
 
-class ReaderProcessError(LeafGuardError):
-    """The reader process failed other than on the file's content (a bug, or it was killed)."""
+class ReaderProcessError(RuntimeError):
+    """The reader process failed other than on the file's content: a bug, or it was killed. Not a
+    `LeafGuardError`: nothing the user can fix, so it crashes with the child's traceback."""
 
 
 def worth_forking(path: str | Path) -> bool:
