@@ -12,6 +12,7 @@ import ipaddress
 import socket
 from collections import deque
 from collections.abc import Iterator
+from operator import attrgetter
 from typing import Any
 
 from leafguard.capture.batch import LINKTYPE_NAMES, FrameBatch
@@ -781,8 +782,8 @@ class Analyzer:
 _ULA = ipaddress.ip_network("fc00::/7")
 
 
-def _report_order(f: Flow) -> tuple[float, int, bytes, int, bytes, int]:
-    return (f.first, f.proto, f.a_ip, f.a_port, f.b_ip, f.b_port)
+# Conversations in the report: first seen, then 5-tuple.
+_report_order = attrgetter("first", "proto", "a_ip", "a_port", "b_ip", "b_port")
 
 
 def _obs_time(obs: Observation) -> float:
