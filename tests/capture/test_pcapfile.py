@@ -10,6 +10,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.utils import PcapNgWriter, wrpcap
 
+from leafguard.capture import pcapfile
 from leafguard.capture.pcapfile import FileStats, read_batches
 from leafguard.errors import CaptureFileError
 
@@ -78,6 +79,27 @@ def test_pcapng_with_two_link_types(tmp_path: Path) -> None:
     frames = _all(f)
     assert [fr[3] for fr in frames][:2] == [1, 1]
     assert len(frames) == 3
+
+
+@pytest.mark.parametrize("cut", [0, 1, 7, 30])
+def test_pcapng_read_in_small_chunks_is_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: int) -> None:
+    # Blocks cross chunk ends everywhere; memory then stays bounded by the chunk, not the file.
+    f = tmp_path / "chunks.pcapng"
+    with PcapNgWriter(str(f)) as w:
+        for p in _packets(400):
+            w.write(p)
+    if cut:
+        f.write_bytes(f.read_bytes()[:-cut])
+    whole_stats, chunked_stats = FileStats(str(f)), FileStats(str(f))
+    whole = _all(f, stats=whole_stats)
+    monkeypatch.setattr(pcapfile, "CHUNK_BYTES", 1000)
+    batches = list(read_batches(f, stats=chunked_stats))
+    chunked = _all(f, stats=FileStats(str(f)))
+    assert chunked == whole
+    assert len(whole) == (400 if not cut else 399)
+    assert chunked_stats.truncated_records == whole_stats.truncated_records == (1 if cut else 0)
+    assert len({b.file_offset for b in batches}) > 20
+    assert max(len(b.data) for b in batches) < 4 * 1000
 
 
 def test_cut_last_record_is_counted_not_fatal(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ class FileStats:
     """Records cut off by the end of the file (counted, never fatal)."""
 
 
-def _new_batch(linktype: int, data: bytes, src: str) -> FrameBatch:
+def _new_batch(linktype: int, data: bytes, src: str, file_offset: int) -> FrameBatch:
     return FrameBatch(
         linktype=linktype,
         data=data,
@@ -53,7 +53,7 @@ def _new_batch(linktype: int, data: bytes, src: str) -> FrameBatch:
         wirelens=array("q"),
         timestamps=array("d"),
         source=src,
-        file_offset=0,
+        file_offset=file_offset,
     )
 
 
@@ -161,31 +161,47 @@ def _read_pcapng(path: Path, fh: object, batch_frames: int, st: FileStats) -> It
     assert isinstance(fh, io.BufferedReader)
     src = str(path)
     endian = "<"
-    # Per section: interface id -> (linktype, seconds per tick, snaplen)
+    # Per section: interface id -> (linktype, timestamp units per second)
     interfaces: list[tuple[int, int]] = []
-    data = fh.read()
-    n = len(data)
+    # The file is read in chunks, as pcap files are; a block that crosses the end of a chunk is carried over.
+    data = b""
+    base = 0
+    """File offset of ``data[0]``."""
     pos = 0
+    eof = False
     current: FrameBatch | None = None
-    while pos + 12 <= n:
-        btype = struct.unpack_from(endian + "I", data, pos)[0]
-        if btype == PCAPNG_SHB:
-            bom = struct.unpack_from("<I", data, pos + 8)[0]
-            if bom == PCAPNG_BOM:
-                endian = "<"
-            elif struct.unpack_from(">I", data, pos + 8)[0] == PCAPNG_BOM:
-                endian = ">"
-            else:
-                raise CaptureFileError(f"{path}: corrupt pcapng section header at byte {pos}")
-            interfaces = []
-        blen = struct.unpack_from(endian + "I", data, pos + 4)[0]
-        if blen < 12 or blen % 4:
-            raise CaptureFileError(f"{path}: corrupt pcapng block at byte {pos} (length {blen})")
-        if pos + blen > n:
-            st.truncated_records += 1
+    last_ts = 0.0
+    while True:
+        need = 12
+        blen = btype = 0
+        while True:
+            if len(data) - pos >= need:
+                if need == 12:
+                    btype, endian = _block_type(path, data, pos, base, endian)
+                    blen = struct.unpack_from(endian + "I", data, pos + 4)[0]
+                    if blen < 12 or blen % 4:
+                        raise CaptureFileError(f"{path}: corrupt pcapng block at byte {base + pos} (length {blen})")
+                    need = blen
+                    continue
+                break
+            if eof:
+                break
+            if current is not None and current.offsets:
+                yield current  # its frames live in the buffer that is about to be replaced
+            current = None
+            chunk = fh.read(max(CHUNK_BYTES, need))
+            eof = not chunk
+            base += pos
+            data = data[pos:] + chunk
+            pos = 0
+        if len(data) - pos < need:
+            if len(data) > pos:
+                st.truncated_records += 1
             break
         body = pos + 8
-        if btype == BLOCK_IDB:
+        if btype == PCAPNG_SHB:
+            interfaces = []
+        elif btype == BLOCK_IDB:
             linktype = struct.unpack_from(endian + "H", data, body)[0]
             tick = _idb_tick(data, body + 8, pos + blen - 4, endian)
             interfaces.append((linktype, tick))
@@ -206,32 +222,41 @@ def _read_pcapng(path: Path, fh: object, batch_frames: int, st: FileStats) -> It
                 frame_at = body + 20
                 ticks = (ts_hi << 32) | ts_lo
             if iface >= len(interfaces):
-                raise CaptureFileError(f"{path}: packet block at byte {pos} names unknown interface {iface}")
+                raise CaptureFileError(
+                    f"{path}: packet block at byte {base + pos} names unknown interface {iface}"
+                )
             linktype, tick = interfaces[iface]
             # Simple packet blocks carry no time; they take the previous frame's.
             if ticks >= 0:
                 # Whole seconds plus the fraction, as the pcap reader does, so both formats give equal floats.
-                ts = ticks // tick + (ticks % tick) / tick
-            else:
-                ts = current.timestamps[-1] if current and current.timestamps else 0.0
+                last_ts = ticks // tick + (ticks % tick) / tick
             if caplen > blen:
-                raise CaptureFileError(f"{path}: corrupt packet block at byte {pos}")
+                raise CaptureFileError(f"{path}: corrupt packet block at byte {base + pos}")
             if linktype not in SUPPORTED_LINKTYPES:
                 raise _unsupported(path, linktype)
             if current is None or current.linktype != linktype or len(current.offsets) >= batch_frames:
                 if current is not None and current.offsets:
                     yield current
-                current = _new_batch(linktype, data, src)
+                current = _new_batch(linktype, data, src, base)
             current.offsets.append(frame_at)
             current.caplens.append(caplen)
             current.wirelens.append(wirelen if wirelen >= caplen else caplen)
-            current.timestamps.append(ts)
+            current.timestamps.append(last_ts)
         pos += blen
-    else:
-        if pos != n:
-            st.truncated_records += 1
     if current is not None and current.offsets:
         yield current
+
+
+def _block_type(path: Path, data: bytes, pos: int, base: int, endian: str) -> tuple[int, str]:
+    """The type of the block at ``pos``, and the byte order from there on (a section header sets it)."""
+    btype: int = struct.unpack_from(endian + "I", data, pos)[0]
+    if btype != PCAPNG_SHB:
+        return btype, endian
+    if struct.unpack_from("<I", data, pos + 8)[0] == PCAPNG_BOM:
+        return btype, "<"
+    if struct.unpack_from(">I", data, pos + 8)[0] == PCAPNG_BOM:
+        return btype, ">"
+    raise CaptureFileError(f"{path}: corrupt pcapng section header at byte {base + pos}")
 
 
 def _idb_tick(data: bytes, opt: int, end: int, endian: str) -> int:
