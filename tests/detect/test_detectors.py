@@ -150,3 +150,88 @@ def test_new_device_findings_do_not_depend_on_batches(capture: str) -> None:
     found = run(8192, True)
     assert len(found) >= 5 and {a["type"] for a in found} >= {"new_device"}
     assert found == run(97, True) == run(8192, False)
+
+
+LEAF_A = ("00:17:88:00:00:01", "10.5.0.2")
+LEAF_B = ("00:17:88:00:00:02", "10.5.0.3")
+GATEWAY_MAC = "00:1b:21:00:00:01"
+
+
+def _tcp(src: tuple[str, str], dst_ip: str, dport: int, flags: str, sport: int = 40000) -> Any:
+    return Ether(src=src[0], dst=GATEWAY_MAC) / IP(src=src[1], dst=dst_ip) / TCP(sport=sport, dport=dport, flags=flags)
+
+
+def _synack_from(leaf: tuple[str, str], port: int, client_ip: str = "10.5.0.9") -> Any:
+    return (
+        Ether(src=leaf[0], dst=GATEWAY_MAC) / IP(src=leaf[1], dst=client_ip) / TCP(sport=port, dport=50000, flags="SA")
+    )
+
+
+def _baseline_run(frames: list[tuple[float, Any]], **kw: Any) -> Analyzer:
+    an = Analyzer(AnalyzerSettings(learning_period_s=10.0), **kw)
+    an.feed(FrameBatch.from_frames(1, [(1_700_000_000 + t, bytes(p), len(bytes(p))) for t, p in frames]))
+    return an
+
+
+def _learned_traffic() -> list[tuple[float, Any]]:
+    frames: list[tuple[float, Any]] = [
+        (0.0, _tcp(LEAF_A, "52.1.1.1", 8883, "S")),  # A's baseline: one cloud broker
+        (0.5, _synack_from(LEAF_A, 80)),  # and its web page
+    ]
+    # B talks to more peers than a baseline can hold while learning (spread so that it is no scan): it gets no
+    # new_peer findings later.
+    frames += [
+        (1.0 + i * 0.01, _tcp(LEAF_B, f"52.2.0.{i % 10}", 1000 + i // 10, "S", sport=41000 + i)) for i in range(70)
+    ]
+    return frames
+
+
+def test_new_peer_and_new_service_against_the_learned_baseline() -> None:
+    frames = [
+        *_learned_traffic(),
+        (20.0, _tcp(LEAF_A, "52.1.1.1", 8883, "S", sport=40001)),  # the same broker again: nothing
+        (21.0, _tcp(LEAF_A, "198.51.100.7", 4444, "S")),  # a new peer
+        (22.0, _synack_from(LEAF_A, 80)),  # the same service: nothing
+        (23.0, _synack_from(LEAF_A, 23)),  # a telnet service appears
+        (24.0, _tcp(LEAF_B, "198.51.100.7", 4444, "S")),  # B has no baseline to compare with
+    ]
+    alerts = _baseline_run(frames).alerts()
+    assert [(a["type"], a["mac"], a["ts"]) for a in alerts] == [
+        ("new_peer", LEAF_A[0], 1_700_000_021.0),
+        ("new_service", LEAF_A[0], 1_700_000_023.0),
+    ]
+    peer, service = alerts
+    assert peer["evidence"]["peer"] == "198.51.100.7" and peer["evidence"]["port"] == 4444
+    assert peer["evidence"]["baseline_peers"] == ["52.1.1.1:8883/tcp"]
+    assert service["evidence"]["protocol"] == "tcp" and service["evidence"]["port"] == 23
+    assert service["evidence"]["known_services"] == ["tcp/80"]
+    for alert in alerts:
+        assert not list(VALIDATOR.iter_errors(alert)), alert
+    # Without a learning period there is no baseline, and nothing of this is raised.
+    quiet = Analyzer()
+    quiet.feed(FrameBatch.from_frames(1, [(1_700_000_000 + t, bytes(p), len(bytes(p))) for t, p in frames]))
+    assert quiet.alerts() == []
+
+
+def test_new_peer_findings_are_rate_limited_per_leaf() -> None:
+    frames = _learned_traffic() + [
+        (30.0 + i * 0.1, _tcp(LEAF_A, f"198.51.100.{i}", 9000, "S", sport=42000 + i)) for i in range(12)
+    ]
+    an = _baseline_run(frames)
+    assert [a["type"] for a in an.alerts()] == ["new_peer"] * 8
+    assert an.capture_report()["alerts_suppressed"] == 4
+
+
+def test_baseline_findings_do_not_depend_on_batches_or_paths() -> None:
+    frames = _learned_traffic() + [
+        (20.0 + i * 0.1, _tcp(LEAF_A, f"198.51.100.{i % 3}", 4444 + i % 2, "S", sport=43000 + i)) for i in range(9)
+    ]
+    frames += [(25.0, _synack_from(LEAF_A, 23)), (25.5, _synack_from(LEAF_A, 2323))]
+    whole = _baseline_run(frames).alerts()
+    assert len(whole) == 6 + 2
+    raw = [(1_700_000_000 + t, bytes(p), len(bytes(p))) for t, p in frames]
+    for fast in (True, False):
+        an = Analyzer(AnalyzerSettings(learning_period_s=10.0), fast_path=fast)
+        for lo in range(0, len(raw), 7):
+            an.feed(FrameBatch.from_frames(1, raw[lo : lo + 7]))
+        assert an.alerts() == whole

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any, Literal
 
-ALERT_SCHEMA_VERSION = "1.0"
+ALERT_SCHEMA_VERSION = "1.1"
 _NAMESPACE = uuid.UUID("7d6c1b8e-4f0a-4b8e-9a55-2c1d5e3f6a01")
 
 Severity = Literal["low", "medium", "high"]
@@ -29,6 +29,12 @@ BRUTE_FORCE_FAILURES = 10
 BINDING_MEMORY_S = 3600.0
 MAX_TRACKED = 2048
 MAX_ALERTS = 10_000
+BASELINE_PEERS = 64
+"""Peers (address, port, protocol) a leaf may open conversations to during the learning period. A leaf that uses
+more has no baseline worth comparing with (a browser, a relay), and gets no ``new_peer`` findings."""
+NEW_PEER_ALERTS = 8
+"""``new_peer`` findings per leaf and scan window; more are counted in ``suppressed_alerts`` (a leaf that starts
+sweeping addresses raises ``address_scan``, not one finding per address)."""
 
 
 def _ip(raw: bytes) -> str:
@@ -71,6 +77,8 @@ LOGIN = 3  # (leaf_mac or None, protocol, client_ip, server_ip, server_port, use
 ARP_CLAIM = 4  # (ip, mac): an ARP packet in which ``mac`` announces ``ip`` as its own
 ARP_ASK = 5  # (ip, mac): an ARP request in which ``mac`` asks who has ``ip``
 NEW_LEAF = 6  # (mac, ips as text, vendor or ""): a leaf seen for the first time (ts: its first frame)
+CONVERSATION = 7  # (leaf_mac, peer_ip, peer_port, protocol): a leaf opened a conversation (with learning only)
+SERVICE = 8  # (leaf_mac, protocol, port): a leaf offers a service for the first time (with learning only)
 
 Evidence = tuple[float, int, tuple[Any, ...]]
 
@@ -103,6 +111,13 @@ class Detectors:
         self._claims: dict[bytes, dict[bytes, float]] = {}
         self._asks: dict[bytes, dict[bytes, float]] = {}
         self._claims_reported: set[tuple[bytes, bytes]] = set()
+        self.suppressed_alerts = 0
+        # Learned baselines (with a learning period): the leaves seen during it, and what each did then.
+        self._baseline: set[bytes] = set()
+        self._peers: dict[bytes, set[tuple[bytes, int, str]]] = {}
+        self._unbounded: set[bytes] = set()
+        self._services: dict[bytes, set[tuple[str, int]]] = {}
+        self._peer_alerts: dict[bytes, _Window] = {}
 
     def process(self, evidence: list[Evidence]) -> None:
         """Consume one batch's evidence (any order: it is sorted here)."""
@@ -120,6 +135,10 @@ class Detectors:
                 self._arp(ts, data[0], data[1], kind == ARP_CLAIM)
             elif kind == NEW_LEAF:
                 self._new_leaf(ts, *data)
+            elif kind == CONVERSATION:
+                self._conversation(ts, *data)
+            elif kind == SERVICE:
+                self._service(ts, *data)
 
     def _raise(self, alert: Alert) -> None:
         if len(self.alerts) >= MAX_ALERTS:
@@ -212,17 +231,80 @@ class Detectors:
             )
         )  # fmt: skip
 
-    def _new_leaf(self, ts: float, mac: bytes, ips: str, vendor: str) -> None:
+    def _learning(self, ts: float) -> bool | None:
+        """Whether ``ts`` falls in the learning period; None without one."""
         if self.learning_period_s is None or self.learning_started is None:
+            return None
+        return ts - self.learning_started <= self.learning_period_s
+
+    def _new_leaf(self, ts: float, mac: bytes, ips: str, vendor: str) -> None:
+        learning = self._learning(ts)
+        if learning is None:
             return
-        if ts - self.learning_started <= self.learning_period_s:
-            return  # learned: part of the baseline
+        if learning:
+            if len(self._baseline) < MAX_TRACKED:
+                self._baseline.add(mac)  # learned: part of the baseline
+            return
         self._raise(
             Alert(
                 "new_device", "medium", ts, _mac(mac),
                 f"new device {_mac(mac)} ({vendor or 'unknown vendor'}{', ' + ips if ips else ''}) after the "
                 f"learning period",
                 {"mac": _mac(mac), "ips": ips.split(",") if ips else [], "vendor": vendor or None,
+                 "learning_period_s": self.learning_period_s},
+            )
+        )  # fmt: skip
+
+    def _conversation(self, ts: float, mac: bytes, peer: bytes, port: int, protocol: str) -> None:
+        """A leaf of the baseline opening a conversation to a peer it did not use while learning."""
+        learning = self._learning(ts)
+        if learning is None or mac not in self._baseline or mac in self._unbounded:
+            return
+        peers = self._peers.setdefault(mac, set())
+        key = (peer, port, protocol)
+        if key in peers:
+            return
+        if len(peers) >= (BASELINE_PEERS if learning else 2 * BASELINE_PEERS):
+            # Too many to be a baseline (while learning), or to keep following (after): forget this leaf's.
+            self._unbounded.add(mac)
+            del self._peers[mac]
+            return
+        peers.add(key)
+        if learning:
+            return
+        w = self._window(self._peer_alerts, mac, ts)
+        w.items[len(w.items)] = ts
+        if len(w.items) > NEW_PEER_ALERTS:
+            self.suppressed_alerts += 1
+            return
+        self._raise(
+            Alert(
+                "new_peer", "medium", ts, _mac(mac),
+                f"{_mac(mac)} opened {protocol} to {_ip(peer)}:{port}, which it did not use during the learning period",
+                {"mac": _mac(mac), "peer": _ip(peer), "port": port, "protocol": protocol,
+                 "baseline_peers": sorted(f"{_ip(p)}:{pt}/{pr}" for p, pt, pr in peers if (p, pt, pr) != key)[:50],
+                 "learning_period_s": self.learning_period_s},
+            )
+        )  # fmt: skip
+
+    def _service(self, ts: float, mac: bytes, protocol: str, port: int) -> None:
+        """A leaf of the baseline offering a service it did not offer while learning."""
+        learning = self._learning(ts)
+        if learning is None or mac not in self._baseline:
+            return
+        services = self._services.setdefault(mac, set())
+        key = (protocol, port)
+        if key in services or len(services) >= 4 * BASELINE_PEERS:
+            return
+        services.add(key)
+        if learning:
+            return
+        known = sorted(f"{pr}/{pt}" for pr, pt in services if (pr, pt) != key)
+        self._raise(
+            Alert(
+                "new_service", "medium", ts, _mac(mac),
+                f"{_mac(mac)} offers {protocol}/{port}, a service it did not offer during the learning period",
+                {"mac": _mac(mac), "protocol": protocol, "port": port, "known_services": known[:50],
                  "learning_period_s": self.learning_period_s},
             )
         )  # fmt: skip

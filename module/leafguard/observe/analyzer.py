@@ -369,7 +369,7 @@ class Analyzer:
             self._tcp(flow, forward, flags, p, data, ts, src)
         else:
             if not forward and not flow.b_seen:
-                self.first_reply(flow, src, sip)
+                self.first_reply(flow, src, sip, ts)
             if p.payload_len and (sport in DEEP_UDP_PORTS or dport in DEEP_UDP_PORTS) and src is not None:
                 payload = data[p.payload_off : p.payload_off + p.payload_len]
                 self._udp_payload(sport, dport, sip, payload, src, ts)
@@ -416,6 +416,11 @@ class Analyzer:
                 flow.login_budget = LOGIN_BUDGET_BYTES
         flow.slow = flow.login is not None
         flow.a_is_lo = flow.a_ip == key[1] and flow.a_port == key[2]
+        if self._learning:
+            leaf = self._leaf_mac_for(flow.a_ip, flow.a_mac)
+            if leaf is not None:
+                protocol = "tcp" if proto == PROTO_TCP else "udp"
+                self._evidence.append((ts, det.CONVERSATION, (leaf, flow.b_ip, flow.b_port, protocol)))
         if len(sip) == 4:
             if nkey is None:
                 lo = int.from_bytes(key[1], "big")
@@ -447,7 +452,7 @@ class Analyzer:
         self, flow: Flow, forward: bool, flags: int, p: Packet, data: bytes, ts: float, src: MacState | None
     ) -> None:
         if flags & (TCP_SYN | TCP_FIN | TCP_RST):
-            self.tcp_control(flow, forward, flags, src, p.src_ip, p.sport)
+            self.tcp_control(flow, forward, flags, src, p.src_ip, p.sport, ts)
         if p.payload_len:
             payload = data[p.payload_off : p.payload_off + p.payload_len]
             if forward and not flow.hello_checked:
@@ -477,19 +482,26 @@ class Analyzer:
             flow.login_budget = 0
 
     def tcp_control(
-        self, flow: Flow, forward: bool, flags: int, src: MacState | None, src_ip: bytes | None, sport: int
+        self,
+        flow: Flow,
+        forward: bool,
+        flags: int,
+        src: MacState | None,
+        src_ip: bytes | None,
+        sport: int,
+        ts: float,
     ) -> None:
         """The state change a SYN, FIN or RST makes (and the service a SYN-ACK reveals)."""
         assert flow.state is not None
         flow.state = tcp_next_state(flow.state, forward, flags)
         # A router forwarding a remote server's answer is not offering that service.
         if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) and not forward:
-            self.syn_ack_service(src, src_ip, sport)
+            self.syn_ack_service(src, src_ip, sport, ts)
 
-    def syn_ack_service(self, src: MacState | None, src_ip: bytes | None, sport: int) -> None:
+    def syn_ack_service(self, src: MacState | None, src_ip: bytes | None, sport: int, ts: float) -> None:
         """A responder's SYN-ACK: its port is a service of the sender, when the sender is on the leaf side."""
         if src is not None and src_ip is not None and self.is_leaf_ip(src_ip):
-            self._add_service(src, "tcp", sport)
+            self._add_service(src, "tcp", sport, ts)
 
     def inspect_hello(self, flow: Flow, src: MacState | None, payload: bytes) -> None:
         """The initiator's first payload: a TLS ClientHello names the server (SNI) and the offered versions."""
@@ -504,17 +516,19 @@ class Analyzer:
             for v in hello.versions:
                 src.tls_versions[v] = None
 
-    def first_reply(self, flow: Flow, src: MacState | None, sender_ip: bytes) -> None:
+    def first_reply(self, flow: Flow, src: MacState | None, sender_ip: bytes, ts: float) -> None:
         """The responder's first UDP datagram: its port is a service, unless the flow was first seen mid-way
         (a well-known port talking to an ephemeral one: the "responder" is really the client)."""
         flow.b_seen = True
         if src is not None and not (flow.a_port < 1024 <= flow.b_port) and self.is_leaf_ip(sender_ip):
-            self._add_service(src, "udp", flow.b_port)
+            self._add_service(src, "udp", flow.b_port, ts)
 
-    def _add_service(self, st: MacState, proto: str, port: int) -> None:
+    def _add_service(self, st: MacState, proto: str, port: int, ts: float) -> None:
         key = (proto, port)
         if key not in st.services and len(st.services) < self.settings.max_services_per_leaf:
             st.services[key] = None
+            if self._learning:
+                self._evidence.append((ts, det.SERVICE, (st.mac, proto, port)))
 
     # ----------------------------------------------------------------------------------------- deep
 
@@ -535,7 +549,7 @@ class Analyzer:
                 # A server's OFFER/ACK goes to a broadcast or a new address, never back on the request's 5-tuple,
                 # so the reply rule cannot see it: a BOOTREPLY from port 67 is the evidence.
                 if d.op == 2 and sport == 67 and self.is_leaf_ip(src_ip):
-                    self._add_service(src, "udp", 67)
+                    self._add_service(src, "udp", 67, ts)
                     self._evidence.append((ts, det.DHCP_SERVER, (src.mac, src_ip)))
         elif sport in (53, 5353, 5355) or dport in (53, 5353, 5355):
             # Only queries (the names a leaf asks for) and mDNS announcements (its own names) are kept:
@@ -551,7 +565,7 @@ class Analyzer:
             if sport == 5353:
                 if m.response and m.records:
                     # Answering mDNS (to the multicast group, so again not on the query's 5-tuple).
-                    self._add_service(src, "udp", 5353)
+                    self._add_service(src, "udp", 5353, ts)
                 for name, rtype, _value in m.records:
                     if rtype in (deep.DNS_A, deep.DNS_AAAA) and name:
                         self._add_name(src.hostnames, name)
@@ -734,6 +748,7 @@ class Analyzer:
             "evicted_names": st.evicted_names,
             "observations_dropped": st.observations_dropped,
             "alerts_dropped": self.detectors.dropped_alerts,
+            "alerts_suppressed": self.detectors.suppressed_alerts,
         }
 
     def report(self, *, conversations: bool = True) -> dict[str, Any]:

@@ -407,16 +407,16 @@ def _control(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _
     if not sel.size:
         return
     uflows = plan.uflows
-    for at, u, forward, flags in zip(
-        pre.o[pos[sel]].tolist(), inv[sel].tolist(), fwd[sel].tolist(), pre.flags[pos[sel]].tolist(), strict=True
-    ):
+    for at, u, forward, flags, ts in zip(
+        pre.o[pos[sel]].tolist(), inv[sel].tolist(), fwd[sel].tolist(), pre.flags[pos[sel]].tolist(),
+        pre.ts[pos[sel]].tolist(), strict=True,
+    ):  # fmt: skip
         flow = uflows[u]
         assert flow is not None and flow.state is not None
         flow.state = tcp_next_state(flow.state, forward, flags)
         if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) and not forward:  # may reveal a service
-            an.syn_ack_service(
-                an.macs.get(data[at + 6 : at + 12]), data[at + 26 : at + 30], (data[at + 34] << 8) | data[at + 35]
-            )
+            src = an.macs.get(data[at + 6 : at + 12])
+            an.syn_ack_service(src, data[at + 26 : at + 30], (data[at + 34] << 8) | data[at + 35], ts)
 
 
 def _first_of_flow(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B) -> None:
@@ -440,7 +440,7 @@ def _first_of_flow(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, 
                 if not flow.hello_checked:
                     an.apply_hello(flow, an.macs.get(data[at + 6 : at + 12]), hellos.get(j))
             elif not flow.b_seen:
-                an.first_reply(flow, an.macs.get(data[at + 6 : at + 12]), data[at + 26 : at + 30])
+                an.first_reply(flow, an.macs.get(data[at + 6 : at + 12]), data[at + 26 : at + 30], float(pre.ts[j]))
 
 
 def _sorted_groups(keys: _I64) -> tuple[_I64, _I64, _I64]:
