@@ -60,6 +60,7 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     assert proc.stderr.decode().count("\n") == 1 and str(bad) in proc.stderr.decode()
     assert main(["analyze"]) == 2
     assert main(["analyze", "--demo", "--leaf-net", "not-a-net"]) == 2
+    assert main(["analyze", "--demo", "--silent-after", "0"]) == 2
 
 
 def test_security_messages_file(tmp_path: Path) -> None:

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument(
         "--learning-period", type=float, metavar="SECONDS", help="alert on leaves first seen after this long"
     )
+    an.add_argument(
+        "--silent-after", type=float, metavar="SECONDS", help="alert on leaves that send nothing for this long"
+    )
 
     run = sub.add_parser("run", help="run the service (IoT Edge module, or local mode outside IoT Edge)")
     src = run.add_mutually_exclusive_group()
@@ -63,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--http-port", type=int, default=None, help="serve /healthz and /metrics on this port")
     run.add_argument(
         "--learning-period", type=float, metavar="SECONDS", help="alert on leaves first seen after this long"
+    )
+    run.add_argument(
+        "--silent-after", type=float, metavar="SECONDS", help="alert on leaves that send nothing for this long"
     )
     return ap
 
@@ -111,7 +117,7 @@ def _analyze(args: argparse.Namespace) -> int:
         print("leafguard analyze: give capture files, or --demo", file=sys.stderr)
         return 2
     analyzer = Analyzer(
-        AnalyzerSettings.from_cli(args.leaf_net, args.gateway_mac, args.learning_period),
+        AnalyzerSettings.from_cli(args.leaf_net, args.gateway_mac, args.learning_period, args.silent_after),
         observations=bool(args.security_messages),
     )
     writer = None
@@ -126,6 +132,7 @@ def _analyze(args: argparse.Namespace) -> int:
             progress.done()
         if writer is not None:
             writer.finish(analyzer)
+        analyzer.finish()
         report = analyzer.report(conversations=not args.json)
         report["capture"]["truncated"] += truncated_records
         if args.json:

@@ -136,19 +136,22 @@ def test_new_devices_after_the_learning_period() -> None:
 
 
 @pytest.mark.parametrize("capture", ["ndpi_netbios.pcapng", "ndpi_tplink_shp.pcap", "ndpi_syslog.pcap"])
-def test_new_device_findings_do_not_depend_on_batches(capture: str) -> None:
+def test_learned_and_silence_findings_do_not_depend_on_batches(capture: str) -> None:
     pcaps = {p.name: p for p in shared_pcaps()}
     if capture not in pcaps:
         pytest.skip("../shared is absent")
 
     def run(batch_frames: int, fast: bool) -> list[dict[str, Any]]:
-        an = Analyzer(AnalyzerSettings(learning_period_s=2.0), fast_path=fast)
+        an = Analyzer(AnalyzerSettings(learning_period_s=2.0, silent_after_s=1.0), fast_path=fast)
         for b in read_batches(pcaps[capture], batch_frames=batch_frames):
             an.feed(b)
+        an.finish()
         return an.alerts()
 
     found = run(8192, True)
-    assert len(found) >= 5 and {a["type"] for a in found} >= {"new_device"}
+    assert len(found) >= 5 and {a["type"] for a in found} >= {"new_device", "leaf_silent"}
+    for alert in found:
+        assert not list(VALIDATOR.iter_errors(alert)), alert
     assert found == run(97, True) == run(8192, False)
 
 

@@ -79,6 +79,7 @@ ARP_ASK = 5  # (ip, mac): an ARP request in which ``mac`` asks who has ``ip``
 NEW_LEAF = 6  # (mac, ips as text, vendor or ""): a leaf seen for the first time (ts: its first frame)
 CONVERSATION = 7  # (leaf_mac, peer_ip, peer_port, protocol): a leaf opened a conversation (with learning only)
 SERVICE = 8  # (leaf_mac, protocol, port): a leaf offers a service for the first time (with learning only)
+SILENT = 9  # (leaf_mac, last_seen, silent_after_s): a leaf sent nothing for that long (ts: last_seen + it)
 
 Evidence = tuple[float, int, tuple[Any, ...]]
 
@@ -139,6 +140,8 @@ class Detectors:
                 self._conversation(ts, *data)
             elif kind == SERVICE:
                 self._service(ts, *data)
+            elif kind == SILENT:
+                self._silent(ts, *data)
 
     def _raise(self, alert: Alert) -> None:
         if len(self.alerts) >= MAX_ALERTS:
@@ -306,6 +309,15 @@ class Detectors:
                 f"{_mac(mac)} offers {protocol}/{port}, a service it did not offer during the learning period",
                 {"mac": _mac(mac), "protocol": protocol, "port": port, "known_services": known[:50],
                  "learning_period_s": self.learning_period_s},
+            )
+        )  # fmt: skip
+
+    def _silent(self, ts: float, mac: bytes, last_seen: float, silent_after_s: float) -> None:
+        self._raise(
+            Alert(
+                "leaf_silent", "medium", ts, _mac(mac),
+                f"{_mac(mac)} has sent nothing for {silent_after_s:g} s",
+                {"mac": _mac(mac), "last_seen": last_seen, "silent_after_s": silent_after_s},
             )
         )  # fmt: skip
 

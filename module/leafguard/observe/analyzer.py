@@ -30,6 +30,7 @@ from leafguard.decode.frames import (
 )
 from leafguard.decode.login import LOGIN_PORTS, LoginOutcome, LoginTracker
 from leafguard.detect import detectors as det
+from leafguard.detect.silence import SilenceTracker
 from leafguard.observe import fastpath
 from leafguard.observe.model import ConnectionSeen, Direction, LeafView, LoginSeen, Observation, Service
 from leafguard.observe.oui import vendor_of
@@ -108,6 +109,9 @@ class Analyzer:
         self._frag_pending: dict[tuple[bytes, bytes, int, int], list[Any]] = {}
         self.detectors = det.Detectors(self.settings.learning_period_s)
         self._learning = self.settings.learning_period_s is not None
+        silent_after = self.settings.silent_after_s
+        self.silence = SilenceTracker(silent_after, self.settings.max_macs) if silent_after is not None else None
+        """Send times per MAC, when silent leaves are watched (the bulk step feeds it too)."""
         self._touched: set[bytes] = set()
         """MACs seen in this batch (only while learning is on): candidates for a new-device finding."""
         self._announced: set[bytes] = set()
@@ -200,9 +204,31 @@ class Analyzer:
             self._touched.clear()
         evidence.extend((ts, det.BIND, (ip, mac)) for (ip, mac), ts in self._pairs.items())
         self._pairs = {}
+        if self.silence is not None:
+            found = self.silence.end_batch()
+            if self.stats.last_ts is not None:
+                found += self.silence.silent_now(self.stats.last_ts)
+            self._silent_leaves(found)
         if evidence:
             self._evidence = []
             self.detectors.process(evidence)
+
+    def finish(self) -> None:
+        """The end of the input: what waits for time to pass is looked at once more, at the last packet time."""
+        if self.silence is not None and self.stats.last_ts is not None:
+            self._silent_leaves(self.silence.silent_now(self.stats.last_ts, final=True))
+            if self._evidence:
+                evidence, self._evidence = self._evidence, []
+                self.detectors.process(evidence)
+
+    def _silent_leaves(self, found: list[tuple[int, float]]) -> None:
+        assert self.silence is not None
+        after = self.silence.silent_after_s
+        for mac_i, start in found:
+            mac = mac_i.to_bytes(6, "big")
+            st = self.macs.get(mac)
+            if st is not None and self.is_leaf(st):
+                self._evidence.append((start + after, det.SILENT, (mac, start, after)))
 
     def saw_address(self, ip: bytes, mac: bytes, ts: float) -> None:
         """A leaf-side address was the source of a frame from ``mac`` (per batch, the earliest time counts)."""
@@ -219,6 +245,8 @@ class Analyzer:
             self.stats.decode_errors += 1
         src = None
         if p.src_mac is not None:
+            if self.silence is not None:
+                self.silence.sent(p.src_mac, ts)
             src = self._mac(p.src_mac, ts)
             if src.packets_out == 0 or ts < src.first_seen:
                 src.first_seen = ts
@@ -752,6 +780,7 @@ class Analyzer:
         }
 
     def report(self, *, conversations: bool = True) -> dict[str, Any]:
+        """The report so far (`finish` first, at the end of the input)."""
         leaves = []
         for m in self.leaves():
             v = self._view(m)

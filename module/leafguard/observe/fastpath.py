@@ -452,6 +452,8 @@ def _sorted_groups(keys: _I64) -> tuple[_I64, _I64, _I64]:
 
 
 def _count_macs(an: Analyzer, src: _I64, dst: _I64, wl: _I64, ts: npt.NDArray[np.float64], sip: _I64) -> None:
+    if an.silence is not None:
+        an.silence.sent_many(src, ts)
     # Reductions over sorted runs (reduceat) rather than ufunc.at: one sort per side, no scattered updates.
     usrc, order, starts = _sorted_groups(src)
     cnt = np.diff(np.append(starts, src.size))

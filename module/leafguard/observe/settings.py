@@ -27,6 +27,8 @@ class AnalyzerSettings:
     """A flow quiet for this long is preferred for eviction when the flow table is full."""
     learning_period_s: float | None = None
     """Leaves first seen this long after the first frame raise a ``new_device`` alert; None: no learning."""
+    silent_after_s: float | None = None
+    """A leaf that sends nothing for this long raises a ``leaf_silent`` alert; None: not watched."""
 
     def __post_init__(self) -> None:
         for name in ("max_flows", "max_macs", "max_names_per_leaf", "max_services_per_leaf", "max_ips_per_leaf"):
@@ -34,10 +36,16 @@ class AnalyzerSettings:
                 raise ConfigurationError(f"{name} must be at least 1")
         if self.learning_period_s is not None and not self.learning_period_s >= 0:
             raise ConfigurationError("the learning period must be a number of seconds, 0 or more")
+        if self.silent_after_s is not None and not self.silent_after_s > 0:
+            raise ConfigurationError("the silence time must be a number of seconds, more than 0")
 
     @classmethod
     def from_cli(
-        cls, leaf_nets: list[str] | None, gateway_macs: list[str] | None = None, learning_period_s: float | None = None
+        cls,
+        leaf_nets: list[str] | None,
+        gateway_macs: list[str] | None = None,
+        learning_period_s: float | None = None,
+        silent_after_s: float | None = None,
     ) -> AnalyzerSettings:
         nets: list[Network] = []
         for text in leaf_nets or []:
@@ -49,4 +57,5 @@ class AnalyzerSettings:
             leaf_nets=tuple(nets),
             gateway_macs=frozenset(m.lower().replace("-", ":") for m in gateway_macs or []),
             learning_period_s=learning_period_s,
+            silent_after_s=silent_after_s,
         )

@@ -63,7 +63,9 @@ class ServiceSettings:
             pcap=Path(args.pcap) if args.pcap else None,
             replay_speed=speed,
             local_dir=Path(local) if local is not None else None,
-            analyzer=AnalyzerSettings.from_cli(args.leaf_net, learning_period_s=args.learning_period),
+            analyzer=AnalyzerSettings.from_cli(
+                args.leaf_net, learning_period_s=args.learning_period, silent_after_s=args.silent_after
+            ),
             write_interval_s=float(args.write_interval),
             extra_filter=args.extra_filter or "",
             promiscuous=not args.no_promisc,
