@@ -11,6 +11,9 @@ from jsonschema import Draft4Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
+from leafguard.cli import _parser
+from leafguard.hub.settings import EDGE_ENV
+from leafguard.service.settings import ServiceSettings
 from tests.conftest import REPO, SHARED
 
 SCHEMAS = SHARED / "schemas" / "iot-edge-deployment"
@@ -76,6 +79,28 @@ def test_a_broken_manifest_is_rejected() -> None:
 def test_routes_send_the_module_outputs_upstream() -> None:
     routes = _template()["modulesContent"]["$edgeHub"]["properties.desired"]["routes"]
     assert any("/outputs/security" in r and "$upstream" in r for r in routes.values())
+
+
+def test_the_deployed_module_runs_in_edge_mode() -> None:
+    """The manifest's environment, plus what the IoT Edge runtime sets for every module, must select edge mode
+    (a local folder in the environment would keep every message on the gateway's disk)."""
+    module = _template()["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]["leafguard"]
+    env = {name: spec["value"] for name, spec in module["env"].items()}
+    env["LEAFGUARD_INTERFACES"] = "eth1"  # the template's placeholder, as iotedgedev fills it from .env
+    env.update(
+        IOTEDGE_IOTHUBHOSTNAME="plant-hub.azure-devices.net",
+        IOTEDGE_DEVICEID="gateway-7",
+        IOTEDGE_MODULEID="leafguard",
+        IOTEDGE_GATEWAYHOSTNAME="gateway-7",
+        IOTEDGE_MODULEGENERATIONID="638000000000000000",
+        IOTEDGE_WORKLOADURI="unix:///var/run/iotedge/workload.sock",
+        IOTEDGE_APIVERSION="2019-11-05",
+    )
+    assert set(EDGE_ENV) <= set(env)
+    args = _parser().parse_args(["run"])  # the images' ENTRYPOINT, with no flags
+    settings = ServiceSettings.from_args(args, env)
+    assert settings.local_dir is None and settings.edge is not None
+    assert settings.interfaces == ("eth1",)
 
 
 def test_dockerfiles_install_the_package_and_run_the_service() -> None:
