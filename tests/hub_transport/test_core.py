@@ -191,3 +191,30 @@ def test_service_settings_choose_edge_mode_only_without_a_local_folder(tmp_path:
         ServiceSettings.from_args(args, {k: v for k, v in _env().items() if k != "IOTEDGE_DEVICEID"})
     with pytest.raises(ConfigurationError, match="--local-dir"):
         ServiceSettings.from_args(args, {})
+
+
+def test_service_analyzer_settings_from_flags_or_the_environment(tmp_path: Any) -> None:
+    from leafguard.cli import _parser
+    from leafguard.service.settings import ServiceSettings
+
+    base = {"LEAFGUARD_LOCAL_DIR": str(tmp_path)}
+    env = {
+        **base,
+        "LEAFGUARD_LEAF_NETS": "10.20.0.0/16, 192.168.7.0/24",
+        "LEAFGUARD_LEARNING_PERIOD_S": "3600",
+        "LEAFGUARD_SILENT_AFTER_S": "900",
+    }
+    from_env = ServiceSettings.from_args(_parser().parse_args(["run", "--pcap", "x"]), env).analyzer
+    assert [str(n) for n in from_env.leaf_nets] == ["10.20.0.0/16", "192.168.7.0/24"]
+    assert from_env.learning_period_s == 3600.0 and from_env.silent_after_s == 900.0
+    flags = ["run", "--pcap", "x", "--leaf-net", "10.9.0.0/16", "--learning-period", "60", "--silent-after", "30"]
+    from_flags = ServiceSettings.from_args(_parser().parse_args(flags), env).analyzer  # flags win
+    assert [str(n) for n in from_flags.leaf_nets] == ["10.9.0.0/16"]
+    assert from_flags.learning_period_s == 60.0 and from_flags.silent_after_s == 30.0
+    unset = ServiceSettings.from_args(_parser().parse_args(["run", "--pcap", "x"]), base).analyzer
+    assert unset.leaf_nets == () and unset.learning_period_s is None and unset.silent_after_s is None
+    replay = _parser().parse_args(["run", "--pcap", "x"])
+    with pytest.raises(ConfigurationError, match="LEAFGUARD_SILENT_AFTER_S='soon'"):
+        ServiceSettings.from_args(replay, {**base, "LEAFGUARD_SILENT_AFTER_S": "soon"})
+    with pytest.raises(ConfigurationError, match="more than 0"):
+        ServiceSettings.from_args(replay, {**base, "LEAFGUARD_SILENT_AFTER_S": "0"})

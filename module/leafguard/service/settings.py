@@ -64,7 +64,9 @@ class ServiceSettings:
             replay_speed=speed,
             local_dir=Path(local) if local is not None else None,
             analyzer=AnalyzerSettings.from_cli(
-                args.leaf_net, learning_period_s=args.learning_period, silent_after_s=args.silent_after
+                args.leaf_net or _env_list(env, "LEAFGUARD_LEAF_NETS"),
+                learning_period_s=_seconds(args.learning_period, env, "LEAFGUARD_LEARNING_PERIOD_S"),
+                silent_after_s=_seconds(args.silent_after, env, "LEAFGUARD_SILENT_AFTER_S"),
             ),
             write_interval_s=float(args.write_interval),
             extra_filter=args.extra_filter or "",
@@ -72,3 +74,22 @@ class ServiceSettings:
             http_port=args.http_port,
             edge=edge,
         )
+
+
+def _env_list(env: Mapping[str, str], name: str) -> list[str] | None:
+    """A comma- or space-separated list from the environment (an IoT Edge manifest's ``env``), or None."""
+    items = [i for i in env.get(name, "").replace(",", " ").split() if i]
+    return items or None
+
+
+def _seconds(flag: float | None, env: Mapping[str, str], name: str) -> float | None:
+    """A flag's value, else the environment's, else None."""
+    if flag is not None:
+        return flag
+    text = env.get(name, "").strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name}={text!r} is not a number of seconds") from exc
