@@ -160,7 +160,9 @@ class Detectors:
 
     def _crossed(self, table: dict[Any, _Window], key: Any, item: Any, ts: float, threshold: int) -> _Window | None:
         """Count a distinct ``item`` for ``key``; the window, the first time it reaches ``threshold``."""
-        w = self._window(table, key, ts)
+        w = table.get(key)
+        if w is None or ts - w.start > SCAN_WINDOW_S:
+            w = self._window(table, key, ts)
         if w.alerted or item in w.items:
             return None
         w.items[item] = ts

@@ -42,6 +42,7 @@ LOGIN_BUDGET_BYTES = 8192
 """Payload bytes of a login-port conversation inspected before it joins the fast path."""
 MAX_PENDING_OBSERVATIONS = 100_000
 LEAF_SIDE_CACHE = 4096
+DNS_CACHE = 1024
 """Addresses whose side (leaf or not) is remembered; a scan of random addresses only refills it."""
 
 _ZERO_V4 = b"\x00\x00\x00\x00"
@@ -120,6 +121,8 @@ class Analyzer:
         """(leaf-side address, MAC) pairs of this batch with the first time each was seen: address bindings."""
         self._observations: deque[Observation] = deque(maxlen=MAX_PENDING_OBSERVATIONS)
         self._leaf_side_cache: dict[bytes, bool] = {}
+        self._dns_cache: dict[bytes, deep.Dns | None] = {}
+        """DNS messages already parsed, by their bytes after the transaction id (read only once parsed)."""
         self._gateway = frozenset(bytes.fromhex(m.replace(":", "")) for m in self.settings.gateway_macs)
         self._fast = fast_path
         self.now: float | None = None
@@ -584,7 +587,15 @@ class Analyzer:
             # a unicast DNS answer needs no parsing.
             if len(payload) > 2 and payload[2] & 0x80 and sport != 5353:
                 return
-            m = deep.dns(payload)
+            # Devices repeat the same few queries; only the transaction id (the first two bytes) changes.
+            key = payload[2:]
+            if key in self._dns_cache:
+                m = self._dns_cache[key]
+            else:
+                m = deep.dns(payload)
+                if len(self._dns_cache) >= DNS_CACHE:
+                    self._dns_cache.clear()
+                self._dns_cache[key] = m
             if m is None:
                 return
             if not m.response and dport in (53, 5353, 5355):
