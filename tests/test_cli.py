@@ -86,3 +86,21 @@ def test_reader_process_gives_the_single_process_report(tmp_path: Path) -> None:
     assert forked.returncode == single.returncode == 0, forked.stderr + single.stderr
     assert forked.stdout == single.stdout
     assert json.loads(forked.stdout)["capture"]["packets"] == 40_000
+
+
+def test_a_reader_that_goes_away_is_no_traceback(tmp_path: Path) -> None:
+    from benchmarks.gen_capture import frames, write_pcap
+
+    mix = tmp_path / "mix.pcap"
+    write_pcap(mix, frames(5, 40, 20_000))  # a report far larger than a pipe's buffer
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "leafguard", "analyze", str(mix), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.read(100).startswith(b"{")
+    proc.stdout.close()  # as `| head` does
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode(errors="replace")

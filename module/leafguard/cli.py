@@ -76,15 +76,19 @@ def _parser() -> argparse.ArgumentParser:
 def entry() -> NoReturn:
     """The console script and ``python -m leafguard``."""
     argv = sys.argv[1:]
-    code = main(argv)
+    try:
+        code = main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of our output went away (`leafguard analyze big.pcap | head`): not an error worth a
+        # traceback. Later writes (the interpreter's final flush) go nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     if argv[:1] == ["analyze"]:
         # Everything is written and every file closed: freeing the analysis state object by object (a second
         # or so per ten million frames) would only delay the exit.
-        try:
-            sys.stdout.flush()
+        with contextlib.suppress(OSError):
             sys.stderr.flush()
-        except OSError:
-            code = code or 1
         os._exit(code)
     raise SystemExit(code)
 
