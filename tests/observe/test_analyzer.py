@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.l2 import ARP, Ether
+from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from leafguard.capture.batch import FrameBatch
 from leafguard.capture.pcapfile import read_batches
@@ -270,9 +270,15 @@ def _session(rnd: random.Random, a: tuple[str, str], b: tuple[str, str], n: int)
     return out
 
 
+def _tagged(p: Any, vlan: int) -> Any:
+    return Ether(src=p[Ether].src, dst=p[Ether].dst) / Dot1Q(vlan=vlan) / p[Ether].payload
+
+
 def _session_frames(rnd: random.Random, n_sessions: int) -> list[Any]:
     hosts = [(f"00:17:88:00:01:{i:02x}", f"10.2.0.{i + 1}") for i in range(6)] + [("00:1b:21:00:00:09", "52.9.9.9")]
     sessions = [_session(rnd, *rnd.sample(hosts, 2), n) for n in range(n_sessions)]
+    # A third of them on a VLAN (a trunk port): one 802.1Q tag between the MACs and the rest.
+    sessions = [[_tagged(p, 10 + n % 3) for p in s] if rnd.random() < 0.33 else s for n, s in enumerate(sessions)]
     # Interleave the sessions as a capture does, each one's frames staying in order.
     frames: list[Any] = []
     live = [list(reversed(s)) for s in sessions if s]
@@ -311,3 +317,28 @@ def test_fast_path_matches_on_real_captures(capture: str) -> None:
             an.feed(b)
         results.append((an.report(), an.drain_observations()))
     assert results[0] == results[1]
+
+
+def test_frames_with_one_vlan_tag_take_the_bulk_path_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    rnd = random.Random(11)
+    hosts = [(f"00:17:88:00:01:{i:02x}", f"10.2.0.{i + 1}") for i in range(6)]
+    frames = [p for n in range(60) for p in _session(rnd, *rnd.sample(hosts, 2), n)]
+    tagged = [_tagged(p, 42) for p in frames]
+    walked = 0
+    frame = Analyzer.frame
+
+    def counting(self: Analyzer, *args: Any) -> Any:
+        nonlocal walked
+        walked += 1
+        return frame(self, *args)
+
+    monkeypatch.setattr(Analyzer, "frame", counting)
+    results = []
+    for capture in (frames, tagged):
+        walked = 0
+        report, _ = _run(capture, True, 4096)
+        counts = [(c["a_addr"], c["a_port"], c["packets_ab"], c["packets_ba"]) for c in report["conversations"]]
+        results.append(([(x["mac"], x["packets_out"], x["services"]) for x in report["leaves"]], counts, walked))
+        assert report == _run(capture, False, 4096)[0]
+    assert results[0][:2] == results[1][:2]  # the same traffic (only the byte counts differ, by the tags)
+    assert results[1][2] == results[0][2] < len(frames) / 4  # a trunk port costs no more per-frame work

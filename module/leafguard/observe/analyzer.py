@@ -202,7 +202,7 @@ class Analyzer:
                 if len(self._announced) >= self.settings.max_macs:
                     self._announced.clear()  # bounded: a MAC forgotten here is only announced again
                 self._announced.add(mac)
-                ips = ",".join(ip_text(ip) for ip in st.ips)
+                ips = ",".join(sorted((ip_text(ip) for ip in st.ips), key=_ip_sort))
                 evidence.append((st.first_seen, det.NEW_LEAF, (mac, ips, vendor_of(mac_text(mac)) or "")))
             self._touched.clear()
         evidence.extend((ts, det.BIND, (ip, mac)) for (ip, mac), ts in self._pairs.items())
@@ -564,12 +564,16 @@ class Analyzer:
     # ----------------------------------------------------------------------------------------- deep
 
     def _deep_datagram(self, data: bytes, off: int, caplen: int, ts: float) -> None:
-        """The payload of a plain IPv4 UDP datagram in an Ethernet frame (``fastpath.classify`` chose it)."""
+        """The payload of a plain IPv4 UDP datagram in an Ethernet frame, with or without one 802.1Q tag
+        (``fastpath.classify`` chose it)."""
+        src = self._mac(data[off + 6 : off + 12], ts)
+        if data[off + 12] == 0x81 and data[off + 13] == 0:  # fields after the tag: as in an untagged frame
+            off += 4
+            caplen -= 4
         total = (data[off + 16] << 8) | data[off + 17]
         payload = data[off + 42 : off + min(14 + total, caplen)]
         sport = (data[off + 34] << 8) | data[off + 35]
         dport = (data[off + 36] << 8) | data[off + 37]
-        src = self._mac(data[off + 6 : off + 12], ts)
         self._udp_payload(sport, dport, data[off + 26 : off + 30], payload, src, ts)
 
     def _udp_payload(self, sport: int, dport: int, src_ip: bytes, payload: bytes, src: MacState, ts: float) -> None:

@@ -138,6 +138,9 @@ class Classified:
     """Per conversation: its key, as `Analyzer.flows4` has it."""
     src_lo: _B
     o: _I64
+    """Where the frame starts (its MACs)."""
+    h: _I64
+    """Where it would start without its 802.1Q tag: IP and transport fields at the offsets of an untagged frame."""
     sip: _I64
     smac: _I64
     dmac: _I64
@@ -171,35 +174,42 @@ def classify(batch: FrameBatch) -> Classified | None:
     cap = np.asarray(batch.caplens, dtype=np.int64)
     ok = cap >= 42
     safe_off = np.where(ok, off, 0)
-    ok &= (arr[safe_off + 12] == 0x08) & (arr[safe_off + 13] == 0x00) & (arr[safe_off + 14] == 0x45)
-    ok &= ((arr[safe_off + 20] & 0x3F) == 0) & (arr[safe_off + 21] == 0)
-    proto = arr[safe_off + 23]
+    # One 802.1Q tag (a trunk port, or tags the live ring re-inserts) shifts everything after the MACs by 4 bytes:
+    # ``h`` is where the frame would start if it had no tag, so that the fields below are at their usual offsets.
+    tagged = ok & (arr[safe_off + 12] == 0x81) & (arr[safe_off + 13] == 0x00) & (cap >= 46)
+    shift = np.where(tagged, 4, 0)
+    h = safe_off + shift
+    hcap = cap - shift
+    ok &= (arr[h + 12] == 0x08) & (arr[h + 13] == 0x00) & (arr[h + 14] == 0x45)
+    ok &= ((arr[h + 20] & 0x3F) == 0) & (arr[h + 21] == 0)
+    proto = arr[h + 23]
     is_tcp = proto == 6
-    total_len = _u16(arr, safe_off + 16)
+    total_len = _u16(arr, h + 16)
     # Neither a conversation nor a tunnel (IP in IP, 6in4), and whole enough that decoding finds nothing amiss.
     maconly_mask = ok & (proto != 6) & (proto != 17) & (proto != 4) & (proto != 41) & (total_len >= 28)
     ok &= is_tcp | (proto == 17)
     # TCP needs its 20-byte header captured before its data offset can be read.
-    tcp_off = np.where(ok & is_tcp & (cap >= 54), off, 0)
+    tcp_off = np.where(ok & is_tcp & (hcap >= 54), h, 0)
     doff = (arr[tcp_off + 46] >> 4).astype(np.int64) * 4
     # A TCP header with a bad data offset, or options beyond the captured bytes, is for the per-frame path.
-    ok &= ~is_tcp | ((cap >= 54) & (doff >= 20) & (cap >= 34 + doff))
+    ok &= ~is_tcp | ((hcap >= 54) & (doff >= 20) & (hcap >= 34 + doff))
     ok &= total_len >= 20 + np.where(is_tcp, doff, 8)
     cand = np.flatnonzero(ok)
     if cand.size == 0:
         return None
     o = off[cand]
+    hc = h[cand]
     tcp = is_tcp[cand]
     l4_len = np.where(tcp, doff[cand], 8)
-    pay_off = o + 34 + l4_len
-    pay_len = np.maximum(np.minimum(total_len[cand] - 20 - l4_len, cap[cand] - 34 - l4_len), 0)
-    flags = np.where(tcp, arr[np.where(tcp, o + 47, 0)], 0).astype(np.uint8)
+    pay_off = hc + 34 + l4_len
+    pay_len = np.maximum(np.minimum(total_len[cand] - 20 - l4_len, hcap[cand] - 34 - l4_len), 0)
+    flags = np.where(tcp, arr[np.where(tcp, hc + 47, 0)], 0).astype(np.uint8)
     ctrl = tcp & ((flags & (TCP_SYN | TCP_FIN | TCP_RST)) != 0)
     bare = tcp & ~ctrl & (pay_len == 0) & (total_len[cand] - 20 - l4_len <= 0)
-    sip = _u32(arr, o + 26)
-    dip = _u32(arr, o + 30)
-    sport = _u16(arr, o + 34)
-    dport = _u16(arr, o + 36)
+    sip = _u32(arr, hc + 26)
+    dip = _u32(arr, hc + 30)
+    sport = _u16(arr, hc + 34)
+    dport = _u16(arr, hc + 36)
     deep = ~tcp & _deep_udp(arr, sport, dport, pay_off, pay_len)
     src_lo = (sip < dip) | ((sip == dip) & (sport <= dport))
     ip_lo = np.where(src_lo, sip, dip)
@@ -223,6 +233,7 @@ def classify(batch: FrameBatch) -> Classified | None:
     }  # fmt: skip
     maconly = np.flatnonzero(maconly_mask)
     m_o = off[maconly]
+    m_h = h[maconly]
     return Classified(
         n=n,
         cand=cand,
@@ -232,6 +243,7 @@ def classify(batch: FrameBatch) -> Classified | None:
         k2=k2[first].tolist(),
         src_lo=src_lo,
         o=o,
+        h=hc,
         sip=sip,
         smac=_u48(arr, o + 6),
         dmac=_u48(arr, o),
@@ -245,7 +257,7 @@ def classify(batch: FrameBatch) -> Classified | None:
         bare=bare,
         hellos=hellos,
         maconly=maconly,
-        m_sip=_u32(arr, m_o + 26),
+        m_sip=_u32(arr, m_h + 26),
         m_smac=_u48(arr, m_o + 6),
         m_dmac=_u48(arr, m_o),
         m_wl=np.asarray(batch.wirelens, dtype=np.int64)[maconly],
@@ -385,15 +397,15 @@ def create_new(an: Analyzer, batch: FrameBatch, plan: Plan) -> None:
     firsts = pre.first[plan.bulk_new]
     k1, k2 = pre.k1, pre.k2
     uflows = plan.uflows
-    for u, at, flags, ts, lo in zip(
-        plan.bulk_new, pre.o[firsts].tolist(), pre.flags[firsts].tolist(), pre.ts[firsts].tolist(),
-        pre.src_lo[firsts].tolist(), strict=True,
+    for u, at, h, flags, ts, lo in zip(
+        plan.bulk_new, pre.o[firsts].tolist(), pre.h[firsts].tolist(), pre.flags[firsts].tolist(),
+        pre.ts[firsts].tolist(), pre.src_lo[firsts].tolist(), strict=True,
     ):  # fmt: skip
-        proto = data[at + 23]
-        sip = data[at + 26 : at + 30]
-        dip = data[at + 30 : at + 34]
-        sport = (data[at + 34] << 8) | data[at + 35]
-        dport = (data[at + 36] << 8) | data[at + 37]
+        proto = data[h + 23]
+        sip = data[h + 26 : h + 30]
+        dip = data[h + 30 : h + 34]
+        sport = (data[h + 34] << 8) | data[h + 35]
+        dport = (data[h + 36] << 8) | data[h + 37]
         key = (proto, sip, sport, dip, dport) if lo else (proto, dip, dport, sip, sport)
         uflows[u] = an.create_flow(
             key, proto, sip, sport, dip, dport, data[at + 6 : at + 12], data[at : at + 6], flags, ts, (k1[u], k2[u])
@@ -407,16 +419,17 @@ def _control(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _
     if not sel.size:
         return
     uflows = plan.uflows
-    for at, u, forward, flags, ts in zip(
-        pre.o[pos[sel]].tolist(), inv[sel].tolist(), fwd[sel].tolist(), pre.flags[pos[sel]].tolist(),
+    for j, u, forward, flags, ts in zip(
+        pos[sel].tolist(), inv[sel].tolist(), fwd[sel].tolist(), pre.flags[pos[sel]].tolist(),
         pre.ts[pos[sel]].tolist(), strict=True,
     ):  # fmt: skip
         flow = uflows[u]
         assert flow is not None and flow.state is not None
         flow.state = tcp_next_state(flow.state, forward, flags)
         if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) and not forward:  # may reveal a service
+            at, h = int(pre.o[j]), int(pre.h[j])
             src = an.macs.get(data[at + 6 : at + 12])
-            an.syn_ack_service(src, data[at + 26 : at + 30], (data[at + 34] << 8) | data[at + 35], ts)
+            an.syn_ack_service(src, data[h + 26 : h + 30], (data[h + 34] << 8) | data[h + 35], ts)
 
 
 def _first_of_flow(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B) -> None:
@@ -440,7 +453,8 @@ def _first_of_flow(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, 
                 if not flow.hello_checked:
                     an.apply_hello(flow, an.macs.get(data[at + 6 : at + 12]), hellos.get(j))
             elif not flow.b_seen:
-                an.first_reply(flow, an.macs.get(data[at + 6 : at + 12]), data[at + 26 : at + 30], float(pre.ts[j]))
+                h = int(pre.h[j])
+                an.first_reply(flow, an.macs.get(data[at + 6 : at + 12]), data[h + 26 : h + 30], float(pre.ts[j]))
 
 
 def _sorted_groups(keys: _I64) -> tuple[_I64, _I64, _I64]:
