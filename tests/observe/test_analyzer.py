@@ -327,10 +327,10 @@ def test_frames_with_one_vlan_tag_take_the_bulk_path_too(monkeypatch: pytest.Mon
     walked = 0
     frame = Analyzer.frame
 
-    def counting(self: Analyzer, *args: Any) -> Any:
+    def counting(self: Analyzer, *args: Any, **kwargs: Any) -> Any:
         nonlocal walked
         walked += 1
-        return frame(self, *args)
+        return frame(self, *args, **kwargs)
 
     monkeypatch.setattr(Analyzer, "frame", counting)
     results = []

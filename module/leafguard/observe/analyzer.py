@@ -180,7 +180,10 @@ class Analyzer:
                 if settled[u] or (bare[i] and known[u]):
                     deferred.append(i)
                     continue
-            flow = self.frame(decode(data, offsets[i], caplens[i], linktype), data, ts[i], wirelens[i])
+            # A candidate's MACs and source address are counted in bulk with the rest of the batch.
+            flow = self.frame(
+                decode(data, offsets[i], caplens[i], linktype), data, ts[i], wirelens[i], macs_counted=u >= 0
+            )
             if u >= 0 and flow is not None:
                 known[u] = True
                 uflows[u] = flow
@@ -240,12 +243,16 @@ class Analyzer:
         if first is None or ts < first:
             self._pairs[key] = ts
 
-    def frame(self, p: Packet, data: bytes, ts: float, wirelen: int) -> Flow | None:
-        """Account for one decoded frame (its bytes are ``data``, the batch buffer)."""
+    def frame(self, p: Packet, data: bytes, ts: float, wirelen: int, *, macs_counted: bool = False) -> Flow | None:
+        """Account for one decoded frame (its bytes are ``data``, the batch buffer); ``macs_counted``: its MAC
+        counters and source address are taken care of by the bulk step."""
         if p.truncated:
             self.stats.truncated += 1
         elif p.malformed:
             self.stats.decode_errors += 1
+        if macs_counted:
+            assert p.src_mac is not None
+            return self._conversation(p, data, ts, wirelen, self._mac(p.src_mac, ts))
         src = None
         if p.src_mac is not None:
             if self.silence is not None:

@@ -143,7 +143,6 @@ class Classified:
     """Where it would start without its 802.1Q tag: IP and transport fields at the offsets of an untagged frame."""
     sip: _I64
     smac: _I64
-    dmac: _I64
     wl: _I64
     ts: npt.NDArray[np.float64]
     flags: _U8
@@ -157,11 +156,23 @@ class Classified:
     maconly: _I64
     """Frame indices of plain IPv4 frames of other protocols (ICMP, IGMP...): only their MACs and source address
     count."""
-    m_sip: _I64
     m_smac: _I64
-    m_dmac: _I64
-    m_wl: _I64
     m_ts: npt.NDArray[np.float64]
+    macs: MacTotals
+    """Per-MAC totals of every candidate and of the frames in ``maconly``: the bulk step counts them all."""
+
+
+@dataclass(slots=True)
+class MacTotals:
+    """One batch's counts per MAC, as lists ready for the Python loop that applies them to `MacState`s."""
+
+    now: float
+    sent: list[tuple[int, int, int, float, float]]
+    """(source MAC, frames, bytes, first time, last time)."""
+    addresses: list[tuple[int, int, float]]
+    """(source MAC, source address, first time): every pair seen."""
+    received: list[tuple[int, int, int]]
+    """(unicast destination MAC, frames, bytes)."""
 
 
 def classify(batch: FrameBatch) -> Classified | None:
@@ -234,6 +245,19 @@ def classify(batch: FrameBatch) -> Classified | None:
     maconly = np.flatnonzero(maconly_mask)
     m_o = off[maconly]
     m_h = h[maconly]
+    smac = _u48(arr, o + 6)
+    dmac = _u48(arr, o)
+    m_smac = _u48(arr, m_o + 6)
+    m_ts = np.asarray(batch.timestamps, dtype=np.float64)[maconly]
+    wl = np.asarray(batch.wirelens, dtype=np.int64)[cand]
+    ts = np.asarray(batch.timestamps, dtype=np.float64)[cand]
+    macs = _mac_totals(
+        np.concatenate((smac, m_smac)),
+        np.concatenate((dmac, _u48(arr, m_o))),
+        np.concatenate((wl, np.asarray(batch.wirelens, dtype=np.int64)[maconly])),
+        np.concatenate((ts, m_ts)),
+        np.concatenate((sip, _u32(arr, m_h + 26))),
+    )
     return Classified(
         n=n,
         cand=cand,
@@ -245,10 +269,9 @@ def classify(batch: FrameBatch) -> Classified | None:
         o=o,
         h=hc,
         sip=sip,
-        smac=_u48(arr, o + 6),
-        dmac=_u48(arr, o),
-        wl=np.asarray(batch.wirelens, dtype=np.int64)[cand],
-        ts=np.asarray(batch.timestamps, dtype=np.float64)[cand],
+        smac=smac,
+        wl=wl,
+        ts=ts,
         flags=flags,
         tcp=tcp,
         pay_off=pay_off,
@@ -257,11 +280,9 @@ def classify(batch: FrameBatch) -> Classified | None:
         bare=bare,
         hellos=hellos,
         maconly=maconly,
-        m_sip=_u32(arr, m_h + 26),
-        m_smac=_u48(arr, m_o + 6),
-        m_dmac=_u48(arr, m_o),
-        m_wl=np.asarray(batch.wirelens, dtype=np.int64)[maconly],
-        m_ts=np.asarray(batch.timestamps, dtype=np.float64)[maconly],
+        m_smac=m_smac,
+        m_ts=m_ts,
+        macs=macs,
     )
 
 
@@ -317,11 +338,9 @@ def count_settled(an: Analyzer, batch: FrameBatch, plan: Plan, deferred: list[in
     """Account for every frame the walk did not."""
     data = batch.data
     pre = plan.pre
-    m_smac, m_dmac, m_wl, m_ts, m_sip = pre.m_smac, pre.m_dmac, pre.m_wl, pre.m_ts, pre.m_sip
+    _apply_macs(an, pre)
     idx = np.concatenate((plan.early, np.asarray(deferred, dtype=np.int64))) if deferred else plan.early
     if not idx.size:
-        if m_smac.size:
-            _count_macs(an, m_smac, m_dmac, m_wl, m_ts, m_sip)
         return
     idx.sort()
     pos = np.searchsorted(pre.cand, idx)
@@ -351,14 +370,6 @@ def count_settled(an: Analyzer, batch: FrameBatch, plan: Plan, deferred: list[in
         flow.packets_ba += p_ba
         flow.bytes_ba += b_ba
         flow.last = max(flow.last, t_last)
-    smac, dmac, sip = pre.smac[pos], pre.dmac[pos], pre.sip[pos]
-    if m_smac.size:
-        smac = np.concatenate((smac, m_smac))
-        dmac = np.concatenate((dmac, m_dmac))
-        wl = np.concatenate((wl, m_wl))
-        ts = np.concatenate((ts, m_ts))
-        sip = np.concatenate((sip, m_sip))
-    _count_macs(an, smac, dmac, wl, ts, sip)
     _control(an, data, plan, pos, inv, fwd)
     _first_of_flow(an, data, plan, pos, inv, fwd)
     _logins(an, data, plan, pos, inv, fwd, present)
@@ -465,26 +476,17 @@ def _sorted_groups(keys: _I64) -> tuple[_I64, _I64, _I64]:
     return ordered[starts], order, starts
 
 
-def _count_macs(an: Analyzer, src: _I64, dst: _I64, wl: _I64, ts: npt.NDArray[np.float64], sip: _I64) -> None:
-    if an.silence is not None:
-        an.silence.sent_many(src, ts)
+def _mac_totals(src: _I64, dst: _I64, wl: _I64, ts: npt.NDArray[np.float64], sip: _I64) -> MacTotals:
     # Reductions over sorted runs (reduceat) rather than ufunc.at: one sort per side, no scattered updates.
+    if not src.size:
+        return MacTotals(now=-np.inf, sent=[], addresses=[], received=[])
     usrc, order, starts = _sorted_groups(src)
     cnt = np.diff(np.append(starts, src.size))
     byt = np.add.reduceat(wl[order], starts)
     ts_o = ts[order]
     lo = np.minimum.reduceat(ts_o, starts)
     hi = np.maximum.reduceat(ts_o, starts)
-    now = float(hi.max())
-    for mac_i, c, b, first_ts, last_ts in zip(
-        usrc.tolist(), cnt.tolist(), byt.tolist(), lo.tolist(), hi.tolist(), strict=True
-    ):
-        st = an._mac(mac_i.to_bytes(6, "big"), now)
-        if st.packets_out == 0 or first_ts < st.first_seen:
-            st.first_seen = first_ts
-        st.last_seen = max(st.last_seen, last_ts)
-        st.packets_out += c
-        st.bytes_out += b
+    sent = list(zip(usrc.tolist(), cnt.tolist(), byt.tolist(), lo.tolist(), hi.tolist(), strict=True))
     # The (MAC, source address) pairs: normally known already, but a MAC can start using a new address mid-flow.
     # Most MACs use one address per batch; only those with several need the full pair list.
     sip_o = sip[order]
@@ -503,7 +505,31 @@ def _count_macs(an: Analyzer, src: _I64, dst: _I64, wl: _I64, ts: npt.NDArray[np
         first = np.full(both.size, np.inf)
         np.minimum.at(first, pinv.reshape(-1), ts[multi])
         pairs += list(zip(usrc[both >> 32].tolist(), (both & 0xFFFFFFFF).tolist(), first.tolist(), strict=True))
-    for mac_i, ip_i, first_ts in pairs:
+    received: list[tuple[int, int, int]] = []
+    unicast = ((dst >> 40) & 1 == 0) & (dst != 0)
+    if unicast.any():
+        dst = dst[unicast]
+        udst, dorder, dstarts = _sorted_groups(dst)
+        dcnt = np.diff(np.append(dstarts, dst.size))
+        dbyt = np.add.reduceat(wl[unicast][dorder], dstarts)
+        received = list(zip(udst.tolist(), dcnt.tolist(), dbyt.tolist(), strict=True))
+    return MacTotals(now=float(hi.max()), sent=sent, addresses=pairs, received=received)
+
+
+def _apply_macs(an: Analyzer, pre: Classified) -> None:
+    """Add the batch's per-MAC totals (every candidate and plain IPv4 frame) to the MAC table."""
+    if an.silence is not None:
+        an.silence.sent_many(np.concatenate((pre.smac, pre.m_smac)), np.concatenate((pre.ts, pre.m_ts)))
+    totals = pre.macs
+    now = totals.now
+    for mac_i, c, b, first_ts, last_ts in totals.sent:
+        st = an._mac(mac_i.to_bytes(6, "big"), now)
+        if st.packets_out == 0 or first_ts < st.first_seen:
+            st.first_seen = first_ts
+        st.last_seen = max(st.last_seen, last_ts)
+        st.packets_out += c
+        st.bytes_out += b
+    for mac_i, ip_i, first_ts in totals.addresses:
         mac = mac_i.to_bytes(6, "big")
         known = an.macs.get(mac)
         if known is not None:
@@ -511,16 +537,7 @@ def _count_macs(an: Analyzer, src: _I64, dst: _I64, wl: _I64, ts: npt.NDArray[np
             an._learn_ip(known, ip)
             if ip_i and an.is_leaf_ip(ip):
                 an.saw_address(ip, mac, first_ts)
-    unicast = (dst >> 40) & 1 == 0
-    if not unicast.any():
-        return
-    dst = dst[unicast]
-    udst, dorder, dstarts = _sorted_groups(dst)
-    dcnt = np.diff(np.append(dstarts, dst.size))
-    dbyt = np.add.reduceat(wl[unicast][dorder], dstarts)
-    for mac_i, c, b in zip(udst.tolist(), dcnt.tolist(), dbyt.tolist(), strict=True):
-        if mac_i == 0:
-            continue
+    for mac_i, c, b in totals.received:
         st = an._mac(mac_i.to_bytes(6, "big"), now)
         st.packets_in += c
         st.bytes_in += b
