@@ -23,6 +23,8 @@ BATCH_FRAMES = 16384
 
 if TYPE_CHECKING:
     from leafguard.agent.local import OfflineMessageWriter
+    from leafguard.capture.batch import FrameBatch
+    from leafguard.capture.forked import ForkedReader
     from leafguard.observe.analyzer import Analyzer
 
 
@@ -109,9 +111,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from leafguard.observe.analyzer import Analyzer
-    from leafguard.observe.settings import AnalyzerSettings
-
     captures: list[str] = list(args.captures)
     if args.demo:
         from leafguard.demo import demo_capture
@@ -120,6 +119,32 @@ def _analyze(args: argparse.Namespace) -> int:
     if not captures:
         print("leafguard analyze: give capture files, or --demo", file=sys.stderr)
         return 2
+    # The first file's reader process starts before the analysis modules (and numpy) are imported here: the two
+    # processes import at the same time, and the first batch is ready sooner.
+    readers: dict[str, ForkedReader] = {}
+    if not args.single_process:
+        from leafguard.capture.forked import start_reader, worth_forking
+
+        if worth_forking(captures[0]):
+            readers[captures[0]] = start_reader(captures[0], batch_frames=BATCH_FRAMES, prepare=_classify)
+    try:
+        return _analyze_captures(args, captures, readers)
+    finally:
+        for reader in readers.values():
+            reader.close()
+
+
+def _classify(batch: FrameBatch) -> object:
+    """`fastpath.classify`, imported on first use (in the reader process)."""
+    from leafguard.observe.fastpath import classify
+
+    return classify(batch)
+
+
+def _analyze_captures(args: argparse.Namespace, captures: list[str], readers: dict[str, ForkedReader]) -> int:
+    from leafguard.observe.analyzer import Analyzer
+    from leafguard.observe.settings import AnalyzerSettings
+
     analyzer = Analyzer(
         AnalyzerSettings.from_cli(args.leaf_net, args.gateway_mac, args.learning_period, args.silent_after),
         observations=bool(args.security_messages),
@@ -131,7 +156,7 @@ def _analyze(args: argparse.Namespace) -> int:
         writer = OfflineMessageWriter(Path(args.security_messages), args.agent_config)
     progress = _Progress(captures) if sys.stderr.isatty() else None
     with _fewer_collections():
-        truncated_records = _feed(args, captures, analyzer, writer, progress)
+        truncated_records = _feed(args, captures, readers, analyzer, writer, progress)
         if progress is not None:
             progress.done()
         if writer is not None:
@@ -162,31 +187,34 @@ def _fewer_collections() -> Iterator[None]:
 def _feed(
     args: argparse.Namespace,
     captures: list[str],
+    readers: dict[str, ForkedReader],
     analyzer: Analyzer,
     writer: OfflineMessageWriter | None,
     progress: _Progress | None,
 ) -> int:
-    """Every capture through the analyzer; the records cut off at the end of files."""
-    from leafguard.capture.forked import read_batches_forked, worth_forking
+    """Every capture through the analyzer; the records cut off at the end of files. ``readers``: reader
+    processes already started (more are started here, one file at a time, and closed by the caller)."""
+    from leafguard.capture.forked import start_reader, worth_forking
     from leafguard.capture.pcapfile import FileStats, read_batches
-    from leafguard.observe.fastpath import classify
 
     truncated_records = 0
     for path in captures:
         analyzer.add_file(path)
         fstats = FileStats(path)
-        forked = not args.single_process and worth_forking(path)
-        batches = (
-            read_batches_forked(path, batch_frames=BATCH_FRAMES, stats=fstats, prepare=classify)
-            if forked
-            else read_batches(path, batch_frames=BATCH_FRAMES, stats=fstats)
-        )
-        for batch in batches:
-            analyzer.feed(batch)
-            if writer is not None:
-                writer.step(analyzer)
-            if progress is not None:
-                progress.update(path, analyzer.stats.packets)
+        reader = readers.pop(path, None)
+        if reader is None and not args.single_process and worth_forking(path):
+            reader = start_reader(path, batch_frames=BATCH_FRAMES, prepare=_classify)
+        try:
+            batches = reader.batches(fstats) if reader else read_batches(path, batch_frames=BATCH_FRAMES, stats=fstats)
+            for batch in batches:
+                analyzer.feed(batch)
+                if writer is not None:
+                    writer.step(analyzer)
+                if progress is not None:
+                    progress.update(path, analyzer.stats.packets)
+        finally:
+            if reader is not None:
+                reader.close()
         truncated_records += fstats.truncated_records
     return truncated_records
 

@@ -27,14 +27,16 @@ import traceback
 from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import cast
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, cast
 
 from leafguard.capture.batch import FrameBatch
-from leafguard.capture.pcapfile import FileStats, read_batches
 from leafguard.errors import CaptureFileError
+
+if TYPE_CHECKING:  # numpy and the file reader are imported where they run: see `start_reader`
+    import numpy as np
+    import numpy.typing as npt
+
+    from leafguard.capture.pcapfile import FileStats
 
 MIN_FILE_BYTES = 8 << 20
 """Below this a file is read in-process: there is too little to overlap to pay for the child."""
@@ -45,8 +47,8 @@ RECEIVED_AHEAD = 2
 """Batches (with their 8 MB chunk of frames) the parent may have received before the analysis takes them."""
 
 Prepare = Callable[[FrameBatch], object]
-_I64 = npt.NDArray[np.int64]
-_Batch = tuple[str, int, int, int, _I64, _I64, _I64, npt.NDArray[np.float64], object]
+_Batch = tuple[str, int, int, int, "npt.NDArray[np.int64]", "npt.NDArray[np.int64]", "npt.NDArray[np.int64]",
+               "npt.NDArray[np.float64]", object]  # fmt: skip
 
 
 class ReaderProcessError(RuntimeError):
@@ -75,18 +77,41 @@ def read_batches_forked(
 ) -> Iterator[FrameBatch]:
     """`read_batches`, with the reading (and ``prepare``, whose result lands in ``batch.prepared``) done by a
     forked child process."""
-    path = Path(path)
-    ctx = multiprocessing.get_context("fork")
-    read_fd, write_fd = os.pipe()
-    child = ctx.Process(
-        target=_child, args=(path, batch_frames, prepare, read_fd, write_fd), name="leafguard-reader", daemon=True
-    )
-    child.start()
-    os.close(write_fd)
-    receiver = _Receiver(path, read_fd)
+    reader = start_reader(path, batch_frames=batch_frames, prepare=prepare)
     try:
+        yield from reader.batches(stats)
+    finally:
+        reader.close()
+
+
+def start_reader(path: str | Path, *, batch_frames: int = 8192, prepare: Prepare | None = None) -> ForkedReader:
+    """Fork the reader now. This module imports neither numpy nor the file reader, so a caller can start the
+    child before its own heavy imports and let both processes import at once (``prepare`` may import what it
+    needs on its first call, in the child)."""
+    return ForkedReader(Path(path), batch_frames, prepare)
+
+
+class ForkedReader:
+    """A running reader process, and the parent's end of it (a thread that receives its batches)."""
+
+    def __init__(self, path: Path, batch_frames: int, prepare: Prepare | None) -> None:
+        self.path = path
+        ctx = multiprocessing.get_context("fork")
+        self._read_fd, write_fd = os.pipe()
+        self._child = ctx.Process(
+            target=_child, args=(path, batch_frames, prepare, self._read_fd, write_fd), name="leafguard-reader",
+            daemon=True,
+        )  # fmt: skip
+        self._child.start()
+        os.close(write_fd)
+        self._receiver = _Receiver(path, self._read_fd)
+        self._closed = False
+
+    def batches(self, stats: FileStats | None = None) -> Iterator[FrameBatch]:
+        """The file's batches, in order; its cut records are added to ``stats`` at the end."""
+        path, child = self.path, self._child
         while True:
-            item = receiver.get()
+            item = self._receiver.get()
             if isinstance(item, FrameBatch):
                 yield item
                 continue
@@ -105,13 +130,18 @@ def read_batches_forked(
                     f"{path}: the reader process ended without finishing (exit code {child.exitcode})"
                 )
             raise ReaderProcessError(f"{path}: the reader process failed:\n{value}")
-    finally:
-        receiver.stop()
-        if child.is_alive():
-            child.terminate()  # the parent stopped early (an error, or the consumer closed the generator)
-        child.join()
-        receiver.join()
-        os.close(read_fd)
+
+    def close(self) -> None:
+        """Stop the child if it still runs (the consumer stopped early, or an error), and reap it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._receiver.stop()
+        if self._child.is_alive():
+            self._child.terminate()
+        self._child.join()
+        self._receiver.join()
+        os.close(self._read_fd)
 
 
 class _Receiver:
@@ -207,6 +237,8 @@ def _floats(values: npt.NDArray[np.float64]) -> array[float]:
 
 
 def _child(path: Path, batch_frames: int, prepare: Prepare | None, read_fd: int, write_fd: int) -> None:
+    from leafguard.capture.pcapfile import FileStats, read_batches
+
     os.close(read_fd)
     # Ctrl-C is the parent's to handle; it then stops this process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -223,8 +255,8 @@ def _child(path: Path, batch_frames: int, prepare: Prepare | None, read_fd: int,
                 raise AssertionError("a file reader's batch must say where its bytes are in the file")
             outbox.put(
                 (
-                    "batch", b.linktype, b.file_offset, len(b.data), _np(b.offsets, np.int64),
-                    _np(b.caplens, np.int64), _np(b.wirelens, np.int64), _np(b.timestamps, np.float64),
+                    "batch", b.linktype, b.file_offset, len(b.data), _np(b.offsets, "int64"),
+                    _np(b.caplens, "int64"), _np(b.wirelens, "int64"), _np(b.timestamps, "float64"),
                     prepare(b) if prepare is not None else None,
                 )
             )  # fmt: skip
@@ -293,7 +325,9 @@ def _widen(fd: int) -> None:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
 
 
-def _np(seq: object, dtype: type[np.generic]) -> npt.NDArray[np.generic]:
+def _np(seq: object, dtype: str) -> npt.NDArray[np.generic]:
+    import numpy as np
+
     if isinstance(seq, array):
         return np.frombuffer(seq, dtype=dtype)
     raise AssertionError(f"reader arrays are array.array, not {type(seq).__name__}")
