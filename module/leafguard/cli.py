@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument(
         "--silent-after", type=float, metavar="SECONDS", help="alert on leaves that send nothing for this long"
     )
+    an.add_argument(
+        "--flood-rate", type=float, metavar="FRAMES_PER_S", help="alert on leaves that send faster (over 10 s)"
+    )
 
     run = sub.add_parser("run", help="run the service (IoT Edge module, or local mode outside IoT Edge)")
     src = run.add_mutually_exclusive_group()
@@ -71,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--silent-after", type=float, metavar="SECONDS", help="alert on leaves that send nothing for this long"
+    )
+    run.add_argument(
+        "--flood-rate", type=float, metavar="FRAMES_PER_S", help="alert on leaves that send faster (over 10 s)"
     )
     return ap
 
@@ -146,7 +152,9 @@ def _analyze_captures(args: argparse.Namespace, captures: list[str], readers: di
     from leafguard.observe.settings import AnalyzerSettings
 
     analyzer = Analyzer(
-        AnalyzerSettings.from_cli(args.leaf_net, args.gateway_mac, args.learning_period, args.silent_after),
+        AnalyzerSettings.from_cli(
+            args.leaf_net, args.gateway_mac, args.learning_period, args.silent_after, args.flood_rate
+        ),
         observations=bool(args.security_messages),
     )
     writer = None

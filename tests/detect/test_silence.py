@@ -9,6 +9,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from leafguard.capture.batch import FrameBatch
+from leafguard.detect.sends import SendLog, Sends
 from leafguard.detect.silence import SilenceTracker
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
@@ -17,11 +18,18 @@ from tests.detect.test_detectors import VALIDATOR
 T0 = 1_700_000_000.0
 
 
-def _bulk(tracker: SilenceTracker, sends: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    tracker.sent_many(
+def _sends(log: SendLog, sends: list[tuple[int, float]]) -> Sends | None:
+    log.sent_many(
         np.asarray([m for m, _ in sends], dtype=np.int64), np.asarray([t for _, t in sends], dtype=np.float64)
     )
-    return tracker.end_batch()
+    return log.take()
+
+
+def _bulk(
+    tracker: SilenceTracker, sends: list[tuple[int, float]], log: SendLog | None = None
+) -> list[tuple[int, float]]:
+    got = _sends(log or SendLog(), sends)
+    return tracker.batch(got) if got is not None else []
 
 
 def test_gaps_inside_and_across_batches_and_silences_still_going_on() -> None:
@@ -39,13 +47,15 @@ def test_gaps_inside_and_across_batches_and_silences_still_going_on() -> None:
 
 
 def test_per_frame_and_bulk_sends_are_merged_before_looking_for_gaps() -> None:
-    tr = SilenceTracker(10.0, max_macs=100)
-    _bulk(tr, [(0x0017_8800_0001, 0.0)])
+    tr, log = SilenceTracker(10.0, max_macs=100), SendLog()
+    _bulk(tr, [(0x0017_8800_0001, 0.0)], log)
     # A frame walked at 9 s fills what would look like an 18 s gap before the bulk frames at 18 and 27 s.
-    tr.sent(bytes.fromhex("001788000001"), 9.0)
-    assert _bulk(tr, [(0x0017_8800_0001, 27.0), (0x0017_8800_0001, 18.0)]) == []
-    tr.sent(bytes.fromhex("001788000001"), 40.0)  # and a walked frame alone ends a silence too
-    assert tr.end_batch() == [(0x0017_8800_0001, 27.0)]
+    log.sent(bytes.fromhex("001788000001"), 9.0)
+    assert _bulk(tr, [(0x0017_8800_0001, 27.0), (0x0017_8800_0001, 18.0)], log) == []
+    log.sent(bytes.fromhex("001788000001"), 40.0)  # and a walked frame alone ends a silence too
+    walked = log.take()
+    assert walked is not None and tr.batch(walked) == [(0x0017_8800_0001, 27.0)]
+    assert log.take() is None
 
 
 def test_the_table_is_bounded() -> None:

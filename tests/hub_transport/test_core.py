@@ -203,10 +203,12 @@ def test_service_analyzer_settings_from_flags_or_the_environment(tmp_path: Any) 
         "LEAFGUARD_LEAF_NETS": "10.20.0.0/16, 192.168.7.0/24",
         "LEAFGUARD_LEARNING_PERIOD_S": "3600",
         "LEAFGUARD_SILENT_AFTER_S": "900",
+        "LEAFGUARD_FLOOD_RATE": "2500",
     }
     from_env = ServiceSettings.from_args(_parser().parse_args(["run", "--pcap", "x"]), env).analyzer
     assert [str(n) for n in from_env.leaf_nets] == ["10.20.0.0/16", "192.168.7.0/24"]
     assert from_env.learning_period_s == 3600.0 and from_env.silent_after_s == 900.0
+    assert from_env.flood_rate_per_s == 2500.0
     flags = ["run", "--pcap", "x", "--leaf-net", "10.9.0.0/16", "--learning-period", "60", "--silent-after", "30"]
     from_flags = ServiceSettings.from_args(_parser().parse_args(flags), env).analyzer  # flags win
     assert [str(n) for n in from_flags.leaf_nets] == ["10.9.0.0/16"]

@@ -1,17 +1,18 @@
 """Leaves gone silent: a leaf that sends nothing for ``silent_after_s`` of packet time.
 
 A silence is a gap between two frames a leaf sent, or between its last frame and the latest packet time, of at
-least ``silent_after_s``; it is named by the time of the frame before it, and found once. Frames reach the
-tracker per batch (from both halves of the core, in any order): each batch's send times are sorted per MAC and
-compared with the last time from earlier batches, so the gaps, and therefore the findings, do not depend on how
-frames were split into batches. Silences still going on are looked for at most once per second of packet time,
-and once more at the end of the input (`SilenceTracker.silent_now`); one that ends later is the same finding.
+least ``silent_after_s``; it is named by the time of the frame before it, and found once. Each batch's send
+times (`sends.Sends`, sorted per MAC) are compared with the last time from earlier batches, so the gaps, and
+therefore the findings, do not depend on how frames were split into batches. Silences still going on are
+looked for at most once per second of packet time, and once more at the end of the input
+(`SilenceTracker.silent_now`); one that ends later is the same finding.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import numpy.typing as npt
+
+from leafguard.detect.sends import Sends
 
 CHECK_EVERY_S = 1.0
 
@@ -26,37 +27,10 @@ class SilenceTracker:
         self._reported: dict[int, float] = {}
         """MAC -> the start of the last silence found for it."""
         self._checked_at: float | None = None
-        self._walked_macs: list[int] = []
-        self._walked_ts: list[float] = []
-        self._bulk: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]] = []
 
-    def sent(self, mac: bytes, ts: float) -> None:
-        """One frame sent by ``mac``, from the per-frame path."""
-        self._walked_macs.append(int.from_bytes(mac, "big"))
-        self._walked_ts.append(ts)
-
-    def sent_many(self, macs: npt.NDArray[np.int64], ts: npt.NDArray[np.float64]) -> None:
-        """Frames counted in bulk: their source MACs as integers, and their times."""
-        self._bulk.append((macs, ts))
-
-    def end_batch(self) -> list[tuple[int, float]]:
-        """The silences that ended in the batch (all frames `sent` since the last call), as (MAC, start)."""
-        parts = self._bulk
-        if self._walked_macs:
-            parts.append(
-                (np.asarray(self._walked_macs, dtype=np.int64), np.asarray(self._walked_ts, dtype=np.float64))
-            )
-            self._walked_macs = []
-            self._walked_ts = []
-        self._bulk = []
-        if not parts:
-            return []
-        macs = np.concatenate([p[0] for p in parts])
-        ts = np.concatenate([p[1] for p in parts])
-        order = np.lexsort((ts, macs))
-        m = macs[order]
-        t = ts[order]
-        starts = np.flatnonzero(np.concatenate(([True], m[1:] != m[:-1])))
+    def batch(self, sends: Sends) -> list[tuple[int, float]]:
+        """The silences that ended in a batch, as (MAC, start)."""
+        m, t, starts = sends.macs, sends.ts, sends.starts
         found: list[tuple[int, float]] = []
         # Gaps inside the batch (rare: it takes a batch longer than the silence time).
         gap = np.flatnonzero((t[1:] - t[:-1] >= self.silent_after_s) & (m[1:] == m[:-1]))

@@ -30,6 +30,8 @@ from leafguard.decode.frames import (
 )
 from leafguard.decode.login import LOGIN_PORTS, LoginOutcome, LoginTracker
 from leafguard.detect import detectors as det
+from leafguard.detect.floods import FLOOD_WINDOW_S, FloodTracker
+from leafguard.detect.sends import SendLog
 from leafguard.detect.silence import SilenceTracker
 from leafguard.observe import fastpath
 from leafguard.observe.model import ConnectionSeen, Direction, LeafView, LoginSeen, Observation, Service
@@ -110,9 +112,11 @@ class Analyzer:
         self._frag_pending: dict[tuple[bytes, bytes, int, int], list[Any]] = {}
         self.detectors = det.Detectors(self.settings.learning_period_s)
         self._learning = self.settings.learning_period_s is not None
-        silent_after = self.settings.silent_after_s
+        silent_after, flood_rate = self.settings.silent_after_s, self.settings.flood_rate_per_s
         self.silence = SilenceTracker(silent_after, self.settings.max_macs) if silent_after is not None else None
-        """Send times per MAC, when silent leaves are watched (the bulk step feeds it too)."""
+        self.floods = FloodTracker(flood_rate, self.settings.max_macs) if flood_rate is not None else None
+        self.sends = SendLog() if self.silence is not None or self.floods is not None else None
+        """Send times per MAC, when silences or floods are watched (the bulk step feeds it too)."""
         self._touched: set[bytes] = set()
         """MACs seen in this batch (only while learning is on): candidates for a new-device finding."""
         self._announced: set[bytes] = set()
@@ -210,11 +214,15 @@ class Analyzer:
             self._touched.clear()
         evidence.extend((ts, det.BIND, (ip, mac)) for (ip, mac), ts in self._pairs.items())
         self._pairs = {}
-        if self.silence is not None:
-            found = self.silence.end_batch()
-            if self.stats.last_ts is not None:
-                found += self.silence.silent_now(self.stats.last_ts)
-            self._silent_leaves(found)
+        if self.sends is not None:
+            sends = self.sends.take()
+            if self.silence is not None:
+                found = self.silence.batch(sends) if sends is not None else []
+                if self.stats.last_ts is not None:
+                    found += self.silence.silent_now(self.stats.last_ts)
+                self._silent_leaves(found)
+            if self.floods is not None and sends is not None:
+                self._floods(self.floods, self.floods.batch(sends))
         if evidence:
             self._evidence = []
             self.detectors.process(evidence)
@@ -226,6 +234,15 @@ class Analyzer:
             if self._evidence:
                 evidence, self._evidence = self._evidence, []
                 self.detectors.process(evidence)
+
+    def _floods(self, floods: FloodTracker, found: list[tuple[int, float, float]]) -> None:
+        for mac_i, ts, window_start in found:
+            mac = mac_i.to_bytes(6, "big")
+            st = self.macs.get(mac)
+            if st is not None and self.is_leaf(st):
+                self._evidence.append(
+                    (ts, det.FLOOD, (mac, floods.threshold, window_start, FLOOD_WINDOW_S, floods.rate_per_s))
+                )
 
     def _silent_leaves(self, found: list[tuple[int, float]]) -> None:
         assert self.silence is not None
@@ -255,8 +272,8 @@ class Analyzer:
             return self._conversation(p, data, ts, wirelen, self._mac(p.src_mac, ts))
         src = None
         if p.src_mac is not None:
-            if self.silence is not None:
-                self.silence.sent(p.src_mac, ts)
+            if self.sends is not None:
+                self.sends.sent(p.src_mac, ts)
             src = self._mac(p.src_mac, ts)
             if src.packets_out == 0 or ts < src.first_seen:
                 src.first_seen = ts

@@ -518,8 +518,8 @@ def _mac_totals(src: _I64, dst: _I64, wl: _I64, ts: npt.NDArray[np.float64], sip
 
 def _apply_macs(an: Analyzer, pre: Classified) -> None:
     """Add the batch's per-MAC totals (every candidate and plain IPv4 frame) to the MAC table."""
-    if an.silence is not None:
-        an.silence.sent_many(np.concatenate((pre.smac, pre.m_smac)), np.concatenate((pre.ts, pre.m_ts)))
+    if an.sends is not None:
+        an.sends.sent_many(np.concatenate((pre.smac, pre.m_smac)), np.concatenate((pre.ts, pre.m_ts)))
     totals = pre.macs
     now = totals.now
     for mac_i, c, b, first_ts, last_ts in totals.sent:

@@ -29,6 +29,8 @@ class AnalyzerSettings:
     """Leaves first seen this long after the first frame raise a ``new_device`` alert; None: no learning."""
     silent_after_s: float | None = None
     """A leaf that sends nothing for this long raises a ``leaf_silent`` alert; None: not watched."""
+    flood_rate_per_s: float | None = None
+    """A leaf that sends more frames than this per second, over a 10 s window, raises a ``flood`` alert."""
 
     def __post_init__(self) -> None:
         for name in ("max_flows", "max_macs", "max_names_per_leaf", "max_services_per_leaf", "max_ips_per_leaf"):
@@ -38,6 +40,8 @@ class AnalyzerSettings:
             raise ConfigurationError("the learning period must be a number of seconds, 0 or more")
         if self.silent_after_s is not None and not self.silent_after_s > 0:
             raise ConfigurationError("the silence time must be a number of seconds, more than 0")
+        if self.flood_rate_per_s is not None and not self.flood_rate_per_s > 0:
+            raise ConfigurationError("the flood rate must be a number of frames per second, more than 0")
 
     @classmethod
     def from_cli(
@@ -46,6 +50,7 @@ class AnalyzerSettings:
         gateway_macs: list[str] | None = None,
         learning_period_s: float | None = None,
         silent_after_s: float | None = None,
+        flood_rate_per_s: float | None = None,
     ) -> AnalyzerSettings:
         nets: list[Network] = []
         for text in leaf_nets or []:
@@ -58,4 +63,5 @@ class AnalyzerSettings:
             gateway_macs=frozenset(m.lower().replace("-", ":") for m in gateway_macs or []),
             learning_period_s=learning_period_s,
             silent_after_s=silent_after_s,
+            flood_rate_per_s=flood_rate_per_s,
         )

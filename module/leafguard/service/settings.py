@@ -67,6 +67,7 @@ class ServiceSettings:
                 args.leaf_net or _env_list(env, "LEAFGUARD_LEAF_NETS"),
                 learning_period_s=_seconds(args.learning_period, env, "LEAFGUARD_LEARNING_PERIOD_S"),
                 silent_after_s=_seconds(args.silent_after, env, "LEAFGUARD_SILENT_AFTER_S"),
+                flood_rate_per_s=_seconds(args.flood_rate, env, "LEAFGUARD_FLOOD_RATE"),
             ),
             write_interval_s=float(args.write_interval),
             extra_filter=args.extra_filter or "",
@@ -83,7 +84,7 @@ def _env_list(env: Mapping[str, str], name: str) -> list[str] | None:
 
 
 def _seconds(flag: float | None, env: Mapping[str, str], name: str) -> float | None:
-    """A flag's value, else the environment's, else None."""
+    """A flag's number (seconds, or a rate), else the environment's, else None."""
     if flag is not None:
         return flag
     text = env.get(name, "").strip()
@@ -92,4 +93,4 @@ def _seconds(flag: float | None, env: Mapping[str, str], name: str) -> float | N
     try:
         return float(text)
     except ValueError as exc:
-        raise ConfigurationError(f"{name}={text!r} is not a number of seconds") from exc
+        raise ConfigurationError(f"{name}={text!r} is not a number") from exc

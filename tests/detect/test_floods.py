@@ -1,0 +1,70 @@
+"""Floods: windows of packet time, the frame that crossed the threshold, one finding per five minutes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+
+from leafguard.capture.batch import FrameBatch
+from leafguard.detect.floods import FloodTracker
+from leafguard.detect.sends import SendLog
+from leafguard.observe.analyzer import Analyzer
+from leafguard.observe.settings import AnalyzerSettings
+from tests.detect.test_detectors import VALIDATOR
+
+T0 = 1_700_000_000.0
+
+
+def _batch(tracker: FloodTracker, sends: list[tuple[int, float]]) -> list[tuple[int, float, float]]:
+    log = SendLog()
+    log.sent_many(np.asarray([m for m, _ in sends], dtype=np.int64), np.asarray([t for _, t in sends]))
+    got = log.take()
+    assert got is not None
+    return tracker.batch(got)
+
+
+def test_the_frame_that_crosses_the_threshold_names_the_flood() -> None:
+    tr = FloodTracker(2.0, max_macs=100)  # 20 frames in one 10 s window
+    assert tr.threshold == 20
+    # MAC 1: 15 frames in [0, 10), then 10 in the next window: no window has 20.
+    assert _batch(tr, [(1, i * 0.5) for i in range(15)]) == []
+    assert _batch(tr, [(1, 10.0 + i * 0.1) for i in range(10)]) == []
+    # Ten more in [10, 20), in reverse order in the batch: the 20th of the window, in time order, is at 19.0.
+    assert _batch(tr, [(1, 19.0 - i * 0.1) for i in range(10)]) == [(1, 19.0, 10.0)]
+    # The flood goes on: quiet for five minutes, then found again.
+    assert _batch(tr, [(1, 20.0 + i * 0.01) for i in range(40)]) == []
+    late = 19.0 + 300.0
+    assert _batch(tr, [(1, 300.0 + i * 0.01) for i in range(30)]) == []  # a crossing at 300.19: still quiet
+    window = np.ceil(late / 10.0) * 10.0  # the first whole window after the quiet time
+    assert _batch(tr, [(1, window + i * 0.01) for i in range(30)]) == [(1, window + 0.19, window)]
+    # Another MAC is counted on its own.
+    assert _batch(tr, [(2, 5.0 + i * 0.001) for i in range(19)]) == []
+
+
+def _frame(mac: str, ip: str, t: float) -> tuple[float, bytes, int]:
+    raw = bytes(Ether(src=mac, dst="00:1b:21:00:00:01") / IP(src=ip, dst="10.5.0.1") / UDP(sport=5683, dport=5683))
+    return (T0 + t, raw, len(raw))
+
+
+def _run(frames: list[tuple[float, bytes, int]], batch: int, fast: bool = True) -> list[dict[str, Any]]:
+    an = Analyzer(AnalyzerSettings(flood_rate_per_s=50.0), fast_path=fast)
+    for lo in range(0, len(frames), batch):
+        an.feed(FrameBatch.from_frames(1, frames[lo : lo + batch]))
+    return an.alerts()
+
+
+def test_a_flooding_leaf_is_found_whatever_the_batches() -> None:
+    frames = [_frame("00:17:88:00:00:01", "10.5.0.2", t * 0.5) for t in range(100)]  # 2 frames/s: fine
+    frames += [_frame("00:17:88:00:00:02", "10.5.0.3", 30 + t * 0.01) for t in range(700)]  # 100/s for 7 s
+    frames += [_frame("00:17:88:00:00:04", "93.184.216.34", 30 + t * 0.01) for t in range(700)]  # not a leaf
+    frames.sort(key=lambda f: f[0])
+    whole = _run(frames, len(frames))
+    assert [(a["type"], a["mac"]) for a in whole] == [("flood", "00:17:88:00:00:02")]
+    (flood,) = whole
+    assert flood["ts"] == T0 + 30 + 499 * 0.01  # the 500th frame of the window [30, 40)
+    assert flood["evidence"]["frames"] == 500 and flood["evidence"]["window_start"] == T0 + 30
+    assert not list(VALIDATOR.iter_errors(flood))
+    assert _run(frames, 37) == whole == _run(frames, 128, fast=False) == _run(frames, 1000)
