@@ -68,3 +68,18 @@ def test_a_flooding_leaf_is_found_whatever_the_batches() -> None:
     assert flood["evidence"]["frames"] == 500 and flood["evidence"]["window_start"] == T0 + 30
     assert not list(VALIDATOR.iter_errors(flood))
     assert _run(frames, 37) == whole == _run(frames, 128, fast=False) == _run(frames, 1000)
+
+
+def test_a_leaf_flooded_by_many_senders_is_named_as_the_target() -> None:
+    victim = ("00:17:88:00:00:07", "10.5.0.7")
+    frames = [_frame(victim[0], victim[1], t) for t in range(12)]  # the PLC talks, slowly
+    for i in range(600):  # 60 senders, 10 frames each, all to the PLC within 6 s: 100 frames/s received
+        sender = f"02:00:00:00:{i % 60:02x}:01"
+        raw = bytes(Ether(src=sender, dst=victim[0]) / IP(src=f"10.5.1.{i % 60}", dst=victim[1]) / UDP(dport=502))
+        frames.append((T0 + 2 + i * 0.01, raw, len(raw)))
+    frames.sort(key=lambda f: f[0])
+    whole = _run(frames, len(frames))
+    assert [(a["mac"], a["evidence"]["direction"]) for a in whole] == [(victim[0], "received")]
+    assert whole[0]["ts"] == T0 + 2 + 499 * 0.01
+    assert not list(VALIDATOR.iter_errors(whole[0]))
+    assert _run(frames, 41) == whole == _run(frames, 256, fast=False)

@@ -80,7 +80,7 @@ NEW_LEAF = 6  # (mac, ips as text, vendor or ""): a leaf seen for the first time
 CONVERSATION = 7  # (leaf_mac, peer_ip, peer_port, protocol): a leaf opened a conversation (with learning only)
 SERVICE = 8  # (leaf_mac, protocol, port): a leaf offers a service for the first time (with learning only)
 SILENT = 9  # (leaf_mac, last_seen, silent_after_s): a leaf sent nothing for that long (ts: last_seen + it)
-FLOOD = 10  # (leaf_mac, frames, window_start, window_s, rate_per_s): a leaf sent that many frames in one window
+FLOOD = 10  # (leaf_mac, frames, window_start, window_s, rate_per_s, "sent" | "received"): in one window
 
 Evidence = tuple[float, int, tuple[Any, ...]]
 
@@ -326,13 +326,15 @@ class Detectors:
             )
         )  # fmt: skip
 
-    def _flood(self, ts: float, mac: bytes, frames: int, window_start: float, window_s: float, rate: float) -> None:
+    def _flood(
+        self, ts: float, mac: bytes, frames: int, window_start: float, window_s: float, rate: float, direction: str
+    ) -> None:
         self._raise(
             Alert(
                 "flood", "high", ts, _mac(mac),
-                f"{_mac(mac)} sent {frames} frames within {window_s:g} s (more than {rate:g} per second)",
-                {"mac": _mac(mac), "frames": frames, "window_start": window_start, "window_s": window_s,
-                 "rate_limit_per_s": rate},
+                f"{_mac(mac)} {direction} {frames} frames within {window_s:g} s (more than {rate:g} per second)",
+                {"mac": _mac(mac), "direction": direction, "frames": frames, "window_start": window_start,
+                 "window_s": window_s, "rate_limit_per_s": rate},
             )
         )  # fmt: skip
 

@@ -117,6 +117,9 @@ class Analyzer:
         self.floods = FloodTracker(flood_rate, self.settings.max_macs) if flood_rate is not None else None
         self.sends = SendLog() if self.silence is not None or self.floods is not None else None
         """Send times per MAC, when silences or floods are watched (the bulk step feeds it too)."""
+        self.received_floods = FloodTracker(flood_rate, self.settings.max_macs) if flood_rate is not None else None
+        self.receives = SendLog() if self.received_floods is not None else None
+        """Receive times per unicast destination MAC, when floods are watched."""
         self._touched: set[bytes] = set()
         """MACs seen in this batch (only while learning is on): candidates for a new-device finding."""
         self._announced: set[bytes] = set()
@@ -222,7 +225,11 @@ class Analyzer:
                     found += self.silence.silent_now(self.stats.last_ts)
                 self._silent_leaves(found)
             if self.floods is not None and sends is not None:
-                self._floods(self.floods, self.floods.batch(sends))
+                self._floods(self.floods, self.floods.batch(sends), "sent")
+        if self.receives is not None and self.received_floods is not None:
+            receives = self.receives.take()
+            if receives is not None:
+                self._floods(self.received_floods, self.received_floods.batch(receives), "received")
         if evidence:
             self._evidence = []
             self.detectors.process(evidence)
@@ -235,14 +242,13 @@ class Analyzer:
                 evidence, self._evidence = self._evidence, []
                 self.detectors.process(evidence)
 
-    def _floods(self, floods: FloodTracker, found: list[tuple[int, float, float]]) -> None:
+    def _floods(self, floods: FloodTracker, found: list[tuple[int, float, float]], direction: str) -> None:
         for mac_i, ts, window_start in found:
             mac = mac_i.to_bytes(6, "big")
             st = self.macs.get(mac)
             if st is not None and self.is_leaf(st):
-                self._evidence.append(
-                    (ts, det.FLOOD, (mac, floods.threshold, window_start, FLOOD_WINDOW_S, floods.rate_per_s))
-                )
+                found_flood = (mac, floods.threshold, window_start, FLOOD_WINDOW_S, floods.rate_per_s, direction)
+                self._evidence.append((ts, det.FLOOD, found_flood))
 
     def _silent_leaves(self, found: list[tuple[int, float]]) -> None:
         assert self.silence is not None
@@ -282,6 +288,8 @@ class Analyzer:
             src.last_seen = max(src.last_seen, ts)
         dst_mac = p.dst_mac
         if dst_mac is not None and is_unicast_mac(dst_mac):
+            if self.receives is not None:
+                self.receives.sent(dst_mac, ts)
             dst = self._mac(dst_mac, ts)
             dst.packets_in += 1
             dst.bytes_in += wirelen

@@ -143,6 +143,7 @@ class Classified:
     """Where it would start without its 802.1Q tag: IP and transport fields at the offsets of an untagged frame."""
     sip: _I64
     smac: _I64
+    dmac: _I64
     wl: _I64
     ts: npt.NDArray[np.float64]
     flags: _U8
@@ -157,6 +158,7 @@ class Classified:
     """Frame indices of plain IPv4 frames of other protocols (ICMP, IGMP...): only their MACs and source address
     count."""
     m_smac: _I64
+    m_dmac: _I64
     m_ts: npt.NDArray[np.float64]
     macs: MacTotals
     """Per-MAC totals of every candidate and of the frames in ``maconly``: the bulk step counts them all."""
@@ -248,12 +250,13 @@ def classify(batch: FrameBatch) -> Classified | None:
     smac = _u48(arr, o + 6)
     dmac = _u48(arr, o)
     m_smac = _u48(arr, m_o + 6)
+    m_dmac = _u48(arr, m_o)
     m_ts = np.asarray(batch.timestamps, dtype=np.float64)[maconly]
     wl = np.asarray(batch.wirelens, dtype=np.int64)[cand]
     ts = np.asarray(batch.timestamps, dtype=np.float64)[cand]
     macs = _mac_totals(
         np.concatenate((smac, m_smac)),
-        np.concatenate((dmac, _u48(arr, m_o))),
+        np.concatenate((dmac, m_dmac)),
         np.concatenate((wl, np.asarray(batch.wirelens, dtype=np.int64)[maconly])),
         np.concatenate((ts, m_ts)),
         np.concatenate((sip, _u32(arr, m_h + 26))),
@@ -270,6 +273,7 @@ def classify(batch: FrameBatch) -> Classified | None:
         h=hc,
         sip=sip,
         smac=smac,
+        dmac=dmac,
         wl=wl,
         ts=ts,
         flags=flags,
@@ -281,6 +285,7 @@ def classify(batch: FrameBatch) -> Classified | None:
         hellos=hellos,
         maconly=maconly,
         m_smac=m_smac,
+        m_dmac=m_dmac,
         m_ts=m_ts,
         macs=macs,
     )
@@ -519,7 +524,12 @@ def _mac_totals(src: _I64, dst: _I64, wl: _I64, ts: npt.NDArray[np.float64], sip
 def _apply_macs(an: Analyzer, pre: Classified) -> None:
     """Add the batch's per-MAC totals (every candidate and plain IPv4 frame) to the MAC table."""
     if an.sends is not None:
-        an.sends.sent_many(np.concatenate((pre.smac, pre.m_smac)), np.concatenate((pre.ts, pre.m_ts)))
+        ts = np.concatenate((pre.ts, pre.m_ts))
+        an.sends.sent_many(np.concatenate((pre.smac, pre.m_smac)), ts)
+        if an.receives is not None:
+            dst = np.concatenate((pre.dmac, pre.m_dmac))
+            unicast = (dst >> 40) & 1 == 0
+            an.receives.sent_many(dst[unicast], ts[unicast])
     totals = pre.macs
     now = totals.now
     for mac_i, c, b, first_ts, last_ts in totals.sent:
