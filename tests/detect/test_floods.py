@@ -8,14 +8,11 @@ import numpy as np
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from leafguard.capture.batch import FrameBatch
 from leafguard.detect.floods import FloodTracker
 from leafguard.detect.sends import SendLog
-from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
 from tests.detect.test_detectors import VALIDATOR
-
-T0 = 1_700_000_000.0
+from tests.detect.test_silence import T0, alerts_in_batches, udp_frame
 
 
 def _batch(tracker: FloodTracker, sends: list[tuple[int, float]]) -> list[tuple[int, float, float]]:
@@ -44,22 +41,14 @@ def test_the_frame_that_crosses_the_threshold_names_the_flood() -> None:
     assert _batch(tr, [(2, 5.0 + i * 0.001) for i in range(19)]) == []
 
 
-def _frame(mac: str, ip: str, t: float) -> tuple[float, bytes, int]:
-    raw = bytes(Ether(src=mac, dst="00:1b:21:00:00:01") / IP(src=ip, dst="10.5.0.1") / UDP(sport=5683, dport=5683))
-    return (T0 + t, raw, len(raw))
-
-
 def _run(frames: list[tuple[float, bytes, int]], batch: int, fast: bool = True) -> list[dict[str, Any]]:
-    an = Analyzer(AnalyzerSettings(flood_rate_per_s=50.0), fast_path=fast)
-    for lo in range(0, len(frames), batch):
-        an.feed(FrameBatch.from_frames(1, frames[lo : lo + batch]))
-    return an.alerts()
+    return alerts_in_batches(AnalyzerSettings(flood_rate_per_s=50.0), frames, batch, fast)
 
 
 def test_a_flooding_leaf_is_found_whatever_the_batches() -> None:
-    frames = [_frame("00:17:88:00:00:01", "10.5.0.2", t * 0.5) for t in range(100)]  # 2 frames/s: fine
-    frames += [_frame("00:17:88:00:00:02", "10.5.0.3", 30 + t * 0.01) for t in range(700)]  # 100/s for 7 s
-    frames += [_frame("00:17:88:00:00:04", "93.184.216.34", 30 + t * 0.01) for t in range(700)]  # not a leaf
+    frames = [udp_frame("00:17:88:00:00:01", "10.5.0.2", t * 0.5) for t in range(100)]  # 2 frames/s: fine
+    frames += [udp_frame("00:17:88:00:00:02", "10.5.0.3", 30 + t * 0.01) for t in range(700)]  # 100/s for 7 s
+    frames += [udp_frame("00:17:88:00:00:04", "93.184.216.34", 30 + t * 0.01) for t in range(700)]  # not a leaf
     frames.sort(key=lambda f: f[0])
     whole = _run(frames, len(frames))
     assert [(a["type"], a["mac"]) for a in whole] == [("flood", "00:17:88:00:00:02")]
@@ -72,7 +61,7 @@ def test_a_flooding_leaf_is_found_whatever_the_batches() -> None:
 
 def test_a_leaf_flooded_by_many_senders_is_named_as_the_target() -> None:
     victim = ("00:17:88:00:00:07", "10.5.0.7")
-    frames = [_frame(victim[0], victim[1], t) for t in range(12)]  # the PLC talks, slowly
+    frames = [udp_frame(victim[0], victim[1], t) for t in range(12)]  # the PLC talks, slowly
     for i in range(600):  # 60 senders, 10 frames each, all to the PLC within 6 s: 100 frames/s received
         sender = f"02:00:00:00:{i % 60:02x}:01"
         raw = bytes(Ether(src=sender, dst=victim[0]) / IP(src=f"10.5.1.{i % 60}", dst=victim[1]) / UDP(dport=502))

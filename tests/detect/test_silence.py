@@ -64,29 +64,36 @@ def test_the_table_is_bounded() -> None:
     assert len(tr.silent_now(100.0, final=True)) == 3
 
 
-def _frame(mac: str, ip: str, t: float) -> tuple[float, bytes, int]:
+def udp_frame(mac: str, ip: str, t: float) -> tuple[float, bytes, int]:
+    """A CoAP datagram from ``mac``/``ip`` to the gateway, ``t`` seconds after T0."""
     raw = bytes(Ether(src=mac, dst="00:1b:21:00:00:01") / IP(src=ip, dst="10.5.0.1") / UDP(sport=5683, dport=5683))
     return (T0 + t, raw, len(raw))
 
 
-def _run(frames: list[tuple[float, bytes, int]], batch: int, fast: bool = True) -> list[dict[str, Any]]:
-    an = Analyzer(AnalyzerSettings(silent_after_s=20.0), fast_path=fast)
+def alerts_in_batches(
+    settings: AnalyzerSettings, frames: list[tuple[float, bytes, int]], batch: int, fast: bool = True
+) -> list[dict[str, Any]]:
+    an = Analyzer(settings, fast_path=fast)
     for lo in range(0, len(frames), batch):
         an.feed(FrameBatch.from_frames(1, frames[lo : lo + batch]))
     an.finish()
     return an.alerts()
 
 
+def _run(frames: list[tuple[float, bytes, int]], batch: int, fast: bool = True) -> list[dict[str, Any]]:
+    return alerts_in_batches(AnalyzerSettings(silent_after_s=20.0), frames, batch, fast)
+
+
 def test_silent_leaves_are_found_whatever_the_batches() -> None:
     frames = []
     for t in range(101):
-        frames.append(_frame("00:17:88:00:00:01", "10.5.0.2", t))  # steady
+        frames.append(udp_frame("00:17:88:00:00:01", "10.5.0.2", t))  # steady
         if t <= 30:
-            frames.append(_frame("00:17:88:00:00:02", "10.5.0.3", t + 0.5))  # stops at 30.5
+            frames.append(udp_frame("00:17:88:00:00:02", "10.5.0.3", t + 0.5))  # stops at 30.5
         if t <= 10 or t >= 50:
-            frames.append(_frame("00:17:88:00:00:03", "10.5.0.4", t + 0.25))  # pauses 10.25 -> 50.25
+            frames.append(udp_frame("00:17:88:00:00:03", "10.5.0.4", t + 0.25))  # pauses 10.25 -> 50.25
         if t <= 5:
-            frames.append(_frame("00:17:88:00:00:04", "93.184.216.34", t))  # not a leaf: never reported
+            frames.append(udp_frame("00:17:88:00:00:04", "93.184.216.34", t))  # not a leaf: never reported
     whole = _run(frames, len(frames))
     assert [(a["type"], a["mac"], a["ts"], a["evidence"]["last_seen"]) for a in whole] == [
         ("leaf_silent", "00:17:88:00:00:03", T0 + 30.25, T0 + 10.25),
@@ -99,6 +106,6 @@ def test_silent_leaves_are_found_whatever_the_batches() -> None:
 
 def test_without_the_setting_nothing_is_watched() -> None:
     an = Analyzer()
-    an.feed(FrameBatch.from_frames(1, [_frame("00:17:88:00:00:02", "10.5.0.3", t) for t in (0, 100)]))
+    an.feed(FrameBatch.from_frames(1, [udp_frame("00:17:88:00:00:02", "10.5.0.3", t) for t in (0, 100)]))
     an.finish()
     assert an.silence is None and an.alerts() == []
