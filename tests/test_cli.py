@@ -61,6 +61,7 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     assert main(["analyze"]) == 2
     assert main(["analyze", "--demo", "--leaf-net", "not-a-net"]) == 2
     assert main(["analyze", "--demo", "--silent-after", "0"]) == 2
+    assert main(["analyze", "--demo", "--gateway-mac", "00:11:22"]) == 2
 
 
 def test_security_messages_file(tmp_path: Path) -> None:

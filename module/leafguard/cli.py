@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--replay-speed", type=float, default=1.0, help="replay speed factor; 0 = as fast as possible")
     run.add_argument("--local-dir", metavar="DIR", help="local mode: write leaves, messages and twins here")
     run.add_argument("--leaf-net", action="append", metavar="CIDR", help="leaf-side network (repeatable)")
+    run.add_argument(
+        "--gateway-mac", action="append", metavar="MAC",
+        help="the gateway's own MAC (repeatable; the capture interfaces' own MACs are added)",
+    )  # fmt: skip
     run.add_argument("--write-interval", type=float, default=5.0, help="seconds between leaves.json rewrites")
     run.add_argument("--extra-filter", metavar="BPF", help="extra capture filter expression")
     run.add_argument("--no-promisc", action="store_true", help="do not put interfaces in promiscuous mode")

@@ -430,3 +430,28 @@ def test_block_parsing_reinserts_stripped_vlan_tags() -> None:
     # The ring's tp_len counts the frame without the stripped tag; the wire carried it.
     assert list(batch.wirelens) == [164, 168, 168]
     assert list(batch.timestamps) == pytest.approx([1_700_000_000.25] * 3)
+
+
+def test_interface_macs_read_the_kernels_view(pair: Pair) -> None:
+    # `ip netns exec` remounts /sys for the namespace: there, the interfaces are the namespace's own.
+    code = textwrap.dedent(
+        """
+        import sys
+        from leafguard.capture.live import interface_macs
+        print(",".join(interface_macs(sys.argv[1:])))
+        """
+    )
+    got = pair.gw.python(code, "cap0", "lo", "nope0").stdout.strip()
+    assert got == pair.gw.mac("cap0")  # loopback has no address worth excluding; a missing one is skipped
+    run_settings = textwrap.dedent(
+        """
+        import sys
+        from leafguard.cli import _parser
+        from leafguard.service.settings import ServiceSettings
+        args = _parser().parse_args(["run", "--interface", "cap0", "--local-dir", sys.argv[1],
+                                     "--gateway-mac", "02:00:00:00:00:AA"])
+        print(",".join(sorted(ServiceSettings.from_args(args, {}).analyzer.gateway_macs)))
+        """
+    )
+    macs = pair.gw.python(run_settings, "/tmp").stdout.strip().split(",")
+    assert macs == sorted(["02:00:00:00:00:aa", pair.gw.mac("cap0")])

@@ -44,8 +44,9 @@ import struct
 import threading
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from leafguard.capture.batch import LINKTYPE_ETHERNET, FrameBatch
@@ -204,6 +205,20 @@ class _InterfaceMissing(OSError):
 
 class _InterfaceDown(OSError):
     pass
+
+
+def interface_macs(names: Iterable[str], sysfs: Path = Path("/sys/class/net")) -> list[str]:
+    """The hardware addresses of the named interfaces that exist now (the gateway's own MACs on the segments it
+    watches); interfaces without one (loopback, tunnels) are left out."""
+    found: list[str] = []
+    for name in names:
+        try:
+            mac = (sysfs / name / "address").read_text().strip().lower()
+        except OSError:
+            continue  # not there (yet): capture reports it
+        if len(mac) == 17 and mac != "00:00:00:00:00:00":
+            found.append(mac)
+    return found
 
 
 def cap_net_raw_message(interface: str) -> str:

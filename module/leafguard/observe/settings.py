@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 
 from leafguard.errors import ConfigurationError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,9 @@ class AnalyzerSettings:
             raise ConfigurationError("the silence time must be a number of seconds, more than 0")
         if self.flood_rate_per_s is not None and not self.flood_rate_per_s > 0:
             raise ConfigurationError("the flood rate must be a number of frames per second, more than 0")
+        for mac in self.gateway_macs:
+            if not _MAC.fullmatch(mac):
+                raise ConfigurationError(f"gateway MAC {mac!r} is not six colon-separated hex bytes")
 
     @classmethod
     def from_cli(

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from leafguard.capture.live import interface_macs
 from leafguard.errors import ConfigurationError
 from leafguard.hub.settings import EDGE_ENV, EdgeSettings
 from leafguard.observe.settings import AnalyzerSettings
@@ -65,6 +66,8 @@ class ServiceSettings:
             local_dir=Path(local) if local is not None else None,
             analyzer=AnalyzerSettings.from_cli(
                 args.leaf_net or _env_list(env, "LEAFGUARD_LEAF_NETS"),
+                # The gateway's own MACs: those given, and those of the interfaces it captures on.
+                [*(args.gateway_mac or _env_list(env, "LEAFGUARD_GATEWAY_MACS") or []), *interface_macs(interfaces)],
                 learning_period_s=_seconds(args.learning_period, env, "LEAFGUARD_LEARNING_PERIOD_S"),
                 silent_after_s=_seconds(args.silent_after, env, "LEAFGUARD_SILENT_AFTER_S"),
                 flood_rate_per_s=_seconds(args.flood_rate, env, "LEAFGUARD_FLOOD_RATE"),
