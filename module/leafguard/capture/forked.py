@@ -3,12 +3,14 @@
 Walking the records of a pcap file is one sequential Python loop (each record's length says where the next
 one starts), and so is the analysis; on a machine with two CPUs the two can overlap. A forked child runs
 `read_batches` on the file, plus an optional ``prepare`` step that needs nothing but the batch (the stateless
-half of the bulk plan), and sends each batch's record arrays and prepared result down a pipe. The frame bytes
-do not travel: the parent reads the same stretch of the file itself (one ``pread`` per 8 MB chunk).
+half of the bulk plan), and sends each batch's record arrays and prepared result down a pipe (pickle protocol 5,
+numpy buffers out of band). The frame bytes do not travel: the parent reads the same stretch of the file itself,
+one ``pread`` per 8 MB chunk, on a receiving thread (both copies are system calls that release the GIL).
 
 The parent sees the same batches, in the same order, as `read_batches` would give it, and the same errors
-(a `CaptureFileError` raised in the child is raised again in the parent, with its message). The pipe is the
-bounded queue between the two: the child blocks when the parent falls behind. A child that dies without
+(a `CaptureFileError` raised in the child is raised again in the parent, with its message). Every queue between
+the two is bounded and blocks when full (nothing is dropped; the reader simply waits): the child's outbox of
+``RUN_AHEAD`` batches, the pipe, and the parent's ``RECEIVED_AHEAD`` received batches. A child that dies without
 saying why is a bug and raises `ReaderProcessError`.
 """
 
