@@ -5,11 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
+from leafguard.capture.batch import FrameBatch
 from leafguard.detect.floods import FloodTracker
 from leafguard.detect.sends import SendLog
+from leafguard.errors import ConfigurationError
+from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
 from tests.detect.test_detectors import VALIDATOR
 from tests.detect.test_silence import T0, alerts_in_batches, udp_frame
@@ -72,3 +76,19 @@ def test_a_leaf_flooded_by_many_senders_is_named_as_the_target() -> None:
     assert whole[0]["ts"] == T0 + 2 + 499 * 0.01
     assert not list(VALIDATOR.iter_errors(whole[0]))
     assert _run(frames, 41) == whole == _run(frames, 256, fast=False)
+
+
+def test_detection_settings_change_while_running_and_a_bad_change_changes_nothing() -> None:
+    an = Analyzer(AnalyzerSettings())
+    frames = [udp_frame("00:17:88:00:00:02", "10.5.0.3", t * 0.01) for t in range(1000)]  # 100 frames/s
+    an.feed(FrameBatch.from_frames(1, frames[:500]))
+    assert an.floods is None and an.alerts() == []
+    before = an.settings
+    with pytest.raises(ConfigurationError, match="flood rate"):
+        an.set_detection(flood_rate_per_s=-1.0, learning_period_s=5.0)
+    assert an.settings is before and an.floods is None and an.detectors.learning_period_s is None
+    assert an.set_detection(flood_rate_per_s=20.0).flood_rate_per_s == 20.0
+    an.feed(FrameBatch.from_frames(1, frames[500:]))  # 500 frames in [5, 10): the window counts from the change
+    assert [(a["type"], a["evidence"]["frames"]) for a in an.alerts()] == [("flood", 200)]
+    an.set_detection(flood_rate_per_s=None)
+    assert an.floods is None and an.sends is None and an.receives is None

@@ -14,7 +14,7 @@ import pytest
 
 from leafguard.demo import demo_capture
 from leafguard.errors import ConfigurationError
-from leafguard.service.gateway import CaptureSection, parse_leaf_map
+from leafguard.service.gateway import CaptureSection, parse_detection, parse_leaf_map
 from tests.netns import Lab, Netns, needs_root
 from tests.service.helpers import read_stats, wait_for
 
@@ -137,3 +137,49 @@ def _set_doc(out: Path, doc: object) -> None:
     tmp = out / "gateway.json.tmp"
     tmp.write_text(json.dumps(doc))
     tmp.replace(out / "gateway.json")
+
+
+def test_detection_section_parsing() -> None:
+    assert parse_detection({"learningPeriodS": 3600, "floodRatePerS": None}) == {
+        "learning_period_s": 3600.0,
+        "flood_rate_per_s": None,
+    }
+    assert parse_detection(None) == {}
+    for bad in ({"silentAfter": 5}, {"silentAfterS": "5"}, {"floodRatePerS": True}, [1]):
+        with pytest.raises(ConfigurationError):
+            parse_detection(bad)
+
+
+def test_detection_changes_live_and_bad_settings_keep_those_in_force(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    # In place before the first frame: the demo plant's sensors talk far slower than this "flood".
+    _set_doc(out, {"detection": {"floodRatePerS": 0.5, "silentAfterS": 0.1}})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "leafguard", "run", "--pcap", str(demo_capture()), "--replay-speed", "0",
+         "--local-dir", str(out), "--write-interval", "0.2"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        status = wait_for(lambda: (s := read_stats(out)["detection"])["floodRatePerS"] == 0.5 and s)
+        assert status == {"learningPeriodS": None, "silentAfterS": 0.1, "floodRatePerS": 0.5, "error": None}
+        alerts = wait_for(lambda: (a := _alert_types(out)) >= {"flood", "leaf_silent"} and a)
+        assert alerts >= {"flood", "leaf_silent"}
+        _set_doc(out, {"detection": {"floodRatePerS": -3, "learningPeriodS": 60}})  # one bad value: none applies
+        bad = wait_for(lambda: (s := read_stats(out)["detection"])["error"] and s)
+        assert "flood rate" in bad["error"]
+        assert (bad["floodRatePerS"], bad["learningPeriodS"]) == (0.5, None)
+        _set_doc(out, {"detection": {"floodRatePerS": None, "learningPeriodS": 60}})
+        good = wait_for(lambda: (s := read_stats(out)["detection"])["learningPeriodS"] == 60 and s)
+        assert good == {"learningPeriodS": 60.0, "silentAfterS": 0.1, "floodRatePerS": None, "error": None}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+def _alert_types(out: Path) -> set[str]:
+    try:
+        doc = json.loads((out / "alerts.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    return {a["type"] for a in doc.get("alerts", [])}

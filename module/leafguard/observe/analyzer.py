@@ -8,6 +8,7 @@ frames of conversations that are already settled, is counted per batch with nump
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 from collections import deque
@@ -112,14 +113,14 @@ class Analyzer:
         self._frag_pending: dict[tuple[bytes, bytes, int, int], list[Any]] = {}
         self.detectors = det.Detectors(self.settings.learning_period_s)
         self._learning = self.settings.learning_period_s is not None
-        silent_after, flood_rate = self.settings.silent_after_s, self.settings.flood_rate_per_s
-        self.silence = SilenceTracker(silent_after, self.settings.max_macs) if silent_after is not None else None
-        self.floods = FloodTracker(flood_rate, self.settings.max_macs) if flood_rate is not None else None
-        self.sends = SendLog() if self.silence is not None or self.floods is not None else None
+        self.silence: SilenceTracker | None = None
+        self.floods: FloodTracker | None = None
+        self.received_floods: FloodTracker | None = None
+        self.sends: SendLog | None = None
         """Send times per MAC, when silences or floods are watched (the bulk step feeds it too)."""
-        self.received_floods = FloodTracker(flood_rate, self.settings.max_macs) if flood_rate is not None else None
-        self.receives = SendLog() if self.received_floods is not None else None
+        self.receives: SendLog | None = None
         """Receive times per unicast destination MAC, when floods are watched."""
+        self._watch_time(self.settings)
         self._touched: set[bytes] = set()
         """MACs seen in this batch (only while learning is on): candidates for a new-device finding."""
         self._announced: set[bytes] = set()
@@ -233,6 +234,34 @@ class Analyzer:
         if evidence:
             self._evidence = []
             self.detectors.process(evidence)
+
+    def set_detection(self, **changes: float | None) -> AnalyzerSettings:
+        """New detection settings (``learning_period_s``, ``silent_after_s``, ``flood_rate_per_s``) while running:
+        validated as a whole first (ConfigurationError, and nothing changes); a watch that changes starts
+        afresh. Returns the settings now in force."""
+        new = dataclasses.replace(self.settings, **changes)  # type: ignore[arg-type]
+        old, self.settings = self.settings, new
+        if new.learning_period_s != old.learning_period_s:
+            self.detectors.learning_period_s = new.learning_period_s
+            self._learning = new.learning_period_s is not None
+        if (new.silent_after_s, new.flood_rate_per_s) != (old.silent_after_s, old.flood_rate_per_s):
+            self._watch_time(new, old)
+        return new
+
+    def _watch_time(self, new: AnalyzerSettings, old: AnalyzerSettings | None = None) -> None:
+        """The trackers that watch rates over time, as ``new`` asks (those ``old`` had alike are kept)."""
+        if old is None or new.silent_after_s != old.silent_after_s:
+            after = new.silent_after_s
+            self.silence = SilenceTracker(after, new.max_macs) if after is not None else None
+        if old is None or new.flood_rate_per_s != old.flood_rate_per_s:
+            rate = new.flood_rate_per_s
+            self.floods = FloodTracker(rate, new.max_macs) if rate is not None else None
+            self.received_floods = FloodTracker(rate, new.max_macs) if rate is not None else None
+        if self.silence is None and self.floods is None:
+            self.sends = None
+        elif self.sends is None:
+            self.sends = SendLog()
+        self.receives = (self.receives or SendLog()) if self.received_floods is not None else None
 
     def finish(self) -> None:
         """The end of the input: what waits for time to pass is looked at once more, at the last packet time."""

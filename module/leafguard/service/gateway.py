@@ -5,7 +5,9 @@ Edge mode reads them from the module twin; local mode from ``DIR/gateway.json`` 
 * ``capture.extraFilter``: the operator's extra capture filter; an invalid one is reported and the filter in
   force stays;
 * ``leafMap``: ``{"<MAC>": "<identity>"}``, the twin identities of known leaves (a leaf it does not name keeps
-  the identity derived from its MAC); an invalid map is reported and the map in force stays.
+  the identity derived from its MAC); an invalid map is reported and the map in force stays;
+* ``detection``: ``learningPeriodS``, ``silentAfterS``, ``floodRatePerS`` (a number, or null to turn it off);
+  keys it leaves out keep their value, and an invalid section is reported and the settings in force stay.
 """
 
 from __future__ import annotations
@@ -37,6 +39,31 @@ class CaptureSection:
         if expr is not None and not isinstance(expr, str):
             raise ConfigurationError("capture.extraFilter must be a string (a pcap filter expression)")
         return cls(expr)
+
+
+DETECTION_KEYS = {
+    "learningPeriodS": "learning_period_s",
+    "silentAfterS": "silent_after_s",
+    "floodRatePerS": "flood_rate_per_s",
+}
+"""The detection settings operators may change live, and the `AnalyzerSettings` field each one sets."""
+
+
+def parse_detection(section: object) -> dict[str, float | None]:
+    """The `AnalyzerSettings` fields a detection section sets (the analyzer checks the values' ranges)."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigurationError("detection must be an object")
+    out: dict[str, float | None] = {}
+    for key, value in section.items():
+        field = DETECTION_KEYS.get(key)
+        if field is None:
+            raise ConfigurationError(f"detection.{key} is not a setting ({', '.join(DETECTION_KEYS)} are)")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ConfigurationError(f"detection.{key} must be a number, or null to turn it off")
+        out[field] = None if value is None else float(value)
+    return out
 
 
 _MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")

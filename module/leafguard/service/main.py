@@ -36,8 +36,15 @@ from leafguard.agent.local import AnalyzerLike, LocalAgentOutput, make_fleet
 from leafguard.capture.batch import FrameBatch
 from leafguard.errors import CaptureError, ConfigurationError, LeafGuardError
 from leafguard.observe.analyzer import Analyzer
+from leafguard.observe.settings import AnalyzerSettings
 from leafguard.service.files import write_json_atomic
-from leafguard.service.gateway import GatewaySettingsFile, apply_capture_section, parse_leaf_map
+from leafguard.service.gateway import (
+    DETECTION_KEYS,
+    GatewaySettingsFile,
+    apply_capture_section,
+    parse_detection,
+    parse_leaf_map,
+)
 from leafguard.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -98,6 +105,8 @@ class Service:
         self._gateway_section: object = None
         self._leaf_map_section: object = None
         self.leaf_map_status: dict[str, Any] = {"leaves": 0, "error": None}
+        self.detection_status: dict[str, Any] = _detection_status(settings.analyzer) | {"error": None}
+        self._detection_section: object = None
         self._last_drop_report = 0.0
         if settings.live:
             from leafguard.capture.live import CaptureSettings, LiveCapture
@@ -244,6 +253,7 @@ class Service:
                 changed, doc = self._gateway_file.changed()
             except ConfigurationError as exc:
                 self.capture_filter["error"] = self.leaf_map_status["error"] = str(exc)
+                self.detection_status["error"] = str(exc)
                 log.warning("gateway settings rejected: %s", exc)
                 return
             if not changed:
@@ -251,7 +261,16 @@ class Service:
         else:
             desired = getattr(self.out, "desired", None)
             doc = dict(desired.doc) if desired is not None else {}
-        capture, leaf_map = doc.get("capture"), doc.get("leafMap")
+        capture, leaf_map, detection = doc.get("capture"), doc.get("leafMap"), doc.get("detection")
+        if detection != self._detection_section:
+            self._detection_section = detection
+            try:
+                settings = self.analyzer.set_detection(**parse_detection(detection))
+            except ConfigurationError as exc:
+                self.detection_status["error"] = str(exc)
+                log.warning("detection settings rejected, those in force stay: %s", exc)
+            else:
+                self.detection_status.update(_detection_status(settings), error=None)
         if capture != self._gateway_section:
             self._gateway_section = capture
             apply_capture_section(self.capture, capture, self.capture_filter)
@@ -268,7 +287,11 @@ class Service:
                 self.fleet.set_leaf_map(mapping, now)
                 self.leaf_map_status.update(leaves=len(mapping), error=None)
         if hasattr(self.out, "gateway_status"):
-            self.out.gateway_status.update(captureFilter=dict(self.capture_filter), leafMap=dict(self.leaf_map_status))
+            self.out.gateway_status.update(
+                captureFilter=dict(self.capture_filter),
+                leafMap=dict(self.leaf_map_status),
+                detection=dict(self.detection_status),
+            )
         if self.transport is not None:
             self.transport.refresh_health()
 
@@ -309,6 +332,7 @@ class Service:
             "batches": self.batches,
             "replay_done": self.replay_done,
             "capture_filter": self.capture_filter,
+            "detection": self.detection_status,
             "leaf_map": self.leaf_map_status,
             "capture": report_capture,
             "agents": dataclasses.asdict(self.fleet.stats()) | {"leaves": len(self.fleet.agents())},
@@ -330,3 +354,8 @@ class Service:
         )
         write_json_atomic(base / "alerts.json", {"updated_at": time.time(), "alerts": report["alerts"]})
         write_json_atomic(base / "stats.json", self.stats(report["capture"]))
+
+
+def _detection_status(settings: AnalyzerSettings) -> dict[str, Any]:
+    """The detection settings in force, under the names operators set them with."""
+    return {key: getattr(settings, field) for key, field in DETECTION_KEYS.items()}
