@@ -37,8 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("captures", nargs="*", metavar="CAPTURE", help="pcap or pcapng files")
     an.add_argument("--demo", action="store_true", help="analyse a small built-in capture of a plant network")
     an.add_argument("--json", action="store_true", help="print one JSON document instead of a summary")
-    an.add_argument("--leaf-net", action="append", metavar="CIDR", help="leaf-side network (repeatable)")
-    an.add_argument("--gateway-mac", action="append", metavar="MAC", help="the gateway's own MAC (repeatable)")
+    _analysis_options(an, gateway_help="the gateway's own MAC (repeatable)")
     an.add_argument("--security-messages", metavar="FILE", help="write the Defender messages as JSON lines")
     an.add_argument("--agent-config", metavar="FILE", help="desired properties (Defender object) for every leaf")
     an.add_argument("--top", type=int, default=15, help="conversations shown in the summary (default 15)")
@@ -48,15 +47,6 @@ def _parser() -> argparse.ArgumentParser:
         help="read capture files in this process (by default a helper process reads large files when there are "
         "two or more CPUs, so that reading overlaps the analysis)",
     )
-    an.add_argument(
-        "--learning-period", type=float, metavar="SECONDS", help="alert on leaves first seen after this long"
-    )
-    an.add_argument(
-        "--silent-after", type=float, metavar="SECONDS", help="alert on leaves that send nothing for this long"
-    )
-    an.add_argument(
-        "--flood-rate", type=float, metavar="FRAMES_PER_S", help="alert on leaves that send faster (over 10 s)"
-    )
 
     run = sub.add_parser("run", help="run the service (IoT Edge module, or local mode outside IoT Edge)")
     src = run.add_mutually_exclusive_group()
@@ -64,25 +54,29 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--pcap", metavar="FILE", help="replay a capture file instead of capturing")
     run.add_argument("--replay-speed", type=float, default=1.0, help="replay speed factor; 0 = as fast as possible")
     run.add_argument("--local-dir", metavar="DIR", help="local mode: write leaves, messages and twins here")
-    run.add_argument("--leaf-net", action="append", metavar="CIDR", help="leaf-side network (repeatable)")
-    run.add_argument(
-        "--gateway-mac", action="append", metavar="MAC",
-        help="the gateway's own MAC (repeatable; the capture interfaces' own MACs are added)",
-    )  # fmt: skip
+    _analysis_options(
+        run, gateway_help="the gateway's own MAC (repeatable; the capture interfaces' own MACs are added)"
+    )
     run.add_argument("--write-interval", type=float, default=5.0, help="seconds between leaves.json rewrites")
     run.add_argument("--extra-filter", metavar="BPF", help="extra capture filter expression")
     run.add_argument("--no-promisc", action="store_true", help="do not put interfaces in promiscuous mode")
     run.add_argument("--http-port", type=int, default=None, help="serve /healthz and /metrics on this port")
-    run.add_argument(
+    return ap
+
+
+def _analysis_options(p: argparse.ArgumentParser, *, gateway_help: str) -> None:
+    """The options of the analysis core and its detectors, the same for both commands."""
+    p.add_argument("--leaf-net", action="append", metavar="CIDR", help="leaf-side network (repeatable)")
+    p.add_argument("--gateway-mac", action="append", metavar="MAC", help=gateway_help)
+    p.add_argument(
         "--learning-period", type=float, metavar="SECONDS", help="alert on leaves first seen after this long"
     )
-    run.add_argument(
+    p.add_argument(
         "--silent-after", type=float, metavar="SECONDS", help="alert on leaves that send nothing for this long"
     )
-    run.add_argument(
+    p.add_argument(
         "--flood-rate", type=float, metavar="FRAMES_PER_S", help="alert on leaves that send faster (over 10 s)"
     )
-    return ap
 
 
 def entry() -> NoReturn:

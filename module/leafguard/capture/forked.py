@@ -29,7 +29,7 @@ import traceback
 from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from leafguard.capture.batch import FrameBatch
 from leafguard.errors import CaptureFileError
@@ -203,10 +203,10 @@ class _Receiver:
                 batch = FrameBatch(
                     linktype=linktype,
                     data=chunk,
-                    offsets=_ints(offsets),
-                    caplens=_ints(caplens),
-                    wirelens=_ints(wirelens),
-                    timestamps=_floats(stamps),
+                    offsets=_column("q", offsets),
+                    caplens=_column("q", caplens),
+                    wirelens=_column("q", wirelens),
+                    timestamps=_column("d", stamps),
                     source=str(self._path),
                     file_offset=data_at,
                     prepared=prepared,
@@ -226,14 +226,9 @@ def _open(path: Path) -> int:
         raise CaptureFileError(f"{path}: cannot open: {exc.strerror or exc}") from exc
 
 
-def _ints(values: npt.NDArray[np.int64]) -> array[int]:
-    out = array("q")
-    out.frombytes(values.tobytes() if not values.flags.c_contiguous else values.data.cast("B"))
-    return out
-
-
-def _floats(values: npt.NDArray[np.float64]) -> array[float]:
-    out = array("d")
+def _column(typecode: str, values: npt.NDArray[np.generic]) -> array[Any]:
+    """A received numpy column as the `array` a `FrameBatch` holds (``q`` for integers, ``d`` for times)."""
+    out = array(typecode)
     out.frombytes(values.tobytes() if not values.flags.c_contiguous else values.data.cast("B"))
     return out
 

@@ -273,9 +273,7 @@ class Analyzer:
 
     def _floods(self, floods: FloodTracker, found: list[tuple[int, float, float]], direction: str) -> None:
         for mac_i, ts, window_start in found:
-            mac = mac_i.to_bytes(6, "big")
-            st = self.macs.get(mac)
-            if st is not None and self.is_leaf(st):
+            if (mac := self._leaf_of(mac_i)) is not None:
                 found_flood = (mac, floods.threshold, window_start, FLOOD_WINDOW_S, floods.rate_per_s, direction)
                 self._evidence.append((ts, det.FLOOD, found_flood))
 
@@ -283,10 +281,14 @@ class Analyzer:
         assert self.silence is not None
         after = self.silence.silent_after_s
         for mac_i, start in found:
-            mac = mac_i.to_bytes(6, "big")
-            st = self.macs.get(mac)
-            if st is not None and self.is_leaf(st):
+            if (mac := self._leaf_of(mac_i)) is not None:
                 self._evidence.append((start + after, det.SILENT, (mac, start, after)))
+
+    def _leaf_of(self, mac_i: int) -> bytes | None:
+        """The MAC (a tracker's integer) as bytes, if it is a leaf's."""
+        mac = mac_i.to_bytes(6, "big")
+        st = self.macs.get(mac)
+        return mac if st is not None and self.is_leaf(st) else None
 
     def saw_address(self, ip: bytes, mac: bytes, ts: float) -> None:
         """A leaf-side address was the source of a frame from ``mac`` (per batch, the earliest time counts)."""

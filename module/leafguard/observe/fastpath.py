@@ -141,7 +141,6 @@ class Classified:
     """Where the frame starts (its MACs)."""
     h: _I64
     """Where it would start without its 802.1Q tag: IP and transport fields at the offsets of an untagged frame."""
-    sip: _I64
     smac: _I64
     dmac: _I64
     wl: _I64
@@ -271,7 +270,6 @@ def classify(batch: FrameBatch) -> Classified | None:
         src_lo=src_lo,
         o=o,
         h=hc,
-        sip=sip,
         smac=smac,
         dmac=dmac,
         wl=wl,

@@ -68,9 +68,9 @@ class ServiceSettings:
                 args.leaf_net or _env_list(env, "LEAFGUARD_LEAF_NETS"),
                 # The gateway's own MACs: those given, and those of the interfaces it captures on.
                 [*(args.gateway_mac or _env_list(env, "LEAFGUARD_GATEWAY_MACS") or []), *interface_macs(interfaces)],
-                learning_period_s=_seconds(args.learning_period, env, "LEAFGUARD_LEARNING_PERIOD_S"),
-                silent_after_s=_seconds(args.silent_after, env, "LEAFGUARD_SILENT_AFTER_S"),
-                flood_rate_per_s=_seconds(args.flood_rate, env, "LEAFGUARD_FLOOD_RATE"),
+                learning_period_s=_number(args.learning_period, env, "LEAFGUARD_LEARNING_PERIOD_S"),
+                silent_after_s=_number(args.silent_after, env, "LEAFGUARD_SILENT_AFTER_S"),
+                flood_rate_per_s=_number(args.flood_rate, env, "LEAFGUARD_FLOOD_RATE"),
             ),
             write_interval_s=float(args.write_interval),
             extra_filter=args.extra_filter or "",
@@ -86,7 +86,7 @@ def _env_list(env: Mapping[str, str], name: str) -> list[str] | None:
     return items or None
 
 
-def _seconds(flag: float | None, env: Mapping[str, str], name: str) -> float | None:
+def _number(flag: float | None, env: Mapping[str, str], name: str) -> float | None:
     """A flag's number (seconds, or a rate), else the environment's, else None."""
     if flag is not None:
         return flag
