@@ -3,11 +3,13 @@ filter in force stays (real frames in namespaces the test creates)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -88,17 +90,9 @@ def test_replay_reports_that_the_filter_needs_live_capture(tmp_path: Path) -> No
     out = tmp_path / "out"
     out.mkdir()
     _set(out, {"extraFilter": "not arp"})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "leafguard", "run", "--pcap", str(demo_capture()), "--replay-speed", "0",
-         "--local-dir", str(out), "--write-interval", "0.2"],
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
+    with _demo_replay(out):
         status = wait_for(lambda: (s := read_stats(out)["capture_filter"])["error"] and s)
         assert "live capture only" in status["error"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
 
 
 def test_leaf_map_names_leaves_and_a_bad_map_keeps_the_old(tmp_path: Path) -> None:
@@ -114,23 +108,30 @@ def test_leaf_map_names_leaves_and_a_bad_map_keeps_the_old(tmp_path: Path) -> No
     out = tmp_path / "out"
     out.mkdir()
     (out / "gateway.json").write_text(json.dumps({"leafMap": {"5c:cf:7f:07:ae:fb": "plant1-sensor7"}}))
+    with _demo_replay(out):
+        assert wait_for(lambda: read_stats(out)["leaf_map"] == {"leaves": 1, "error": None})
+        wait_for((out / "twins" / "plant1-sensor7.json").exists)
+        _set_doc(out, {"leafMap": {"5c:cf:7f:07:ae:fb": "bad name!"}})
+        status = wait_for(lambda: (s := read_stats(out)["leaf_map"])["error"] and s)
+        assert "bad name!" in status["error"] and status["leaves"] == 1
+    identities = {json.loads(line)["identity"] for line in (out / "messages.jsonl").read_text().splitlines()}
+    assert "plant1-sensor7" in identities and "leaf-5ccf7f07aefb" not in identities
+    assert "leaf-000e8caabb01" in identities  # a leaf the map does not name keeps its MAC-derived identity
+
+
+@contextlib.contextmanager
+def _demo_replay(out: Path) -> Iterator[None]:
+    """``leafguard run`` replaying the demo capture into ``out``; stopped (cleanly) at the end of the block."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "leafguard", "run", "--pcap", str(demo_capture()), "--replay-speed", "0",
          "--local-dir", str(out), "--write-interval", "0.2"],
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        assert wait_for(lambda: read_stats(out)["leaf_map"] == {"leaves": 1, "error": None})
-        wait_for((out / "twins" / "plant1-sensor7.json").exists)
-        _set_doc(out, {"leafMap": {"5c:cf:7f:07:ae:fb": "bad name!"}})
-        status = wait_for(lambda: (s := read_stats(out)["leaf_map"])["error"] and s)
-        assert "bad name!" in status["error"] and status["leaves"] == 1
+        yield
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-    identities = {json.loads(line)["identity"] for line in (out / "messages.jsonl").read_text().splitlines()}
-    assert "plant1-sensor7" in identities and "leaf-5ccf7f07aefb" not in identities
-    assert "leaf-000e8caabb01" in identities  # a leaf the map does not name keeps its MAC-derived identity
 
 
 def _set_doc(out: Path, doc: object) -> None:
@@ -155,12 +156,7 @@ def test_detection_changes_live_and_bad_settings_keep_those_in_force(tmp_path: P
     out.mkdir()
     # In place before the first frame: the demo plant's sensors talk far slower than this "flood".
     _set_doc(out, {"detection": {"floodRatePerS": 0.5, "silentAfterS": 0.1}})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "leafguard", "run", "--pcap", str(demo_capture()), "--replay-speed", "0",
-         "--local-dir", str(out), "--write-interval", "0.2"],
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
+    with _demo_replay(out):
         status = wait_for(lambda: (s := read_stats(out)["detection"])["floodRatePerS"] == 0.5 and s)
         assert status == {"learningPeriodS": None, "silentAfterS": 0.1, "floodRatePerS": 0.5, "error": None}
         alerts = wait_for(lambda: (a := _alert_types(out)) >= {"flood", "leaf_silent"} and a)
@@ -172,9 +168,6 @@ def test_detection_changes_live_and_bad_settings_keep_those_in_force(tmp_path: P
         _set_doc(out, {"detection": {"floodRatePerS": None, "learningPeriodS": 60}})
         good = wait_for(lambda: (s := read_stats(out)["detection"])["learningPeriodS"] == 60 and s)
         assert good == {"learningPeriodS": 60.0, "silentAfterS": 0.1, "floodRatePerS": None, "error": None}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
 
 
 def _alert_types(out: Path) -> set[str]:
