@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from tests.hub.notify import Notifier
+from tests.hub_emulator.notify import Notifier
 
 MESSAGE_LIMIT_BYTES = 262144  # IoT Hub's device-to-cloud limit, body and properties together
 SECURITY_INTERFACE_ID = "urn:azureiot:Security:SecurityAgent:1"

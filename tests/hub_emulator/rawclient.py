@@ -7,9 +7,9 @@ import itertools
 import ssl
 from typing import Self
 
-from tests.hub import mqtt, sas
-from tests.hub.emulator import MQTT_PORT, HubEmulator
-from tests.hub.identities import Identity
+from tests.hub_emulator import mqtt, sas
+from tests.hub_emulator.emulator import MQTT_PORT, HubEmulator
+from tests.hub_emulator.identities import Identity
 
 API_QUERY = "?api-version=2019-10-01&DeviceClientType=raw-test-client"
 

@@ -1,8 +1,8 @@
-"""`python -m tests.hub`: run the emulator standalone and print what a module or a leaf device needs.
+"""`python -m tests.hub_emulator`: run the emulator standalone and print what a module or a leaf device needs.
 
-    python -m tests.hub --edge-device edge1 --module leafguard --leaf plc1 --leaf cam1 --env-file hub.env
+    python -m tests.hub_emulator --edge-device edge1 --module leafguard --leaf plc1 --leaf cam1 --env-file hub.env
 
-Stops on Ctrl-C or SIGTERM. The control API (see tests/hub/control.py) is printed with the rest.
+Stops on Ctrl-C or SIGTERM. The control API (see tests/hub_emulator/control.py) is printed with the rest.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import signal
 import sys
 from pathlib import Path
 
-from tests.hub.emulator import DEFAULT_HUB_HOSTNAME, MQTT_PORT, HubEmulator
+from tests.hub_emulator.emulator import DEFAULT_HUB_HOSTNAME, MQTT_PORT, HubEmulator
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tests.hub", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.hub_emulator", description=__doc__.split("\n")[0])
     parser.add_argument("--host", help="loopback address to serve on (default: the first free 127.0.0.x)")
     parser.add_argument("--hub-hostname", default=DEFAULT_HUB_HOSTNAME, help="the IoT Hub host name to emulate")
     parser.add_argument("--edge-device", default="edge1", help="the IoT Edge device id (default: edge1)")

@@ -18,7 +18,7 @@ import hmac
 import orjson
 from aiohttp import web
 
-from tests.hub.identities import Registry
+from tests.hub_emulator.identities import Registry
 
 MIN_API_VERSION = "2018-06-28"
 

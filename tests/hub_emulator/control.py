@@ -1,4 +1,4 @@
-"""The control API over HTTP, for people driving a standalone emulator (`python -m tests.hub`) with curl.
+"""The control API over HTTP, for people driving a standalone emulator (`python -m tests.hub_emulator`) with curl.
 
 Everything under `/control`; identities in paths are `{device}` or `{device}/{module}`:
 
@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from tests.hub.identities import Identity, RegistryError
+from tests.hub_emulator.identities import Identity, RegistryError
 
 if TYPE_CHECKING:
-    from tests.hub.emulator import HubEmulator
+    from tests.hub_emulator.emulator import HubEmulator
 
 IDENTITY = "{identity:[^/]+(?:/[^/]+)?}"
 

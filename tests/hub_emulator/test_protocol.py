@@ -14,10 +14,10 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.hub import HubEmulator, mqtt, sas
-from tests.hub.messages import MessageLog, decode_bag, encode_bag, message_from_topic, parse_event_topic
-from tests.hub.rawclient import RawClient
-from tests.hub.twins import Section, TwinError, twin_size
+from tests.hub_emulator import HubEmulator, mqtt, sas
+from tests.hub_emulator.messages import MessageLog, decode_bag, encode_bag, message_from_topic, parse_event_topic
+from tests.hub_emulator.rawclient import RawClient
+from tests.hub_emulator.twins import Section, TwinError, twin_size
 
 HUB = "lg-emulator.azure-devices.net"
 

@@ -6,7 +6,7 @@ import base64
 import secrets
 from dataclasses import dataclass, field
 
-from tests.hub.twins import Twin
+from tests.hub_emulator.twins import Twin
 
 
 def new_key() -> str:

@@ -15,7 +15,7 @@ import pytest
 from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
 from leafguard.demo import demo_capture
 from tests.agent.schema import errors
-from tests.hub import HubEmulator, Identity
+from tests.hub_emulator import HubEmulator, Identity
 
 LIMIT_S = 40.0
 MODULE = "edge1/leafguard"

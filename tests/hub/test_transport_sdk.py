@@ -28,7 +28,7 @@ from leafguard.hub.settings import EdgeSettings
 from leafguard.hub.transport import EdgeTransport
 from leafguard.observe.analyzer import Analyzer
 from tests.agent.schema import errors
-from tests.hub import HubEmulator, Identity
+from tests.hub_emulator import HubEmulator, Identity
 
 LIMIT_S = 30.0
 MODULE = "edge1/leafguard"

@@ -30,9 +30,9 @@ from typing import Any, Protocol
 
 import orjson
 
-from tests.hub import mqtt, sas
-from tests.hub.identities import Identity, Registry
-from tests.hub.messages import (
+from tests.hub_emulator import mqtt, sas
+from tests.hub_emulator.identities import Identity, Registry
+from tests.hub_emulator.messages import (
     MESSAGE_LIMIT_BYTES,
     MessageLog,
     ReceivedMessage,
@@ -41,9 +41,9 @@ from tests.hub.messages import (
     message_size,
     parse_event_topic,
 )
-from tests.hub.mqtt import ConnackCode, PacketType, Publish
-from tests.hub.notify import Notifier
-from tests.hub.twins import TwinError
+from tests.hub_emulator.mqtt import ConnackCode, PacketType, Publish
+from tests.hub_emulator.notify import Notifier
+from tests.hub_emulator.twins import TwinError
 
 log = logging.getLogger(__name__)
 

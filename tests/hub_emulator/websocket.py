@@ -11,7 +11,7 @@ import ssl
 
 from aiohttp import WSMsgType, web
 
-from tests.hub.broker import MAX_PACKET_BYTES, Broker
+from tests.hub_emulator.broker import MAX_PACKET_BYTES, Broker
 
 PATH = "/$iothub/websocket"
 OUTBOUND_FRAMES = 1000

@@ -19,8 +19,8 @@ from azure.iot.device import Message, MethodResponse
 from azure.iot.device.aio import IoTHubDeviceClient, IoTHubModuleClient
 from azure.iot.device.exceptions import ClientError, ConnectionFailedError, CredentialError, ServiceError
 
-from tests.hub import HubEmulator, Identity
-from tests.hub.identities import new_key
+from tests.hub_emulator import HubEmulator, Identity
+from tests.hub_emulator.identities import new_key
 
 LIMIT_S = 20.0
 

@@ -23,11 +23,11 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from tests.hub import certs, control, websocket, workload
-from tests.hub.broker import Broker, ConnectionInfo, MethodResult, Stats, StreamLink
-from tests.hub.identities import Identity, Registry
-from tests.hub.messages import MessageLog, ReceivedMessage
-from tests.hub.mqtt import ConnackCode
+from tests.hub_emulator import certs, control, websocket, workload
+from tests.hub_emulator.broker import Broker, ConnectionInfo, MethodResult, Stats, StreamLink
+from tests.hub_emulator.identities import Identity, Registry
+from tests.hub_emulator.messages import MessageLog, ReceivedMessage
+from tests.hub_emulator.mqtt import ConnackCode
 
 log = logging.getLogger(__name__)
 
