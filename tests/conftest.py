@@ -12,6 +12,10 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# The tests run this tree's code, whatever `leafguard` pip installed last (another clone, a git worktree), and so
+# do the processes they start.
+sys.path.insert(0, str(REPO / "module"))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "module"), os.environ.get("PYTHONPATH")]))
 SHARED = Path(os.environ.get("LEAFGUARD_SHARED", REPO.parent / "shared"))
 PCAPS = SHARED / "pcaps"
 
@@ -32,15 +36,12 @@ def shared_dir() -> Path:
 
 def run_analyze(path: Path, *extra: str, timeout_s: float = 240) -> dict[str, Any]:
     """``leafguard analyze PATH --json`` as a process of this tree's code (not whatever is installed)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "module"), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-m", "leafguard", "analyze", str(path), "--json", *extra],
         capture_output=True,
         text=True,
         check=False,
-        env=env,
-        timeout=timeout_s,
+                timeout=timeout_s,
     )
     assert proc.returncode == 0, f"leafguard analyze {path.name} exited {proc.returncode}: {proc.stderr[-3000:]}"
     report: dict[str, Any] = json.loads(proc.stdout)
