@@ -41,7 +41,7 @@ def run_analyze(path: Path, *extra: str, timeout_s: float = 240) -> dict[str, An
         capture_output=True,
         text=True,
         check=False,
-                timeout=timeout_s,
+        timeout=timeout_s,
     )
     assert proc.returncode == 0, f"leafguard analyze {path.name} exited {proc.returncode}: {proc.stderr[-3000:]}"
     report: dict[str, Any] = json.loads(proc.stdout)
