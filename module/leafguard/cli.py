@@ -60,7 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--write-interval", type=float, default=5.0, help="seconds between leaves.json rewrites")
     run.add_argument("--extra-filter", metavar="BPF", help="extra capture filter expression")
     run.add_argument("--no-promisc", action="store_true", help="do not put interfaces in promiscuous mode")
-    run.add_argument("--http-port", type=int, default=None, help="serve /healthz and /metrics on this port")
+    run.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="serve /healthz and /metrics on this port (LEAFGUARD_HTTP_PORT; default 9600 in edge mode, off locally)",
+    )
+    run.add_argument("--http-host", metavar="ADDR", help="address to serve them on (LEAFGUARD_HTTP_HOST; 127.0.0.1)")
     return ap
 
 

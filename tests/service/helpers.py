@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,3 +32,19 @@ def read_json(path: Path) -> Any:
 
 def read_stats(out: Path) -> dict[str, Any]:
     return dict(read_json(out / "stats.json"))
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a service's --http-port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    """Status and body of a GET; an HTTP error status is an answer too (503 from /healthz)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return int(r.status), bytes(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()

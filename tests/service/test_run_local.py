@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -78,31 +76,6 @@ def test_replay_then_live_desired_changes_then_clean_stop(tmp_path: Path) -> Non
     assert logins and logins[0]["UserName"] == "sensor" and logins[0]["Result"] == "Success"
     assert all("plant" not in json.dumps(m) for m in lines), "the MQTT password must never leave the module"
     assert all(m["properties"]["$.ifid"] == "urn:azureiot:Security:SecurityAgent:1" for m in lines)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_health_and_metrics_endpoints(tmp_path: Path) -> None:
-    port = _free_port()
-    proc = _start(tmp_path, "--pcap", str(demo_capture()), "--replay-speed", "0", "--http-port", str(port))
-    try:
-        wait_for(lambda: read_json(tmp_path / "stats.json")["replay_done"])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            health = json.loads(r.read())
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            metrics = r.read().decode()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-    assert health["status"] == "ok" and health["batches"] >= 1
-    values = dict(line.split(" ", 1) for line in metrics.splitlines() if line and not line.startswith("#"))
-    assert values["leafguard_frames_total"] == str(read_json(tmp_path / "stats.json")["capture"]["packets"])
-    assert int(values["leafguard_agent_events_generated"]) > 0
-    assert proc.returncode == 0
 
 
 def test_sigint_also_stops_cleanly(tmp_path: Path) -> None:

@@ -97,6 +97,10 @@ class LeafAgent:
         t: Totals = self._queues.totals()
         return AgentStats(t.generated, t.sent, t.dropped, t.pending, self._messages, self._agg.overflowed)
 
+    def totals_by_queue(self) -> dict[QueueName, Totals]:
+        """Cumulative event counters per priority queue (metrics)."""
+        return self._queues.totals_by_queue()
+
     def rename(self, identity: str) -> None:
         """Continue under another identity (the leaf map named the leaf); later messages carry its AgentId."""
         self._builder = MessageBuilder(identity, self._builder.agent_version, self._config.max_message_size_bytes)

@@ -46,6 +46,13 @@ class _Counters:
         return QueueCounts(self.collected, self.dropped, self.too_large)
 
 
+@dataclass(slots=True)
+class _Cumulative:
+    generated: int = 0
+    sent: int = 0
+    dropped: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Totals:
     """Cumulative counters of one agent's queues (never reset)."""
@@ -69,6 +76,8 @@ class EventQueues:
         self._generated = 0
         self._sent = 0
         self._dropped = 0
+        self._by_queue: dict[QueueName, _Cumulative] = {name: _Cumulative() for name in QueueName}
+        """Cumulative counters per queue (metrics by priority); their sums are the three above."""
 
     # -- inspection ----------------------------------------------------------------------------------------
 
@@ -88,6 +97,12 @@ class EventQueues:
     def totals(self) -> Totals:
         return Totals(self._generated, self._sent, self._dropped, len(self))
 
+    def totals_by_queue(self) -> dict[QueueName, Totals]:
+        """:meth:`totals` per queue: an evicted event counts against the queue it was in."""
+        return {
+            name: Totals(c.generated, c.sent, c.dropped, len(self._q[name])) for name, c in self._by_queue.items()
+        }
+
     def take_counts(self) -> tuple[QueueCounts, QueueCounts, QueueCounts]:
         """The (high, low, operational) counters of the interval just ended; they start again at 0."""
         out = tuple(self._interval[n].snapshot() for n in (QueueName.HIGH, QueueName.LOW, QueueName.OPERATIONAL))
@@ -103,6 +118,7 @@ class EventQueues:
         """Offer one serialized event; returns whether it was queued (a drop is counted either way)."""
         size = len(data)
         self._generated += 1
+        self._by_queue[name].generated += 1
         self._interval[name].collected += 1
         if size > self.max_event_bytes or size > self.cache_bytes:
             self._interval[name].too_large += 1
@@ -127,6 +143,7 @@ class EventQueues:
         self._bytes[name] -= len(data)
         self.total_bytes -= len(data)
         self._sent += 1
+        self._by_queue[name].sent += 1
         return data
 
     def resize(self, cache_bytes: int, max_event_bytes: int) -> None:
@@ -159,3 +176,4 @@ class EventQueues:
     def _count_drop(self, name: QueueName) -> None:
         self._interval[name].dropped += 1
         self._dropped += 1
+        self._by_queue[name].dropped += 1

@@ -45,6 +45,7 @@ class Pending:
 class OutboxStats:
     accepted: int = 0
     acked: int = 0
+    acked_bytes: int = 0
     dropped: int = 0
     dropped_bytes: int = 0
     resent: int = 0
@@ -109,6 +110,7 @@ class Outbox:
         if self._entries.get(entry.seq) is entry:
             self._remove(entry)
             self.stats.acked += 1
+            self.stats.acked_bytes += entry.size
 
     def fail(self, entry: Pending) -> None:
         """``entry`` can never be sent (the SDK refused it outright): drop it and count it."""

@@ -203,6 +203,7 @@ class EdgeTransport:
             "queued": len(self.outbox),
             "queued_bytes": self.outbox.bytes,
             "sent": o.acked,
+            "sent_bytes": o.acked_bytes,
             "dropped": o.dropped,
             "dropped_bytes": o.dropped_bytes,
             "resent": o.resent,

@@ -1,91 +1,56 @@
-"""`/healthz` and `/metrics` (Prometheus text) on aiohttp, embedded with an AppRunner under our TaskGroup."""
+"""`/healthz` and `/metrics` on aiohttp, embedded with an AppRunner in the service's loop.
+
+The handlers read one :class:`~leafguard.service.snapshot.ServiceSnapshot` per request (through
+:class:`SnapshotSource`), never the service's parts; what they do with it is pure (:mod:`.health`,
+:mod:`.metrics`). The server binds the configured address: loopback unless the operator configured another one
+(``LEAFGUARD_HTTP_HOST``), since a module on the host network would otherwise expose it on the leaf-facing
+interfaces too.
+"""
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
 import orjson
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from leafguard.service.main import Service
+from leafguard.service.health import assess
+from leafguard.service.metrics import render_snapshot
+from leafguard.service.snapshot import ServiceSnapshot
 
-SERVICE_KEY: web.AppKey[Service] = web.AppKey("service")
+
+class SnapshotSource(Protocol):
+    def snapshot(self) -> ServiceSnapshot: ...
+
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SOURCE_KEY: web.AppKey[SnapshotSource] = web.AppKey("snapshots")
+DOWN_AFTER_KEY: web.AppKey[float] = web.AppKey("down_after_s")
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    service = request.app[SERVICE_KEY]
-    body: dict[str, Any] = {"status": "ok", "batches": service.batches}
-    if service.capture is not None:
-        states = {name: str(st.state) for name, st in service.capture.stats().items()}
-        body["interfaces"] = states
-        if not any(state == "running" for state in states.values()):
-            body["status"] = "degraded"
-    status = 200 if body["status"] == "ok" else 503
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
-def _metric_lines(service: Service) -> list[str]:
-    st = service.analyzer.stats
-    lines = [
-        "# TYPE leafguard_frames_total counter",
-        f"leafguard_frames_total {st.packets}",
-        "# TYPE leafguard_bytes_total counter",
-        f"leafguard_bytes_total {st.bytes}",
-        "# TYPE leafguard_decode_errors_total counter",
-        f"leafguard_decode_errors_total {st.decode_errors}",
-        "# TYPE leafguard_truncated_frames_total counter",
-        f"leafguard_truncated_frames_total {st.truncated}",
-        "# TYPE leafguard_evicted_flows_total counter",
-        f"leafguard_evicted_flows_total {st.evicted_flows}",
-        "# TYPE leafguard_flows gauge",
-        f"leafguard_flows {len(service.analyzer.flows)}",
-        "# TYPE leafguard_queue_depth gauge",
-        f"leafguard_queue_depth {service.queue.qsize()}",
-    ]
-    agents = service.fleet.stats()
-    for name in ("generated", "sent", "dropped", "pending", "messages"):
-        lines += [
-            f"# TYPE leafguard_agent_events_{name} gauge",
-            f"leafguard_agent_events_{name} {getattr(agents, name)}",
-        ]
-    transport = service.transport
-    if transport is not None:
-        uplink = transport.counters()
-        lines += [
-            "# TYPE leafguard_uplink_connected gauge",
-            f"leafguard_uplink_connected {int(uplink['state'] == 'connected')}",
-        ]
-        for name, kind in (
-            ("queued", "gauge"),
-            ("queued_bytes", "gauge"),
-            ("sent", "counter"),
-            ("dropped", "counter"),
-            ("resent", "counter"),
-        ):
-            metric = f"leafguard_uplink_{name}" + ("_total" if kind == "counter" else "")
-            lines += [f"# TYPE {metric} {kind}", f"{metric} {uplink[name]}"]
-    if service.capture is not None:
-        for field in ("frames", "kernel_drops", "queue_drops", "restarts"):
-            lines.append(f"# TYPE leafguard_capture_{field}_total counter")
-            for name, ist in service.capture.stats().items():
-                lines.append(f'leafguard_capture_{field}_total{{interface="{name}"}} {getattr(ist, field)}')
-    return lines
+    health = assess(request.app[SOURCE_KEY].snapshot(), request.app[DOWN_AFTER_KEY])
+    return web.Response(body=orjson.dumps(health.body), status=health.status_code, content_type="application/json")
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    return web.Response(text="\n".join(_metric_lines(request.app[SERVICE_KEY])) + "\n", content_type="text/plain")
+    text = render_snapshot(request.app[SOURCE_KEY].snapshot())
+    return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
-async def start_http(service: Service, port: int) -> web.AppRunner:
+async def start_http(source: SnapshotSource, host: str, port: int, down_after_s: float) -> web.AppRunner:
+    """Serve until ``runner.cleanup()``; raises OSError when the address cannot be bound."""
     app = web.Application()
-    app[SERVICE_KEY] = service
+    app[SOURCE_KEY] = source
+    app[DOWN_AFTER_KEY] = down_after_s
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    # Loopback unless told otherwise: a module on the edge network sets LEAFGUARD_HTTP_HOST=0.0.0.0.
-    site = web.TCPSite(runner, os.environ.get("LEAFGUARD_HTTP_HOST", "127.0.0.1"), port)
-    await site.start()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner

@@ -8,7 +8,8 @@ Tasks (all children of the root group, all named):
   edge mode (inside IoT Edge) the hub transport.
 * ``leafguard.periodic``: wall-clock ticks (live), desired-properties polling, capture-drop diagnostics, and the
   atomic rewrite of ``leaves.json`` / ``conversations.json`` / ``stats.json``.
-* ``leafguard.http``: ``/healthz`` and ``/metrics`` when a port is given.
+* ``leafguard.http``: ``/healthz`` and ``/metrics`` (edge mode: port 9600 by default), served from
+  :meth:`Service.snapshot`.
 * ``leafguard.hub`` (edge mode): :class:`~leafguard.hub.transport.EdgeTransport`, the edge hub connection.
 
 SIGINT/SIGTERM only set an event. Shutdown then runs in order against a deadline: stop the source (capture
@@ -46,6 +47,16 @@ from leafguard.service.gateway import (
     parse_leaf_map,
 )
 from leafguard.service.settings import ServiceSettings
+from leafguard.service.snapshot import (
+    DownTracker,
+    LeafConnectionSource,
+    MetricLabels,
+    ServiceSnapshot,
+    build_snapshot,
+    capture_up,
+    interfaces_of,
+    uplink_up,
+)
 
 if TYPE_CHECKING:
     from leafguard.hub.transport import EdgeTransport
@@ -94,6 +105,11 @@ class Service:
         self.queue: asyncio.Queue[FrameBatch] = asyncio.Queue(REPLAY_QUEUE_BATCHES)
         self.stopping = asyncio.Event()
         self.started_at = time.time()
+        self.labels = MetricLabels.from_env()
+        self.leaf_connections: LeafConnectionSource | None = None
+        """Per-leaf hub connections, for metrics: whoever creates them sets this."""
+        self._capture_down = DownTracker(time.monotonic())
+        self._uplink_down = DownTracker(time.monotonic())
         self.batches = 0
         self.replay_done = False
         self._drops_reported = 0
@@ -146,11 +162,7 @@ class Service:
                 }
                 if self.transport is not None:
                     tasks["hub"] = tg.create_task(self.transport.run(), name="leafguard.hub")
-                http = None
-                if self.settings.http_port is not None:
-                    from leafguard.service.http import start_http
-
-                    http = await start_http(self, self.settings.http_port)
+                http = await self._start_http()
                 await self.stopping.wait()
                 log.info("stopping")
                 await self._shutdown(tasks)
@@ -164,6 +176,47 @@ class Service:
                 loop.remove_signal_handler(sig)
         log.info("stopped cleanly after %d batches", self.batches)
         return 0
+
+    async def _start_http(self) -> Any:
+        s = self.settings
+        if s.http_port is None:
+            return None
+        from leafguard.service.http import start_http
+
+        try:
+            return await start_http(self, s.http_host, s.http_port, s.health_down_after_s)
+        except OSError as exc:
+            # Monitoring is not worth stopping the guarding for (and a restart loop would not free the port).
+            log.error("cannot serve /healthz and /metrics on %s:%d: %s", s.http_host, s.http_port, exc.strerror or exc)
+            return None
+
+    def snapshot(self) -> ServiceSnapshot:
+        """The statistics of this moment, for ``/metrics``, ``/healthz`` and the ``getStats`` method."""
+        mono = time.monotonic()
+        interfaces = interfaces_of(self.capture) if self.capture is not None else None
+        counters = self.transport.counters() if self.transport is not None else None
+        return build_snapshot(
+            version=__version__,
+            started_at=self.started_at,
+            taken_at=time.time(),
+            batches=self.batches,
+            labels=self.labels,
+            analyzer=self.analyzer,
+            fleet=self.fleet,
+            interfaces=interfaces,
+            capture_down_for_s=self._capture_down.update(capture_up(interfaces), mono) if interfaces else None,
+            uplink=counters,
+            uplink_down_for_s=self._uplink_down.update(uplink_up(counters), mono) if counters else None,
+            leaf_connections=self.leaf_connections,
+        )
+
+    def _track_outages(self) -> None:
+        """Sample capture and uplink state every tick, so outages are timed between scrapes too."""
+        mono = time.monotonic()
+        if self.capture is not None:
+            self._capture_down.update(capture_up(interfaces_of(self.capture)), mono)
+        if self.transport is not None:
+            self._uplink_down.update(uplink_up(self.transport.counters()), mono)
 
     async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         deadline = self.settings.shutdown_deadline_s
@@ -228,6 +281,7 @@ class Service:
         while True:
             mono = time.monotonic()
             now = time.time()
+            self._track_outages()
             if s.live:
                 self.out.tick(now, self.analyzer.leaf_views)
                 self._report_capture_drops(now)

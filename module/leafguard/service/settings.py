@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 from collections.abc import Mapping
@@ -13,6 +14,9 @@ from leafguard.capture.live import interface_macs
 from leafguard.errors import ConfigurationError
 from leafguard.hub.settings import EDGE_ENV, EdgeSettings
 from leafguard.observe.settings import AnalyzerSettings
+
+EDGE_HTTP_PORT = 9600
+"""Where edgeAgent and edgeHub serve their built-in metrics; the metrics collector expects modules there too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +30,11 @@ class ServiceSettings:
     extra_filter: str
     promiscuous: bool
     http_port: int | None
+    """``/healthz`` and ``/metrics``: on by default in edge mode (:data:`EDGE_HTTP_PORT`), off locally."""
+    http_host: str = "127.0.0.1"
+    """Loopback unless configured: on the host network, 0.0.0.0 would serve the leaf-facing interfaces too."""
+    health_down_after_s: float = 60.0
+    """``/healthz`` answers 503 once capture or the uplink has been down for longer than this."""
     tick_interval_s: float = 1.0
     desired_poll_interval_s: float = 2.0
     drop_report_interval_s: float = 60.0
@@ -75,7 +84,9 @@ class ServiceSettings:
             write_interval_s=float(args.write_interval),
             extra_filter=args.extra_filter or "",
             promiscuous=not args.no_promisc,
-            http_port=args.http_port,
+            http_port=_http_port(args.http_port, env, edge is not None),
+            http_host=_http_host(args.http_host or env.get("LEAFGUARD_HTTP_HOST", "")),
+            health_down_after_s=_positive(env, "LEAFGUARD_HEALTH_DOWN_AFTER_S", 60.0),
             edge=edge,
         )
 
@@ -97,3 +108,43 @@ def _number(flag: float | None, env: Mapping[str, str], name: str) -> float | No
         return float(text)
     except ValueError as exc:
         raise ConfigurationError(f"{name}={text!r} is not a number") from exc
+
+
+def _http_port(flag: int | None, env: Mapping[str, str], edge: bool) -> int | None:
+    """``--http-port``, else ``LEAFGUARD_HTTP_PORT`` (``off`` disables it), else 9600 in edge mode."""
+    if flag is not None:
+        text, name = str(flag), "--http-port"
+    else:
+        text, name = env.get("LEAFGUARD_HTTP_PORT", "").strip(), "LEAFGUARD_HTTP_PORT"
+        if not text:
+            return EDGE_HTTP_PORT if edge else None
+        if text.lower() == "off":
+            return None
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise ConfigurationError(f"{name}={text!r} is not a TCP port (1-65535{', or off' if flag is None else ''})")
+    return port
+
+
+def _http_host(text: str) -> str:
+    """An IP address to bind (``LEAFGUARD_HTTP_HOST`` / ``--http-host``); loopback when not configured."""
+    text = text.strip()
+    if not text:
+        return "127.0.0.1"
+    try:
+        ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"LEAFGUARD_HTTP_HOST={text!r} is not an IP address (e.g. 0.0.0.0 or ::1)") from exc
+    return text
+
+
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _number(None, env, name)
+    if value is None:
+        return default
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigurationError(f"{name} must be a positive number of seconds")
+    return value

@@ -1,0 +1,347 @@
+"""The service's statistics as one typed, immutable snapshot: what `/metrics`, `/healthz` and `getStats` read.
+
+The service builds a :class:`ServiceSnapshot` (:func:`build_snapshot`) from its parts; the handlers never touch
+the analyzer, the fleet, the capture or the transport themselves, so what they show is one consistent moment
+and the parts can change shape without the handlers knowing. Building it is O(leaves + alerts): cheap at
+scrape intervals (seconds), not meant for every batch.
+
+Outages are measured by :class:`DownTracker` (pure: ``now`` passed in), which the service updates every tick, so
+that a capture that came back between two scrapes is not counted as down for the whole gap.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from leafguard.agent.fleet import Fleet
+from leafguard.agent.queues import QueueName
+from leafguard.observe.analyzer import Analyzer, mac_text
+from leafguard.observe.model import identity_for_mac
+
+
+@dataclass(frozen=True, slots=True)
+class MetricLabels:
+    """The labels IoT Edge's built-in metrics carry (edgeHub, edgeAgent), put on every LeafGuard series.
+
+    ``instance_number`` is generated once per process start, as edgeAgent and edgeHub do: a restart begins new
+    series, so counters that start again at 0 are not mistaken for a reset of the same instance.
+    """
+
+    iothub: str
+    edge_device: str
+    instance_number: str
+    module_name: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> MetricLabels:
+        return cls(
+            iothub=env.get("IOTEDGE_IOTHUBHOSTNAME", ""),
+            edge_device=env.get("IOTEDGE_DEVICEID", ""),
+            instance_number=str(uuid.uuid4()),
+            module_name=env.get("IOTEDGE_MODULEID", "leafguard"),
+        )
+
+    def as_pairs(self) -> tuple[tuple[str, str], ...]:
+        return (
+            ("iothub", self.iothub),
+            ("edge_device", self.edge_device),
+            ("instance_number", self.instance_number),
+            ("module_name", self.module_name),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class InterfaceSnapshot:
+    name: str
+    state: str
+    running: bool
+    frames: int
+    bytes: int
+    kernel_drops: int
+    queue_drops: int
+    restarts: int
+    last_error: str
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureSnapshot:
+    live: bool
+    """Live capture (False: a replay of a capture file, which has no interfaces and is never "down")."""
+    analyzed_frames: int
+    analyzed_bytes: int
+    decode_errors: int
+    truncated_frames: int
+    interfaces: tuple[InterfaceSnapshot, ...]
+    down_for_s: float | None
+    """How long no interface has been running (None: capture is up, or this is a replay)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeafConnection:
+    """One leaf's own connection to the hub (per-leaf identities); ``state`` is the connection's own word."""
+
+    identity: str
+    state: str
+    connected: bool
+
+
+class LeafConnectionSource(Protocol):
+    """Whatever keeps per-leaf hub connections (the per-leaf twin clients) plugs in here for metrics."""
+
+    def leaf_connections(self) -> Iterable[LeafConnection]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LeafSnapshot:
+    seen: int
+    """Leaves in the inventory now."""
+    managed: int
+    """Of those, the leaves the leaf map names (an operator gave them a twin identity)."""
+    unmanaged: int
+    agents: int
+    """Defender agents (one per leaf that produced an observation or showed up in the inventory)."""
+    refused_observations: int
+    """Observations of leaves beyond the agent limit."""
+    connections: tuple[LeafConnection, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityCounts:
+    priority: str
+    """``high``, ``low`` or ``operational`` (the Defender agent's three queues)."""
+    generated: int
+    sent: int
+    dropped: int
+    pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSnapshot:
+    by_priority: tuple[PriorityCounts, ...]
+    messages: int
+    aggregation_overflow: int
+
+    @property
+    def generated(self) -> int:
+        return sum(p.generated for p in self.by_priority)
+
+    @property
+    def sent(self) -> int:
+        return sum(p.sent for p in self.by_priority)
+
+    @property
+    def dropped(self) -> int:
+        return sum(p.dropped for p in self.by_priority)
+
+    @property
+    def pending(self) -> int:
+        return sum(p.pending for p in self.by_priority)
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkSnapshot:
+    state: str
+    connected: bool
+    messages_sent: int
+    bytes_sent: int
+    send_failures: int
+    """Sends that failed or were not acknowledged in time (the message stays queued and goes again)."""
+    messages_dropped: int
+    bytes_dropped: int
+    messages_resent: int
+    queue_messages: int
+    queue_bytes: int
+    connects: int
+    reconnects: int
+    down_for_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class AlertCount:
+    type: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSnapshot:
+    by_type: tuple[AlertCount, ...]
+    dropped: int
+    suppressed: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSnapshot:
+    version: str
+    started_at: float
+    taken_at: float
+    batches: int
+    labels: MetricLabels
+    capture: CaptureSnapshot
+    leaves: LeafSnapshot
+    agents: AgentSnapshot
+    alerts: AlertSnapshot
+    uplink: UplinkSnapshot | None
+    """None in local mode (no hub)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON (``getStats``): the same fields, nested, tuples as lists."""
+        out = asdict(self)
+        out.pop("labels")
+        return out
+
+
+class DownTracker:
+    """Since when something has been down, from up/down samples; it starts down (nothing proved it up yet)."""
+
+    def __init__(self, now: float) -> None:
+        self._down_since: float | None = now
+
+    def update(self, up: bool, now: float) -> float | None:
+        """Record a sample; returns how long it has been down (None when up)."""
+        if up:
+            self._down_since = None
+            return None
+        if self._down_since is None:
+            self._down_since = now
+        return now - self._down_since
+
+    def down_for(self, now: float) -> float | None:
+        return None if self._down_since is None else now - self._down_since
+
+
+class CaptureStatsSource(Protocol):
+    def stats(self) -> Mapping[str, Any]: ...
+
+
+def interfaces_of(capture: CaptureStatsSource | None) -> tuple[InterfaceSnapshot, ...]:
+    if capture is None:
+        return ()
+    return tuple(
+        InterfaceSnapshot(
+            name=name,
+            state=str(st.state),
+            running=str(st.state) == "running",
+            frames=st.frames,
+            bytes=st.bytes,
+            kernel_drops=st.kernel_drops,
+            queue_drops=st.queue_drops,
+            restarts=st.restarts,
+            last_error=st.last_error,
+        )
+        for name, st in sorted(capture.stats().items())
+    )
+
+
+def capture_up(interfaces: tuple[InterfaceSnapshot, ...]) -> bool:
+    """Capture is up when at least one interface is running (the others are retried meanwhile)."""
+    return any(i.running for i in interfaces)
+
+
+def uplink_up(counters: Mapping[str, Any]) -> bool:
+    return counters.get("state") == "connected"
+
+
+_PRIORITY_NAMES = {QueueName.HIGH: "high", QueueName.LOW: "low", QueueName.OPERATIONAL: "operational"}
+
+
+def build_snapshot(
+    *,
+    version: str,
+    started_at: float,
+    taken_at: float,
+    batches: int,
+    labels: MetricLabels,
+    analyzer: Analyzer,
+    fleet: Fleet,
+    interfaces: tuple[InterfaceSnapshot, ...] | None,
+    capture_down_for_s: float | None,
+    uplink: Mapping[str, Any] | None,
+    uplink_down_for_s: float | None,
+    leaf_connections: LeafConnectionSource | None,
+) -> ServiceSnapshot:
+    """One consistent snapshot; ``interfaces`` is None for a replay, ``uplink`` (transport counters) locally."""
+    st = analyzer.stats
+    seen = managed = 0
+    for leaf in analyzer.leaves():
+        seen += 1
+        mac = mac_text(leaf.mac)
+        if fleet.identity_for(mac) != identity_for_mac(mac):
+            managed += 1
+    agents = fleet.agents()
+    by_queue: dict[QueueName, list[int]] = {name: [0, 0, 0, 0] for name in QueueName}
+    messages = overflow = 0
+    for agent in agents:
+        for name, t in agent.totals_by_queue().items():
+            acc = by_queue[name]
+            acc[0] += t.generated
+            acc[1] += t.sent
+            acc[2] += t.dropped
+            acc[3] += t.pending
+        a = agent.stats()
+        messages += a.messages
+        overflow += a.aggregation_overflow
+    detectors = analyzer.detectors
+    by_type = Counter(alert.type for alert in detectors.alerts)
+    connections = (
+        tuple(sorted(leaf_connections.leaf_connections(), key=lambda c: c.identity))
+        if leaf_connections is not None
+        else ()
+    )
+    return ServiceSnapshot(
+        version=version,
+        started_at=started_at,
+        taken_at=taken_at,
+        batches=batches,
+        labels=labels,
+        capture=CaptureSnapshot(
+            live=interfaces is not None,
+            analyzed_frames=st.packets,
+            analyzed_bytes=st.bytes,
+            decode_errors=st.decode_errors,
+            truncated_frames=st.truncated,
+            interfaces=interfaces or (),
+            down_for_s=capture_down_for_s if interfaces is not None else None,
+        ),
+        leaves=LeafSnapshot(
+            seen=seen,
+            managed=managed,
+            unmanaged=seen - managed,
+            agents=len(agents),
+            refused_observations=fleet.refused_observations,
+            connections=connections,
+        ),
+        agents=AgentSnapshot(
+            by_priority=tuple(PriorityCounts(_PRIORITY_NAMES[name], *by_queue[name]) for name in QueueName),
+            messages=messages,
+            aggregation_overflow=overflow,
+        ),
+        alerts=AlertSnapshot(
+            by_type=tuple(AlertCount(t, n) for t, n in sorted(by_type.items())),
+            dropped=detectors.dropped_alerts,
+            suppressed=detectors.suppressed_alerts,
+        ),
+        uplink=_uplink(uplink, uplink_down_for_s) if uplink is not None else None,
+    )
+
+
+def _uplink(c: Mapping[str, Any], down_for_s: float | None) -> UplinkSnapshot:
+    return UplinkSnapshot(
+        state=str(c["state"]),
+        connected=uplink_up(c),
+        messages_sent=int(c["sent"]),
+        bytes_sent=int(c.get("sent_bytes", 0)),
+        send_failures=int(c.get("send_errors", 0)) + int(c.get("send_timeouts", 0)),
+        messages_dropped=int(c["dropped"]),
+        bytes_dropped=int(c.get("dropped_bytes", 0)),
+        messages_resent=int(c.get("resent", 0)),
+        queue_messages=int(c["queued"]),
+        queue_bytes=int(c["queued_bytes"]),
+        connects=int(c.get("connects", 0)),
+        reconnects=int(c.get("reconnects", 0)),
+        down_for_s=down_for_s,
+    )

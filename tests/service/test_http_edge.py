@@ -1,0 +1,85 @@
+"""`/metrics` and `/healthz` of `leafguard run` in edge mode against the hub emulator, through an edgeHub outage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from leafguard.demo import demo_capture
+from tests.hub_emulator import HubEmulator
+from tests.service.helpers import free_port, http_get
+from tests.service.test_http import BASE_LABELS, parse, value
+
+LIMIT_S = 60.0
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[HubEmulator]:
+    async with HubEmulator.start(thread=True) as emulator:
+        yield emulator
+
+
+async def poll(what: Callable[[], Any], interval_s: float = 0.1) -> Any:
+    while True:
+        try:
+            got = await asyncio.to_thread(what)
+        except OSError:
+            got = None
+        if got:
+            return got
+        await asyncio.sleep(interval_s)
+
+
+async def test_edge_metrics_carry_the_iot_edge_labels_and_healthz_fails_while_the_hub_is_down(
+    hub: HubEmulator,
+) -> None:
+    module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IOTEDGE_", "LEAFGUARD_"))}
+    env |= hub.edge_environment(module) | {"LEAFGUARD_HTTP_PORT": str(port), "LEAFGUARD_HEALTH_DOWN_AFTER_S": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "leafguard", "run", "--pcap", str(demo_capture()), "--replay-speed", "0",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    healthz, metrics = f"http://127.0.0.1:{port}/healthz", f"http://127.0.0.1:{port}/metrics"
+
+    def health() -> tuple[int, dict[str, Any]]:
+        status, body = http_get(healthz)
+        return status, json.loads(body)
+
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await poll(lambda: (r := health())[0] == 200 and r[1].get("uplink") == "connected")
+            # The demo's two cleartext logins go out as alerts at once; security messages only at the end.
+            families = await poll(lambda: (f := parse(http_get(metrics)[1].decode()))
+                                  and value(f, "leafguard_uplink_messages_sent_total") >= 2 and f)
+            labels = {(s.labels["iothub"], s.labels["edge_device"], s.labels["module_name"])
+                      for f in families.values() for s in f.samples}
+            assert labels == {(hub.hub_hostname, "edge1", "leafguard")}
+            assert all(s.labels.keys() >= BASE_LABELS for f in families.values() for s in f.samples)
+            assert value(families, "leafguard_uplink_connected") == 1
+            assert value(families, "leafguard_uplink_bytes_sent_total") > 0
+            assert value(families, "leafguard_uplink_queue_messages") == 0
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(hub.restart(downtime_s=8), name="test.hub_outage")
+                _status, doc = await poll(lambda: (r := health())[0] == 503 and r)
+                down = parse(http_get(metrics)[1].decode())
+            assert doc["status"] == "unhealthy" and doc["uplink"] != "connected"
+            assert any(r.startswith("uplink to the edge hub down for ") for r in doc["reasons"])
+            assert value(down, "leafguard_uplink_connected") == 0
+            assert value(down, "leafguard_uplink_down_seconds") > 1
+            # Back: healthy again, and the reconnect is counted.
+            await poll(lambda: (r := health())[0] == 200 and r[1]["status"] == "ok", interval_s=0.3)
+            assert value(parse(http_get(metrics)[1].decode()), "leafguard_uplink_reconnects_total") >= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(LIMIT_S):
+            _out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
