@@ -223,8 +223,8 @@ def interface_macs(names: Iterable[str], sysfs: Path = Path("/sys/class/net")) -
 
 def cap_net_raw_message(interface: str) -> str:
     return (
-        f"capture on {interface} needs CAP_NET_RAW: run as root, or add NET_RAW to HostConfig.CapAdd in the "
-        "module's createOptions in the deployment manifest"
+        f"capture on {interface} needs CAP_NET_RAW: add NET_RAW to HostConfig.CapAdd in the module's createOptions "
+        "in the deployment manifest (outside a container: run as root)"
     )
 
 

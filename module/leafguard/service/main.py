@@ -35,6 +35,7 @@ from leafguard.agent.config import ConfigOutcome
 from leafguard.agent.fleet import ViewsProvider
 from leafguard.agent.local import AnalyzerLike, LocalAgentOutput, make_fleet
 from leafguard.capture.batch import FrameBatch
+from leafguard.capture.caps import CAP_NET_RAW, raise_permitted
 from leafguard.errors import CaptureError, ConfigurationError, LeafGuardError
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
@@ -67,6 +68,8 @@ REPLAY_QUEUE_BATCHES = 64
 
 
 def run_service(args: argparse.Namespace) -> int:
+    # Before any thread starts (capabilities are per thread): a non-root image's permitted CAP_NET_RAW.
+    raise_permitted(CAP_NET_RAW)
     settings = ServiceSettings.from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
