@@ -6,7 +6,8 @@ Everything under `/control`; identities in paths are `{device}` or `{device}/{mo
     GET    /control/identities                     every identity with keys and connection string
     POST   /control/identities                     {"device_id", "module_id"?, "parent"?, "edge"?}
     GET    /control/twins/{identity}               the twin
-    PATCH  /control/twins/{identity}               a desired-properties patch; answers {"$version": n}
+    PATCH  /control/twins/{identity}               a desired-properties patch; answers {"$version": n}, or 400
+                                                   {"errorCode": 400004, "message": reason} if too large/deep
     GET    /control/messages?identity=&limit=      recorded messages (newest last)
     DELETE /control/messages                       forget them
     GET    /control/connections                    live connections
@@ -29,6 +30,7 @@ import orjson
 from aiohttp import web
 
 from tests.hub_emulator.identities import Identity, RegistryError
+from tests.hub_emulator.twins import TwinError
 
 if TYPE_CHECKING:
     from tests.hub_emulator.emulator import HubEmulator
@@ -111,7 +113,12 @@ def routes(hub: HubEmulator) -> web.RouteTableDef:
     @table.patch(f"/control/twins/{IDENTITY}")
     async def patch_desired(request: web.Request) -> web.Response:
         ident = _identity(hub, request)
-        return _json({"$version": await hub.set_desired(ident, await _body(request))})
+        try:
+            version = await hub.set_desired(ident, await _body(request))
+        except TwinError as exc:
+            # What the hub's service API answers for a patch it refuses: the status and the reason, nothing merged.
+            return _json({"errorCode": exc.status * 1000 + 4, "message": str(exc)}, status=exc.status)
+        return _json({"$version": version})
 
     @table.get("/control/messages")
     async def messages(request: web.Request) -> web.Response:

@@ -461,3 +461,31 @@ async def test_control_api(hub: HubEmulator) -> None:
             assert resp.status == 404
         async with http.post(url + "/restart", json={}) as resp:
             assert resp.status == 200
+
+
+def _nested(depth: int) -> bytes:
+    """`{"n": {"n": ... {"leaf": 1}}}` as text: orjson would refuse to serialise past 254 levels."""
+    return b'{"n":' * (depth - 1) + b'{"leaf":1}' + b"}" * (depth - 1)
+
+
+@pytest.mark.parametrize(
+    ("patch", "reason"),
+    [
+        (orjson.dumps({"big": "x" * (33 * 1024)}), "over 32768"),
+        (_nested(11), "deeper than 10"),
+        # Deeper than Python's recursion limit but within orjson's: the depth check itself must not recurse.
+        (_nested(1010), "deeper than 10"),
+    ],
+    ids=["too-large", "too-deep", "deeper-than-recursion-limit"],
+)
+async def test_control_api_refuses_bad_desired_patch_with_400_and_reason(
+        hub: HubEmulator, patch: bytes, reason: str) -> None:
+    hub.add_device("d1")
+    url = hub.http_url + "/control/twins/d1"
+    async with aiohttp.ClientSession() as http:
+        async with http.patch(url, data=patch, headers={"Content-Type": "application/json"}) as resp:
+            assert resp.status == 400
+            body = await resp.json()
+            assert body["errorCode"] == 400004 and reason in body["message"]
+        async with http.get(url) as resp:
+            assert (await resp.json())["desired"] == {"$version": 1}, "a refused patch changes nothing"

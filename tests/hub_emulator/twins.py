@@ -44,10 +44,20 @@ def twin_size(value: Any) -> int:
     return 0
 
 
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    return 0
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of objects, counted up to `limit + 1`; iterative, since a parsed document may nest deeper
+    than Python's recursion limit (orjson accepts 1024 levels)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((v, depth) for v in item.values())
+    return deepest
 
 
 def merge(target: JsonObject, patch: JsonObject) -> None:
@@ -76,7 +86,7 @@ class Section:
         if not isinstance(patch, dict):
             raise TwinError(400, "twin patch must be a JSON object")
         patch = {k: v for k, v in patch.items() if k != "$version"}
-        if _depth(patch) > MAX_DEPTH:
+        if _depth(patch, MAX_DEPTH) > MAX_DEPTH:
             raise TwinError(400, f"twin patch nests deeper than {MAX_DEPTH} levels")
         candidate = copy.deepcopy(self.properties)
         merge(candidate, patch)
