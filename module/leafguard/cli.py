@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     src = run.add_mutually_exclusive_group()
     src.add_argument("--interface", action="append", metavar="IF", help="capture on this interface (repeatable)")
     src.add_argument("--pcap", metavar="FILE", help="replay a capture file instead of capturing")
+    src.add_argument(
+        "--demo",
+        action="store_true",
+        help="replay the built-in plant network (as analyze --demo), then stop: the final flush sends the messages",
+    )
     run.add_argument("--replay-speed", type=float, default=1.0, help="replay speed factor; 0 = as fast as possible")
     run.add_argument("--local-dir", metavar="DIR", help="local mode: write leaves, messages and twins here")
     _analysis_options(

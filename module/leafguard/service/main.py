@@ -178,6 +178,10 @@ class Service:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
         log.info("stopped cleanly after %d batches", self.batches)
+        if self.transport is not None:
+            up = self.transport.counters()
+            log.info("uplink: %d messages sent (%d bytes), %d dropped, %d still queued",
+                     up["sent"], up["sent_bytes"], up["dropped"], up["queued"])
         return 0
 
     async def _start_http(self) -> Any:
@@ -255,6 +259,11 @@ class Service:
             # Overflow policy "block": a replay waits for the pipeline rather than losing frames.
             await self.queue.put(batch)
         self.replay_done = True
+        if self.settings.stop_after_replay:
+            log.info("demo replay finished: %d frames; stopping, the final flush sends the security messages",
+                     replay.frames)
+            self.stopping.set()
+            return
         log.info("replay finished: %d frames; waiting for SIGINT/SIGTERM", replay.frames)
 
     async def _pipeline(self) -> None:

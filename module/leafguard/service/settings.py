@@ -42,6 +42,8 @@ class ServiceSettings:
     shutdown_deadline_s: float = 10.0
     edge: EdgeSettings | None = None
     """Edge mode (inside IoT Edge, no local folder): the uplink through the edge hub instead of ``local_dir``."""
+    stop_after_replay: bool = False
+    """``--demo``: stop once the replay is done (the ordered shutdown flushes and sends every message)."""
 
     @property
     def live(self) -> bool:
@@ -50,12 +52,18 @@ class ServiceSettings:
     @classmethod
     def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> ServiceSettings:
         interfaces = tuple(args.interface or ())
+        demo = bool(getattr(args, "demo", False))
+        pcap = args.pcap
+        if demo:
+            from leafguard.demo import demo_capture
+
+            pcap = str(demo_capture())
         env_ifaces = env.get("LEAFGUARD_INTERFACES", "")
-        if not interfaces and not args.pcap and env_ifaces:
+        if not interfaces and not pcap and env_ifaces:
             interfaces = tuple(i for i in env_ifaces.replace(",", " ").split() if i)
-        if not interfaces and not args.pcap:
+        if not interfaces and not pcap:
             raise ConfigurationError(
-                "leafguard run needs a source: --interface IF (or LEAFGUARD_INTERFACES) or --pcap FILE"
+                "leafguard run needs a source: --interface IF (or LEAFGUARD_INTERFACES), --pcap FILE or --demo"
             )
         local = args.local_dir or env.get("LEAFGUARD_LOCAL_DIR")
         edge = None
@@ -70,7 +78,7 @@ class ServiceSettings:
             raise ConfigurationError("--write-interval must be positive")
         return cls(
             interfaces=interfaces,
-            pcap=Path(args.pcap) if args.pcap else None,
+            pcap=Path(pcap) if pcap else None,
             replay_speed=speed,
             local_dir=Path(local) if local is not None else None,
             analyzer=AnalyzerSettings.from_cli(
@@ -84,10 +92,12 @@ class ServiceSettings:
             write_interval_s=float(args.write_interval),
             extra_filter=args.extra_filter or "",
             promiscuous=not args.no_promisc,
-            http_port=_http_port(args.http_port, env, edge is not None),
+            # A demo lasts a second: no HTTP server unless asked for (9600 may be taken on a workstation).
+            http_port=_http_port(args.http_port, env, edge is not None and not demo),
             http_host=_http_host(args.http_host or env.get("LEAFGUARD_HTTP_HOST", "")),
             health_down_after_s=_positive(env, "LEAFGUARD_HEALTH_DOWN_AFTER_S", 60.0),
             edge=edge,
+            stop_after_replay=demo,
         )
 
 
