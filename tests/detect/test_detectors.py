@@ -21,11 +21,13 @@ from leafguard.observe.settings import AnalyzerSettings
 from tests.conftest import shared_pcaps
 
 EXPECTED = {
-    "chrissanders_arppoison.pcapng": {"arp_spoofing": 1},
+    "chrissanders_arppoison.pcapng": {"arp_spoofing": 1, "gateway_impersonation": 1},
     "chrissanders_synscan.pcapng": {"port_scan": 1},
     "esnet_masscan_tcp_0_1000.pcap": {"port_scan": 1},
     "ppa_portscan.pcap": {"port_scan": 1},
-    "ppa_ftp-crack.pcap": {"cleartext_login": 1, "brute_force": 1},
+    "ppa_ftp-crack.pcap": {"cleartext_login": 1, "brute_force": 1, "connection_brute_force": 1},
+    "evilfingers_nmap_XMAS_TREE_SCAN.pcap": {"stealth_scan": 1},
+    "zeek_nmap-vsn.pcap": {"arp_sweep": 1},
     "ppa_ftp.pcap": {"cleartext_login": 1},
     "ndpi_telnet.pcap": {"cleartext_login": 1},
     "ndpi_mqtt.pcapng": {"cleartext_login": 1},
@@ -61,8 +63,12 @@ def test_the_arp_poisoner_and_the_ftp_brute_forcer_are_named() -> None:
     pcaps = {p.name: p for p in shared_pcaps()}
     if not pcaps:
         pytest.skip("../shared is absent")
-    (spoof,) = _alerts(pcaps["chrissanders_arppoison.pcapng"])
+    found = {a["type"]: a for a in _alerts(pcaps["chrissanders_arppoison.pcapng"])}
+    spoof = found["arp_spoofing"]
     assert spoof["mac"] == "00:25:b3:bf:91:ee" and spoof["evidence"]["ip"] == "172.16.0.1"
+    # The victim's traffic to the Internet goes to the poisoner's MAC instead of the real gateway's.
+    hijack = found["gateway_impersonation"]
+    assert hijack["mac"] == "00:25:b3:bf:91:ee" and hijack["evidence"]["gateway_mac"] == "00:26:0b:31:07:33"
     brute = next(a for a in _alerts(pcaps["ppa_ftp-crack.pcap"]) if a["type"] == "brute_force")
     assert brute["evidence"]["client"] == "10.234.125.254" and brute["evidence"]["failures"] >= 10
 

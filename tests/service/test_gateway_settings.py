@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from leafguard.demo import demo_capture
+from leafguard.detect.thresholds import THRESHOLD_KEYS, Thresholds
 from leafguard.errors import ConfigurationError
 from leafguard.service.gateway import CaptureSection, parse_detection, parse_leaf_map
 from tests.netns import Lab, Netns, needs_root
@@ -158,7 +159,7 @@ def test_detection_changes_live_and_bad_settings_keep_those_in_force(tmp_path: P
     _set_doc(out, {"detection": {"floodRatePerS": 0.5, "silentAfterS": 0.1}})
     with _demo_replay(out):
         status = wait_for(lambda: (s := read_stats(out)["detection"])["floodRatePerS"] == 0.5 and s)
-        assert status == {"learningPeriodS": None, "silentAfterS": 0.1, "floodRatePerS": 0.5, "error": None}
+        assert status == {"learningPeriodS": None, "silentAfterS": 0.1, "floodRatePerS": 0.5, "error": None} | DEFAULTS
         alerts = wait_for(lambda: (a := _alert_types(out)) >= {"flood", "leaf_silent"} and a)
         assert alerts >= {"flood", "leaf_silent"}
         _set_doc(out, {"detection": {"floodRatePerS": -3, "learningPeriodS": 60}})  # one bad value: none applies
@@ -167,7 +168,17 @@ def test_detection_changes_live_and_bad_settings_keep_those_in_force(tmp_path: P
         assert (bad["floodRatePerS"], bad["learningPeriodS"]) == (0.5, None)
         _set_doc(out, {"detection": {"floodRatePerS": None, "learningPeriodS": 60}})
         good = wait_for(lambda: (s := read_stats(out)["detection"])["learningPeriodS"] == 60 and s)
-        assert good == {"learningPeriodS": 60.0, "silentAfterS": 0.1, "floodRatePerS": None, "error": None}
+        assert good == {"learningPeriodS": 60.0, "silentAfterS": 0.1, "floodRatePerS": None, "error": None} | DEFAULTS
+        # The rules' thresholds are settings of the same section, validated with it: a count of 1 is refused.
+        _set_doc(out, {"detection": {"portScanPorts": 1, "udpScanPorts": 20}})
+        bad = wait_for(lambda: (s := read_stats(out)["detection"])["error"] and "port_scan_ports" in s["error"] and s)
+        assert (bad["portScanPorts"], bad["udpScanPorts"]) == (15, 15)
+        _set_doc(out, {"detection": {"portScanPorts": 30, "udpReplyTimeoutS": 5}})
+        good = wait_for(lambda: (s := read_stats(out)["detection"])["portScanPorts"] == 30 and s)
+        assert (good["udpReplyTimeoutS"], good["error"]) == (5.0, None)
+
+
+DEFAULTS = {key: getattr(Thresholds(), field) for key, field in THRESHOLD_KEYS.items()}
 
 
 def _alert_types(out: Path) -> set[str]:

@@ -321,3 +321,6 @@ def _transport(p: Packet, data: bytes, pos: int, end: int, ip_end: int) -> None:
             p.truncated = True
             return
         p.icmp_type = data[pos]
+        # The message itself, for the rules that read ICMP (unreachables quote the datagram they answer).
+        p.payload_off = pos
+        p.payload_len = max(0, min(end, ip_end) - pos)

@@ -6,7 +6,9 @@ two halves of the core meet the evidence is not the capture order, so the detect
 each batch, sorted by packet time: their findings do not depend on how frames were split into batches or paths.
 
 Thresholds follow what the reference monitors use (Zeek's scan policy: 15 ports of one host, or 25 hosts on
-one port, failed within 5 minutes); each finding is raised once per key and window, and every table is capped.
+one port, failed within 5 minutes; see `detect.thresholds`, where they are settings); each finding is raised once
+per key and window, and every table is capped. Every finding passes `raise_alert`, which applies the mute rules
+in force (`detect.muting`) and the cap on kept alerts.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-ALERT_SCHEMA_VERSION = "1.1"
+if TYPE_CHECKING:
+    from leafguard.detect.muting import Muting
+    from leafguard.detect.thresholds import Thresholds
+
+ALERT_SCHEMA_VERSION = "1.2"
 _NAMESPACE = uuid.UUID("7d6c1b8e-4f0a-4b8e-9a55-2c1d5e3f6a01")
 
 Severity = Literal["low", "medium", "high"]
@@ -97,7 +103,12 @@ class _Window:
 
 
 class Detectors:
-    def __init__(self, learning_period_s: float | None = None) -> None:
+    def __init__(self, learning_period_s: float | None = None, thresholds: Thresholds | None = None) -> None:
+        from leafguard.detect.muting import Muting
+        from leafguard.detect.thresholds import Thresholds
+
+        self.thresholds = thresholds or Thresholds()
+        self.muting: Muting = Muting()
         self.learning_period_s = learning_period_s
         self.learning_started: float | None = None
         """Packet time of the first frame: the learning period runs from there."""
@@ -146,16 +157,27 @@ class Detectors:
             elif kind == FLOOD:
                 self._flood(ts, *data)
 
-    def _raise(self, alert: Alert) -> None:
+    def raise_alert(self, alert: Alert) -> None:
+        """Keep a finding, unless a mute rule drops it or the list is full (both counted)."""
+        if self.muting.drops(alert):
+            return
         if len(self.alerts) >= MAX_ALERTS:
             self.dropped_alerts += 1
             return
         self.alerts.append(alert)
 
-    @staticmethod
-    def _window(table: dict[Any, _Window], key: Any, ts: float) -> _Window:
+    def learn(self, macs: list[bytes]) -> None:
+        """Accept the current state into the baseline: these leaves are known, and everything each one is using
+        now (its peers and services, kept since it joined) is part of its baseline."""
+        for mac in macs:
+            if len(self._baseline) < MAX_TRACKED:
+                self._baseline.add(mac)
+            self._unbounded.discard(mac)
+        self._peer_alerts.clear()
+
+    def _window(self, table: dict[Any, _Window], key: Any, ts: float) -> _Window:
         w = table.get(key)
-        if w is None or ts - w.start > SCAN_WINDOW_S:
+        if w is None or ts - w.start > self.thresholds.scan_window_s:
             if w is None and len(table) >= MAX_TRACKED:
                 table.pop(next(iter(table)))
             w = table[key] = _Window(ts)
@@ -164,7 +186,7 @@ class Detectors:
     def _crossed(self, table: dict[Any, _Window], key: Any, item: Any, ts: float, threshold: int) -> _Window | None:
         """Count a distinct ``item`` for ``key``; the window, the first time it reaches ``threshold``."""
         w = table.get(key)
-        if w is None or ts - w.start > SCAN_WINDOW_S:
+        if w is None or ts - w.start > self.thresholds.scan_window_s:
             w = self._window(table, key, ts)
         if w.alerted or item in w.items:
             return None
@@ -175,19 +197,20 @@ class Detectors:
         return w
 
     def _syn(self, ts: float, src: bytes, dst: bytes, port: int, mac: bytes | None) -> None:
-        if (w := self._crossed(self._ports, (src, dst), port, ts, PORT_SCAN_PORTS)) is not None:
-            self._raise(
+        t = self.thresholds
+        if (w := self._crossed(self._ports, (src, dst), port, ts, t.port_scan_ports)) is not None:
+            self.raise_alert(
                 Alert(
                     "port_scan", "high", ts, _mac(mac) if mac else None,
-                    f"{_ip(src)} probed {len(w.items)} ports of {_ip(dst)} within {SCAN_WINDOW_S:.0f} s",
+                    f"{_ip(src)} probed {len(w.items)} ports of {_ip(dst)} within {t.scan_window_s:.0f} s",
                     {"scanner": _ip(src), "target": _ip(dst), "ports": sorted(w.items)[:50], "first_ts": w.start},
                 )
             )  # fmt: skip
-        if (h := self._crossed(self._hosts, (src, port), dst, ts, ADDRESS_SCAN_HOSTS)) is not None:
-            self._raise(
+        if (h := self._crossed(self._hosts, (src, port), dst, ts, t.address_scan_hosts)) is not None:
+            self.raise_alert(
                 Alert(
                     "address_scan", "high", ts, _mac(mac) if mac else None,
-                    f"{_ip(src)} probed port {port} on {len(h.items)} hosts within {SCAN_WINDOW_S:.0f} s",
+                    f"{_ip(src)} probed port {port} on {len(h.items)} hosts within {t.scan_window_s:.0f} s",
                     {"scanner": _ip(src), "port": port, "hosts": sorted(_ip(d) for d in h.items)[:50],
                      "first_ts": h.start},
                 )
@@ -196,7 +219,7 @@ class Detectors:
     def _bind(self, ts: float, ip: bytes, mac: bytes) -> None:
         old = self._bindings.get(ip)
         if old is not None and old[0] != mac and ts - old[1] <= BINDING_MEMORY_S:
-            self._raise(
+            self.raise_alert(
                 Alert(
                     "address_conflict", "high", ts, _mac(mac),
                     f"{_ip(ip)} moved from {_mac(old[0])} to {_mac(mac)} (ARP spoofing or a duplicate address)",
@@ -231,7 +254,7 @@ class Detectors:
             return
         self._claims_reported.add((mac, ip))
         own = sorted(_ip(other) for other in self._claims.get(mac, {}) if other != ip)
-        self._raise(
+        self.raise_alert(
             Alert(
                 "arp_spoofing", "high", ts, _mac(mac),
                 f"{_mac(mac)} announces {_ip(ip)} as its own but also asks who has it",
@@ -253,7 +276,7 @@ class Detectors:
             if len(self._baseline) < MAX_TRACKED:
                 self._baseline.add(mac)  # learned: part of the baseline
             return
-        self._raise(
+        self.raise_alert(
             Alert(
                 "new_device", "medium", ts, _mac(mac),
                 f"new device {_mac(mac)} ({vendor or 'unknown vendor'}{', ' + ips if ips else ''}) after the "
@@ -285,7 +308,7 @@ class Detectors:
         if len(w.items) > NEW_PEER_ALERTS:
             self.suppressed_alerts += 1
             return
-        self._raise(
+        self.raise_alert(
             Alert(
                 "new_peer", "medium", ts, _mac(mac),
                 f"{_mac(mac)} opened {protocol} to {_ip(peer)}:{port}, which it did not use during the learning period",
@@ -308,7 +331,7 @@ class Detectors:
         if learning:
             return
         known = sorted(f"{pr}/{pt}" for pr, pt in services if (pr, pt) != key)
-        self._raise(
+        self.raise_alert(
             Alert(
                 "new_service", "medium", ts, _mac(mac),
                 f"{_mac(mac)} offers {protocol}/{port}, a service it did not offer during the learning period",
@@ -318,7 +341,7 @@ class Detectors:
         )  # fmt: skip
 
     def _silent(self, ts: float, mac: bytes, last_seen: float, silent_after_s: float) -> None:
-        self._raise(
+        self.raise_alert(
             Alert(
                 "leaf_silent", "medium", ts, _mac(mac),
                 f"{_mac(mac)} has sent nothing for {silent_after_s:g} s",
@@ -329,7 +352,7 @@ class Detectors:
     def _flood(
         self, ts: float, mac: bytes, frames: int, window_start: float, window_s: float, rate: float, direction: str
     ) -> None:
-        self._raise(
+        self.raise_alert(
             Alert(
                 "flood", "high", ts, _mac(mac),
                 f"{_mac(mac)} {direction} {frames} frames within {window_s:g} s (more than {rate:g} per second)",
@@ -346,7 +369,7 @@ class Detectors:
         if len(self._dhcp_servers) > 1 and server_mac not in self._rogue_reported:
             self._rogue_reported.add(server_mac)
             others = sorted(_mac(m) for m in self._dhcp_servers if m != server_mac)
-            self._raise(
+            self.raise_alert(
                 Alert(
                     "rogue_dhcp", "high", ts, _mac(server_mac),
                     f"a second DHCP server answers: {_mac(server_mac)} ({_ip(server_ip)}) besides {', '.join(others)}",
@@ -364,7 +387,7 @@ class Detectors:
             if last is None and len(self._cleartext) >= MAX_TRACKED:
                 self._cleartext.pop(next(iter(self._cleartext)))
             self._cleartext[key] = ts
-            self._raise(
+            self.raise_alert(
                 Alert(
                     "cleartext_login", "medium", ts, _mac(mac) if mac else None,
                     f"{protocol} login in cleartext from {_ip(client)} to {_ip(server)}:{port} ({result})",
@@ -376,13 +399,13 @@ class Detectors:
             return
         w = self._window(self._login_failures, (client, server, port), ts)
         w.items[len(w.items)] = ts
-        if not w.alerted and len(w.items) >= BRUTE_FORCE_FAILURES:
+        if not w.alerted and len(w.items) >= self.thresholds.brute_force_failures:
             w.alerted = True
-            self._raise(
+            self.raise_alert(
                 Alert(
                     "brute_force", "high", ts, _mac(mac) if mac else None,
                     f"{len(w.items)} failed {protocol} logins from {_ip(client)} to {_ip(server)}:{port} "
-                    f"within {SCAN_WINDOW_S:.0f} s",
+                    f"within {self.thresholds.scan_window_s:.0f} s",
                     {"protocol": protocol, "client": _ip(client), "server": _ip(server), "port": port,
                      "failures": len(w.items), "first_ts": w.start},
                 )

@@ -31,9 +31,12 @@ from leafguard.decode.frames import (
 )
 from leafguard.decode.login import LOGIN_PORTS, LoginOutcome, LoginTracker
 from leafguard.detect import detectors as det
+from leafguard.detect.attacks import AttackDetectors
 from leafguard.detect.floods import FLOOD_WINDOW_S, FloodTracker
 from leafguard.detect.sends import SendLog
 from leafguard.detect.silence import SilenceTracker
+from leafguard.detect.thresholds import Thresholds
+from leafguard.errors import ConfigurationError
 from leafguard.observe import fastpath
 from leafguard.observe.model import ConnectionSeen, Direction, LeafView, LoginSeen, Observation, Service
 from leafguard.observe.oui import vendor_of
@@ -111,7 +114,7 @@ class Analyzer:
         """The IPv4 conversations again, keyed as the bulk step groups frames (see `fastpath.plan_batch`)."""
         self._frags: dict[tuple[bytes, bytes, int, int], tuple[tuple[int, bytes, int, bytes, int], bool]] = {}
         self._frag_pending: dict[tuple[bytes, bytes, int, int], list[Any]] = {}
-        self.detectors = det.Detectors(self.settings.learning_period_s)
+        self.detectors = det.Detectors(self.settings.learning_period_s, self.settings.thresholds)
         self._learning = self.settings.learning_period_s is not None
         self.silence: SilenceTracker | None = None
         self.floods: FloodTracker | None = None
@@ -132,6 +135,11 @@ class Analyzer:
         self._dns_cache: dict[bytes, deep.Dns | None] = {}
         """DNS messages already parsed, by their bytes after the transaction id (read only once parsed)."""
         self._gateway = frozenset(bytes.fromhex(m.replace(":", "")) for m in self.settings.gateway_macs)
+        self.attacks = AttackDetectors(
+            self.settings.thresholds, self.detectors.raise_alert, leaf_nets=self.settings.leaf_nets,
+            gateway_macs=self._gateway, max_tracked=min(self.settings.max_flows, 65_536),
+        )  # fmt: skip
+        """Scans without SYNs, sweeps, connection brute force, impersonation: they read the batch themselves."""
         self._fast = fast_path
         self.now: float | None = None
 
@@ -157,6 +165,7 @@ class Analyzer:
         if st.last_ts is None or hi > st.last_ts:
             st.last_ts = hi
         self.now = ts[-1]
+        self.attacks.feed(batch)
         data = batch.data
         offsets = batch.offsets
         caplens = batch.caplens
@@ -236,11 +245,19 @@ class Analyzer:
             self.detectors.process(evidence)
 
     def set_detection(self, **changes: float | None) -> AnalyzerSettings:
-        """New detection settings (``learning_period_s``, ``silent_after_s``, ``flood_rate_per_s``) while running:
-        validated as a whole first (ConfigurationError, and nothing changes); a watch that changes starts
-        afresh. Returns the settings now in force."""
-        new = dataclasses.replace(self.settings, **changes)  # type: ignore[arg-type]
+        """New detection settings (``learning_period_s``, ``silent_after_s``, ``flood_rate_per_s``, and the
+        fields of `Thresholds`) while running: validated as a whole first (ConfigurationError, and nothing
+        changes); a watch that changes starts afresh. Returns the settings now in force."""
+        limits = {k: v for k, v in changes.items() if k in _THRESHOLD_FIELDS}
+        rest = {k: v for k, v in changes.items() if k not in _THRESHOLD_FIELDS}
+        if any(v is None for v in limits.values()):
+            raise ConfigurationError("a detection threshold cannot be turned off (null); give a number")
+        thresholds = self.settings.thresholds.replace(**limits) if limits else self.settings.thresholds  # type: ignore[arg-type]
+        new = dataclasses.replace(self.settings, thresholds=thresholds, **rest)  # type: ignore[arg-type]
         old, self.settings = self.settings, new
+        if new.thresholds != old.thresholds:
+            self.detectors.thresholds = new.thresholds
+            self.attacks.set_thresholds(new.thresholds)
         if new.learning_period_s != old.learning_period_s:
             self.detectors.learning_period_s = new.learning_period_s
             self._learning = new.learning_period_s is not None
@@ -263,8 +280,19 @@ class Analyzer:
             self.sends = SendLog()
         self.receives = (self.receives or SendLog()) if self.received_floods is not None else None
 
+    def learn(self, mac: str | None = None) -> int:
+        """Accept the current state into the baseline (of one leaf, or of all): the leaves known now, with the
+        peers and services they use, join the baseline; the attack rules start counting afresh. Returns how
+        many leaves were learned."""
+        macs = [st.mac for st in self.leaves() if mac is None or mac_text(st.mac) == mac]
+        self.detectors.learn(macs)
+        if mac is None:
+            self.attacks.learn()
+        return len(macs)
+
     def finish(self) -> None:
         """The end of the input: what waits for time to pass is looked at once more, at the last packet time."""
+        self.attacks.finish(self.stats.last_ts)
         if self.silence is not None and self.stats.last_ts is not None:
             self._silent_leaves(self.silence.silent_now(self.stats.last_ts, final=True))
             if self._evidence:
@@ -902,6 +930,7 @@ class Analyzer:
 
 
 _ULA = ipaddress.ip_network("fc00::/7")
+_THRESHOLD_FIELDS = frozenset(f.name for f in dataclasses.fields(Thresholds))
 
 
 # Conversations in the report: first seen, then 5-tuple.

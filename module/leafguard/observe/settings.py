@@ -6,6 +6,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from leafguard.detect.thresholds import Thresholds
 from leafguard.errors import ConfigurationError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -33,6 +34,8 @@ class AnalyzerSettings:
     """A leaf that sends nothing for this long raises a ``leaf_silent`` alert; None: not watched."""
     flood_rate_per_s: float | None = None
     """A leaf that sends more frames than this per second, over a 10 s window, raises a ``flood`` alert."""
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    """Counts and windows of the scan, sweep, brute-force and impersonation rules (`detect.thresholds`)."""
 
     def __post_init__(self) -> None:
         for name in ("max_flows", "max_macs", "max_names_per_leaf", "max_services_per_leaf", "max_ips_per_leaf"):

@@ -6,7 +6,8 @@ Edge mode reads them from the module twin; local mode from ``DIR/gateway.json`` 
   force stays;
 * ``leafMap``: ``{"<MAC>": "<identity>"}``, the twin identities of known leaves (a leaf it does not name keeps
   the identity derived from its MAC); an invalid map is reported and the map in force stays;
-* ``detection``: ``learningPeriodS``, ``silentAfterS``, ``floodRatePerS`` (a number, or null to turn it off);
+* ``detection``: ``learningPeriodS``, ``silentAfterS``, ``floodRatePerS`` (a number, or null to turn it off),
+  and the thresholds of `leafguard.detect.thresholds` (``portScanPorts``, ``udpReplyTimeoutS``...: numbers);
   keys it leaves out keep their value, and an invalid section is reported and the settings in force stay.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from leafguard.detect.thresholds import THRESHOLD_KEYS
 from leafguard.errors import CaptureError, ConfigurationError
 
 GATEWAY_FILE = "gateway.json"
@@ -45,8 +47,10 @@ DETECTION_KEYS = {
     "learningPeriodS": "learning_period_s",
     "silentAfterS": "silent_after_s",
     "floodRatePerS": "flood_rate_per_s",
+    **THRESHOLD_KEYS,
 }
-"""The detection settings operators may change live, and the `AnalyzerSettings` field each one sets."""
+"""The detection settings operators may change live, and the `AnalyzerSettings` (or `Thresholds`) field each one
+sets."""
 
 
 def parse_detection(section: object) -> dict[str, float | None]:

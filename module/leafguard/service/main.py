@@ -36,6 +36,7 @@ from leafguard.agent.fleet import ViewsProvider
 from leafguard.agent.local import AnalyzerLike, LocalAgentOutput, make_fleet
 from leafguard.capture.batch import FrameBatch
 from leafguard.capture.caps import CAP_NET_RAW, raise_permitted
+from leafguard.detect.thresholds import THRESHOLD_KEYS
 from leafguard.errors import CaptureError, ConfigurationError, LeafGuardError
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
@@ -424,4 +425,7 @@ class Service:
 
 def _detection_status(settings: AnalyzerSettings) -> dict[str, Any]:
     """The detection settings in force, under the names operators set them with."""
-    return {key: getattr(settings, field) for key, field in DETECTION_KEYS.items()}
+    limits = settings.thresholds
+    return {
+        key: getattr(limits if key in THRESHOLD_KEYS else settings, field) for key, field in DETECTION_KEYS.items()
+    }
