@@ -52,6 +52,30 @@ def test_summary_lists_leaves_and_conversations() -> None:
     assert "Siemens AG" in text and "ESP_07AEFB" in text and "REJ" in text
 
 
+def test_demo_summary_shows_the_alerts_and_the_defender_messages_per_leaf(tmp_path: Path) -> None:
+    """The demo's screen ends with an alert table and, per leaf, the Defender messages the run would send with
+    their events by type; the counts are those of the messages themselves (``--security-messages``)."""
+    proc = _analyze("--demo")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout.decode()
+    report = json.loads(_analyze("--demo", "--json").stdout)
+    assert f"Alerts ({len(report['alerts'])})" in text
+    for alert in report["alerts"]:
+        assert f"{alert['type']:<17} {alert['severity']:<8} {alert['mac']:<18} {alert['summary']}" in text
+    out = tmp_path / "messages.jsonl"
+    assert _analyze(str(demo_capture()), "--security-messages", str(out)).returncode == 0
+    messages = [json.loads(line) for line in out.read_text().splitlines()]
+    identities = sorted({m["identity"] for m in messages})
+    assert f"Defender security messages: {len(messages)} for {len(identities)} leaves (events by type)" in text
+    for identity in identities:
+        mine = [m for m in messages if m["identity"] == identity]
+        events = [e["Name"] for m in mine for e in m["body"]["Events"]]
+        row = next(line for line in text.splitlines() if line.strip().startswith(identity))
+        assert f"{len(mine):>3} msg  {len(events):>4} events" in row
+        for name in set(events):
+            assert f"{name} {events.count(name)}" in row
+
+
 def test_errors_are_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pcap"
     bad.write_bytes(b"not a capture at all, sorry")

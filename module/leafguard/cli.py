@@ -157,6 +157,26 @@ def _classify(batch: FrameBatch) -> object:
 
 
 def _analyze_captures(args: argparse.Namespace, captures: list[str], readers: dict[str, ForkedReader]) -> int:
+    messages_path: str | None = args.security_messages
+    scratch = None
+    if args.demo and not args.json and messages_path is None:
+        # The demo shows what LeafGuard is for: the Defender messages it would send, summarised after the tables.
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix="leafguard-demo-")
+        messages_path = os.path.join(scratch, "messages.jsonl")
+    try:
+        return _analyze_into(args, captures, readers, messages_path)
+    finally:
+        if scratch is not None:
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _analyze_into(
+    args: argparse.Namespace, captures: list[str], readers: dict[str, ForkedReader], messages_path: str | None
+) -> int:
     from leafguard.observe.analyzer import Analyzer
     from leafguard.observe.settings import AnalyzerSettings
 
@@ -164,13 +184,13 @@ def _analyze_captures(args: argparse.Namespace, captures: list[str], readers: di
         AnalyzerSettings.from_cli(
             args.leaf_net, args.gateway_mac, args.learning_period, args.silent_after, args.flood_rate
         ),
-        observations=bool(args.security_messages),
+        observations=messages_path is not None,
     )
     writer = None
-    if args.security_messages:
+    if messages_path is not None:
         from leafguard.agent.local import OfflineMessageWriter
 
-        writer = OfflineMessageWriter(Path(args.security_messages), args.agent_config)
+        writer = OfflineMessageWriter(Path(messages_path), args.agent_config)
     progress = _Progress(captures) if sys.stderr.isatty() else None
     with _fewer_collections():
         truncated_records = _feed(args, captures, readers, analyzer, writer, progress)
@@ -185,7 +205,18 @@ def _analyze_captures(args: argparse.Namespace, captures: list[str], readers: di
             _write_json(report, analyzer, sys.stdout.buffer)
         else:
             _summary(report, args.top, sys.stdout)
+            if messages_path is not None:
+                _message_summary(Path(messages_path), sys.stdout)
     return 0
+
+
+def _message_summary(path: Path, out: TextIO) -> None:
+    """Per leaf, the Defender messages the run would send and their events by type."""
+    from leafguard.agent.summary import format_message_summary, summarize_messages
+
+    with path.open("rb") as f:
+        pairs = [(doc["identity"], doc["body"]) for doc in map(orjson.loads, f)]
+    out.write("\n" + format_message_summary(summarize_messages(pairs)) + "\n")
 
 
 @contextlib.contextmanager
@@ -299,3 +330,19 @@ def _summary(report: dict[str, Any], top: int, out: TextIO) -> None:
             f"  {c['packets_ab'] + c['packets_ba']:,} pkts {c['bytes_ab'] + c['bytes_ba']:,} bytes"
             f"  {c['state'] or ''}\n"
         )
+    _alert_table(report["alerts"], out)
+
+
+ALERT_ROWS = 10
+
+
+def _alert_table(alerts: list[dict[str, Any]], out: TextIO) -> None:
+    if not alerts:
+        out.write("\nAlerts: none\n")
+        return
+    out.write(f"\nAlerts ({len(alerts)})\n")
+    out.write(f"{'type':<17} {'severity':<8} {'leaf':<18} summary\n")
+    for alert in alerts[:ALERT_ROWS]:
+        out.write(f"{alert['type']:<17} {alert['severity']:<8} {alert['mac'] or '-':<18} {alert['summary']}\n")
+    if len(alerts) > ALERT_ROWS:
+        out.write(f"... and {len(alerts) - ALERT_ROWS} more (--json lists them all)\n")
