@@ -111,6 +111,7 @@ def test_reported_state_trims_leaves_to_stay_under_32_kb() -> None:
     assert patch is not None
     assert twin_size(patch.body) <= REPORTED_LIMIT_BYTES
     assert 0 < len(patch.body["leaves"]) < 40
+    state.commit(patch)
     assert state.left_out == 40 - len(patch.body["leaves"]) and state.trims == state.left_out
     assert state.take_patch(None) is None
 
@@ -130,7 +131,9 @@ def test_reported_state_removes_retired_leaves_and_restores_the_removal() -> Non
     state = ReportedState()
     state.update_leaf("old", {"x": 1})
     state.update_leaf("kept", {"y": 2})
-    assert state.take_patch(None) is not None
+    first = state.take_patch(None)
+    assert first is not None
+    state.commit(first)
     state.remove_leaf("old")
     state.remove_leaf("never-reported")  # nothing in the twin: nothing to remove
     patch = state.take_patch(None)
@@ -138,6 +141,7 @@ def test_reported_state_removes_retired_leaves_and_restores_the_removal() -> Non
     state.restore(patch)  # the patch failed: the removal is tried again
     again = state.take_patch(None)
     assert again is not None and again.body == {"leaves": {"old": None}}
+    state.commit(again)
     assert state.take_patch(None) is None
 
 

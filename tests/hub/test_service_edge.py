@@ -16,6 +16,8 @@ from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
 from leafguard.demo import demo_capture
 from tests.agent.schema import errors
 from tests.hub_emulator import HubEmulator, Identity
+from tests.hub_emulator.twins import SECTION_LIMIT_BYTES, twin_size
+from tests.service.helpers import free_port, http_get
 
 LIMIT_S = 40.0
 MODULE = "edge1/leafguard"
@@ -137,3 +139,61 @@ async def test_module_twin_leaf_map_and_capture_section(hub: HubEmulator) -> Non
     # Security messages are built at the end (packet time); the alerts went out before the twin named the leaf.
     identities = {m.properties["leafIdentity"] for m in hub.messages(MODULE) if m.output_name == "security"}
     assert "plant1-sensor7" in identities and SENSOR not in identities
+
+
+async def test_reported_section_full_of_an_earlier_runs_leaves_does_not_freeze(hub: HubEmulator) -> None:
+    """#12 defect 4: the twin still holds ~30 KB of leaves an earlier run reported, and the desired `leaves` section
+    names more leaves than fit. The module deletes the stale leaves, keeps the merged section under 32 KB, names the
+    leaves it left out, and a refused patch is a counted warning with the hub's reason, recovered from by itself."""
+    module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
+    stale = {f"old-leaf-{i:02d}": {CFG: {"note": {"value": "v" * 950}}} for i in range(30)}
+    hub.set_reported(module, {"leaves": stale, "leafguard": {"version": "0.0.1", "fromAnEarlierRun": True}})
+    named = {f"plc-{i:02d}": {CFG: {"eventPriorityConnectionCreate": {"value": "Low"}}} for i in range(40)}
+    await hub.set_desired(module, {"leaves": named})
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "leafguard", "run", "--pcap", str(demo_capture()), "--replay-speed", "0",
+        "--http-port", str(port), env=service_env(hub, module),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+    def reported() -> dict[str, Any]:
+        doc: dict[str, Any] = hub.twin(module)["reported"]
+        return doc
+
+    def uplink() -> dict[str, Any]:
+        section: dict[str, Any] = reported().get("leafguard", {}).get("uplink", {})
+        return section
+
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: uplink().get("leaves_not_reported", 0) > 0)
+            doc = reported()
+            assert not [k for k in doc["leaves"] if k.startswith("old-leaf-")], "the earlier run's leaves are deleted"
+            assert "fromAnEarlierRun" not in doc["leafguard"], "a stale health key is deleted, not merged"
+            assert twin_size(doc) <= SECTION_LIMIT_BYTES
+            left_out = set(uplink()["leaves_not_reported_names"])
+            assert left_out and not left_out & set(doc["leaves"]) and left_out <= set(named) | {SENSOR}
+            assert uplink()["reported_refused"] == 0
+
+            # The hub refuses the next reported patch: a warning with its reason, counted, then recovery.
+            hub.fail_twin_requests(400, count=1)
+            await hub.set_desired(module, {"leaves": {SENSOR: {CFG: {"maxMessageSizeInBytes": {"value": 16384}}}}})
+
+            def sensor_size() -> Any:
+                return reported()["leaves"].get(SENSOR, {}).get(CFG, {}).get("maxMessageSizeInBytes")
+
+            await until(lambda: sensor_size() == {"value": 16384} and uplink().get("reported_refused") == 1)
+            assert "status 400" in uplink()["last_reported_error"]
+            assert uplink()["reported_failures"] >= 1
+            _status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/metrics")
+            metrics = body.decode()
+            assert "leafguard_uplink_reported_refused_total" in metrics
+            assert [line for line in metrics.splitlines()
+                    if line.startswith("leafguard_uplink_reported_refused_total") and line.endswith(" 1")]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(LIMIT_S):
+            _out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    warnings = [line for line in err.decode().splitlines() if "refused a reported-properties patch" in line]
+    assert len(warnings) == 1 and "status 400" in warnings[0] and "WARNING" in warnings[0].upper()

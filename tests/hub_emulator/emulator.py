@@ -307,6 +307,12 @@ class HubEmulator:
         """Merge `patch` into the desired properties, push it to a connected client; returns `$version`."""
         return await self._on_loop(self.broker.set_desired(self.identity(identity), patch))
 
+    def set_reported(self, identity: str | Identity, patch: dict[str, Any]) -> int:
+        """Merge `patch` into the reported properties as if the identity had sent it (what an earlier run left);
+        returns `$version`; TwinError when the hub would refuse it."""
+        section = self.identity(identity).twin.reported
+        return self._sync(lambda: section.apply(patch))
+
     def twin(self, identity: str | Identity) -> dict[str, Any]:
         """`{"desired": {..., "$version": n}, "reported": {..., "$version": m}}`, a copy."""
         return self._sync(self.identity(identity).twin.document)

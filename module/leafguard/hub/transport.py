@@ -33,9 +33,11 @@ import contextlib
 import dataclasses
 import enum
 import logging
+import re
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from azure.iot.device.aio import IoTHubModuleClient
@@ -46,13 +48,14 @@ from azure.iot.device.exceptions import (
     NoConnectionError,
     OperationCancelled,
     OperationTimeout,
+    ServiceError,
 )
 
 from leafguard.agent.messages import OutgoingMessage
 from leafguard.hub.link import Backoff, LinkState
 from leafguard.hub.outbox import Outbox, Pending
 from leafguard.hub.settings import EdgeSettings
-from leafguard.hub.twin import ReportedState
+from leafguard.hub.twin import ReportedPatch, ReportedState, twin_size
 
 log = logging.getLogger("leafguard.hub")
 T = TypeVar("T")
@@ -93,6 +96,11 @@ class TransportStats:
     desired_overflows: int = 0
     reported_patches: int = 0
     reported_failures: int = 0
+    """Reported patches that failed, for any reason (refused, timed out, connection lost)."""
+    reported_refused: int = 0
+    """Of those, the ones the hub answered with an error status (e.g. the merged section over 32 KB)."""
+    last_reported_error: str | None = None
+    """The reason of the last failed reported patch, with its UTC time; kept after recovery (it is history)."""
     unsent_at_shutdown: int = 0
 
 
@@ -151,6 +159,8 @@ class EdgeTransport:
         self._resync = False
         self._last_reported = float("-inf")
         self._last_health = float("-inf")
+        self._reported_failing = 0
+        """Reported patches failed in a row (the first one of a run of failures is a warning)."""
         self._down_since: float | None = None
         self._connected_at = 0.0
         self._loss_timer: asyncio.TimerHandle | None = None
@@ -208,7 +218,9 @@ class EdgeTransport:
             "dropped_bytes": o.dropped_bytes,
             "resent": o.resent,
             "leaves_not_reported": self.reported.left_out,
+            "leaves_not_reported_names": self.reported.left_out_names(),
             "reported_trims": self.reported.trims,
+            "reported_bytes": self.reported.hub_size_bytes,
         } | dataclasses.asdict(self.stats)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -566,10 +578,13 @@ class EdgeTransport:
                     desired = twin.get("desired") if isinstance(twin, dict) else None
                     if isinstance(desired, dict):
                         self._put_desired(DesiredUpdate(desired, whole=True))
+                    reported = twin.get("reported") if isinstance(twin, dict) else None
+                    if isinstance(reported, dict):
+                        # What an earlier run (or an earlier connection) left there counts against the 32 KB.
+                        self.reported.sync_from_hub(reported)
                 await self._patch_reported(final=False)
             except (TimeoutError, *SDK_ERRORS) as exc:
                 # Twin requests are not re-sent by the SDK; a lost one just waits. Try again next round.
-                self.stats.reported_failures += 1
                 log.debug("twin request failed: %r", exc)
             await asyncio.sleep(interval)
 
@@ -589,13 +604,49 @@ class EdgeTransport:
             await self._sdk_call(
                 self._client.patch_twin_reported_properties(patch.body), self.settings.twin_timeout_s, "patch_reported"
             )
+        except (TimeoutError, *SDK_ERRORS) as exc:
+            self._reported_failed(patch, exc)
+            raise
         except BaseException:
             self.reported.restore(patch)
             raise
+        self.reported.commit(patch)
+        if self._reported_failing:
+            log.info("reported properties accepted again after %d failed patches", self._reported_failing)
+            self._reported_failing = 0
         self.stats.reported_patches += 1
         self._last_reported = now
         if health is not None:
             self._last_health = now
+
+    def _reported_failed(self, patch: ReportedPatch, exc: BaseException) -> None:
+        """A failed reported patch is a warning with the hub's reason, counted; the next one is built afresh."""
+        cause = exc.__cause__
+        refused = isinstance(cause, ServiceError)
+        # The SDK keeps only the status of the hub's answer ("twin operation returned status 400"); 400 is how
+        # the hub refuses a patch whose merged section is too large or too deep (429/5xx are throttling, outages).
+        too_large = refused and re.search(r"\bstatus 400\b", str(cause)) is not None
+        reason = f"{cause}" if refused else (f"no answer within {self.settings.twin_timeout_s:g} s"
+                                             if isinstance(exc, TimeoutError) else repr(exc))
+        self.stats.reported_failures += 1
+        self.stats.last_reported_error = (
+            f"{datetime.now(UTC).isoformat(timespec='seconds')}: {reason} "
+            f"(patch of {twin_size(patch.body)} bytes, section {patch.size_bytes} bytes by our count)"
+        )
+        self.reported.restore(patch, refused=too_large)
+        if refused:
+            self.stats.reported_refused += 1
+            # Our copy of what the hub holds may be wrong: fetch it again before the next patch.
+            self._resync = True
+            log.warning(
+                "the hub refused a reported-properties patch (%d so far): %s; retrying with %s",
+                self.stats.reported_refused,
+                self.stats.last_reported_error,
+                "fewer leaves" if too_large else "the same leaves",
+            )
+        elif self._reported_failing == 0:
+            log.warning("reported-properties patch failed: %s; retrying", self.stats.last_reported_error)
+        self._reported_failing += 1
 
     async def _flush_reported(self) -> None:
         """The last reported patch at shutdown (only while connected; the twin task may be mid-request)."""

@@ -123,101 +123,146 @@ class MissedDesiredPatchError(Exception):
         self.got = got
 
 
+def without_nulls(value: Any) -> Any:
+    """The value as the hub stores it after a merge: a ``null`` member is no member at all."""
+    if isinstance(value, Mapping):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch that turns ``old`` (what the hub holds) into ``new`` (null-free): a ``null`` for every
+    member ``old`` has and ``new`` lacks, objects diffed member by member, anything else replaced when different.
+    Empty when they are equal."""
+    out: dict[str, Any] = {k: None for k in old if k not in new and not k.startswith("$")}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            sub = merge_patch(before, value)
+            if sub:
+                out[key] = sub
+        elif before != value:
+            out[key] = value
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class ReportedPatch:
     body: dict[str, Any]
-    leaves: dict[str, dict[str, Any] | None]
-    """Leaf entries in the patch (None: removed for lack of room)."""
-    wanted: dict[str, dict[str, Any]]
-    """Every leaf entry this patch was built from, for :meth:`ReportedState.restore`."""
-    in_twin_before: dict[str, int]
-    removed: frozenset[str] = frozenset()
-    """Identities this patch removes (no leaf uses them any more)."""
+    """The merge patch to send."""
+    target: dict[str, Any]
+    """The whole reported section as the hub holds it once ``body`` is merged."""
+    size_bytes: int
+    """``twin_size(target)``: what the hub measures against its limit."""
+    left_out: frozenset[str]
+    """Leaves that did not fit (their entries are absent from ``target``)."""
 
 
 class ReportedState:
-    """The reported properties we want in the twin, coalesced into patches that keep the section ≤ 32 KB.
+    """The reported properties we want in the twin, turned into patches that keep the hub's section ≤ 32 KB.
 
-    Leaves already in the twin keep their place; a leaf that does not fit is left out (removed if its entry grew
-    past the budget) and counted in :attr:`left_out`; it is tried again whenever its configuration changes.
+    The hub merges a patch into what it already holds, so the budget is measured on the merged result: we keep a
+    mirror of the hub's section (from every twin GET, :meth:`sync_from_hub`, and every applied patch), and each
+    patch is the difference between the mirror and the section we want, a ``null`` deleting whatever the hub holds
+    that we no longer want (leaves an earlier run reported, retired leaves, stale keys). Leaves already in the twin
+    keep their place; a leaf that does not fit is left out (and removed if the twin held it), counted in
+    :attr:`left_out` and named in :attr:`left_out_names`, and tried again with every patch.
+
+    A patch the hub refuses anyway (our mirror was wrong, or its size rule differs from ours) halves the leaves'
+    budget for the next one, down to none: the health section always gets through, and the next twin GET refreshes
+    the mirror. The first applied patch restores the full budget.
     """
 
     def __init__(self, limit_bytes: int = REPORTED_LIMIT_BYTES, margin_bytes: int = REPORTED_MARGIN_BYTES) -> None:
         self.budget_bytes = limit_bytes - margin_bytes
-        self._pending: dict[str, dict[str, Any]] = {}
-        self._in_twin: dict[str, int] = {}
-        """Identity → twin size of its entry as the twin holds it."""
+        self._wanted: dict[str, dict[str, Any]] = {}
+        self._hub: dict[str, Any] = {}
+        """What the hub holds in the reported section (without ``$`` keys), as far as we know."""
+        self._dirty = False
         self._left_out: set[str] = set()
-        self._removing: set[str] = set()
         self.trims = 0
         """How many times a leaf was left out of (or removed from) the reported properties for lack of room."""
+        self.refusals = 0
+        """Consecutive patches the hub refused; each halves the leaves' budget of the next patch."""
 
     @property
     def left_out(self) -> int:
         return len(self._left_out)
 
+    def left_out_names(self, limit: int = 20) -> list[str]:
+        """The first ``limit`` leaves not in the twin for lack of room, sorted."""
+        return sorted(self._left_out)[:limit]
+
     @property
     def has_leaf_changes(self) -> bool:
-        return bool(self._pending)
+        return self._dirty
+
+    @property
+    def hub_size_bytes(self) -> int:
+        """The size of the section the hub holds, by its rule, as far as we know."""
+        return twin_size(self._hub)
 
     def update_leaf(self, identity: str, reported: dict[str, Any]) -> None:
-        self._pending[identity] = reported
+        self._wanted[identity] = without_nulls(reported)
+        self._dirty = True
 
     def remove_leaf(self, identity: str) -> None:
-        self._pending.pop(identity, None)
+        self._wanted.pop(identity, None)
         self._left_out.discard(identity)
-        if identity in self._in_twin:
-            self._removing.add(identity)
+        self._dirty = True
+
+    def sync_from_hub(self, reported: Mapping[str, Any]) -> None:
+        """The reported section a twin GET returned: what the next patch is measured and diffed against."""
+        self._hub = without_nulls({k: v for k, v in reported.items() if not str(k).startswith("$")})
+        self._dirty = True
 
     def take_patch(self, health: dict[str, Any] | None) -> ReportedPatch | None:
-        """The next patch (pending leaf entries that fit, and ``health`` if given); None when nothing to send."""
-        removing, self._removing = self._removing, set()
-        if not self._pending and not removing and health is None:
+        """The next patch (the leaf entries that fit, stale keys deleted, and ``health`` if given); None when the
+        hub already holds exactly what we want."""
+        if not self._dirty and health is None:
             return None
-        wanted = dict(self._pending)
-        before = dict(self._in_twin)
-        used = len(LEAVES) + sum(len(k.encode()) + v for k, v in self._in_twin.items())
-        used += len(HEALTH) + twin_size(health or {})
-        leaves: dict[str, dict[str, Any] | None] = {}
-        for identity in sorted(removing - set(self._pending)):
-            old = self._in_twin.get(identity)
-            if old is not None:
-                used -= len(identity.encode()) + old
-                leaves[identity] = None  # JSON merge: null deletes the entry from the twin
-        for identity in sorted(self._pending):
-            doc = self._pending[identity]
-            size = twin_size(doc)
-            old = self._in_twin.get(identity)
-            grown = used - (len(identity.encode()) + old if old is not None else 0) + len(identity.encode()) + size
-            if grown <= self.budget_bytes:
-                used = grown
-                leaves[identity] = doc
-                self._left_out.discard(identity)
+        self._dirty = False
+        target: dict[str, Any] = {}
+        health_doc = without_nulls(health) if health is not None else self._hub.get(HEALTH)
+        if health_doc is not None:
+            target[HEALTH] = health_doc
+        leaf_budget = max(0, self.budget_bytes - twin_size(target) - len(LEAVES)) >> min(self.refusals, 16)
+        held = self._hub.get(LEAVES)
+        held_ids = set(held) if isinstance(held, Mapping) else set()
+        order = sorted(i for i in self._wanted if i in held_ids) + sorted(i for i in self._wanted if i not in held_ids)
+        leaves: dict[str, Any] = {}
+        left_out: set[str] = set()
+        used = 0
+        for identity in order:
+            cost = len(identity.encode()) + twin_size(self._wanted[identity])
+            if used + cost <= leaf_budget:
+                used += cost
+                leaves[identity] = self._wanted[identity]
             else:
-                self.trims += 1
-                self._left_out.add(identity)
-                if old is not None:
-                    used -= len(identity.encode()) + old
-                    leaves[identity] = None
-        self._pending.clear()
-        body: dict[str, Any] = {}
+                left_out.add(identity)
         if leaves:
-            body[LEAVES] = leaves
-        if health is not None:
-            body[HEALTH] = health
+            target[LEAVES] = leaves
+        body = merge_patch(self._hub, target)
+        patch = ReportedPatch(body, target, twin_size(target), frozenset(left_out))
         if not body:
+            self._note_left_out(patch.left_out)
             return None
-        patch = ReportedPatch(body, leaves, wanted, before, frozenset(removing))
-        for identity, entry in leaves.items():
-            if entry is None:
-                self._in_twin.pop(identity, None)
-            else:
-                self._in_twin[identity] = twin_size(entry)
         return patch
 
-    def restore(self, patch: ReportedPatch) -> None:
-        """The patch was not applied: its leaf entries are pending again (unless newer ones are)."""
-        self._in_twin = dict(patch.in_twin_before)
-        for identity, doc in patch.wanted.items():
-            self._pending.setdefault(identity, doc)
-        self._removing |= {identity for identity in patch.removed if identity not in self._pending}
+    def commit(self, patch: ReportedPatch) -> None:
+        """The hub applied ``patch``: it now holds ``patch.target``."""
+        self._hub = patch.target
+        self.refusals = 0
+        self._note_left_out(patch.left_out)
+
+    def restore(self, patch: ReportedPatch, *, refused: bool = False) -> None:
+        """The patch was not applied (``refused``: the hub answered it with an error): it is built again, from the
+        mirror and the latest entries, for the next attempt."""
+        del patch  # nothing of it is kept: the next patch is the difference again
+        self._dirty = True
+        if refused:
+            self.refusals += 1
+
+    def _note_left_out(self, left_out: frozenset[str]) -> None:
+        self.trims += len(left_out - self._left_out)
+        self._left_out = set(left_out) & set(self._wanted)

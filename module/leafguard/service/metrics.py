@@ -140,6 +140,10 @@ def families(snap: ServiceSnapshot) -> list[Family]:
             ("leafguard_uplink_queue_messages", "gauge", "Messages awaiting acknowledgement.", up.queue_messages),
             ("leafguard_uplink_queue_bytes", "gauge", "Body bytes awaiting acknowledgement.", up.queue_bytes),
             ("leafguard_uplink_reconnects", "counter", "Connections re-established after a loss.", up.reconnects),
+            ("leafguard_uplink_reported_failures", "counter", "Reported-properties patches that failed.",
+             up.reported_failures),
+            ("leafguard_uplink_reported_refused", "counter", "Reported-properties patches the hub refused.",
+             up.reported_refused),
         ):
             out.append(_one(name, kind, help_text, value))
     # alerts

@@ -159,6 +159,10 @@ class UplinkSnapshot:
     connects: int
     reconnects: int
     down_for_s: float | None
+    reported_failures: int = 0
+    """Reported-properties patches that failed (refused by the hub, timed out, connection lost)."""
+    reported_refused: int = 0
+    """Of those, the ones the hub refused (an error status, e.g. the merged section over 32 KB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,4 +348,6 @@ def _uplink(c: Mapping[str, Any], down_for_s: float | None) -> UplinkSnapshot:
         connects=int(c.get("connects", 0)),
         reconnects=int(c.get("reconnects", 0)),
         down_for_s=down_for_s,
+        reported_failures=int(c.get("reported_failures", 0)),
+        reported_refused=int(c.get("reported_refused", 0)),
     )
