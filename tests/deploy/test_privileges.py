@@ -248,3 +248,91 @@ def test_an_effective_file_capability_would_not_even_start_without_net_raw(sandb
     proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                           capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode != 0 and "Operation not permitted" in proc.stderr, (proc.returncode, proc.stderr)
+
+
+# Everything mounted becomes read-only except the data directory and the kernel's own filesystems, as Docker's
+# ReadonlyRootfs leaves a container (the rootfs read-only; /proc, /sys, /dev as the runtime mounts them).
+READ_ONLY_EXCEPT = (
+    "for m in $(awk '{print $5}' /proc/self/mountinfo); do case \"$m\" in "
+    "{data}|/proc|/proc/*|/sys|/sys/*|/dev|/dev/*) ;; *) mount -o remount,bind,ro \"$m\" 2>/dev/null || true;; esac; "
+    "done; "
+    "if touch /tmp/.lg-ro-probe 2>/dev/null || touch /root/.lg-ro-probe 2>/dev/null; then echo not read-only >&2; "
+    "exit 9; fi"
+)
+
+
+def _emulator_in(ns: Netns, env_file: Path) -> dict[str, str]:
+    """The hub emulator inside the namespace (on its own loopback), and the module environment it wrote."""
+    import shlex
+
+    ns.popen(sys.executable, "-m", "tests.hub_emulator", "--env-file", str(env_file), cwd=REPO,
+             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not env_file.exists():
+        assert time.monotonic() < deadline, "the emulator wrote no env file"
+        time.sleep(0.05)
+    env = {}
+    for line in env_file.read_text().splitlines():
+        key, _, value = line.partition("=")
+        env[key] = shlex.split(value)[0] if value else ""
+    return env
+
+
+def _control(ns: Netns, url: str) -> object:
+    code = f"import sys, urllib.request; sys.stdout.write(urllib.request.urlopen({url!r}, timeout=5).read().decode())"
+    return json.loads(ns.python(code).stdout)
+
+
+def test_as_deployed_unprivileged_read_only_edge_mode_captures_and_sends(
+    net: tuple[Netns, Netns], sandbox: Sandbox
+) -> None:
+    """The image's runtime conditions together: uid 10001-like (nobody), only CAP_NET_RAW through the =p file
+    capability, every mount read-only but the data directory, edge mode against the hub emulator (in the
+    namespace), live capture of a leaf; the leaf's Defender messages reach the hub."""
+    gw, leaf = net
+    hub = _emulator_in(gw, sandbox.root / "hub.env")
+    control = hub["HUB_EMULATOR_CONTROL_URL"]
+    os.chown(sandbox.data, NOBODY, NOBODY)
+    edge_env = " ".join(f"{k}={v}" for k, v in hub.items() if k.startswith("IOTEDGE_"))
+    user = f"setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups {ONLY_NET_RAW} --inh-caps=-all"
+    command = (
+        f"{user} env -i PATH=/usr/bin:/bin HOME={sandbox.data} LEAFGUARD_DATA_DIR={sandbox.data} "
+        f"PYTHONDONTWRITEBYTECODE=1 PYTHONHOME={sys.base_prefix} PYTHONPATH={REPO / 'module'} {edge_env} "
+        f"LEAFGUARD_INTERFACES=lan0 LEAFGUARD_REPORTED_INTERVAL_S=0.5 {sandbox.python} -m leafguard run"
+    )
+    script = (f"{_private_root(sandbox)}; mount --bind {sandbox.data} {sandbox.data}; "
+              f"{READ_ONLY_EXCEPT.replace('{data}', str(sandbox.data))}; exec {command}")
+    proc = gw.popen("unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        pid = _leafguard_pid(proc.pid)
+        identity = "leaf-" + LEAF_MAC.replace(":", "")
+        deadline = time.monotonic() + 30
+        reported: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            _send_burst(leaf, count=5)
+            twin = _control(gw, f"{control}/twins/edge1/leafguard")
+            assert isinstance(twin, dict)
+            reported = twin.get("properties", twin).get("reported", {})
+            if identity in reported.get("leaves", {}):
+                break
+            time.sleep(0.5)
+        assert identity in reported.get("leaves", {}), reported
+        status = _status(pid)  # the interpreter by now (earlier the pid may still be setpriv's or env's)
+        os.kill(pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+    assert status["Uid"].split()[0] == str(NOBODY)
+    assert int(status["CapEff"], 16) == CAP_NET_RAW_MASK and int(status["CapPrm"], 16) == CAP_NET_RAW_MASK
+    found = _control(gw, f"{control}/messages?limit=1000")
+    assert isinstance(found, dict)
+    mine = [m for m in found["messages"]
+            if m["system"].get("$.ifid") == "urn:azureiot:Security:SecurityAgent:1"
+            and (m["properties"].get("leafIdentity") == identity or m["identity"] == identity)]
+    assert mine, found["messages"][-3:]
+    assert not (Path("/tmp") / ".lg-ro-probe").exists()
