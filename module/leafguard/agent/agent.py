@@ -213,6 +213,16 @@ class LeafAgent:
         self._schedule()
         return out
 
+    def flush(self, now: float) -> list[OutgoingMessage]:
+        """Send what is queued now (the ``flush`` direct method): aggregation closed, every queued event packed
+        into messages within the size limit. The timers are not reset; the next periodic message comes as due."""
+        if len(self._agg):
+            self._flush_aggregation(now)
+        out: list[OutgoingMessage] = []
+        self._drain(out)
+        self._schedule()
+        return out
+
     def shutdown(self, now: float) -> list[OutgoingMessage]:
         """The final flush: report aggregation and last statistics, send everything left within the size
         limit.

@@ -29,6 +29,7 @@ _ENV_OVERRIDES = {
     "LEAFGUARD_CONNECT_TIMEOUT_S": "connect_timeout_s",
     "LEAFGUARD_BACKOFF_MAX_S": "backoff_max_s",
     "LEAFGUARD_REPORTED_INTERVAL_S": "reported_interval_s",
+    "LEAFGUARD_METHOD_TIMEOUT_S": "method_timeout_s",
 }
 
 
@@ -55,6 +56,10 @@ class EdgeSettings:
     health_interval_s: float = 60.0
     """The health section alone is reported at most this often."""
     desired_queue_max: int = 64
+    method_timeout_s: float = 25.0
+    """A direct method not answered within this is answered 504 (IoT Hub's default response timeout is 30 s)."""
+    max_concurrent_methods: int = 8
+    """Method calls in progress at once; more are answered 503 at once (policy: reject when busy)."""
     keep_alive_s: int = 60
 
     def __post_init__(self) -> None:
@@ -68,6 +73,7 @@ class EdgeSettings:
             "backoff_initial_s",
             "reported_interval_s",
             "health_interval_s",
+            "method_timeout_s",
         ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -76,8 +82,10 @@ class EdgeSettings:
             raise ConfigurationError("edge settings: backoff_max_s must be at least backoff_initial_s")
         if self.outbox_max_bytes < 262_144:
             raise ConfigurationError("edge settings: the outbox must hold at least one largest message (256 KiB)")
-        if self.desired_queue_max < 1 or self.keep_alive_s < 1:
-            raise ConfigurationError("edge settings: desired_queue_max and keep_alive_s must be positive")
+        if self.desired_queue_max < 1 or self.keep_alive_s < 1 or self.max_concurrent_methods < 1:
+            raise ConfigurationError(
+                "edge settings: desired_queue_max, keep_alive_s and max_concurrent_methods must be positive"
+            )
 
     @property
     def identity(self) -> str:

@@ -18,6 +18,10 @@ Tasks (children of :meth:`run`'s TaskGroup, named ``leafguard.hub.*``):
   sender (backpressure: the outbox fills, within its byte bound, instead of tasks piling up); a send not
   acknowledged within ``send_timeout_s`` breaks the connection, and the unacknowledged message is sent again
   after the reconnect (same ``$.mid``; IoT Hub is at-least-once).
+* ``method[NAME]``: one per direct-method call (at most ``max_concurrent_methods``; more are answered 503 at
+  once): the SDK's handler thread only hands the request to the loop; :attr:`EdgeTransport.method_handler` (the
+  :class:`~leafguard.hub.methods.MethodDispatcher`) runs on the loop within ``method_timeout_s`` (else 504), and
+  the response goes back through the SDK.
 * ``twin``: a twin GET after every (re)connect (it also subscribes the twin response topic; the GET replaces our
   copy of the desired document, so patches missed while disconnected are caught up), and the reported patches.
 
@@ -35,11 +39,12 @@ import enum
 import logging
 import re
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from azure.iot.device import MethodResponse
 from azure.iot.device.aio import IoTHubModuleClient
 from azure.iot.device.exceptions import (
     ClientError,
@@ -53,6 +58,7 @@ from azure.iot.device.exceptions import (
 
 from leafguard.agent.messages import OutgoingMessage
 from leafguard.hub.link import Backoff, LinkState
+from leafguard.hub.methods import MethodResult
 from leafguard.hub.outbox import Outbox, Pending
 from leafguard.hub.settings import EdgeSettings
 from leafguard.hub.twin import ReportedPatch, ReportedState, twin_size
@@ -69,6 +75,10 @@ STABLE_CONNECTION_S = 10.0
 SDK_RECONNECT_GRACE_S = 3.0
 """How long a disconnect the SDK reports may last before we call the link lost: the SDK renews its SAS token
 (every ~58 min by default) with a DISCONNECT and a CONNECT of its own, which is not an outage."""
+
+
+MethodHandler = Callable[[str, object], Awaitable[MethodResult]]
+"""Answers one direct method call: ``(name, payload)`` → status and JSON payload."""
 
 
 class DesiredOverflow(enum.Enum):
@@ -102,6 +112,11 @@ class TransportStats:
     last_reported_error: str | None = None
     """The reason of the last failed reported patch, with its UTC time; kept after recovery (it is history)."""
     unsent_at_shutdown: int = 0
+    method_calls: int = 0
+    method_timeouts: int = 0
+    method_busy: int = 0
+    """Calls answered 503 because ``max_concurrent_methods`` were in progress (overflow policy: reject)."""
+    method_response_failures: int = 0
 
 
 def default_client_factory(settings: EdgeSettings) -> Any:
@@ -135,6 +150,10 @@ class EdgeTransport:
         """Called (on the loop) for every message the outbox drops; the service reports it to the leaf's agent."""
         self.health = health
         """Returns the ``leafguard`` health section of the reported properties."""
+        self.method_handler: MethodHandler | None = None
+        """Answers direct methods (on the loop); None: the module does not subscribe to methods."""
+        self._methods_in_progress: set[asyncio.Task[None]] = set()
+        self._tg: asyncio.TaskGroup | None = None
         self._client_factory = client_factory
         self._client: Any = None
         self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
@@ -201,6 +220,17 @@ class EdgeTransport:
         """A leaf identity is no longer used: its reported entry is removed with the next patch."""
         self.reported.remove_leaf(identity)
 
+    async def wait_sent(self, timeout_s: float) -> bool:
+        """Whether the outbox empties (every message acknowledged) within ``timeout_s``; True at once if empty."""
+        if not len(self.outbox):
+            return True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._drained.wait()
+        except TimeoutError:
+            return False
+        return True
+
     def refresh_health(self) -> None:
         """Report the health section with the next reported patch (something an operator set changed)."""
         self._last_health = float("-inf")
@@ -230,15 +260,17 @@ class EdgeTransport:
         self._loop = asyncio.get_running_loop()
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 tasks = [
                     tg.create_task(self._supervise(), name="leafguard.hub.supervisor"),
                     tg.create_task(self._send_loop(), name="leafguard.hub.sender"),
                     tg.create_task(self._twin_loop(), name="leafguard.hub.twin"),
                 ]
                 await self._closing.wait()
-                for task in tasks:
+                for task in [*tasks, *self._methods_in_progress]:
                     task.cancel()
         finally:
+            self._tg = None
             self._cancel_loss_timer()
             self._stopped.set()
             if not self._closing.is_set():
@@ -431,6 +463,15 @@ class EdgeTransport:
         except TimeoutError:
             # The SDK keeps retrying the SUBSCRIBE; the twin GET after each connect catches up meanwhile.
             log.warning("subscribing to desired-properties patches timed out; relying on twin GETs")
+        if self.method_handler is not None:
+            try:
+                await self._sdk_call(
+                    asyncio.to_thread(setattr, client, "on_method_request_received", self._sdk_method_request),
+                    s.twin_timeout_s,
+                    "subscribe_methods",
+                )
+            except TimeoutError:
+                log.warning("subscribing to direct methods timed out; the SDK keeps trying")
 
     async def _disconnect_quietly(self) -> None:
         client = self._client
@@ -451,6 +492,10 @@ class EdgeTransport:
         """SDK handler thread: a desired patch (or, after a reconnect, the whole desired document)."""
         if isinstance(patch, dict):
             self._call_on_loop(self._put_desired, DesiredUpdate(patch, whole=False))
+
+    def _sdk_method_request(self, request: Any) -> None:
+        """SDK handler thread: a direct-method call. Only handed to the loop; answered there."""
+        self._call_on_loop(self._start_method, request)
 
     def _call_on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
@@ -562,6 +607,50 @@ class EdgeTransport:
     def _dropped(self, message: OutgoingMessage) -> None:
         if self.on_dropped is not None:
             self.on_dropped(message)
+
+    # -- direct methods --------------------------------------------------------------------------------------
+
+    def _start_method(self, request: Any) -> None:
+        tg, handler = self._tg, self.method_handler
+        if tg is None or handler is None or self._closing.is_set():
+            return  # shutting down: IoT Hub answers the caller with its own timeout
+        self.stats.method_calls += 1
+        if len(self._methods_in_progress) >= self.settings.max_concurrent_methods:
+            self.stats.method_busy += 1
+            busy = MethodResult(503, {"error": f"{len(self._methods_in_progress)} method calls in progress; retry"})
+            call = self._respond(request, busy)
+        else:
+            call = self._answer(request, handler)
+        task = tg.create_task(call, name=f"leafguard.hub.method[{request.name}]")
+        self._methods_in_progress.add(task)
+        task.add_done_callback(self._methods_in_progress.discard)
+
+    async def _answer(self, request: Any, handler: MethodHandler) -> None:
+        timeout_s = self.settings.method_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                result = await handler(request.name, request.payload)
+        except TimeoutError:
+            self.stats.method_timeouts += 1
+            log.warning("direct method %s did not complete within %g s", request.name, timeout_s)
+            result = MethodResult(504, {"error": f"{request.name} did not complete within {timeout_s:g} s"})
+        except Exception:
+            # A bug in a handler answers 500 and is logged whole, rather than ending the uplink's TaskGroup.
+            log.exception("direct method %s failed", request.name)
+            result = MethodResult(500, {"error": f"{request.name} failed inside LeafGuard (see the module log)"})
+        await self._respond(request, result)
+
+    async def _respond(self, request: Any, result: MethodResult) -> None:
+        client = self._client
+        if client is None:
+            return
+        response = MethodResponse.create_from_method_request(request, result.status, result.payload)
+        try:
+            await self._sdk_call(client.send_method_response(response), self.settings.twin_timeout_s, "method_response")
+        except (TimeoutError, *SDK_ERRORS) as exc:
+            # The caller gets IoT Hub's timeout (504) instead; nothing else depends on this response.
+            self.stats.method_response_failures += 1
+            log.warning("answering direct method %s failed: %r", request.name, exc)
 
     # -- twin ------------------------------------------------------------------------------------------------
 

@@ -885,37 +885,41 @@ class Analyzer:
             "alerts_suppressed": self.detectors.suppressed_alerts,
         }
 
+    def leaf_report(self, mac: str) -> dict[str, Any] | None:
+        """One leaf's entry of :meth:`report` (``mac`` as ``aa:bb:..``), or None when it is no leaf (now)."""
+        st = self.macs.get(bytes.fromhex(mac.replace(":", "")))
+        return self._leaf_json(st) if st is not None and self.is_leaf(st) else None
+
+    def _leaf_json(self, m: MacState) -> dict[str, Any]:
+        v = self._view(m)
+        return {
+            "mac": v.mac,
+            "ips": list(v.ips),
+            "vendor": v.vendor,
+            "hostnames": list(v.hostnames),
+            "dhcp": {
+                "hostname": v.dhcp_hostname,
+                "vendor_class": v.dhcp_vendor_class,
+                "param_request_list": list(v.dhcp_param_request_list),
+            },
+            "randomized_mac": v.randomized_mac,
+            "first_seen": v.first_seen,
+            "last_seen": v.last_seen,
+            "packets_out": m.packets_out,
+            "bytes_out": m.bytes_out,
+            "packets_in": m.packets_in,
+            "bytes_in": m.bytes_in,
+            "services": [{"protocol": s.protocol, "port": s.port} for s in v.services],
+            "dns_queries": sorted(m.dns_queries),
+            "tls_sni": sorted(m.tls_sni),
+            "tls_versions": [f"0x{x:04x}" for x in sorted(m.tls_versions)],
+            "ssdp": {"server": m.ssdp_server, "usn": m.ssdp_usn},
+            "os": {"name": v.os_name, "vendor": v.os_vendor, "version": v.os_version},
+        }
+
     def report(self, *, conversations: bool = True) -> dict[str, Any]:
         """The report so far (`finish` first, at the end of the input)."""
-        leaves = []
-        for m in self.leaves():
-            v = self._view(m)
-            leaves.append(
-                {
-                    "mac": v.mac,
-                    "ips": list(v.ips),
-                    "vendor": v.vendor,
-                    "hostnames": list(v.hostnames),
-                    "dhcp": {
-                        "hostname": v.dhcp_hostname,
-                        "vendor_class": v.dhcp_vendor_class,
-                        "param_request_list": list(v.dhcp_param_request_list),
-                    },
-                    "randomized_mac": v.randomized_mac,
-                    "first_seen": v.first_seen,
-                    "last_seen": v.last_seen,
-                    "packets_out": m.packets_out,
-                    "bytes_out": m.bytes_out,
-                    "packets_in": m.packets_in,
-                    "bytes_in": m.bytes_in,
-                    "services": [{"protocol": s.protocol, "port": s.port} for s in v.services],
-                    "dns_queries": sorted(m.dns_queries),
-                    "tls_sni": sorted(m.tls_sni),
-                    "tls_versions": [f"0x{x:04x}" for x in sorted(m.tls_versions)],
-                    "ssdp": {"server": m.ssdp_server, "usn": m.ssdp_usn},
-                    "os": {"name": v.os_name, "vendor": v.os_vendor, "version": v.os_version},
-                }
-            )
+        leaves = [self._leaf_json(m) for m in self.leaves()]
         convs = list(self.iter_conversations()) if conversations else []
         return {
             "capture": self.capture_report(),

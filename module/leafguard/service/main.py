@@ -102,6 +102,7 @@ class Service:
 
             self.transport = EdgeTransport(settings.edge)
             self.out = EdgeAgentOutput(self.transport, self.fleet)
+            self._serve_methods(self.transport)
         else:
             assert settings.local_dir is not None
             self.out = LocalAgentOutput(settings.local_dir, self.fleet)
@@ -184,6 +185,20 @@ class Service:
             log.info("uplink: %d messages sent (%d bytes), %d dropped, %d still queued",
                      up["sent"], up["sent_bytes"], up["dropped"], up["queued"])
         return 0
+
+    def _serve_methods(self, transport: EdgeTransport) -> None:
+        """Direct methods on the module (edge mode), answered from the service's parts."""
+        from leafguard.hub.methods import MethodDispatcher
+        from leafguard.service.control import ServiceControl
+
+        control = ServiceControl(
+            analyzer=self.analyzer,
+            fleet=self.fleet,
+            transport=transport,
+            snapshot=self.snapshot,
+            clock=lambda: time.time() if self.settings.live else self.analyzer.now,
+        )
+        transport.method_handler = MethodDispatcher(control).handle
 
     async def _start_http(self) -> Any:
         s = self.settings

@@ -1,0 +1,72 @@
+"""The service as the direct methods see it: :class:`~leafguard.hub.methods.MethodTarget` over its parts.
+
+Called on the loop only (the transport hands every method call to it), so it reads and changes the analyzer, the
+fleet and the outbox like the pipeline does, between batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from leafguard.agent.fleet import Fleet
+from leafguard.hub.methods import FlushOutcome, LeafRecord
+from leafguard.hub.transport import EdgeTransport
+from leafguard.observe.analyzer import Analyzer, mac_text
+from leafguard.observe.model import identity_for_mac
+from leafguard.service.snapshot import ServiceSnapshot
+
+
+class ServiceControl:
+    def __init__(
+        self,
+        *,
+        analyzer: Analyzer,
+        fleet: Fleet,
+        transport: EdgeTransport,
+        snapshot: Callable[[], ServiceSnapshot],
+        clock: Callable[[], float | None],
+    ) -> None:
+        self.analyzer = analyzer
+        self.fleet = fleet
+        self.transport = transport
+        self._snapshot = snapshot
+        self._clock = clock
+        """The agents' clock: the wall clock when capturing live, packet time in a replay (None before a frame)."""
+
+    def leaf_macs(self) -> Sequence[str]:
+        # Fixed-width lowercase hex keeps the byte order: sorted MACs as bytes are sorted as text.
+        return [mac_text(st.mac) for st in self.analyzer.leaves()]
+
+    def leaf(self, mac: str) -> LeafRecord | None:
+        doc = self.analyzer.leaf_report(mac)
+        if doc is None:
+            return None
+        doc.pop("mac")
+        identity = self.fleet.identity_for(mac)
+        agent = self.fleet.agent(identity)
+        doc["agent"] = dataclasses.asdict(agent.stats()) if agent is not None else None
+        return LeafRecord(mac=mac, identity=identity, managed=identity != identity_for_mac(mac), doc=doc)
+
+    def mac_of_identity(self, identity: str) -> str | None:
+        for st in self.analyzer.leaves():
+            mac = mac_text(st.mac)
+            if self.fleet.identity_for(mac) == identity:
+                return mac
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return self._snapshot().to_json()
+
+    def flush(self) -> FlushOutcome:
+        now = self._clock()
+        messages = []
+        if now is not None:
+            for agent in self.fleet.agents():
+                messages.extend(agent.flush(now))
+        self.transport.submit(messages)
+        return FlushOutcome(messages=len(messages), queued=len(self.transport.outbox))
+
+    async def wait_sent(self, timeout_s: float) -> bool:
+        return await self.transport.wait_sent(timeout_s)
