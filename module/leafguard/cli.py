@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
         help="serve /healthz and /metrics on this port (LEAFGUARD_HTTP_PORT; default 9600 in edge mode, off locally)",
     )
     run.add_argument("--http-host", metavar="ADDR", help="address to serve them on (LEAFGUARD_HTTP_HOST; 127.0.0.1)")
+    run.add_argument("--leaf-secrets", metavar="FILE",
+                     help="managed leaves' keys: JSON device id -> key or connection string (LEAFGUARD_LEAF_SECRETS)")
+    run.add_argument("--leaf-group-key-file", metavar="FILE",
+                     help="enrolment group key, each leaf's key derived from it (LEAFGUARD_LEAF_GROUP_KEY_FILE)")
     return ap
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from leafguard.errors import ConfigurationError
+from leafguard.hub.leaves import IdentityMode, parse_identity_mode
 from leafguard.hub.outbox import DEFAULT_OUTBOX_MAX_BYTES
 
 EDGE_ENV = (
@@ -31,6 +33,61 @@ _ENV_OVERRIDES = {
     "LEAFGUARD_REPORTED_INTERVAL_S": "reported_interval_s",
     "LEAFGUARD_METHOD_TIMEOUT_S": "method_timeout_s",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class LeafClientSettings:
+    """Managed leaves: where their credentials are, and how each leaf's own client behaves."""
+
+    secrets_path: Path | None = None
+    """``LEAFGUARD_LEAF_SECRETS`` / ``--leaf-secrets``: JSON, device id → key or connection string."""
+    group_key_path: Path | None = None
+    """``LEAFGUARD_LEAF_GROUP_KEY_FILE`` / ``--leaf-group-key-file``: the enrolment group's base64 key."""
+    default_mode: IdentityMode = IdentityMode.MODULE
+    """``LEAFGUARD_LEAF_IDENTITY``: the twin of a leaf whose entry does not say (``module`` or ``device``)."""
+    connect_timeout_s: float = 30.0
+    twin_timeout_s: float = 15.0
+    send_timeout_s: float = 30.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    health_interval_s: float = 60.0
+    """A leaf's inventory section alone is reported at most this often; a configuration change goes at once."""
+    outbox_max_bytes: int = 1024 * 1024
+    """Per leaf: messages waiting for the hub's acknowledgement, in body bytes (drop Low, then oldest)."""
+    keep_alive_s: int = 60
+
+    @property
+    def configured(self) -> bool:
+        return self.secrets_path is not None or self.group_key_path is not None
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout_s", "twin_timeout_s", "send_timeout_s", "backoff_initial_s",
+                     "health_interval_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigurationError(f"leaf client settings: {name} must be a positive number of seconds")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ConfigurationError("leaf client settings: backoff_max_s must be at least backoff_initial_s")
+        if self.outbox_max_bytes < 262_144:
+            raise ConfigurationError("leaf client settings: the outbox must hold at least one largest message")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, secrets: str | None = None,
+                 group_key_file: str | None = None) -> LeafClientSettings:
+        """Flags win over ``LEAFGUARD_LEAF_SECRETS`` / ``LEAFGUARD_LEAF_GROUP_KEY_FILE`` / ``LEAFGUARD_LEAF_IDENTITY``;
+        ``LEAFGUARD_LEAF_BACKOFF_MAX_S`` tunes the backoff."""
+        secrets = secrets or env.get("LEAFGUARD_LEAF_SECRETS") or None
+        group = group_key_file or env.get("LEAFGUARD_LEAF_GROUP_KEY_FILE") or None
+        mode = parse_identity_mode(env.get("LEAFGUARD_LEAF_IDENTITY") or None, "LEAFGUARD_LEAF_IDENTITY")
+        backoff_max_s = 60.0
+        raw = env.get("LEAFGUARD_LEAF_BACKOFF_MAX_S")
+        if raw:
+            try:
+                backoff_max_s = float(raw)
+            except ValueError as exc:
+                raise ConfigurationError(f"LEAFGUARD_LEAF_BACKOFF_MAX_S={raw!r} is not a number") from exc
+        return cls(Path(secrets) if secrets else None, Path(group) if group else None, mode,
+                   backoff_initial_s=min(1.0, backoff_max_s), backoff_max_s=backoff_max_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +118,13 @@ class EdgeSettings:
     max_concurrent_methods: int = 8
     """Method calls in progress at once; more are answered 503 at once (policy: reject when busy)."""
     keep_alive_s: int = 60
+    workload_uri: str = ""
+    """``IOTEDGE_WORKLOADURI``: the trust bundle for the leaves' own clients comes from there."""
+    api_version: str = ""
+    module_generation_id: str = ""
+    ca_file: Path | None = None
+    """``EdgeModuleCACertificateFile`` (the local-dev fallback): the edge hub's CA when there is no workload API."""
+    leaves: LeafClientSettings = field(default_factory=LeafClientSettings)
 
     def __post_init__(self) -> None:
         for name in ("hub_hostname", "device_id", "module_id", "gateway_hostname", "output_name"):
@@ -92,7 +156,7 @@ class EdgeSettings:
         return f"{self.device_id}/{self.module_id}"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> EdgeSettings:
+    def from_env(cls, env: Mapping[str, str], leaves: LeafClientSettings | None = None) -> EdgeSettings:
         """From the ``IOTEDGE_*`` variables (all required) and optional ``LEAFGUARD_*`` tuning overrides."""
         missing = [k for k in EDGE_ENV if not env.get(k)]
         if missing:
@@ -111,5 +175,10 @@ class EdgeSettings:
             device_id=env["IOTEDGE_DEVICEID"],
             module_id=env["IOTEDGE_MODULEID"],
             gateway_hostname=env["IOTEDGE_GATEWAYHOSTNAME"],
+            workload_uri=env["IOTEDGE_WORKLOADURI"],
+            api_version=env["IOTEDGE_APIVERSION"],
+            module_generation_id=env["IOTEDGE_MODULEGENERATIONID"],
+            ca_file=Path(env["EdgeModuleCACertificateFile"]) if env.get("EdgeModuleCACertificateFile") else None,
+            leaves=leaves or LeafClientSettings.from_env(env),
             **tuning,  # type: ignore[arg-type]
         )

@@ -5,7 +5,8 @@ Edge mode reads them from the module twin; local mode from ``DIR/gateway.json`` 
 * ``capture.extraFilter``: the operator's extra capture filter; an invalid one is reported and the filter in
   force stays;
 * ``leafMap``: ``{"<MAC>": "<identity>"}``, the twin identities of known leaves (a leaf it does not name keeps
-  the identity derived from its MAC); an invalid map is reported and the map in force stays;
+  the identity derived from its MAC), or ``{"<MAC>": {"deviceId": …, "identity": "module"|"device", "ip": …}}``
+  for a managed leaf (``leafguard.hub.leaves``); an invalid map is reported and the map in force stays;
 * ``detection``: ``learningPeriodS``, ``silentAfterS``, ``floodRatePerS`` (a number, or null to turn it off),
   and the thresholds of `leafguard.detect.thresholds` (``portScanPorts``, ``udpReplyTimeoutS``...: numbers);
   keys it leaves out keep their value, and an invalid section is reported and the settings in force stay.
@@ -22,6 +23,7 @@ import orjson
 
 from leafguard.detect.thresholds import THRESHOLD_KEYS
 from leafguard.errors import CaptureError, ConfigurationError
+from leafguard.hub.leaves import LeafEntry
 
 GATEWAY_FILE = "gateway.json"
 
@@ -71,25 +73,27 @@ def parse_detection(section: object) -> dict[str, float | None]:
 
 
 _MAC = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
-# IoT Hub device ids: up to 128 characters of letters, digits and -.%_*?!(),:=@$' (IoT Hub identity registry).
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9\-.%_*?!(),:=@$']{1,128}$")
 
 
 def parse_leaf_map(section: object) -> dict[str, str]:
-    """A validated leaf map with canonical MACs; ConfigurationError names what is wrong."""
+    """A validated leaf map with canonical MACs → twin identity (an object entry's ``deviceId``)."""
+    return {mac: entry.device_id for mac, entry in parse_leaf_entries(section).items()}
+
+
+def parse_leaf_entries(section: object) -> dict[str, LeafEntry]:
+    """A validated leaf map with canonical MACs; string entries and object entries (``leafguard.hub.leaves``);
+    ConfigurationError names what is wrong."""
     if section is None:
         return {}
     if not isinstance(section, dict):
         raise ConfigurationError("leafMap must be an object of MAC -> identity")
-    out: dict[str, str] = {}
+    out: dict[str, LeafEntry] = {}
     for mac, identity in section.items():
         canon = str(mac).lower().replace("-", ":")
         if not _MAC.match(canon):
             raise ConfigurationError(f"leafMap: {mac!r} is not a MAC address")
-        if not isinstance(identity, str) or not _DEVICE_ID.match(identity):
-            raise ConfigurationError(f"leafMap: {identity!r} (for {mac}) is not a valid device identity")
-        out[canon] = identity
-    if len(set(out.values())) != len(out):
+        out[canon] = LeafEntry.parse(canon, identity)
+    if len({e.device_id for e in out.values()}) != len(out):
         raise ConfigurationError("leafMap: two MACs map to the same identity")
     return out
 

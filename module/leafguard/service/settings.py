@@ -12,7 +12,7 @@ from pathlib import Path
 
 from leafguard.capture.live import interface_macs
 from leafguard.errors import ConfigurationError
-from leafguard.hub.settings import EDGE_ENV, EdgeSettings
+from leafguard.hub.settings import EDGE_ENV, EdgeSettings, LeafClientSettings
 from leafguard.observe.settings import AnalyzerSettings
 
 EDGE_HTTP_PORT = 9600
@@ -70,7 +70,10 @@ class ServiceSettings:
         if local is None:
             if not any(k in env for k in EDGE_ENV):
                 raise ConfigurationError("outside IoT Edge, leafguard run needs --local-dir DIR (local mode)")
-            edge = EdgeSettings.from_env(env)  # edge mode; names the missing variables if any
+            # Edge mode; names the missing variables if any.
+            leaves = LeafClientSettings.from_env(env, secrets=getattr(args, "leaf_secrets", None),
+                                                 group_key_file=getattr(args, "leaf_group_key_file", None))
+            edge = EdgeSettings.from_env(env, leaves)
         speed = float(args.replay_speed)
         if math.isnan(speed) or speed < 0:
             raise ConfigurationError("--replay-speed must be 0 (as fast as possible) or a positive factor")
