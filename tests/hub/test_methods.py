@@ -22,7 +22,7 @@ from leafguard.hub.settings import EdgeSettings
 from leafguard.hub.transport import EdgeTransport
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
-from leafguard.service.control import ServiceControl
+from leafguard.service.control import DetectionControl, ServiceControl
 from leafguard.service.snapshot import ServiceSnapshot
 from tests.hub_emulator import HubEmulator, Identity
 
@@ -43,17 +43,24 @@ def no_snapshot() -> ServiceSnapshot:
     raise AssertionError("not used here")
 
 
-@pytest.fixture
-def dispatcher() -> tuple[MethodDispatcher, Fleet]:
-    analyzer = Analyzer(AnalyzerSettings())
+def feed_demo(analyzer: Analyzer) -> Analyzer:
     for batch in read_batches(demo_capture()):
         analyzer.feed(batch)
+    return analyzer
+
+
+def make_dispatcher(analyzer: Analyzer) -> tuple[MethodDispatcher, Fleet]:
     fleet = Fleet()
     transport = EdgeTransport(EdgeSettings(hub_hostname="hub", device_id="edge1", module_id="leafguard",
                                            gateway_hostname="edge1"))
     control = ServiceControl(analyzer=analyzer, fleet=fleet, transport=transport, snapshot=no_snapshot,
                              clock=lambda: analyzer.now)
-    return MethodDispatcher(control), fleet
+    return MethodDispatcher(control, DetectionControl(analyzer, lambda: analyzer.now)), fleet
+
+
+@pytest.fixture
+def dispatcher() -> tuple[MethodDispatcher, Fleet]:
+    return make_dispatcher(feed_demo(Analyzer(AnalyzerSettings())))
 
 
 def call(d: MethodDispatcher, name: str, payload: object = None) -> MethodResult:
@@ -107,6 +114,16 @@ def test_inventory_pages_with_a_cursor_and_finds_one_leaf(dispatcher: tuple[Meth
         ("flush", {"waitS": -1}, 400, "waitS"),
         ("flush", {"waitS": 3600}, 400, "waitS"),
         ("flush", {"waitS": True}, 400, "waitS"),
+        ("mute", {"type": "nonsense", "forS": 60}, 400, "type"),
+        ("mute", {"mac": "everyone", "forS": 60}, 400, "mac"),
+        ("mute", {"forS": 60}, 400, "type"),
+        ("mute", {"type": "port_scan"}, 400, "forS"),
+        ("mute", {"type": "port_scan", "forS": 60, "until": 2e9}, 400, "forS"),
+        ("mute", {"type": "port_scan", "forS": 0}, 400, "forS"),
+        ("mute", {"type": "port_scan", "until": "tomorrow"}, 400, "until"),
+        ("mute", {"type": "port_scan", "forS": 60, "why": "noisy"}, 400, "why"),
+        ("learn", {"mac": "02:00:00:00:00:99"}, 404, "mac"),
+        ("learn", {"mac": 5}, 400, "mac"),
     ],
 )
 def test_bad_requests_name_the_field(
@@ -115,6 +132,24 @@ def test_bad_requests_name_the_field(
     result = call(dispatcher[0], method, payload)
     assert (result.status, result.payload["field"]) == (status, field)
     assert field in result.payload["error"] or field == "payload"
+
+
+def test_mute_drops_later_alerts_and_learn_counts_the_leaves() -> None:
+    analyzer = Analyzer(AnalyzerSettings())
+    d, _fleet = make_dispatcher(analyzer)
+    # Before any frame the rule counts from the wall clock; the demo's packet times are earlier, so it holds.
+    muted = call(d, "mute", {"type": "cleartext_login", "forS": 3600})
+    assert muted.status == 200 and muted.payload["muted"]["type"] == "cleartext_login"
+    assert muted.payload["rules"] == [muted.payload["muted"]]
+    call(d, "mute", {"mac": SENSOR_MAC, "until": 2e9})
+    again = call(d, "mute", {"type": "cleartext_login", "forS": 7200})  # the same pair: replaced, not added
+    assert len(again.payload["rules"]) == 2
+    feed_demo(analyzer)
+    # The demo's two cleartext logins (its only alerts) were found and dropped by the rule.
+    assert analyzer.detectors.alerts == [] and analyzer.detectors.muting.muted == 2
+
+    assert call(d, "learn", {"mac": SENSOR_MAC}).payload == {"learned": 1}
+    assert call(d, "learn").payload == {"learned": len(analyzed_demo()["leaves"])}
 
 
 def test_unknown_method_is_501_listing_the_methods(dispatcher: tuple[MethodDispatcher, Fleet]) -> None:
@@ -213,6 +248,15 @@ async def test_methods_through_the_sdk_inventory_stats_and_a_flush_that_waits(hu
             after = await stats_when(lambda s: True)
             assert sum(p["pending"] for p in after["agents"]["by_priority"]) == 0
             assert after["agents"]["messages"] == waited.payload["messages"]
+
+            muted = await invoke("mute", {"type": "cleartext_login", "mac": SENSOR_MAC, "forS": 600})
+            assert muted.status == 200
+            assert muted.payload["rules"] == [{"type": "cleartext_login", "mac": SENSOR_MAC,
+                                               "until": muted.payload["muted"]["until"]}]
+            refused = await invoke("mute", {"type": "cleartext-login", "forS": 600})
+            assert refused.status == 400 and refused.payload["field"] == "type"
+            learned = await invoke("learn", {})
+            assert learned.status == 200 and learned.payload == {"learned": len(reference["leaves"])}
     finally:
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(LIMIT_S):

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from leafguard.detect.muting import ALERT_TYPES
 from leafguard.errors import LeafGuardError
 
 DEFAULT_PAGE_SIZE = 100
@@ -157,6 +158,8 @@ def parse_flush(payload: object) -> FlushRequest:
 def parse_mute(payload: object) -> MuteRequest:
     f = _fields(payload, ("type", "mac", "until", "forS"))
     kind, mac = _string(f, "type"), _mac(f)
+    if kind is not None and kind not in ALERT_TYPES:
+        raise BadRequest("type", f"type {kind!r} is not an alert type ({', '.join(sorted(ALERT_TYPES))})")
     if kind is None and mac is None:
         raise BadRequest("type", "mute names a type, a mac, or both (muting every alert is not a rule)")
     until, for_s = _seconds(f, "until"), _seconds(f, "forS")
@@ -219,7 +222,7 @@ class DetectionControl(Protocol):
     """Muting and learning, as detection offers them (the ``mute`` and ``learn`` methods exist only with it)."""
 
     def mute(self, request: MuteRequest) -> dict[str, Any]:
-        """Apply a rule; returns ``{"muted": rule, "rules": [in force]}``; BadRequest for what detection refuses."""
+        """Add a rule; returns ``{"muted": rule, "rules": [in force]}``; BadRequest for what detection refuses."""
         ...
 
     def learn(self, mac: str | None) -> int:

@@ -7,11 +7,14 @@ fleet and the outbox like the pipeline does, between batches.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from leafguard.agent.fleet import Fleet
-from leafguard.hub.methods import FlushOutcome, LeafRecord
+from leafguard.detect.muting import parse_rule
+from leafguard.errors import ConfigurationError
+from leafguard.hub.methods import BadRequest, FlushOutcome, LeafRecord, MuteRequest
 from leafguard.hub.transport import EdgeTransport
 from leafguard.observe.analyzer import Analyzer, mac_text
 from leafguard.observe.model import identity_for_mac
@@ -70,3 +73,38 @@ class ServiceControl:
 
     async def wait_sent(self, timeout_s: float) -> bool:
         return await self.transport.wait_sent(timeout_s)
+
+
+class DetectionControl:
+    """``mute`` and ``learn`` over the analyzer's detection (:mod:`leafguard.detect.muting`, ``Analyzer.learn``).
+
+    A rule from the method joins the rules in force (one per type and MAC: a new one for the same pair replaces
+    it); ``forS`` counts from the detection clock, the wall clock live and packet time in a replay, since expiry
+    is judged on the alerts' own times.
+    """
+
+    def __init__(self, analyzer: Analyzer, clock: Callable[[], float | None]) -> None:
+        self.analyzer = analyzer
+        self._clock = clock
+
+    def mute(self, request: MuteRequest) -> dict[str, Any]:
+        now = self._clock()
+        if now is None:
+            now = time.time()
+        entry = {
+            key: value
+            for key, value in (("type", request.type), ("mac", request.mac), ("until", request.until),
+                               ("forS", request.for_s))
+            if value is not None
+        }  # fmt: skip
+        muting = self.analyzer.detectors.muting
+        try:
+            rule = parse_rule(entry, now)
+            muting.add(rule)
+        except ConfigurationError as exc:
+            # The request was valid field by field (methods.parse_mute): what is left is the rule table's limit.
+            raise BadRequest("payload", str(exc)) from exc
+        return {"muted": rule.to_json(), "rules": muting.in_force(now)}
+
+    def learn(self, mac: str | None) -> int:
+        return self.analyzer.learn(mac)

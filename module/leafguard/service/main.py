@@ -189,16 +189,15 @@ class Service:
     def _serve_methods(self, transport: EdgeTransport) -> None:
         """Direct methods on the module (edge mode), answered from the service's parts."""
         from leafguard.hub.methods import MethodDispatcher
-        from leafguard.service.control import ServiceControl
+        from leafguard.service.control import DetectionControl, ServiceControl
+
+        def clock() -> float | None:
+            return time.time() if self.settings.live else self.analyzer.now
 
         control = ServiceControl(
-            analyzer=self.analyzer,
-            fleet=self.fleet,
-            transport=transport,
-            snapshot=self.snapshot,
-            clock=lambda: time.time() if self.settings.live else self.analyzer.now,
+            analyzer=self.analyzer, fleet=self.fleet, transport=transport, snapshot=self.snapshot, clock=clock
         )
-        transport.method_handler = MethodDispatcher(control).handle
+        transport.method_handler = MethodDispatcher(control, DetectionControl(self.analyzer, clock)).handle
 
     async def _start_http(self) -> Any:
         s = self.settings

@@ -156,6 +156,7 @@ def families(snap: ServiceSnapshot) -> list[Family]:
         ),
         _one("leafguard_alerts_dropped", "counter", "Alerts beyond the retained limit.", alerts.dropped),
         _one("leafguard_alerts_suppressed", "counter", "Alerts held back by rate limits.", alerts.suppressed),
+        _one("leafguard_alerts_muted", "counter", "Alerts dropped by a mute rule.", alerts.muted),
     ]
     return out
 

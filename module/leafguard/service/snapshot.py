@@ -176,6 +176,8 @@ class AlertSnapshot:
     by_type: tuple[AlertCount, ...]
     dropped: int
     suppressed: int
+    muted: int
+    """Findings a mute rule dropped (see :mod:`leafguard.detect.muting`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +330,7 @@ def build_snapshot(
             by_type=tuple(AlertCount(t, n) for t, n in sorted(by_type.items())),
             dropped=detectors.dropped_alerts,
             suppressed=detectors.suppressed_alerts,
+            muted=detectors.muting.muted,
         ),
         uplink=_uplink(uplink, uplink_down_for_s) if uplink is not None else None,
     )
