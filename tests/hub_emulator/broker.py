@@ -177,6 +177,9 @@ class Faults:
     stall_pubacks: bool = False
     twin_failure_status: int = 500
     twin_failures_left: int = 0
+    refuse_downstream_modules: bool = False
+    """Refuse module identities of devices that are not IoT Edge devices (leaf modules), as edgeHub versions
+    before 1.2.4 do (iothub-protocol.md §4), with CONNACK 2 (identifier rejected)."""
 
 
 @dataclass(slots=True)
@@ -184,6 +187,8 @@ class Stats:
     connects: int = 0
     refused: int = 0
     auth_failures: int = 0
+    refused_modules: int = 0
+    """Leaf module identities refused while `refuse_downstream_modules` is on."""
     kicked: int = 0
     """Connections dropped because the same client id connected again."""
     protocol_errors: int = 0
@@ -301,6 +306,15 @@ class Broker:
             link.write(mqtt.encode_connack(False, ConnackCode.NOT_AUTHORIZED))
             await link.drain()
             return None
+        if (self.faults.refuse_downstream_modules and identity.module_id is not None
+                and not self.registry.get(identity.device_id).edge):
+            self.stats.refused_modules += 1
+            self.stats.last_error = f"{identity.id}: module identities of downstream devices are refused"
+            self.changed.notify()
+            log.info("refusing %s (%s): a downstream device's module", identity.id, link.peer)
+            link.write(mqtt.encode_connack(False, ConnackCode.IDENTIFIER_REJECTED))
+            await link.drain()
+            return None
 
         if (old := self.connections.get(identity.id)) is not None:
             self.stats.kicked += 1
@@ -369,8 +383,10 @@ class Broker:
             raise AuthError(f"token audience {resource!r} is not {identity.id!r}")
 
     def _in_scope(self, identity: Identity) -> bool:
+        """The edge device's own modules, its children, and the modules of its children."""
         if identity.module_id is not None:
-            return identity.device_id == self.gateway_scope
+            device = self.registry.get(identity.device_id)
+            return self.gateway_scope in (device.device_id, device.parent)
         return identity.parent == self.gateway_scope
 
     # ---- packets -----------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ Everything under `/control`; identities in paths are `{device}` or `{device}/{mo
     POST   /control/faults                         {"refuse": 3|null, "stall_pubacks": bool,
                                                     "puback_delay_s": s,
                                                     "twin_failure": {"status": 429, "count": 2},
-                                                    "answer_unsubscribed_twin": bool}
+                                                    "answer_unsubscribed_twin": bool,
+                                                    "refuse_downstream_modules": bool}
     POST   /control/restart                        {"downtime_s": 0}
     POST   /control/methods                        {"identity", "method", "payload"?, "timeout_s"?}
     POST   /control/inputs                         {"identity", "input", "body", "properties"?}
@@ -76,7 +77,8 @@ def _faults(hub: HubEmulator) -> dict[str, Any]:
     f = hub.broker.faults
     return {"refuse": f.refuse_code, "stall_pubacks": f.stall_pubacks, "puback_delay_s": f.puback_delay_s,
             "twin_failure": {"status": f.twin_failure_status, "count": f.twin_failures_left},
-            "answer_unsubscribed_twin": hub.answer_unsubscribed_twin_requests}
+            "answer_unsubscribed_twin": hub.answer_unsubscribed_twin_requests,
+            "refuse_downstream_modules": f.refuse_downstream_modules}
 
 
 def routes(hub: HubEmulator) -> web.RouteTableDef:
@@ -166,6 +168,8 @@ def routes(hub: HubEmulator) -> web.RouteTableDef:
         if "twin_failure" in body:
             spec = body["twin_failure"] or {}
             hub.fail_twin_requests(int(spec.get("status", 429)), int(spec.get("count", 1)))
+        if "refuse_downstream_modules" in body:
+            hub.refuse_downstream_modules(bool(body["refuse_downstream_modules"]))
         if "answer_unsubscribed_twin" in body:
             hub.answer_unsubscribed_twin_requests = bool(body["answer_unsubscribed_twin"])
         return _json(_faults(hub))

@@ -405,6 +405,11 @@ class HubEmulator:
         self.broker.faults.twin_failure_status = status
         self.broker.faults.twin_failures_left = count
 
+    def refuse_downstream_modules(self, refuse: bool = True) -> None:
+        """Refuse (CONNACK 2) module identities of devices that are not edge devices, as edgeHub before 1.2.4."""
+        self.broker.faults.refuse_downstream_modules = refuse
+
     def scope_to(self, edge_device: str | Identity | None) -> None:
-        """Authenticate like that edge device's edgeHub (Scope mode): only its modules and children."""
+        """Authenticate like that edge device's edgeHub (Scope mode): only its modules, its children and their
+        modules; any other registered identity is refused as unknown (CONNACK 5)."""
         self.broker.gateway_scope = None if edge_device is None else self.identity(edge_device).device_id

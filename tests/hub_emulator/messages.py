@@ -65,7 +65,7 @@ class ReceivedMessage:
     """One device-to-cloud or module-output message, as the hub stored it."""
 
     identity: str
-    """Client id of the sender: `device` or `device/module`."""
+    """Client id of the sending connection (`device` or `device/module`), as it authenticated."""
     body: bytes
     system: dict[str, str | None]
     """System properties by their wire names (`$.ifid`, `$.on`, `$.ct`, `$.ce`, `$.mid`, ...)."""
@@ -100,6 +100,17 @@ class ReceivedMessage:
     def message_id(self) -> str | None:
         return self.system.get("$.mid")
 
+    @property
+    def connection_device_id(self) -> str:
+        """IoT Hub's `connectionDeviceId`: the device of the connection that sent it (never read from the topic or
+        the properties, so a gateway cannot speak for a leaf except over the leaf's own connection)."""
+        return self.identity.partition("/")[0]
+
+    @property
+    def connection_module_id(self) -> str | None:
+        """IoT Hub's `connectionModuleId`: the sending connection's module, None for a device connection."""
+        return self.identity.partition("/")[2] or None
+
     def json(self) -> Any:
         return orjson.loads(self.body)
 
@@ -108,7 +119,9 @@ class ReceivedMessage:
             body: Any = self.body.decode()
         except UnicodeDecodeError:
             body = self.body.hex()
-        return {"identity": self.identity, "system": self.system, "properties": self.properties, "body": body,
+        return {"identity": self.identity, "connectionDeviceId": self.connection_device_id,
+                "connectionModuleId": self.connection_module_id, "system": self.system,
+                "properties": self.properties, "body": body,
                 "received_at": self.received_at.isoformat(), "topic": self.topic, "dup": self.dup}
 
 

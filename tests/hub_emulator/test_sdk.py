@@ -416,3 +416,58 @@ async def test_threaded_emulator_tolerates_blocking_sdk_calls(clients: list[Any]
             assert hub.release_pubacks() == 0
         finally:
             await shutdown(client)
+
+
+def module_client(hub: HubEmulator, identity: Identity, made: list[Any], **kwargs: Any) -> IoTHubModuleClient:
+    client = IoTHubModuleClient.create_from_connection_string(
+        hub.connection_string(identity), server_verification_cert=hub.ca_pem, connection_retry=False, **kwargs)
+    made.append(client)
+    return client
+
+
+async def test_messages_record_the_sending_connection_and_scope_admits_only_children(
+        hub: HubEmulator, clients: list[Any]) -> None:
+    """What IoT Hub stamps on a message is the connection's identity (a leaf's device, and a leaf's module);
+    through an edge hub in Scope mode only the edge device's children and their modules connect."""
+    edge = hub.add_device("edge1", edge=True)
+    leaf = hub.add_device("plc1", parent=edge)
+    security = hub.add_module(leaf, "azureiotsecurity")
+    stranger = hub.add_device("elsewhere")
+    hub.scope_to(edge)
+    device = device_client(hub, leaf, clients)
+    module = module_client(hub, security, clients)
+    outsider = device_client(hub, stranger, clients, connection_retry=False)
+    async with asyncio.timeout(LIMIT_S):
+        await device.send_message(Message("from the device"))
+        msg = Message("from the module")
+        msg.set_as_security_message()
+        await module.send_message(msg)
+        with pytest.raises(CredentialError):
+            await outsider.connect()
+    by_body = {m.body: m for m in hub.messages()}
+    assert by_body[b"from the device"].connection_device_id == "plc1"
+    assert by_body[b"from the device"].connection_module_id is None
+    assert by_body[b"from the module"].connection_device_id == "plc1"
+    assert by_body[b"from the module"].connection_module_id == "azureiotsecurity"
+    assert by_body[b"from the module"].to_dict()["connectionModuleId"] == "azureiotsecurity"
+    assert by_body[b"from the module"].is_security_message
+    assert hub.stats.auth_failures == 1
+
+
+async def test_refusing_downstream_module_identities(hub: HubEmulator, clients: list[Any]) -> None:
+    """edgeHub before 1.2.4 refuses a leaf's module identity; the leaf's device identity and the edge device's own
+    modules still connect. The SDK surfaces CONNACK 2 as a ClientError (not retried, not a CredentialError)."""
+    edge = hub.add_device("edge1", edge=True)
+    leaf = hub.add_device("plc1", parent=edge)
+    hub.refuse_downstream_modules()
+    refused = module_client(hub, hub.add_module(leaf, "azureiotsecurity"), clients)
+    device = device_client(hub, leaf, clients)
+    gateway_module = module_client(hub, hub.add_module(edge, "leafguard"), clients)
+    async with asyncio.timeout(LIMIT_S):
+        with pytest.raises(ClientError) as err:
+            await refused.connect()
+        assert not isinstance(err.value, CredentialError)
+        await device.connect()
+        await gateway_module.connect()
+    assert hub.stats.refused_modules == 1 and "downstream" in hub.stats.last_error
+    assert sorted(c.client_id for c in hub.connections()) == ["edge1/leafguard", "plc1"]
