@@ -76,9 +76,10 @@ def test_inventory_pages_with_a_cursor_and_finds_one_leaf(dispatcher: tuple[Meth
         assert result.status == 200 and result.payload["total"] == len(reference)
         pages.append([leaf["mac"] for leaf in result.payload["leaves"]])
         for leaf in result.payload["leaves"]:
-            inventory = {k: v for k, v in leaf.items() if k not in ("identity", "managed", "agent")}
+            inventory = {k: v for k, v in leaf.items() if k not in ("identity", "named", "managed", "agent")}
             assert inventory == reference[leaf["mac"]]
-            assert leaf["identity"] == "leaf-" + leaf["mac"].replace(":", "") and leaf["managed"] is False
+            assert leaf["identity"] == "leaf-" + leaf["mac"].replace(":", "")
+            assert leaf["named"] is False and leaf["managed"] is False
         cursor = result.payload["nextCursor"]
         if cursor is None:
             break
@@ -95,7 +96,8 @@ def test_inventory_pages_with_a_cursor_and_finds_one_leaf(dispatcher: tuple[Meth
     fleet.set_leaf_map({SENSOR_MAC: "plant1-sensor7"}, 0.0)
     named = call(d, "getInventory", {"deviceId": "plant1-sensor7"})
     assert named.status == 200
-    assert (named.payload["leaf"]["mac"], named.payload["leaf"]["managed"]) == (SENSOR_MAC, True)
+    assert (named.payload["leaf"]["mac"], named.payload["leaf"]["named"]) == (SENSOR_MAC, True)
+    assert named.payload["leaf"]["managed"] is False  # no client of its own (nothing gave it one here)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from leafguard.agent.fleet import Fleet
+from leafguard.capture.pcapfile import read_batches
 from leafguard.cli import _parser
 from leafguard.demo import demo_capture
 from leafguard.errors import ConfigurationError
@@ -31,6 +32,7 @@ from leafguard.service.settings import EDGE_HTTP_PORT, ServiceSettings
 from leafguard.service.snapshot import DownTracker, LeafConnection, MetricLabels, build_snapshot
 from tests.service.helpers import free_port, http_get, read_json, wait_for
 
+SENSOR_MAC, PLC_MAC = "5c:cf:7f:07:ae:fb", "00:0e:8c:aa:bb:01"
 BASE_LABELS = {"iothub", "edge_device", "instance_number", "module_name"}
 
 
@@ -102,9 +104,9 @@ def test_metrics_of_a_replay_parse_and_match_the_service_files(tmp_path: Path) -
     assert value(families, "leafguard_batches_total") == stats["batches"]
     leaves = read_json(tmp_path / "leaves.json")["leaves"]
     assert value(families, "leafguard_leaves_seen") == len(leaves) > 0
-    # No leaf map: every leaf is known by its MAC only.
+    # No leaf map and no per-leaf clients: every leaf is known by its MAC and sent for by the gateway.
     assert value(families, "leafguard_leaves_unmanaged") == len(leaves)
-    assert value(families, "leafguard_leaves_managed") == 0
+    assert value(families, "leafguard_leaves_managed") == value(families, "leafguard_leaves_named") == 0
     assert value(families, "leafguard_leaf_agents") == stats["agents"]["leaves"]
 
     priorities = {"high", "low", "operational"}
@@ -181,30 +183,43 @@ def test_http_settings_defaults_environment_and_errors(tmp_path: Path) -> None:
             settings(replay, edge_env | env)
 
 
-class Connections:
-    """The per-leaf connection hook as the per-leaf clients fill it."""
+class ManagedLeaves:
+    """The managed-leaves hook as the per-leaf clients fill it."""
 
-    def __init__(self, items: Iterable[LeafConnection]) -> None:
+    def __init__(self, macs: Iterable[str], items: Iterable[LeafConnection]) -> None:
+        self.macs = set(macs)
         self.items = list(items)
+
+    def managed_macs(self) -> set[str]:
+        return self.macs
 
     def leaf_connections(self) -> Iterable[LeafConnection]:
         return self.items
 
 
-def test_leaf_connection_hook_and_label_escaping_round_trip_through_the_parser() -> None:
+def test_managed_leaves_hook_and_label_escaping_round_trip_through_the_parser() -> None:
     odd = 'plant "7"\\north\nline'
+    analyzer = Analyzer(AnalyzerSettings())
+    for batch in read_batches(demo_capture()):
+        analyzer.feed(batch)
+    fleet = Fleet(leaf_map={PLC_MAC: "plant1-plc"})
     snap = build_snapshot(
         version="0", started_at=1.0, taken_at=2.0, batches=0,
         labels=MetricLabels("hub.example", 'edge "1"', "i-1", "leafguard"),
-        analyzer=Analyzer(AnalyzerSettings()), fleet=Fleet(),
+        analyzer=analyzer, fleet=fleet,
         interfaces=None, capture_down_for_s=None, uplink=None, uplink_down_for_s=None,
-        leaf_connections=Connections([LeafConnection("sensor-2", "backoff", False),
+        managed_leaves=ManagedLeaves([SENSOR_MAC, "02:00:00:00:00:99"],
+                                     [LeafConnection("sensor-2", "backoff", False),
                                       LeafConnection(odd, "connected", True)]),
     )
     families = parse(render_snapshot(snap))
     got = {s.labels["leaf"]: (s.labels["state"], s.value) for s in samples(families, "leafguard_leaf_connected")}
     assert got == {odd: ("connected", 1.0), "sensor-2": ("backoff", 0.0)}
     assert {s.labels["edge_device"] for f in families.values() for s in f.samples} == {'edge "1"'}
+    # Of the demo's five leaves, the sensor is managed (the hook's other MAC is no leaf now) and the PLC named.
+    seen = value(families, "leafguard_leaves_seen")
+    assert (seen, value(families, "leafguard_leaves_managed"), value(families, "leafguard_leaves_named")) == (5, 1, 1)
+    assert value(families, "leafguard_leaves_unmanaged") == 4
 
 
 def test_health_thresholds_and_outage_timing() -> None:
@@ -219,7 +234,7 @@ def test_health_thresholds_and_outage_timing() -> None:
             version="0", started_at=1.0, taken_at=2.0, batches=3, labels=MetricLabels("h", "d", "i", "m"),
             analyzer=Analyzer(AnalyzerSettings()), fleet=Fleet(), interfaces=(), capture_down_for_s=capture_down,
             uplink={"state": "backoff", "sent": 0, "dropped": 0, "queued": 4, "queued_bytes": 400},
-            uplink_down_for_s=capture_down, leaf_connections=None,
+            uplink_down_for_s=capture_down, managed_leaves=None,
         )
 
     ok = assess(snap(None), down_after_s=30)

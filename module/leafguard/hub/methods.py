@@ -181,13 +181,16 @@ class LeafRecord:
 
     mac: str
     identity: str
-    managed: bool
+    named: bool
     """Named by the leaf map (an operator-assigned twin identity), not derived from the MAC."""
+    managed: bool
+    """Has an IoT Hub identity and client of its own (otherwise it goes through the gateway module)."""
     doc: dict[str, Any]
     """The inventory fields (addresses, vendor, names, services, OS, first/last seen, agent counters)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"mac": self.mac, "identity": self.identity, "managed": self.managed} | self.doc
+        head = {"mac": self.mac, "identity": self.identity, "named": self.named, "managed": self.managed}
+        return head | self.doc
 
 
 @dataclass(frozen=True, slots=True)

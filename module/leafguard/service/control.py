@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from leafguard.agent.fleet import Fleet
@@ -30,8 +30,10 @@ class ServiceControl:
         transport: EdgeTransport,
         snapshot: Callable[[], ServiceSnapshot],
         clock: Callable[[], float | None],
+        managed_macs: Callable[[], Collection[str]] = tuple,
     ) -> None:
         self.analyzer = analyzer
+        self._managed_macs = managed_macs
         self.fleet = fleet
         self.transport = transport
         self._snapshot = snapshot
@@ -50,7 +52,13 @@ class ServiceControl:
         identity = self.fleet.identity_for(mac)
         agent = self.fleet.agent(identity)
         doc["agent"] = dataclasses.asdict(agent.stats()) if agent is not None else None
-        return LeafRecord(mac=mac, identity=identity, managed=identity != identity_for_mac(mac), doc=doc)
+        return LeafRecord(
+            mac=mac,
+            identity=identity,
+            named=identity != identity_for_mac(mac),
+            managed=mac in self._managed_macs(),
+            doc=doc,
+        )
 
     def mac_of_identity(self, identity: str) -> str | None:
         for st in self.analyzer.leaves():

@@ -51,7 +51,7 @@ from leafguard.service.gateway import (
 from leafguard.service.settings import ServiceSettings
 from leafguard.service.snapshot import (
     DownTracker,
-    LeafConnectionSource,
+    ManagedLeavesSource,
     MetricLabels,
     ServiceSnapshot,
     build_snapshot,
@@ -111,8 +111,8 @@ class Service:
         self.stopping = asyncio.Event()
         self.started_at = time.time()
         self.labels = MetricLabels.from_env()
-        self.leaf_connections: LeafConnectionSource | None = None
-        """Per-leaf hub connections, for metrics: whoever creates them sets this."""
+        self.managed_leaves: ManagedLeavesSource | None = None
+        """Managed leaves and their own hub connections: whoever creates their clients sets this."""
         self._capture_down = DownTracker(time.monotonic())
         self._uplink_down = DownTracker(time.monotonic())
         self.batches = 0
@@ -195,7 +195,12 @@ class Service:
             return time.time() if self.settings.live else self.analyzer.now
 
         control = ServiceControl(
-            analyzer=self.analyzer, fleet=self.fleet, transport=transport, snapshot=self.snapshot, clock=clock
+            analyzer=self.analyzer,
+            fleet=self.fleet,
+            transport=transport,
+            snapshot=self.snapshot,
+            clock=clock,
+            managed_macs=lambda: self.managed_leaves.managed_macs() if self.managed_leaves is not None else (),
         )
         transport.method_handler = MethodDispatcher(control, DetectionControl(self.analyzer, clock)).handle
 
@@ -229,7 +234,7 @@ class Service:
             capture_down_for_s=self._capture_down.update(capture_up(interfaces), mono) if interfaces else None,
             uplink=counters,
             uplink_down_for_s=self._uplink_down.update(uplink_up(counters), mono) if counters else None,
-            leaf_connections=self.leaf_connections,
+            managed_leaves=self.managed_leaves,
         )
 
     def _track_outages(self) -> None:

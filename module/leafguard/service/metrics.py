@@ -99,8 +99,9 @@ def families(snap: ServiceSnapshot) -> list[Family]:
     out += [
         # leaves
         _one("leafguard_leaves_seen", "gauge", "Leaves in the inventory.", leaves.seen),
-        _one("leafguard_leaves_managed", "gauge", "Leaves the leaf map names (twin identity).", leaves.managed),
-        _one("leafguard_leaves_unmanaged", "gauge", "Leaves known by their MAC only.", leaves.unmanaged),
+        _one("leafguard_leaves_named", "gauge", "Leaves the leaf map names (twin identity).", leaves.named),
+        _one("leafguard_leaves_managed", "gauge", "Leaves with a hub identity of their own.", leaves.managed),
+        _one("leafguard_leaves_unmanaged", "gauge", "Leaves sent for by the gateway module.", leaves.unmanaged),
         _one("leafguard_leaf_agents", "gauge", "Defender agents (one per active leaf).", leaves.agents),
         _one(
             "leafguard_leaf_refused_observations",

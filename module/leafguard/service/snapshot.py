@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -90,8 +90,13 @@ class LeafConnection:
     connected: bool
 
 
-class LeafConnectionSource(Protocol):
-    """Whatever keeps per-leaf hub connections (the per-leaf twin clients) plugs in here for metrics."""
+class ManagedLeavesSource(Protocol):
+    """Whatever keeps managed leaves' own hub connections (the per-leaf clients) plugs in here (``Service.
+    managed_leaves``) for metrics, ``getStats`` and ``getInventory``."""
+
+    def managed_macs(self) -> Collection[str]:
+        """MACs (``aa:bb:..``) of the leaves that have an IoT Hub identity and client of their own."""
+        ...
 
     def leaf_connections(self) -> Iterable[LeafConnection]: ...
 
@@ -100,9 +105,12 @@ class LeafConnectionSource(Protocol):
 class LeafSnapshot:
     seen: int
     """Leaves in the inventory now."""
-    managed: int
+    named: int
     """Of those, the leaves the leaf map names (an operator gave them a twin identity)."""
+    managed: int
+    """Of those, the leaves with an IoT Hub identity and client of their own (:class:`ManagedLeavesSource`)."""
     unmanaged: int
+    """The others: their messages go out through the gateway module."""
     agents: int
     """Defender agents (one per leaf that produced an observation or showed up in the inventory)."""
     refused_observations: int
@@ -268,15 +276,18 @@ def build_snapshot(
     capture_down_for_s: float | None,
     uplink: Mapping[str, Any] | None,
     uplink_down_for_s: float | None,
-    leaf_connections: LeafConnectionSource | None,
+    managed_leaves: ManagedLeavesSource | None,
 ) -> ServiceSnapshot:
     """One consistent snapshot; ``interfaces`` is None for a replay, ``uplink`` (transport counters) locally."""
     st = analyzer.stats
-    seen = managed = 0
+    seen = named = managed = 0
+    managed_macs = managed_leaves.managed_macs() if managed_leaves is not None else ()
     for leaf in analyzer.leaves():
         seen += 1
         mac = mac_text(leaf.mac)
         if fleet.identity_for(mac) != identity_for_mac(mac):
+            named += 1
+        if mac in managed_macs:
             managed += 1
     agents = fleet.agents()
     by_queue: dict[QueueName, list[int]] = {name: [0, 0, 0, 0] for name in QueueName}
@@ -294,8 +305,8 @@ def build_snapshot(
     detectors = analyzer.detectors
     by_type = Counter(alert.type for alert in detectors.alerts)
     connections = (
-        tuple(sorted(leaf_connections.leaf_connections(), key=lambda c: c.identity))
-        if leaf_connections is not None
+        tuple(sorted(managed_leaves.leaf_connections(), key=lambda c: c.identity))
+        if managed_leaves is not None
         else ()
     )
     return ServiceSnapshot(
@@ -315,6 +326,7 @@ def build_snapshot(
         ),
         leaves=LeafSnapshot(
             seen=seen,
+            named=named,
             managed=managed,
             unmanaged=seen - managed,
             agents=len(agents),
