@@ -25,12 +25,14 @@ def test_every_environment_variable_is_documented() -> None:
     text = GUIDE.read_text()
     names = _code_env_vars()
     assert len(names) >= 10
-    assert not [n for n in sorted(names) if f"`{n}`" not in text]
+    missing = [n for n in sorted(names) if f"`{n}`" not in text]
+    assert not missing, f"add these to the environment table of docs/operator-guide.md: {missing}"
 
 
 def test_every_detection_setting_is_documented() -> None:
     text = GUIDE.read_text()
-    assert not [k for k in DETECTION_KEYS if f"detection.{k}" not in text]
+    missing = [k for k in DETECTION_KEYS if f"detection.{k}" not in text]
+    assert not missing, f"add these to the gateway settings table of docs/operator-guide.md: {missing}"
 
 
 def test_every_agent_configuration_key_is_documented() -> None:
@@ -41,4 +43,4 @@ def test_every_agent_configuration_key_is_documented() -> None:
         short = f"…{key[len(family):]}" if family else None
         if f"`{key}`" not in text and not (short and short in text):
             missing.append(key)
-    assert not missing
+    assert not missing, f"add these to the Defender configuration table of docs/operator-guide.md: {missing}"
