@@ -78,14 +78,26 @@ def encode_event(event: Event, event_id: str) -> bytes:
     return orjson.dumps(event.to_json(event_id))
 
 
+# The range datetime can write. A capture can carry any 64-bit tick count at any resolution (pcapng
+# if_tsresol), so frame times outside it are real input, not bugs: they are written as the nearest end.
+_FIRST_TS = datetime.min.replace(tzinfo=UTC).timestamp()
+_LAST_TS = datetime.max.replace(tzinfo=UTC).timestamp() - 1e-3
+
+
+def _utc(ts: float) -> datetime:
+    if not ts >= _FIRST_TS:  # also NaN
+        ts = _FIRST_TS
+    return datetime.fromtimestamp(min(ts, _LAST_TS), UTC)
+
+
 def timestamp_utc(ts: float) -> str:
     """RFC 3339 UTC with milliseconds and ``Z``: ``2018-08-10T11:01:21.000Z``."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _utc(ts).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def timestamp_local(ts: float) -> str:
     """The module's local time is UTC (a container); written with an explicit ``+00:00`` offset."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+    return _utc(ts).isoformat(timespec="milliseconds")
 
 
 def _ip(addr: str) -> str | None:
