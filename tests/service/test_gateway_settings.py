@@ -17,7 +17,7 @@ import pytest
 from leafguard.demo import demo_capture
 from leafguard.detect.thresholds import THRESHOLD_KEYS, Thresholds
 from leafguard.errors import ConfigurationError
-from leafguard.service.gateway import CaptureSection, parse_detection, parse_leaf_map
+from leafguard.service.gateway import CaptureSection, apply_capture_section, parse_detection, parse_leaf_map
 from tests.netns import Lab, Netns, needs_root
 from tests.service.helpers import read_stats, wait_for
 
@@ -136,8 +136,12 @@ def _demo_replay(out: Path) -> Iterator[None]:
 
 
 def _set_doc(out: Path, doc: object) -> None:
+    _set_raw(out, json.dumps(doc))
+
+
+def _set_raw(out: Path, text: str) -> None:
     tmp = out / "gateway.json.tmp"
-    tmp.write_text(json.dumps(doc))
+    tmp.write_text(text)
     tmp.replace(out / "gateway.json")
 
 
@@ -187,3 +191,70 @@ def _alert_types(out: Path) -> set[str]:
     except (OSError, ValueError):
         return set()
     return {a["type"] for a in doc.get("alerts", [])}
+
+
+def _nested(depth: int) -> str:
+    """A JSON object nested ``depth`` levels deep (written by hand: the json module itself would recurse)."""
+    return '{"x":' * depth + '"leaf"' + "}" * depth
+
+
+def test_a_deep_document_is_rejected_and_the_service_stays_up(tmp_path: Path) -> None:
+    """Issue #12 defect 2: a leaf map nested 1000 levels deep, written twice with another key changed, used to
+    end the service with RecursionError while the sections were compared."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _set_doc(out, {"leafMap": {"5c:cf:7f:07:ae:fb": "sensor-7"}})
+    with _demo_replay(out):
+        wait_for(lambda: read_stats(out)["leaf_map"] == {"leaves": 1, "error": None})
+        _set_raw(out, '{"leafMap":' + _nested(1000) + "}")
+        status = wait_for(lambda: (s := read_stats(out)["leaf_map"])["error"] and s)
+        assert "deeper than 10 levels" in status["error"] and status["leaves"] == 1
+        _set_raw(out, '{"detection": {"silentAfterS": 60}, "leafMap":' + _nested(1000) + "}")
+        time.sleep(2.5)  # one poll of the settings file
+        assert "deeper" in read_stats(out)["detection"]["error"]
+    # _demo_replay asserted exit status 0 at SIGTERM; the messages were flushed.
+    assert (out / "messages.jsonl").read_text().count("\n") > 0
+
+
+def test_the_error_in_force_describes_the_document_in_force(tmp_path: Path) -> None:
+    """Issue #12 defect 3: valid, then unreadable, then the same valid document: the errors are cleared."""
+    out = tmp_path / "out"
+    out.mkdir()
+    good = {"leafMap": {"5c:cf:7f:07:ae:fb": "sensor-7"}, "detection": {"silentAfterS": 60}}
+    _set_doc(out, good)
+    with _demo_replay(out):
+        wait_for(lambda: read_stats(out)["leaf_map"] == {"leaves": 1, "error": None})
+        (out / "gateway.json").write_text("{not json")
+        stats = wait_for(lambda: (s := read_stats(out))["leaf_map"]["error"] and s)
+        assert all("not JSON" in stats[k]["error"] for k in ("leaf_map", "detection", "capture_filter"))
+        _set_doc(out, good)
+        stats = wait_for(lambda: (s := read_stats(out))["leaf_map"]["error"] is None and s)
+        assert stats["detection"]["error"] is None and stats["capture_filter"]["error"] is None
+        assert stats["detection"]["silentAfterS"] == 60 and stats["leaf_map"]["leaves"] == 1
+
+
+def test_documents_past_their_caps_are_rejected_and_the_old_settings_stay(tmp_path: Path) -> None:
+    """Issue #12 defect 5: a leaf map past its entry cap, and a file past the size cap, are reported errors."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _set_doc(out, {"leafMap": {"5c:cf:7f:07:ae:fb": "sensor-7"}})
+    with _demo_replay(out):
+        wait_for(lambda: read_stats(out)["leaf_map"] == {"leaves": 1, "error": None})
+        many = {f"02:00:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}": f"leaf{i}" for i in range(10_001)}
+        _set_doc(out, {"leafMap": many})
+        status = wait_for(lambda: (s := read_stats(out)["leaf_map"])["error"] and s)
+        assert "10001 entries, over 10000" in status["error"] and status["leaves"] == 1
+        _set_doc(out, {"leafMap": {"5c:cf:7f:07:ae:fb": "sensor-7"}, "padding": "x" * (1 << 20)})
+        status = wait_for(lambda: (s := read_stats(out)["leaf_map"])["error"] and "larger than" in s["error"] and s)
+        assert status["leaves"] == 1
+        _set_doc(out, {"leafMap": {"5c:cf:7f:07:ae:fb": "sensor-7", "00:0e:8c:aa:bb:01": "plc-1"}})
+        wait_for(lambda: read_stats(out)["leaf_map"] == {"leaves": 2, "error": None})
+
+
+def test_a_capture_section_that_sets_nothing_clears_its_error() -> None:
+    """Issue #12 defect 3 in edge mode: after a bad capture section, ``"capture": null`` is not an error."""
+    status: dict[str, object] = {"extraFilter": "", "error": None}
+    apply_capture_section(None, {"extraFilter": 5}, status)
+    assert "must be a string" in str(status["error"])
+    apply_capture_section(None, None, status)
+    assert status == {"extraFilter": "", "error": None}

@@ -29,6 +29,7 @@ import orjson
 from leafguard.agent.config import AgentConfig, ConfigOutcome
 from leafguard.agent.fleet import Fleet, ViewsProvider
 from leafguard.agent.messages import OutgoingMessage
+from leafguard.documents import MAX_DOCUMENT_BYTES, check_document, read_document
 from leafguard.errors import ConfigurationError
 from leafguard.observe.model import ConnectionSeen, LeafView, LoginSeen
 
@@ -144,7 +145,8 @@ class DesiredDir:
                 key = (st.st_mtime_ns, st.st_size)
                 if self._stat.get(ident) == key:
                     continue
-                raw = path.read_bytes()
+                with path.open("rb") as fh:
+                    raw = fh.read(MAX_DOCUMENT_BYTES + 1)  # a larger file is rejected unread
             except FileNotFoundError:
                 continue
             self._stat[ident] = key
@@ -161,11 +163,18 @@ class DesiredDir:
 
 
 def parse_desired_bytes(raw: bytes) -> Any:
-    """A desired document from file content; a description string if not JSON (rejected when applied)."""
+    """A desired document from file content; a description string if it is not JSON or breaks a limit of
+    `leafguard.documents` (rejected when applied, as any document that is not an object)."""
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        return f"larger than {MAX_DOCUMENT_BYTES} bytes"
     try:
-        return orjson.loads(raw)
+        doc = orjson.loads(raw)
+        check_document(doc, "desired document")
     except orjson.JSONDecodeError as exc:
         return f"invalid JSON: {exc}"
+    except ConfigurationError as exc:
+        return str(exc)
+    return doc
 
 
 def apply_desired_changes(
@@ -188,12 +197,7 @@ def load_agent_config_file(path: Path | str) -> dict[str, Any]:
     The file has the desired-properties shape: ``{"ms_iotn:urn_azureiot_Security_SecurityAgentConfiguration":
     {"maxMessageSizeInBytes": {"value": 65536}, …}}``. Its *content* is validated per leaf, like a twin.
     """
-    try:
-        doc = orjson.loads(Path(path).read_bytes())
-    except OSError as exc:
-        raise ConfigurationError(f"{path}: {exc.strerror or exc}") from exc
-    except orjson.JSONDecodeError as exc:
-        raise ConfigurationError(f"{path}: not JSON ({exc})") from exc
+    doc = read_document(Path(path))
     if not isinstance(doc, dict):
         raise ConfigurationError(f"{path}: expected a JSON object in the desired-properties shape")
     return doc

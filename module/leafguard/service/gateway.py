@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from leafguard.detect.thresholds import THRESHOLD_KEYS
+from leafguard.documents import read_document
 from leafguard.errors import CaptureError, ConfigurationError
 from leafguard.hub.leaves import LeafEntry
 
@@ -118,10 +117,7 @@ class GatewaySettingsFile:
         self._seen = stamp
         if stamp is None:
             return True, {}
-        try:
-            doc: Any = orjson.loads(self.path.read_bytes())
-        except (OSError, orjson.JSONDecodeError) as exc:
-            raise ConfigurationError(f"{self.path}: not readable JSON: {exc}") from exc
+        doc = read_document(self.path)
         if not isinstance(doc, dict):
             raise ConfigurationError(f"{self.path}: must hold a JSON object")
         return True, doc
@@ -135,6 +131,7 @@ def apply_capture_section(capture: Any, section: object, status: dict[str, Any])
     try:
         parsed = CaptureSection.parse(section)
         if parsed.extra_filter is None:
+            status["error"] = None  # nothing to change, and nothing wrong: the filter in force stays
             return
         if capture is None:
             raise ConfigurationError("capture.extraFilter applies to live capture only (this run replays a file)")

@@ -37,6 +37,7 @@ from leafguard.agent.local import AnalyzerLike, LocalAgentOutput, make_fleet
 from leafguard.capture.batch import FrameBatch
 from leafguard.capture.caps import CAP_NET_RAW, raise_permitted
 from leafguard.detect.thresholds import THRESHOLD_KEYS
+from leafguard.documents import check_document
 from leafguard.errors import CaptureError, ConfigurationError, LeafGuardError
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
@@ -64,6 +65,9 @@ if TYPE_CHECKING:
     from leafguard.hub.transport import EdgeTransport
 
 log = logging.getLogger("leafguard.service")
+
+_UNSEEN = object()
+"""A settings section not applied yet: differs from every section a document can hold, null included."""
 
 REPLAY_QUEUE_BATCHES = 64
 
@@ -123,11 +127,13 @@ class Service:
         self.capture_filter: dict[str, Any] = {"extraFilter": settings.extra_filter, "error": None}
         """The operator's extra capture filter in force, and why the last change was refused (if it was)."""
         self._gateway_file = GatewaySettingsFile(settings.local_dir) if settings.local_dir is not None else None
-        self._gateway_section: object = None
-        self._leaf_map_section: object = None
+        # The sections of the settings document last applied (`_UNSEEN`: none yet, or an unreadable one since).
+        self._gateway_doc: dict[str, Any] | None = None
+        self._gateway_section: object = _UNSEEN
+        self._leaf_map_section: object = _UNSEEN
         self.leaf_map_status: dict[str, Any] = {"leaves": 0, "error": None}
         self.detection_status: dict[str, Any] = _detection_status(settings.analyzer) | {"error": None}
-        self._detection_section: object = None
+        self._detection_section: object = _UNSEEN
         self._last_drop_report = 0.0
         if settings.live:
             from leafguard.capture.live import CaptureSettings, LiveCapture
@@ -334,19 +340,23 @@ class Service:
     def _poll_gateway_settings(self, now: float) -> None:
         """Apply changed gateway settings (``DIR/gateway.json`` locally, the module twin in edge mode)."""
         doc: dict[str, Any]
-        if self._gateway_file is not None:
-            try:
+        try:
+            if self._gateway_file is not None:
                 changed, doc = self._gateway_file.changed()
-            except ConfigurationError as exc:
-                self.capture_filter["error"] = self.leaf_map_status["error"] = str(exc)
-                self.detection_status["error"] = str(exc)
-                log.warning("gateway settings rejected: %s", exc)
-                return
-            if not changed:
-                return
-        else:
-            desired = getattr(self.out, "desired", None)
-            doc = dict(desired.doc) if desired is not None else {}
+                if not changed:
+                    return
+            else:
+                desired = getattr(self.out, "desired", None)
+                doc = dict(desired.doc) if desired is not None else {}
+                # Before anything compares it: a hostile document must not exhaust the recursion limit.
+                check_document(doc, "module twin desired properties")
+                if doc == self._gateway_doc:
+                    return
+        except ConfigurationError as exc:
+            self._reject_gateway_document(str(exc))
+            return
+        if self._gateway_file is None:
+            self._gateway_doc = doc
         capture, leaf_map, detection = doc.get("capture"), doc.get("leafMap"), doc.get("detection")
         if detection != self._detection_section:
             self._detection_section = detection
@@ -372,6 +382,22 @@ class Service:
             else:
                 self.fleet.set_leaf_map(mapping, now)
                 self.leaf_map_status.update(leaves=len(mapping), error=None)
+        self._publish_gateway_status()
+
+    def _reject_gateway_document(self, error: str) -> None:
+        """A settings document nobody can read: every section reports it, and every setting in force stays.
+
+        The sections remembered are forgotten, so that the next readable document is applied section by section
+        even where it equals what was in force before: the errors then describe that document, not this one.
+        """
+        for status in (self.capture_filter, self.leaf_map_status, self.detection_status):
+            status["error"] = error
+        self._gateway_section = self._leaf_map_section = self._detection_section = _UNSEEN
+        self._gateway_doc = None
+        log.warning("gateway settings rejected, those in force stay: %s", error)
+        self._publish_gateway_status()
+
+    def _publish_gateway_status(self) -> None:
         if hasattr(self.out, "gateway_status"):
             self.out.gateway_status.update(
                 captureFilter=dict(self.capture_filter),
