@@ -128,7 +128,6 @@ class Service:
         """The operator's extra capture filter in force, and why the last change was refused (if it was)."""
         self._gateway_file = GatewaySettingsFile(settings.local_dir) if settings.local_dir is not None else None
         # The sections of the settings document last applied (`_UNSEEN`: none yet, or an unreadable one since).
-        self._gateway_doc: dict[str, Any] | None = None
         self._gateway_section: object = _UNSEEN
         self._leaf_map_section: object = _UNSEEN
         self.leaf_map_status: dict[str, Any] = {"leaves": 0, "error": None}
@@ -348,15 +347,11 @@ class Service:
             else:
                 desired = getattr(self.out, "desired", None)
                 doc = dict(desired.doc) if desired is not None else {}
-                # Before anything compares it: a hostile document must not exhaust the recursion limit.
+                # Before anything compares its sections: a hostile document must not exhaust the recursion limit.
                 check_document(doc, "module twin desired properties")
-                if doc == self._gateway_doc:
-                    return
         except ConfigurationError as exc:
             self._reject_gateway_document(str(exc))
             return
-        if self._gateway_file is None:
-            self._gateway_doc = doc
         capture, leaf_map, detection = doc.get("capture"), doc.get("leafMap"), doc.get("detection")
         if detection != self._detection_section:
             self._detection_section = detection
@@ -390,11 +385,11 @@ class Service:
         The sections remembered are forgotten, so that the next readable document is applied section by section
         even where it equals what was in force before: the errors then describe that document, not this one.
         """
+        if self.leaf_map_status["error"] != error:  # the twin is read again every poll: say it once
+            log.warning("gateway settings rejected, those in force stay: %s", error)
         for status in (self.capture_filter, self.leaf_map_status, self.detection_status):
             status["error"] = error
         self._gateway_section = self._leaf_map_section = self._detection_section = _UNSEEN
-        self._gateway_doc = None
-        log.warning("gateway settings rejected, those in force stay: %s", error)
         self._publish_gateway_status()
 
     def _publish_gateway_status(self) -> None:
