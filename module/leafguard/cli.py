@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--replay-speed", type=float, default=1.0, help="replay speed factor; 0 = as fast as possible")
     run.add_argument("--local-dir", metavar="DIR", help="local mode: write leaves, messages and twins here")
+    run.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="durable spool and state (LEAFGUARD_DATA_DIR; local mode: the --local-dir); none: memory only",
+    )
     _analysis_options(
         run, gateway_help="the gateway's own MAC (repeatable; the capture interfaces' own MACs are added)"
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -18,33 +17,12 @@ from leafguard import __version__
 from leafguard.agent.config import ConfigOutcome
 from leafguard.agent.fleet import Fleet, ViewsProvider
 from leafguard.agent.local import AnalyzerLike, SecurityMessagePump
-from leafguard.agent.messages import OutgoingMessage
+from leafguard.hub.alerts import AlertMessage
+from leafguard.hub.outbox import Pending
 from leafguard.hub.transport import EdgeTransport
 from leafguard.hub.twin import DesiredChange, MissedDesiredPatchError, ModuleDesired
 
 log = logging.getLogger("leafguard.hub")
-
-
-ALERTS_OUTPUT = "alerts"
-
-
-@dataclass(frozen=True, slots=True)
-class AlertMessage(OutgoingMessage):
-    """A LeafGuard alert for module output ``alerts`` (plain JSON: not a Defender security message)."""
-
-    output: str = ALERTS_OUTPUT
-    alert_type: str = ""
-
-    @property
-    def custom_properties(self) -> dict[str, str]:
-        return {"alertType": self.alert_type}
-
-    def to_sdk_message(self) -> Any:
-        from azure.iot.device import Message
-
-        msg = Message(self.body, content_encoding="utf-8", content_type="application/json")  # type: ignore[no-untyped-call]
-        msg.custom_properties.update(self.custom_properties)
-        return msg
 
 
 class EdgeAgentOutput:
@@ -57,8 +35,9 @@ class EdgeAgentOutput:
         self.frames = 0
         self.gateway_status: dict[str, Any] = {}
         """Gateway settings in force and their last errors (the service fills it), reported in the health section."""
-        self.unattributed_drops = 0
-        """Dropped messages whose leaf no longer has an agent under that identity (renamed meanwhile)."""
+        spool = transport.outbox.spool
+        self._unhanded: dict[str, int] = dict(spool.counters.unreported) if spool is not None else {}
+        """Drops per identity not yet handed to an agent (persisted in the spool: a restart keeps them)."""
         self._pump = SecurityMessagePump(fleet, transport.submit)
         transport.on_dropped = self._on_dropped
         transport.health = self.health
@@ -131,14 +110,30 @@ class EdgeAgentOutput:
             out.append((identity, outcome))
         return out
 
-    def _on_dropped(self, message: OutgoingMessage) -> None:
-        agent = self.fleet.agent(message.identity)
-        if agent is None:
-            self.unattributed_drops += 1
-        else:
-            agent.record_send_failures(1)
+    def _on_dropped(self, entry: Pending) -> None:
+        self._unhanded[entry.identity] = self._unhanded.get(entry.identity, 0) + 1
+        self._hand_drops(entry.identity)
+
+    @property
+    def unattributed_drops(self) -> int:
+        """Dropped messages whose leaf has no agent under that identity (yet: a restart, or renamed meanwhile)."""
+        return sum(self._unhanded.values())
+
+    def _hand_drops(self, identity: str) -> None:
+        """Drops of a leaf go to its agent (its next MessageStatistics ``TotalFailed``), marked so in the spool."""
+        agent = self.fleet.agent(identity)
+        count = self._unhanded.get(identity, 0)
+        if agent is None or not count:
+            return
+        agent.record_send_failures(count)
+        del self._unhanded[identity]
+        spool = self.transport.outbox.spool
+        if spool is not None:
+            spool.mark_reported(identity, count)
 
     def _sync_reported(self) -> None:
+        for identity in list(self._unhanded):
+            self._hand_drops(identity)
         for identity in self.fleet.take_retired():
             self.transport.remove_leaf(identity)
         for identity, reported in self.fleet.take_reported_changes().items():

@@ -32,7 +32,9 @@ _ENV_OVERRIDES = {
     "LEAFGUARD_BACKOFF_MAX_S": "backoff_max_s",
     "LEAFGUARD_REPORTED_INTERVAL_S": "reported_interval_s",
     "LEAFGUARD_METHOD_TIMEOUT_S": "method_timeout_s",
+    "LEAFGUARD_INFLIGHT_WINDOW": "inflight_window",
 }
+_INT_FIELDS = frozenset({"outbox_max_bytes", "inflight_window"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +103,8 @@ class EdgeSettings:
     output_name: str = SECURITY_OUTPUT
     outbox_max_bytes: int = DEFAULT_OUTBOX_MAX_BYTES
     """Security messages waiting for the hub's acknowledgement, in body bytes (policy: drop Low, then oldest)."""
+    inflight_window: int = 16
+    """Messages handed to the SDK and not yet acknowledged, at most (below paho's own limit of 20)."""
     send_timeout_s: float = 30.0
     """A send not acknowledged within this time means the connection is broken: reconnect, send again."""
     connect_timeout_s: float = 60.0
@@ -146,6 +150,8 @@ class EdgeSettings:
             raise ConfigurationError("edge settings: backoff_max_s must be at least backoff_initial_s")
         if self.outbox_max_bytes < 262_144:
             raise ConfigurationError("edge settings: the outbox must hold at least one largest message (256 KiB)")
+        if not 1 <= self.inflight_window <= 20:
+            raise ConfigurationError("edge settings: inflight_window must be 1 to 20 (paho keeps at most 20 in flight)")
         if self.desired_queue_max < 1 or self.keep_alive_s < 1 or self.max_concurrent_methods < 1:
             raise ConfigurationError(
                 "edge settings: desired_queue_max, keep_alive_s and max_concurrent_methods must be positive"
@@ -167,7 +173,7 @@ class EdgeSettings:
             if raw is None:
                 continue
             try:
-                tuning[field_name] = int(raw) if field_name == "outbox_max_bytes" else float(raw)
+                tuning[field_name] = int(raw) if field_name in _INT_FIELDS else float(raw)
             except ValueError as exc:
                 raise ConfigurationError(f"{var}={raw!r} is not a number") from exc
         return cls(

@@ -14,10 +14,12 @@ Tasks (children of :meth:`run`'s TaskGroup, named ``leafguard.hub.*``):
 * ``supervisor``: the :class:`~leafguard.hub.link.LinkState` machine. We own reconnection (the client is created
   with ``connection_retry=False, auto_connect=False``), with capped jittered backoff. Warnings are logged on
   transitions only, and an info line when the link recovers.
-* ``sender``: one message at a time from the :class:`~leafguard.hub.outbox.Outbox`. A stalled PUBACK holds the
-  sender (backpressure: the outbox fills, within its byte bound, instead of tasks piling up); a send not
-  acknowledged within ``send_timeout_s`` breaks the connection, and the unacknowledged message is sent again
-  after the reconnect (same ``$.mid``; IoT Hub is at-least-once).
+* ``sender``: up to ``inflight_window`` messages at a time from the :class:`~leafguard.hub.outbox.Outbox`
+  (each in its own ``leafguard.hub.send[seq]`` task, children of the sender's TaskGroup), so throughput is not
+  one round trip per message. Stalled PUBACKs fill the window and hold the sender (backpressure: the outbox
+  fills, within its byte bound, instead of tasks piling up); a send not acknowledged within ``send_timeout_s``
+  breaks the connection, and every unacknowledged message is sent again after the reconnect (same ``$.mid``;
+  IoT Hub is at-least-once). The MQTT socket has ``TCP_NODELAY`` (:mod:`~leafguard.hub.sockopt`).
 * ``method[NAME]``: one per direct-method call (at most ``max_concurrent_methods``; more are answered 503 at
   once): the SDK's handler thread only hands the request to the loop; :attr:`EdgeTransport.method_handler` (the
   :class:`~leafguard.hub.methods.MethodDispatcher`) runs on the loop within ``method_timeout_s`` (else 504), and
@@ -61,6 +63,7 @@ from leafguard.hub.link import Backoff, LinkState
 from leafguard.hub.methods import MethodResult
 from leafguard.hub.outbox import Outbox, Pending
 from leafguard.hub.settings import EdgeSettings
+from leafguard.hub.sockopt import enable_tcp_nodelay
 from leafguard.hub.twin import ReportedPatch, ReportedState, twin_size
 
 log = logging.getLogger("leafguard.hub")
@@ -112,6 +115,9 @@ class TransportStats:
     last_reported_error: str | None = None
     """The reason of the last failed reported patch, with its UTC time; kept after recovery (it is history)."""
     unsent_at_shutdown: int = 0
+    """Messages not sent by the shutdown deadline and lost with the process (no data directory)."""
+    spooled_at_shutdown: int = 0
+    """Messages not sent by the shutdown deadline that stay in the spool for the next run (data directory)."""
     method_calls: int = 0
     method_timeouts: int = 0
     method_busy: int = 0
@@ -133,16 +139,18 @@ class EdgeTransport:
         self,
         settings: EdgeSettings,
         *,
-        on_dropped: Callable[[OutgoingMessage], None] | None = None,
+        on_dropped: Callable[[Pending], None] | None = None,
         health: Callable[[], dict[str, Any]] | None = None,
         client_factory: Callable[[EdgeSettings], Any] = default_client_factory,
+        outbox: Outbox | None = None,
     ) -> None:
         self.settings = settings
         sdk_log = logging.getLogger("azure.iot.device")
         if sdk_log.level == logging.NOTSET:
             # The SDK logs three INFO lines per message sent; its warnings and errors are what matter here.
             sdk_log.setLevel(logging.WARNING)
-        self.outbox = Outbox(settings.outbox_max_bytes)
+        self.outbox = outbox if outbox is not None else Outbox(settings.outbox_max_bytes)
+        """In memory, or journalled in the data directory's spool (the service opens and recovers it)."""
         self.reported = ReportedState()
         self.stats = TransportStats()
         self.state = LinkState.DISCONNECTED
@@ -169,7 +177,7 @@ class EdgeTransport:
         self._drained.set()
         self._closing = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._send_scope: asyncio.Timeout | None = None
+        self._send_scopes: set[asyncio.Timeout] = set()
         self._abandoned: set[asyncio.Task[Any]] = set()
         """Sends we stopped waiting for (timeout, broken link); the SDK still owns their PUBLISH."""
         self._epoch = 0
@@ -191,12 +199,16 @@ class EdgeTransport:
 
     def submit(self, messages: Iterable[OutgoingMessage]) -> None:
         """Queue messages for sending (never blocks); drops per the outbox policy are reported to ``on_dropped``."""
+        spooled = self.outbox.spool is not None
         for message in messages:
-            if not self._accepting:
-                self._dropped(message)
+            if not self._accepting and not spooled:
+                # Shutting down without a data directory: nothing after the final flush can be sent.
+                self._dropped(self.outbox.reject(message))
                 continue
+            # With a data directory, late messages still go into the spool: the next run sends them.
             for dropped in self.outbox.put(message):
                 self._dropped(dropped)
+        self.outbox.commit(time.monotonic())
         if len(self.outbox):
             self._drained.clear()
             self._wake.set()
@@ -238,10 +250,24 @@ class EdgeTransport:
     def counters(self) -> dict[str, Any]:
         """The uplink's state and counters (health section, metrics)."""
         o = self.outbox.stats
-        return {
+        spool = self.outbox.spool
+        durable: dict[str, Any] = {"durable": spool is not None}
+        if spool is not None:
+            c = spool.counters
+            durable |= {
+                "spool_disk_bytes": spool.disk_bytes,
+                "spool_corrupt_records": c.corrupt_records,
+                "spool_torn_records": c.torn_records,
+                "spool_lost_to_corruption": c.lost_to_corruption,
+                "spool_fsyncs": spool.fsyncs,
+                "drops_not_yet_reported": sum(c.unreported.values()),
+            }
+        return durable | {
             "state": self.state.value,
+            "generated": o.accepted,
             "queued": len(self.outbox),
             "queued_bytes": self.outbox.bytes,
+            "in_flight": self.outbox.in_flight,
             "sent": o.acked,
             "sent_bytes": o.acked_bytes,
             "dropped": o.dropped,
@@ -280,25 +306,34 @@ class EdgeTransport:
     async def shutdown(self, deadline_s: float) -> None:
         """Stop accepting, flush the outbox (and the reported properties) until ``deadline_s``, close the client.
 
-        What is still queued at the deadline is lost, logged and counted (``unsent_at_shutdown``).
+        What is still queued at the deadline stays in the spool (data directory: ``spooled_at_shutdown``, sent
+        by the next run with the same ids) or is lost (``unsent_at_shutdown``); either way it is logged, counted
+        and in the last reported health section (a fifth of the deadline is kept for that patch).
         """
         self._accepting = False
         started = time.monotonic()
         try:
-            async with asyncio.timeout(deadline_s):
+            async with asyncio.timeout(deadline_s * 0.8):
                 await self._drained.wait()
+        except TimeoutError:
+            left = len(self.outbox)
+            spooled = self.outbox.spool is not None
+            if spooled:
+                self.stats.spooled_at_shutdown = left
+            else:
+                self.stats.unsent_at_shutdown = left
+            log.warning(
+                "shutdown deadline (%.1f s): %d messages (%d bytes) not sent%s",
+                deadline_s,
+                left,
+                self.outbox.bytes,
+                ", kept in the spool for the next run" if spooled else ", lost (no data directory)",
+            )
+        try:
+            async with asyncio.timeout(max(0.5, deadline_s - (time.monotonic() - started))):
                 await self._flush_reported()
         except TimeoutError:
-            self.stats.unsent_at_shutdown = len(self.outbox)
-            if len(self.outbox):
-                log.warning(
-                    "shutdown deadline (%.1f s): %d security messages (%d bytes) not sent",
-                    deadline_s,
-                    len(self.outbox),
-                    self.outbox.bytes,
-                )
-            else:
-                log.warning("shutdown deadline (%.1f s): the last reported patch did not complete", deadline_s)
+            log.warning("shutdown deadline (%.1f s): the last reported patch did not complete", deadline_s)
         self._closing.set()
         if self._loop is not None:
             try:
@@ -351,9 +386,11 @@ class EdgeTransport:
         self._force_disconnect = force
         self._broken.set()
         self._up.clear()
-        if self._send_scope is not None and not self._send_scope.expired():
-            # Abandon the send in progress now; the message stays in the outbox and goes again after reconnect.
-            self._send_scope.reschedule(asyncio.get_running_loop().time())
+        now = asyncio.get_running_loop().time()
+        for scope in self._send_scopes:
+            if not scope.expired():
+                # Abandon the sends in progress now; they stay in the outbox and go again after the reconnect.
+                scope.reschedule(now)
 
     async def _supervise(self) -> None:
         while True:
@@ -445,6 +482,7 @@ class EdgeTransport:
         self._client = client
         # A client-event handler, not a receive handler: assigning it does not connect.
         client.on_connection_state_change = self._sdk_state_changed
+        enable_tcp_nodelay(client)
         return client
 
     async def _connect(self) -> None:
@@ -536,18 +574,28 @@ class EdgeTransport:
     # -- sender ----------------------------------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
-        while True:
-            await self._up.wait()
-            entry = self.outbox.next_to_send()
-            if entry is None:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await self._send(entry)
-            if not len(self.outbox):
-                self._drained.set()
+        window = asyncio.Semaphore(self.settings.inflight_window)
+        async with asyncio.TaskGroup() as sends:
+            while True:
+                await self._up.wait()
+                await window.acquire()
+                entry = self.outbox.next_to_send() if self._up.is_set() else None
+                if entry is None:
+                    window.release()
+                    if self._up.is_set():
+                        self._wake.clear()
+                        await self._wake.wait()
+                    continue
+                task = sends.create_task(self._send(entry), name=f"leafguard.hub.send[{entry.seq}]")
+                task.add_done_callback(lambda _t: window.release())
+
+    def _after_send(self) -> None:
+        self.outbox.commit(time.monotonic())
+        if not len(self.outbox):
+            self._drained.set()
 
     async def _send(self, entry: Pending) -> None:
+        assert entry.message is not None  # loaded by next_to_send
         msg = entry.message.to_sdk_message()
         msg.message_id = entry.message_id
         msg.custom_properties[LEAF_IDENTITY_PROPERTY] = entry.message.identity
@@ -556,17 +604,18 @@ class EdgeTransport:
         send = asyncio.get_running_loop().create_task(
             # Alerts carry their own output; Defender security messages go to the configured one.
             self._client.send_message_to_output(msg, getattr(entry.message, "output", self.settings.output_name)),
-            name=f"leafguard.hub.send[{entry.seq}]",
+            name=f"leafguard.hub.publish[{entry.seq}]",
         )
+        scope = asyncio.timeout(self.settings.send_timeout_s)
         try:
             try:
-                async with asyncio.timeout(self.settings.send_timeout_s) as scope:
-                    self._send_scope = scope
+                self._send_scopes.add(scope)
+                async with scope:
                     await asyncio.shield(send)
             finally:
-                self._send_scope = None
+                self._send_scopes.discard(scope)
         except TimeoutError:
-            self.outbox.release_in_flight()
+            self.outbox.release(entry)
             if self.state is LinkState.CONNECTED and not self._broken.is_set():
                 self.stats.send_timeouts += 1
                 self._link_broken(f"no acknowledgement within {self.settings.send_timeout_s:g} s", force=True)
@@ -574,22 +623,23 @@ class EdgeTransport:
             # The SDK refuses the message itself (its size estimate): it can never be sent.
             log.error("the SDK refused a security message of %s: %s", entry.message.identity, exc)
             self.outbox.fail(entry)
-            self._dropped(entry.message)
+            self._dropped(entry)
         except OperationCancelled:
             # A disconnect cancelled it: the supervisor deals with the link; the message goes again.
-            self.outbox.release_in_flight()
+            self.outbox.release(entry)
         except (NoConnectionError, ConnectionDroppedError, ConnectionFailedError) as exc:
             self.stats.send_errors += 1
-            self.outbox.release_in_flight()
+            self.outbox.release(entry)
             self._link_broken(f"send failed: {exc!r}", force=False)
         except SDK_ERRORS as exc:
             self.stats.send_errors += 1
-            self.outbox.release_in_flight()
+            self.outbox.release(entry)
             self._link_broken(f"send failed: {exc!r}", force=True)
         else:
             self.outbox.ack(entry)
         finally:
             self._abandon(send)
+            self._after_send()
 
     def _abandon(self, send: asyncio.Task[Any]) -> None:
         """Keep a send we stopped waiting for until the SDK settles it (ack, or cancelled by a disconnect)."""
@@ -604,9 +654,9 @@ class EdgeTransport:
         if not send.cancelled() and send.exception() is not None:
             log.debug("abandoned send ended with %r", send.exception())
 
-    def _dropped(self, message: OutgoingMessage) -> None:
+    def _dropped(self, entry: Pending) -> None:
         if self.on_dropped is not None:
-            self.on_dropped(message)
+            self.on_dropped(entry)
 
     # -- direct methods --------------------------------------------------------------------------------------
 

@@ -39,6 +39,8 @@ from leafguard.capture.caps import CAP_NET_RAW, raise_permitted
 from leafguard.detect.thresholds import THRESHOLD_KEYS
 from leafguard.documents import check_document
 from leafguard.errors import CaptureError, ConfigurationError, LeafGuardError
+from leafguard.hub.outbox import Outbox
+from leafguard.hub.spool import Spool
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
 from leafguard.service.files import write_json_atomic
@@ -100,11 +102,12 @@ class Service:
         self.fleet = make_fleet()
         self.out: AgentOutput
         self.transport: EdgeTransport | None = None
+        self.spool: Spool | None = None
         if settings.edge is not None:
             from leafguard.hub.output import EdgeAgentOutput
             from leafguard.hub.transport import EdgeTransport
 
-            self.transport = EdgeTransport(settings.edge)
+            self.transport = EdgeTransport(settings.edge, outbox=self._open_outbox(settings))
             self.out = EdgeAgentOutput(self.transport, self.fleet)
             self._serve_methods(self.transport)
         else:
@@ -147,6 +150,32 @@ class Service:
                 raise CaptureError(str(exc)) from exc
             self.capture = LiveCapture(cs)
             self.queue = self.capture.queue
+
+    def _open_outbox(self, settings: ServiceSettings) -> Outbox:
+        """The uplink's outbox: journalled in the data directory's spool (replayed now), or in memory."""
+        assert settings.edge is not None
+        if settings.spool is None:
+            log.info("no data directory (--data-dir / LEAFGUARD_DATA_DIR): queued data is held in memory only")
+            return Outbox(settings.edge.outbox_max_bytes)
+        try:
+            self.spool, recovery = Spool.open(settings.spool)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"data directory {settings.spool.directory}: {exc.strerror or exc} (check the volume and its owner)"
+            ) from exc
+        outbox = Outbox(settings.spool.max_bytes, self.spool)
+        outbox.recover(recovery)
+        log.info(
+            "spool in %s: %d messages (%d bytes) to send from the last run, replayed in %.2f s%s",
+            settings.spool.spool_dir,
+            len(outbox),
+            outbox.bytes,
+            recovery.duration_s,
+            f"; {recovery.corrupt_records} corrupt and {recovery.torn_records} torn records skipped"
+            if recovery.corrupt_records or recovery.torn_records
+            else "",
+        )
+        return outbox
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -269,6 +298,8 @@ class Service:
             # Flush the outbox against the deadline, then close the client; its task ends with it.
             await self.transport.shutdown(deadline)
             await tasks["hub"]
+            if self.spool is not None:
+                self.spool.close(time.monotonic())
         self._write_files()
 
     async def _source(self) -> None:
@@ -319,6 +350,9 @@ class Service:
             mono = time.monotonic()
             now = time.time()
             self._track_outages()
+            if self.transport is not None:
+                # The spool's fsync interval runs on this clock too (a quiet uplink still gets its fsync).
+                self.transport.outbox.commit(mono)
             if s.live:
                 self.out.tick(now, self.analyzer.leaf_views)
                 self._report_capture_drops(now)

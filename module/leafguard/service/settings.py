@@ -13,6 +13,7 @@ from pathlib import Path
 from leafguard.capture.live import interface_macs
 from leafguard.errors import ConfigurationError
 from leafguard.hub.settings import EDGE_ENV, EdgeSettings, LeafClientSettings
+from leafguard.hub.spool import DEFAULT_SPOOL_MAX_BYTES, FsyncPolicy, SpoolSettings
 from leafguard.observe.settings import AnalyzerSettings
 
 EDGE_HTTP_PORT = 9600
@@ -44,6 +45,8 @@ class ServiceSettings:
     """Edge mode (inside IoT Edge, no local folder): the uplink through the edge hub instead of ``local_dir``."""
     stop_after_replay: bool = False
     """``--demo``: stop once the replay is done (the ordered shutdown flushes and sends every message)."""
+    spool: SpoolSettings | None = None
+    """The data directory's durable spool (``--data-dir`` / ``LEAFGUARD_DATA_DIR``); None: memory only."""
 
     @property
     def live(self) -> bool:
@@ -101,6 +104,7 @@ class ServiceSettings:
             health_down_after_s=_positive(env, "LEAFGUARD_HEALTH_DOWN_AFTER_S", 60.0),
             edge=edge,
             stop_after_replay=demo,
+            spool=_spool_settings(getattr(args, "data_dir", None) or env.get("LEAFGUARD_DATA_DIR"), env),
         )
 
 
@@ -161,3 +165,26 @@ def _positive(env: Mapping[str, str], name: str, default: float) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ConfigurationError(f"{name} must be a positive number of seconds")
     return value
+
+
+def _spool_settings(data_dir: str | None, env: Mapping[str, str]) -> SpoolSettings | None:
+    """The spool in ``--data-dir`` / ``LEAFGUARD_DATA_DIR``, tuned by ``LEAFGUARD_SPOOL_MAX_BYTES``,
+    ``LEAFGUARD_SPOOL_FSYNC`` (always, interval, never) and ``LEAFGUARD_SPOOL_FSYNC_INTERVAL_S``."""
+    if not data_dir:
+        return None
+    raw_max = env.get("LEAFGUARD_SPOOL_MAX_BYTES", "").strip()
+    try:
+        max_bytes = int(raw_max) if raw_max else DEFAULT_SPOOL_MAX_BYTES
+    except ValueError as exc:
+        raise ConfigurationError(f"LEAFGUARD_SPOOL_MAX_BYTES={raw_max!r} is not a number of bytes") from exc
+    raw_policy = env.get("LEAFGUARD_SPOOL_FSYNC", "interval").strip().lower()
+    try:
+        policy = FsyncPolicy(raw_policy)
+    except ValueError as exc:
+        raise ConfigurationError(f"LEAFGUARD_SPOOL_FSYNC={raw_policy!r}: expected always, interval or never") from exc
+    return SpoolSettings(
+        Path(data_dir),
+        max_bytes=max_bytes,
+        fsync=policy,
+        fsync_interval_s=_positive(env, "LEAFGUARD_SPOOL_FSYNC_INTERVAL_S", 1.0),
+    )
