@@ -77,10 +77,14 @@ async def test_edge_mode_service_sends_is_tuned_by_its_twin_and_stops_cleanly(hu
     alerts = [m for m in everything if m.output_name == "alerts"]
     received = [m for m in everything if m.output_name != "alerts"]
     # The demo's cleartext MQTT and HTTP logins also go out as LeafGuard alerts: plain JSON, not security messages.
-    assert sorted(m.json()["type"] for m in alerts) == ["cleartext_login", "cleartext_login"]
-    assert all(not m.is_security_message and m.properties["alertType"] == "cleartext_login" for m in alerts)
+    # Batched: each alert message is a JSON array, its count and (single) type in the properties.
+    alert_docs = [a for m in alerts for a in m.json()]
+    assert sorted(a["type"] for a in alert_docs) == ["cleartext_login", "cleartext_login"]
+    assert all(not m.is_security_message and m.properties["alertType"] == "cleartext_login"
+               and m.properties["alertCount"] == str(len(m.json())) for m in alerts)
     # The MQTT login's leaf is the sensor (the client); the HTTP login's is the operator's workstation.
-    assert {m.properties["leafIdentity"] for m in alerts} == {SENSOR, "leaf-3c5282112233"}
+    assert {a["leafIdentity"] for a in alert_docs} == {SENSOR, "leaf-3c5282112233"}
+    assert {m.properties["leafIdentity"] for m in alerts} == {MODULE}, "a batch is sent as the module"
     ids = {m.system["$.mid"] for m in received}
     health = reported()["leafguard"]
     # Everything the agents built was acknowledged and arrived (and so did the alerts); nothing was dropped.

@@ -171,11 +171,13 @@ def show(control_url: str) -> str:
         found = json.load(response)["messages"]
     security = [(m["properties"].get("leafIdentity") or m["identity"], json.loads(m["body"]))
                 for m in found if m["system"].get("$.ifid") == "urn:azureiot:Security:SecurityAgent:1"]
-    alerts = [json.loads(m["body"]) for m in found if m["system"].get("$.on") == "alerts"]
+    # An alert message carries a JSON array of alerts (LeafGuard batches them).
+    bodies = [json.loads(m["body"]) for m in found if m["system"].get("$.on") == "alerts"]
+    alerts = [a for b in bodies for a in (b if isinstance(b, list) else [b])]
     lines = [f"{len(found)} messages received at {control_url}"]
     lines.append(format_message_summary(summarize_messages(security)))
     if alerts:
-        lines.append(f"LeafGuard alerts (output alerts): {len(alerts)}")
+        lines.append(f"LeafGuard alerts (output alerts): {len(alerts)} in {len(bodies)} messages")
         lines += [f"  {a.get('type', '?'):<18} {a.get('severity', '?'):<8} {a.get('mac', '-')}  {a.get('summary', '')}"
                   for a in alerts[:20]]
     return "\n".join(lines)

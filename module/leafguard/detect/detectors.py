@@ -114,6 +114,10 @@ class Detectors:
         """Packet time of the first frame: the learning period runs from there."""
         self.alerts: list[Alert] = []
         self.dropped_alerts = 0
+        """Findings beyond :data:`MAX_ALERTS` not retained in :attr:`alerts` (memory bound; still forwarded)."""
+        self.forward: list[Alert] | None = None
+        """A service that sends alerts upstream sets a list here and drains it after every batch: every finding
+        is appended, retained or not, so the stream is not capped (only the retained list is)."""
         self._ports: dict[tuple[bytes, bytes], _Window] = {}
         self._hosts: dict[tuple[bytes, int], _Window] = {}
         self._bindings: dict[bytes, tuple[bytes, float]] = {}
@@ -161,6 +165,8 @@ class Detectors:
         """Keep a finding, unless a mute rule drops it or the list is full (both counted)."""
         if self.muting.drops(alert):
             return
+        if self.forward is not None:
+            self.forward.append(alert)
         if len(self.alerts) >= MAX_ALERTS:
             self.dropped_alerts += 1
             return

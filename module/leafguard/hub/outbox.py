@@ -63,6 +63,8 @@ class Pending:
     size: int
     message: OutgoingMessage | None
     """The message; None while it is on disk only (spooled, not being sent)."""
+    events: int = 1
+    """Events (security messages) or alerts (alert messages) it carries."""
     attempts: int = 0
     in_flight: bool = False
 
@@ -76,6 +78,8 @@ class OutboxStats:
     dropped_bytes: int = 0
     resent: int = 0
     """Messages handed to the SDK again after a broken connection (possible duplicates upstream)."""
+    alerts_dropped: int = 0
+    """LeafGuard alerts inside the dropped alert messages."""
 
 
 class Outbox:
@@ -108,7 +112,7 @@ class Outbox:
         for stored in recovery.messages:
             entry = Pending(
                 stored.seq, stored.message_id, stored.identity, stored.priority,
-                tier_of(stored.priority, stored.alert), stored.size, None,
+                tier_of(stored.priority, stored.alert), stored.size, None, stored.events,
             )
             self._insert(entry)
         if self.spool is not None:
@@ -124,12 +128,11 @@ class Outbox:
         seq = next(self._seq)
         entry = Pending(
             seq, str(uuid.uuid4()), message.identity, message.priority,
-            tier_of(message.priority, isinstance(message, AlertMessage)), size, message,
+            tier_of(message.priority, isinstance(message, AlertMessage)), size, message, message.event_count,
         )
         self.stats.accepted += 1
         if self._in_flight_bytes + size > self.max_bytes:
-            self.stats.dropped += 1
-            self.stats.dropped_bytes += size
+            self._count_drop(entry, stored=False)
             if self.spool is not None:
                 self.spool.reject(seq, entry.identity)
             return [entry]
@@ -148,10 +151,13 @@ class Outbox:
 
     def reject(self, message: OutgoingMessage) -> Pending:
         """A message that cannot be queued (shutting down without a data directory): counted as dropped."""
-        entry = Pending(next(self._seq), "", message.identity, message.priority, Tier.HIGH, len(message.body), message)
+        alert = isinstance(message, AlertMessage)
+        entry = Pending(
+            next(self._seq), "", message.identity, message.priority, tier_of(message.priority, alert),
+            len(message.body), message, message.event_count,
+        )
         self.stats.accepted += 1
-        self.stats.dropped += 1
-        self.stats.dropped_bytes += entry.size
+        self._count_drop(entry, stored=False)
         if self.spool is not None:
             self.spool.reject(entry.seq, entry.identity)
         return entry
@@ -242,8 +248,10 @@ class Outbox:
             self.in_flight -= 1
             self._in_flight_bytes -= entry.size
 
-    def _count_drop(self, entry: Pending) -> None:
+    def _count_drop(self, entry: Pending, *, stored: bool = True) -> None:
         self.stats.dropped += 1
         self.stats.dropped_bytes += entry.size
-        if self.spool is not None:
+        if entry.tier is Tier.OPERATIONAL:
+            self.stats.alerts_dropped += entry.events
+        if stored and self.spool is not None:
             self.spool.drop(entry.seq, entry.identity)

@@ -11,13 +11,11 @@ import dataclasses
 import logging
 from typing import Any
 
-import orjson
-
 from leafguard import __version__
 from leafguard.agent.config import ConfigOutcome
 from leafguard.agent.fleet import Fleet, ViewsProvider
 from leafguard.agent.local import AnalyzerLike, SecurityMessagePump
-from leafguard.hub.alerts import AlertMessage
+from leafguard.hub.alerts import AlertBatcher, AlertMessage
 from leafguard.hub.outbox import Pending
 from leafguard.hub.transport import EdgeTransport
 from leafguard.hub.twin import DesiredChange, MissedDesiredPatchError, ModuleDesired
@@ -39,6 +37,7 @@ class EdgeAgentOutput:
         self._unhanded: dict[str, int] = dict(spool.counters.unreported) if spool is not None else {}
         """Drops per identity not yet handed to an agent (persisted in the spool: a restart keeps them)."""
         self._pump = SecurityMessagePump(fleet, transport.submit)
+        self.alerts = AlertBatcher(transport.settings.identity)
         transport.on_dropped = self._on_dropped
         transport.health = self.health
 
@@ -70,21 +69,23 @@ class EdgeAgentOutput:
         self._sync_reported()
         return applied
 
-    def submit_alerts(self, alerts: list[dict[str, Any]], module_identity: str) -> None:
-        """Send LeafGuard alerts on output ``alerts``; each names its leaf's identity (or the module's)."""
-        self.transport.submit(
-            AlertMessage(
-                identity=self.fleet.identity_for(alert["mac"]) if alert.get("mac") else module_identity,
-                body=orjson.dumps(alert),
-                priority="High",
-                event_count=1,
-                alert_type=str(alert["type"]),
-            )
-            for alert in alerts
-        )
+    def submit_alerts(self, alerts: list[dict[str, Any]], now: float) -> None:
+        """Queue LeafGuard alerts for output ``alerts``, batched (:class:`AlertBatcher`): each names its leaf's
+        identity (``leafIdentity``; the module's when it has no MAC). ``now``: monotonic seconds."""
+        out: list[AlertMessage] = []
+        for alert in alerts:
+            mac = alert.get("mac")
+            ident = self.fleet.identity_for(mac) if mac else self.alerts.identity
+            out.extend(self.alerts.add(alert | {"leafIdentity": ident}, now))
+        self.transport.submit(out)
+
+    def flush_due_alerts(self, mono: float) -> None:
+        """Every service tick: alerts that waited long enough go out (``mono``: monotonic seconds)."""
+        self.transport.submit(self.alerts.due(mono))
 
     def close(self, now: float | None) -> None:
         """The final flush of every agent into the outbox (the transport's shutdown sends it)."""
+        self.transport.submit(self.alerts.flush())
         if now is not None:
             self.transport.submit(self.fleet.shutdown(now))
         self._sync_reported()
@@ -96,6 +97,12 @@ class EdgeAgentOutput:
             "frames": self.frames,
             "leaves": len(self.fleet.agents()),
             "agents": dataclasses.asdict(self.fleet.stats()),
+            "alerts": {
+                "forwarded": self.alerts.alerts,
+                "messages": self.alerts.messages,
+                "waiting": len(self.alerts),
+                "dropped": self.transport.outbox.stats.alerts_dropped,
+            },
         } | self.gateway_status
 
     def _apply(self, change: DesiredChange, now: float) -> list[tuple[str, ConfigOutcome]]:

@@ -126,6 +126,7 @@ class StoredMessage:
     """A LeafGuard alert (output ``alerts``), not a Defender security message."""
     size: int
     location: Location
+    events: int = 1
 
 
 @dataclass(slots=True)
@@ -406,7 +407,9 @@ class Spool:
             loc = self._write(Kind.COPY, rec.payload)
             self._index(seq, loc)
             size = loc.length - _body_offset(rec.payload)
-            messages.append(StoredMessage(seq, meta["mid"], meta["id"], meta["p"], "o" in meta, size, loc))
+            messages.append(
+                StoredMessage(seq, meta["mid"], meta["id"], meta["p"], "o" in meta, size, loc, int(meta["n"]))
+            )
         os.fsync(self._fd)
         self.fsyncs += 1
         self._dirty = False

@@ -273,6 +273,7 @@ class EdgeTransport:
             "dropped": o.dropped,
             "dropped_bytes": o.dropped_bytes,
             "resent": o.resent,
+            "alerts_dropped": o.alerts_dropped,
             "leaves_not_reported": self.reported.left_out,
             "leaves_not_reported_names": self.reported.left_out_names(),
             "reported_trims": self.reported.trims,

@@ -64,6 +64,7 @@ from leafguard.service.snapshot import (
 )
 
 if TYPE_CHECKING:
+    from leafguard.hub.output import EdgeAgentOutput
     from leafguard.hub.transport import EdgeTransport
 
 log = logging.getLogger("leafguard.service")
@@ -103,12 +104,14 @@ class Service:
         self.out: AgentOutput
         self.transport: EdgeTransport | None = None
         self.spool: Spool | None = None
+        self.edge_out: EdgeAgentOutput | None = None
         if settings.edge is not None:
             from leafguard.hub.output import EdgeAgentOutput
             from leafguard.hub.transport import EdgeTransport
 
             self.transport = EdgeTransport(settings.edge, outbox=self._open_outbox(settings))
-            self.out = EdgeAgentOutput(self.transport, self.fleet)
+            self.out = self.edge_out = EdgeAgentOutput(self.transport, self.fleet)
+            self.analyzer.detectors.forward = []
             self._serve_methods(self.transport)
         else:
             assert settings.local_dir is not None
@@ -126,7 +129,6 @@ class Service:
         self.replay_done = False
         self._drops_reported = 0
         self._drops_counted = 0
-        self._alerts_forwarded = 0
         self.capture_filter: dict[str, Any] = {"extraFilter": settings.extra_filter, "error": None}
         """The operator's extra capture filter in force, and why the last change was refused (if it was)."""
         self._gateway_file = GatewaySettingsFile(settings.local_dir) if settings.local_dir is not None else None
@@ -333,15 +335,11 @@ class Service:
         self.analyzer.feed(batch)
         self.out.after_batch(self.analyzer)
         self.batches += 1
-        found = self.analyzer.detectors.alerts
-        if len(found) > self._alerts_forwarded:
-            if self.settings.edge is not None:
-                from leafguard.hub.output import EdgeAgentOutput
-
-                assert isinstance(self.out, EdgeAgentOutput)
-                fresh = [a.to_json() for a in found[self._alerts_forwarded :]]
-                self.out.submit_alerts(fresh, self.settings.edge.identity)
-            self._alerts_forwarded = len(found)
+        fresh = self.analyzer.detectors.forward
+        if fresh and self.edge_out is not None:
+            # Drained every batch: memory holds one batch's findings, the stream upstream has no cap.
+            self.analyzer.detectors.forward = []
+            self.edge_out.submit_alerts([a.to_json() for a in fresh], time.monotonic())
 
     async def _periodic(self) -> None:
         s = self.settings
@@ -353,6 +351,8 @@ class Service:
             if self.transport is not None:
                 # The spool's fsync interval runs on this clock too (a quiet uplink still gets its fsync).
                 self.transport.outbox.commit(mono)
+            if self.edge_out is not None:
+                self.edge_out.flush_due_alerts(mono)
             if s.live:
                 self.out.tick(now, self.analyzer.leaf_views)
                 self._report_capture_drops(now)

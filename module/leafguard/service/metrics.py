@@ -145,6 +145,17 @@ def families(snap: ServiceSnapshot) -> list[Family]:
              up.reported_failures),
             ("leafguard_uplink_reported_refused", "counter", "Reported-properties patches the hub refused.",
              up.reported_refused),
+            ("leafguard_uplink_alerts_dropped", "counter", "Alerts in alert messages the outbox dropped.",
+             up.alerts_dropped),
+            ("leafguard_uplink_durable", "gauge", "1 when queued messages are spooled in the data directory.",
+             up.durable),
+            ("leafguard_uplink_spool_disk_bytes", "gauge", "Bytes of the spool's segment files.", up.spool_disk_bytes),
+            ("leafguard_uplink_spool_corrupt_records", "counter", "Spool records found corrupt and skipped.",
+             up.spool_corrupt_records),
+            ("leafguard_uplink_spool_torn_records", "counter", "Spool records found cut short and skipped.",
+             up.spool_torn_records),
+            ("leafguard_uplink_spool_lost_messages", "counter", "Messages lost with corrupt or torn records.",
+             up.spool_lost_to_corruption),
         ):
             out.append(_one(name, kind, help_text, value))
     # alerts

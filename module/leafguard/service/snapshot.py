@@ -171,6 +171,14 @@ class UplinkSnapshot:
     """Reported-properties patches that failed (refused by the hub, timed out, connection lost)."""
     reported_refused: int = 0
     """Of those, the ones the hub refused (an error status, e.g. the merged section over 32 KB)."""
+    alerts_dropped: int = 0
+    """LeafGuard alerts in alert messages the outbox dropped (full)."""
+    durable: bool = False
+    """Queued messages are in the data directory's spool (else in memory only)."""
+    spool_disk_bytes: int = 0
+    spool_corrupt_records: int = 0
+    spool_torn_records: int = 0
+    spool_lost_to_corruption: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,4 +373,10 @@ def _uplink(c: Mapping[str, Any], down_for_s: float | None) -> UplinkSnapshot:
         down_for_s=down_for_s,
         reported_failures=int(c.get("reported_failures", 0)),
         reported_refused=int(c.get("reported_refused", 0)),
+        alerts_dropped=int(c.get("alerts_dropped", 0)),
+        durable=bool(c.get("durable", False)),
+        spool_disk_bytes=int(c.get("spool_disk_bytes", 0)),
+        spool_corrupt_records=int(c.get("spool_corrupt_records", 0)),
+        spool_torn_records=int(c.get("spool_torn_records", 0)),
+        spool_lost_to_corruption=int(c.get("spool_lost_to_corruption", 0)),
     )
