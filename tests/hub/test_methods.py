@@ -210,7 +210,7 @@ async def test_methods_through_the_sdk_inventory_stats_and_a_flush_that_waits(hu
             assert stats["leaves"]["seen"] == len(reference["leaves"])
             assert [a["type"] for a in stats["alerts"]["by_type"]] == ["cleartext_login"]
 
-            everything = await invoke("getInventory", {"pageSize": 500})
+            everything = await invoke("getInventory", {"pageSize": 200})
             assert everything.status == 200 and everything.payload["nextCursor"] is None
             assert [leaf["mac"] for leaf in everything.payload["leaves"]] == [x["mac"] for x in reference["leaves"]]
             missing = await invoke("getInventory", {"mac": "02:00:00:00:00:99"})

@@ -29,7 +29,7 @@ from leafguard.agent import events as ev
 from leafguard.agent.aggregation import DEFAULT_MAX_ENTRIES, ConnectionAggregator
 from leafguard.agent.config import AgentConfig, ConfigIssue, ConfigOutcome, Priority
 from leafguard.agent.messages import MessageBuilder, OutgoingMessage
-from leafguard.agent.queues import EventQueues, QueueName, Totals
+from leafguard.agent.queues import EventQueues, QueueName, QueueTotals, Totals
 from leafguard.observe.model import ConnectionSeen, LeafView, LoginSeen
 
 _QUEUE_OF = {Priority.HIGH: QueueName.HIGH, Priority.LOW: QueueName.LOW}
@@ -61,10 +61,13 @@ class LeafAgent:
         *,
         agent_version: str = __version__,
         max_aggregation_entries: int = DEFAULT_MAX_ENTRIES,
+        totals: QueueTotals | None = None,
     ) -> None:
         self._config = config
         self._builder = MessageBuilder(identity, agent_version, config.max_message_size_bytes)
-        self._queues = EventQueues(config.max_local_cache_size_bytes, self._builder.max_event_bytes)
+        self._totals = totals or QueueTotals()
+        """Fleet-wide counters this agent adds to (metrics)."""
+        self._queues = EventQueues(config.max_local_cache_size_bytes, self._builder.max_event_bytes, self._totals)
         self._agg = ConnectionAggregator(config.aggregation_interval_connection_create_s, now, max_aggregation_entries)
         self._agg_overflow_reported = 0
         self._seq = 0
@@ -96,10 +99,6 @@ class LeafAgent:
     def stats(self) -> AgentStats:
         t: Totals = self._queues.totals()
         return AgentStats(t.generated, t.sent, t.dropped, t.pending, self._messages, self._agg.overflowed)
-
-    def totals_by_queue(self) -> dict[QueueName, Totals]:
-        """Cumulative event counters per priority queue (metrics)."""
-        return self._queues.totals_by_queue()
 
     def rename(self, identity: str) -> None:
         """Continue under another identity (the leaf map named the leaf); later messages carry its AgentId."""
@@ -262,6 +261,7 @@ class LeafAgent:
         if msg is None:
             return False
         self._messages += 1
+        self._totals.messages += 1
         self._interval_sent += 1
         if len(msg.body) < _MESSAGES_UNDER_BYTES:
             self._interval_under_4kb += 1

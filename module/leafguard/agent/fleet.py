@@ -12,13 +12,14 @@ The number of agents is bounded (``max_leaves``); observations of leaves beyond 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from leafguard import __version__
 from leafguard.agent.agent import AgentStats, LeafAgent
 from leafguard.agent.config import AgentConfig, ConfigOutcome
 from leafguard.agent.messages import OutgoingMessage
+from leafguard.agent.queues import QueueTotals
 from leafguard.observe.model import ConnectionSeen, LeafView, LoginSeen, identity_for_mac
 
 DEFAULT_MAX_LEAVES = 10_000
@@ -61,6 +62,8 @@ class Fleet:
         self._min_due = float("-inf")
         """The earliest ``next_due`` of the agents not in ``_dirty``: until then a tick has nothing to do."""
         self.refused_observations = 0
+        self.totals = QueueTotals()
+        """Every agent's event and message counters, summed as they happen (metrics read them in O(1))."""
 
     # -- identities ----------------------------------------------------------------------------------------
 
@@ -68,6 +71,14 @@ class Fleet:
         """The twin identity of a MAC: the leaf map's name for it, else one derived from the MAC."""
         mac = mac.lower()
         return self._leaf_map.get(mac) or identity_for_mac(mac)
+
+    def named_macs(self) -> Collection[str]:
+        """The MACs the leaf map names."""
+        return self._leaf_map.keys()
+
+    def mac_of(self, identity: str) -> str | None:
+        """The MAC of the agent that has ``identity`` (None: no agent has it)."""
+        return self._by_identity.get(identity)
 
     def set_leaf_map(self, leaf_map: Mapping[str, str], now: float) -> None:
         """Replace the leaf map; agents of leaves it renames continue under their new identity."""
@@ -99,7 +110,7 @@ class Fleet:
         if len(self._agents) >= self.max_leaves:
             return None
         ident = self.identity_for(mac)
-        agent = LeafAgent(ident, self.default_config, now, agent_version=self._agent_version)
+        agent = LeafAgent(ident, self.default_config, now, agent_version=self._agent_version, totals=self.totals)
         self._agents[mac] = agent
         self._by_identity[ident] = mac
         self._dirty.add(mac)

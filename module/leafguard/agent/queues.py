@@ -53,6 +53,24 @@ class _Cumulative:
     dropped: int = 0
 
 
+class QueueTotals:
+    """Cumulative counters per queue, summed over every agent that shares this object (the fleet's), so that
+    metrics read them in O(1) however many leaves there are. Pending events are generated - sent - dropped."""
+
+    __slots__ = ("by_queue", "messages")
+
+    def __init__(self) -> None:
+        self.by_queue: dict[QueueName, _Cumulative] = {name: _Cumulative() for name in QueueName}
+        self.messages = 0
+        """Security messages built (counted by the agents)."""
+
+    def totals(self) -> dict[QueueName, Totals]:
+        return {
+            name: Totals(c.generated, c.sent, c.dropped, c.generated - c.sent - c.dropped)
+            for name, c in self.by_queue.items()
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class Totals:
     """Cumulative counters of one agent's queues (never reset)."""
@@ -66,7 +84,7 @@ class Totals:
 class EventQueues:
     """Operational, high and low FIFO queues within one byte budget."""
 
-    def __init__(self, cache_bytes: int, max_event_bytes: int) -> None:
+    def __init__(self, cache_bytes: int, max_event_bytes: int, shared: QueueTotals | None = None) -> None:
         self.cache_bytes = cache_bytes
         self.max_event_bytes = max_event_bytes
         self._q: dict[QueueName, deque[bytes]] = {name: deque() for name in QueueName}
@@ -76,8 +94,8 @@ class EventQueues:
         self._generated = 0
         self._sent = 0
         self._dropped = 0
-        self._by_queue: dict[QueueName, _Cumulative] = {name: _Cumulative() for name in QueueName}
-        """Cumulative counters per queue (metrics by priority); their sums are the three above."""
+        self._shared = (shared or QueueTotals()).by_queue
+        """Cumulative counters per queue (metrics by priority), shared with the other agents of a fleet."""
 
     # -- inspection ----------------------------------------------------------------------------------------
 
@@ -97,12 +115,6 @@ class EventQueues:
     def totals(self) -> Totals:
         return Totals(self._generated, self._sent, self._dropped, len(self))
 
-    def totals_by_queue(self) -> dict[QueueName, Totals]:
-        """:meth:`totals` per queue: an evicted event counts against the queue it was in."""
-        return {
-            name: Totals(c.generated, c.sent, c.dropped, len(self._q[name])) for name, c in self._by_queue.items()
-        }
-
     def take_counts(self) -> tuple[QueueCounts, QueueCounts, QueueCounts]:
         """The (high, low, operational) counters of the interval just ended; they start again at 0."""
         out = tuple(self._interval[n].snapshot() for n in (QueueName.HIGH, QueueName.LOW, QueueName.OPERATIONAL))
@@ -118,7 +130,7 @@ class EventQueues:
         """Offer one serialized event; returns whether it was queued (a drop is counted either way)."""
         size = len(data)
         self._generated += 1
-        self._by_queue[name].generated += 1
+        self._shared[name].generated += 1
         self._interval[name].collected += 1
         if size > self.max_event_bytes or size > self.cache_bytes:
             self._interval[name].too_large += 1
@@ -143,7 +155,7 @@ class EventQueues:
         self._bytes[name] -= len(data)
         self.total_bytes -= len(data)
         self._sent += 1
-        self._by_queue[name].sent += 1
+        self._shared[name].sent += 1
         return data
 
     def resize(self, cache_bytes: int, max_event_bytes: int) -> None:
@@ -176,4 +188,4 @@ class EventQueues:
     def _count_drop(self, name: QueueName) -> None:
         self._interval[name].dropped += 1
         self._dropped += 1
-        self._by_queue[name].dropped += 1
+        self._shared[name].dropped += 1

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import re
-from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,7 +29,7 @@ from leafguard.detect.muting import ALERT_TYPES
 from leafguard.errors import LeafGuardError
 
 DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 200
 MAX_FLUSH_WAIT_S = 60.0
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
@@ -194,6 +193,15 @@ class LeafRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class LeafPage:
+    macs: list[str]
+    total: int
+    """Leaves in all."""
+    more: bool
+    """Leaves follow the last of ``macs``."""
+
+
+@dataclass(frozen=True, slots=True)
 class FlushOutcome:
     messages: int
     """Security messages built from the agents' queues by this flush."""
@@ -204,8 +212,8 @@ class FlushOutcome:
 class MethodTarget(Protocol):
     """The service, as the methods see it (called on the loop)."""
 
-    def leaf_macs(self) -> Sequence[str]:
-        """Every leaf's MAC, sorted."""
+    def leaf_page(self, after: str | None, limit: int) -> LeafPage:
+        """Up to ``limit`` leaf MACs in MAC order, after ``after`` (a MAC, not necessarily a leaf's)."""
         ...
 
     def leaf(self, mac: str) -> LeafRecord | None: ...
@@ -283,12 +291,10 @@ class MethodDispatcher:
             if record is None:
                 raise NotFound("mac", f"no leaf with mac {req.mac}")
             return MethodResult(200, {"leaf": record.to_json()})
-        macs = t.leaf_macs()
-        start = bisect_right(macs, req.cursor) if req.cursor is not None else 0
-        page = macs[start : start + req.page_size]
-        leaves = [r.to_json() for r in (t.leaf(m) for m in page) if r is not None]
-        more = start + req.page_size < len(macs)
-        return MethodResult(200, {"leaves": leaves, "total": len(macs), "nextCursor": page[-1] if more else None})
+        page = t.leaf_page(req.cursor, req.page_size)
+        leaves = [r.to_json() for r in (t.leaf(m) for m in page.macs) if r is not None]
+        cursor = page.macs[-1] if page.more and page.macs else None
+        return MethodResult(200, {"leaves": leaves, "total": page.total, "nextCursor": cursor})
 
     async def _stats(self, payload: object) -> MethodResult:
         _fields(payload, ())
@@ -307,6 +313,6 @@ class MethodDispatcher:
     async def _learn(self, payload: object) -> MethodResult:
         assert self.detection is not None
         req = parse_learn(payload)
-        if req.mac is not None and req.mac not in set(self.target.leaf_macs()):
+        if req.mac is not None and self.target.leaf(req.mac) is None:
             raise NotFound("mac", f"no leaf with mac {req.mac}")
         return MethodResult(200, {"learned": self.detection.learn(req.mac)})

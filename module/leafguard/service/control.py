@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Collection, Sequence
+from bisect import bisect_right
+from collections.abc import Callable, Collection
 from typing import Any
 
 from leafguard.agent.fleet import Fleet
 from leafguard.detect.muting import parse_rule
 from leafguard.errors import ConfigurationError
-from leafguard.hub.methods import BadRequest, FlushOutcome, LeafRecord, MuteRequest
+from leafguard.hub.methods import BadRequest, FlushOutcome, LeafPage, LeafRecord, MuteRequest
 from leafguard.hub.transport import EdgeTransport
 from leafguard.observe.analyzer import Analyzer, mac_text
 from leafguard.observe.model import identity_for_mac
@@ -40,9 +41,14 @@ class ServiceControl:
         self._clock = clock
         """The agents' clock: the wall clock when capturing live, packet time in a replay (None before a frame)."""
 
-    def leaf_macs(self) -> Sequence[str]:
-        # Fixed-width lowercase hex keeps the byte order: sorted MACs as bytes are sorted as text.
-        return [mac_text(st.mac) for st in self.analyzer.leaves()]
+    def leaf_page(self, after: str | None, limit: int) -> LeafPage:
+        # Sorting the raw 6-byte keys is a C sort; only the page is turned into text. Fixed-width lowercase hex
+        # keeps the byte order, so a text cursor and the byte order agree.
+        a = self.analyzer
+        keys = sorted(key for key, st in a.macs.items() if a.is_leaf(st))
+        start = bisect_right(keys, bytes.fromhex(after.replace(":", ""))) if after is not None else 0
+        page = keys[start : start + limit]
+        return LeafPage([mac_text(k) for k in page], len(keys), start + limit < len(keys))
 
     def leaf(self, mac: str) -> LeafRecord | None:
         doc = self.analyzer.leaf_report(mac)
@@ -61,6 +67,10 @@ class ServiceControl:
         )
 
     def mac_of_identity(self, identity: str) -> str | None:
+        mac = self.fleet.mac_of(identity)
+        if mac is not None:
+            # Almost every leaf has an agent: found in O(1) (it must still be a leaf now).
+            return mac if self.analyzer.leaf_report(mac) is not None else None
         for st in self.analyzer.leaves():
             mac = mac_text(st.mac)
             if self.fleet.identity_for(mac) == identity:

@@ -20,8 +20,7 @@ from typing import Any, Protocol
 
 from leafguard.agent.fleet import Fleet
 from leafguard.agent.queues import QueueName
-from leafguard.observe.analyzer import Analyzer, mac_text
-from leafguard.observe.model import identity_for_mac
+from leafguard.observe.analyzer import Analyzer
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +131,6 @@ class PriorityCounts:
 class AgentSnapshot:
     by_priority: tuple[PriorityCounts, ...]
     messages: int
-    aggregation_overflow: int
 
     @property
     def generated(self) -> int:
@@ -288,28 +286,12 @@ def build_snapshot(
 ) -> ServiceSnapshot:
     """One consistent snapshot; ``interfaces`` is None for a replay, ``uplink`` (transport counters) locally."""
     st = analyzer.stats
-    seen = named = managed = 0
+    # O(MACs) without sorting, then O(named + managed): no per-leaf Python beyond the leaf rule.
+    seen = sum(1 for mac_state in analyzer.macs.values() if analyzer.is_leaf(mac_state))
+    named = sum(1 for mac in fleet.named_macs() if _is_leaf(analyzer, mac))
     managed_macs = managed_leaves.managed_macs() if managed_leaves is not None else ()
-    for leaf in analyzer.leaves():
-        seen += 1
-        mac = mac_text(leaf.mac)
-        if fleet.identity_for(mac) != identity_for_mac(mac):
-            named += 1
-        if mac in managed_macs:
-            managed += 1
-    agents = fleet.agents()
-    by_queue: dict[QueueName, list[int]] = {name: [0, 0, 0, 0] for name in QueueName}
-    messages = overflow = 0
-    for agent in agents:
-        for name, t in agent.totals_by_queue().items():
-            acc = by_queue[name]
-            acc[0] += t.generated
-            acc[1] += t.sent
-            acc[2] += t.dropped
-            acc[3] += t.pending
-        a = agent.stats()
-        messages += a.messages
-        overflow += a.aggregation_overflow
+    managed = sum(1 for mac in managed_macs if _is_leaf(analyzer, mac))
+    totals = fleet.totals.totals()
     detectors = analyzer.detectors
     by_type = Counter(alert.type for alert in detectors.alerts)
     connections = (
@@ -337,14 +319,16 @@ def build_snapshot(
             named=named,
             managed=managed,
             unmanaged=seen - managed,
-            agents=len(agents),
+            agents=len(fleet.agents()),
             refused_observations=fleet.refused_observations,
             connections=connections,
         ),
         agents=AgentSnapshot(
-            by_priority=tuple(PriorityCounts(_PRIORITY_NAMES[name], *by_queue[name]) for name in QueueName),
-            messages=messages,
-            aggregation_overflow=overflow,
+            by_priority=tuple(
+                PriorityCounts(_PRIORITY_NAMES[name], t.generated, t.sent, t.dropped, t.pending)
+                for name, t in totals.items()
+            ),
+            messages=fleet.totals.messages,
         ),
         alerts=AlertSnapshot(
             by_type=tuple(AlertCount(t, n) for t, n in sorted(by_type.items())),
@@ -354,6 +338,15 @@ def build_snapshot(
         ),
         uplink=_uplink(uplink, uplink_down_for_s) if uplink is not None else None,
     )
+
+
+def _is_leaf(analyzer: Analyzer, mac: str) -> bool:
+    try:
+        key = bytes.fromhex(mac.replace(":", ""))
+    except ValueError:
+        return False
+    mac_state = analyzer.macs.get(key)
+    return mac_state is not None and analyzer.is_leaf(mac_state)
 
 
 def _uplink(c: Mapping[str, Any], down_for_s: float | None) -> UplinkSnapshot:
