@@ -201,8 +201,6 @@ class ScanResult:
     records: list[Record]
     corrupt: int = 0
     torn: int = 0
-    torn_puts: int = 0
-    """Torn records that were message puts: the message is lost (counted as accepted and dropped)."""
 
 
 def frame(kind: Kind, payload: bytes) -> bytes:
@@ -228,6 +226,8 @@ def _valid_at(data: bytes, pos: int) -> tuple[int, int] | None:
 
 
 _KINDS = frozenset(int(k) for k in Kind)
+LOST_PUT = -1
+"""The pseudo-kind :func:`scan` gives a put record that failed its checksum or was cut short."""
 
 
 def scan(data: bytes) -> ScanResult:
@@ -243,6 +243,10 @@ def scan(data: bytes) -> ScanResult:
             out.records.append(Record(kind, start, bytes(data[start : start + length])))
             pos += FRAME_BYTES + length
             continue
+        # A frame header that still reads as a put (a flipped byte in the body, a cut-short write) marks a lost
+        # message at this point of the log, so the counters after the last snapshot count it as generated.
+        if _header_says_put(data, pos):
+            out.records.append(Record(LOST_PUT, pos, b""))
         # Resynchronise on the next frame that checks out.
         nxt = data.find(MAGIC, pos + 1)
         while nxt != -1 and _valid_at(data, nxt) is None:
@@ -250,14 +254,16 @@ def scan(data: bytes) -> ScanResult:
         if nxt == -1:
             if _looks_torn(data, pos):
                 out.torn += 1
-                if len(data) - pos > 2 and data[pos + 2] == Kind.PUT:
-                    out.torn_puts += 1
             else:
                 out.corrupt += 1
             break
         out.corrupt += 1
         pos = nxt
     return out
+
+
+def _header_says_put(data: bytes, pos: int) -> bool:
+    return data[pos : pos + 2] == MAGIC and len(data) > pos + 2 and data[pos + 2] == Kind.PUT
 
 
 def _looks_torn(data: bytes, pos: int) -> bool:
@@ -360,7 +366,7 @@ class Spool:
         old = self._segments()
         c = SpoolCounters()
         live: dict[int, tuple[int, Record, dict[str, Any]]] = {}
-        records = corrupt = torn = torn_puts = 0
+        records = corrupt = torn = 0
         for segment in old:
             try:
                 data = self._path(segment).read_bytes()
@@ -371,7 +377,6 @@ class Spool:
             result = scan(data)
             corrupt += result.corrupt
             torn += result.torn
-            torn_puts += result.torn_puts
             for rec in result.records:
                 records += 1
                 try:
@@ -382,8 +387,6 @@ class Spool:
                     corrupt += 1
         c.corrupt_records += corrupt
         c.torn_records += torn
-        # A torn put: the message was handed to the spool and is gone; generated, and lost.
-        c.accepted += torn_puts
         unaccounted = c.accepted - c.acked - c.dropped - len(live)
         lost = 0
         if unaccounted > 0:
@@ -428,7 +431,10 @@ class Spool:
         c: SpoolCounters, live: dict[int, tuple[int, Record, dict[str, Any]]], segment: int, rec: Record
     ) -> None:
         kind = rec.kind
-        if kind == Kind.HEADER:
+        if kind == LOST_PUT:
+            # A put that did not survive (corrupt or torn): generated, and lost (reconciled as dropped).
+            c.accepted += 1
+        elif kind == Kind.HEADER:
             # A snapshot is the whole truth at its point in the log (corruption counts of earlier replays included;
             # this replay adds its own afterwards).
             snap = SpoolCounters.from_json(rec.payload)

@@ -1,0 +1,31 @@
+"""Steady IoT traffic over minutes of packet time (the benchmark generator's mix, its clock stretched)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from benchmarks.gen_capture import START_TS, frames, write_pcap
+
+
+def steady_capture(path: Path, *, minutes: float, leaves: int = 10, count: int = 20_000, seed: int = 11) -> Path:
+    """``count`` frames of ``leaves`` leaves spread over ``minutes`` of packet time (cached by name)."""
+    if path.exists():
+        return path
+    raw = list(frames(seed, leaves, count))
+    span = raw[-1][0] - START_TS
+    scale = minutes * 60.0 / span
+
+    def stretched() -> Iterator[tuple[float, bytes]]:
+        for ts, frame in raw:
+            yield START_TS + (ts - START_TS) * scale, frame
+
+    write_pcap(path, stretched())
+    return path
+
+
+def empty_capture(path: Path) -> Path:
+    """A capture file with no frames (a restart that only has to send what the spool holds)."""
+    path.write_bytes(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+    return path
