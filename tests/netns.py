@@ -146,3 +146,28 @@ class Lab:
 def lab() -> Iterator[Lab]:
     with Lab() as the_lab:
         yield the_lab
+
+
+DHCP_CLIENT = """
+import sys
+from scapy.all import BOOTP, DHCP, IP, UDP, Ether, conf, get_if_hwaddr, mac2str, srp1
+conf.checkIPaddr = False
+iface, hostname, server = sys.argv[1:4]
+mac = get_if_hwaddr(iface)
+def msg(kind, extra):
+    return (Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / IP(src="0.0.0.0", dst="255.255.255.255")
+            / UDP(sport=68, dport=67) / BOOTP(chaddr=mac2str(mac), xid=0x4C470003, flags=0x8000)
+            / DHCP(options=[("message-type", kind), ("hostname", hostname),
+                            ("param_req_list", [1, 3, 6, 15])] + extra + ["end"]))
+offer = srp1(msg("discover", []), iface=iface, timeout=5, verbose=0)
+ip = offer[BOOTP].yiaddr
+ack = srp1(msg("request", [("requested_addr", ip), ("server_id", server)]), iface=iface, timeout=5, verbose=0)
+assert ack is not None and ack[BOOTP].yiaddr == ip
+print(ip)
+"""
+
+
+def dhcp_lease(ns: Netns, ifname: str, hostname: str, server: str) -> str:
+    """Take a lease from the DHCP server at ``server`` (a real DISCOVER/OFFER/REQUEST/ACK exchange, with scapy) and
+    return the address offered; the caller configures it."""
+    return ns.python(DHCP_CLIENT, ifname, hostname, server).stdout.strip()

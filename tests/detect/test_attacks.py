@@ -243,3 +243,13 @@ def test_learn_accepts_a_new_gateway() -> None:
     _run([_remote(0.0, GW[0])], an=an)
     an.learn()
     assert _run([_remote(10.0 + s, "02:00:00:00:00:77") for s in range(5)], an=an) == []
+
+
+def test_an_address_flipping_between_two_macs_is_one_conflict_whatever_the_batches() -> None:
+    other = "02:00:00:00:00:99"
+
+    def claim(mac: str) -> Any:
+        return Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / ARP(op=2, hwsrc=mac, psrc=TARGET[1], pdst=GW[1])
+
+    flips = [(i * 1.0, claim(TARGET[0] if i % 2 == 0 else other)) for i in range(8)]
+    assert _types(flips) == ["address_conflict"]  # _types checks batches of 1, 7 and all alike

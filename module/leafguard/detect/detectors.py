@@ -120,7 +120,8 @@ class Detectors:
         is appended, retained or not, so the stream is not capped (only the retained list is)."""
         self._ports: dict[tuple[bytes, bytes], _Window] = {}
         self._hosts: dict[tuple[bytes, int], _Window] = {}
-        self._bindings: dict[bytes, tuple[bytes, float]] = {}
+        self._bindings: dict[bytes, dict[bytes, float]] = {}
+        """Address -> the MACs that held it, with the last time each did (at most 8 per address)."""
         self._dhcp_servers: dict[bytes, bytes] = {}
         self._rogue_reported: set[bytes] = set()
         self._login_failures: dict[tuple[bytes, bytes, int], _Window] = {}
@@ -223,18 +224,28 @@ class Detectors:
             )  # fmt: skip
 
     def _bind(self, ts: float, ip: bytes, mac: bytes) -> None:
-        old = self._bindings.get(ip)
-        if old is not None and old[0] != mac and ts - old[1] <= BINDING_MEMORY_S:
-            self.raise_alert(
-                Alert(
-                    "address_conflict", "high", ts, _mac(mac),
-                    f"{_ip(ip)} moved from {_mac(old[0])} to {_mac(mac)} (ARP spoofing or a duplicate address)",
-                    {"ip": _ip(ip), "previous_mac": _mac(old[0]), "mac": _mac(mac), "previous_seen": old[1]},
-                )
-            )  # fmt: skip
-        if old is None and len(self._bindings) >= MAX_TRACKED:
-            self._bindings.pop(next(iter(self._bindings)))
-        self._bindings[ip] = (mac, ts)
+        # Raised once per new holder of the address: a MAC it had not had within the memory, while another had it.
+        # An address flipping back and forth between two MACs is one finding, not one per flip; and evidence keeps
+        # only the first time of each (address, MAC) pair of a batch, so counting flips would depend on batching.
+        held = self._bindings.get(ip)
+        if held is None:
+            if len(self._bindings) >= MAX_TRACKED:
+                self._bindings.pop(next(iter(self._bindings)))
+            held = self._bindings[ip] = {}
+        last = held.get(mac)
+        if last is None or ts - last > BINDING_MEMORY_S:
+            others = [(t, m) for m, t in held.items() if m != mac and ts - t <= BINDING_MEMORY_S]
+            if others:
+                seen, previous = max(others)
+                self.raise_alert(
+                    Alert(
+                        "address_conflict", "high", ts, _mac(mac),
+                        f"{_ip(ip)} moved from {_mac(previous)} to {_mac(mac)} (ARP spoofing or a duplicate address)",
+                        {"ip": _ip(ip), "previous_mac": _mac(previous), "mac": _mac(mac), "previous_seen": seen},
+                    )
+                )  # fmt: skip
+        if mac in held or len(held) < 8:
+            held[mac] = ts if last is None else max(last, ts)
 
     @staticmethod
     def _remember(table: dict[bytes, dict[bytes, float]], mac: bytes, ip: bytes, ts: float) -> dict[bytes, float]:
