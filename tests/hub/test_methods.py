@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -264,3 +265,47 @@ async def test_methods_through_the_sdk_inventory_stats_and_a_flush_that_waits(hu
         async with asyncio.timeout(LIMIT_S):
             _out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
+
+
+async def test_transport_answers_503_when_busy_500_for_a_broken_handler_and_stays_up(
+    hub: HubEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
+    for name, value in hub.edge_environment(module).items():
+        monkeypatch.setenv(name, value)
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def handler(name: str, payload: object) -> MethodResult:
+        if name == "slow":
+            started.set()
+            await release.wait()
+            return MethodResult(200, {"slow": True})
+        if name == "broken":
+            raise RuntimeError("a bug in a handler")
+        return MethodResult(200, {"echo": payload})
+
+    settings = dataclasses.replace(EdgeSettings.from_env(os.environ), max_concurrent_methods=1)
+    transport = EdgeTransport(settings)
+    transport.method_handler = handler
+    async with asyncio.timeout(LIMIT_S), asyncio.TaskGroup() as tg:
+        tg.create_task(transport.run(), name="test.transport")
+        try:
+            # Answered once the transport has connected and subscribed to methods.
+            async def answered() -> bool:
+                return bool((await hub.invoke_method(module, "echo", {"n": 0}, timeout_s=2)).status == 200)
+
+            await until(answered, interval_s=0.2)
+            slow = tg.create_task(hub.invoke_method(module, "slow", None, timeout_s=10), name="test.slow")
+            await started.wait()
+            busy = await hub.invoke_method(module, "echo", {"n": 1})
+            assert busy.status == 503 and "in progress" in busy.payload["error"]
+            release.set()
+            assert (await slow).payload == {"slow": True}
+            broken = await hub.invoke_method(module, "broken", None)
+            assert broken.status == 500 and "module log" in broken.payload["error"]
+            # The uplink's tasks survived the bug: the next call is answered.
+            assert (await hub.invoke_method(module, "echo", {"n": 2})).payload == {"echo": {"n": 2}}
+            assert transport.stats.method_busy == 1
+        finally:
+            await transport.shutdown(5.0)

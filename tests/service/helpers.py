@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 
 def wait_for(what: Callable[[], Any], timeout_s: float = 30.0) -> Any:
     """Poll ``what`` until it returns something truthy (files may be missing or half-written meanwhile)."""
@@ -48,3 +50,24 @@ def http_get(url: str) -> tuple[int, bytes]:
             return int(r.status), bytes(r.read())
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+BASE_LABELS = {"iothub", "edge_device", "instance_number", "module_name"}
+"""The labels of IoT Edge's built-in metrics, on every LeafGuard series."""
+
+
+def parse_metrics(text: str) -> dict[str, Any]:
+    """Families by name, with prometheus_client's parser (it raises on anything malformed)."""
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def metric_value(families: dict[str, Any], name: str, **labels: str) -> float:
+    """The value of the one sample called ``name`` (``_total`` included) with these labels."""
+    found = [
+        s.value
+        for f in families.values()
+        for s in f.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    assert len(found) == 1, (name, labels, found)
+    return float(found[0])

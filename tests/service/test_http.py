@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from leafguard.agent.fleet import Fleet
@@ -30,31 +29,15 @@ from leafguard.service.health import assess
 from leafguard.service.metrics import render_snapshot
 from leafguard.service.settings import EDGE_HTTP_PORT, ServiceSettings
 from leafguard.service.snapshot import DownTracker, LeafConnection, MetricLabels, build_snapshot
-from tests.service.helpers import free_port, http_get, read_json, wait_for
+from tests.service.helpers import BASE_LABELS, free_port, http_get, read_json, wait_for
+from tests.service.helpers import metric_value as value
+from tests.service.helpers import parse_metrics as parse
 
 SENSOR_MAC, PLC_MAC = "5c:cf:7f:07:ae:fb", "00:0e:8c:aa:bb:01"
-BASE_LABELS = {"iothub", "edge_device", "instance_number", "module_name"}
-
-
-def parse(text: str) -> dict[str, Any]:
-    """Families by name, with the real parser (it raises on anything malformed)."""
-    return {f.name: f for f in text_string_to_metric_families(text)}
 
 
 def samples(families: dict[str, Any], name: str) -> list[Sample]:
     return list(families[name].samples)
-
-
-def value(families: dict[str, Any], name: str, **labels: str) -> float:
-    """The value of the one sample called ``name`` (``_total`` included) with these labels."""
-    found = [
-        s.value
-        for f in families.values()
-        for s in f.samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    ]
-    assert len(found) == 1, (name, labels, found)
-    return float(found[0])
 
 
 def clean_env(**extra: str) -> dict[str, str]:

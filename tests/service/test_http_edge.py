@@ -14,8 +14,9 @@ import pytest
 
 from leafguard.demo import demo_capture
 from tests.hub_emulator import HubEmulator
-from tests.service.helpers import free_port, http_get
-from tests.service.test_http import BASE_LABELS, parse, value
+from tests.service.helpers import BASE_LABELS, free_port, http_get
+from tests.service.helpers import metric_value as value
+from tests.service.helpers import parse_metrics as parse
 
 LIMIT_S = 60.0
 
