@@ -49,7 +49,7 @@ from leafguard.service.gateway import (
     GatewaySettingsFile,
     apply_capture_section,
     parse_detection,
-    parse_leaf_map,
+    parse_leaf_entries,
 )
 from leafguard.service.settings import ServiceSettings
 from leafguard.service.snapshot import (
@@ -103,6 +103,7 @@ class Service:
         self.fleet = make_fleet()
         self.out: AgentOutput
         self.transport: EdgeTransport | None = None
+        self.leaves: LeafClients | None = None
         self.spool: Spool | None = None
         self.edge_out: EdgeAgentOutput | None = None
         if settings.edge is not None:
@@ -110,7 +111,12 @@ class Service:
             from leafguard.hub.transport import EdgeTransport
 
             self.transport = EdgeTransport(settings.edge, outbox=self._open_outbox(settings))
-            self.out = self.edge_out = EdgeAgentOutput(self.transport, self.fleet)
+            if settings.edge.leaves.configured:
+                from leafguard.hub.leaf_clients import LeafClients
+
+                # Managed leaves (their own identity and twin); EdgeAgentOutput takes their callbacks.
+                self.leaves = LeafClients(settings.edge, on_desired=lambda _identity, _doc: None)
+            self.out = self.edge_out = EdgeAgentOutput(self.transport, self.fleet, self.leaves)
             self.analyzer.detectors.forward = []
             self._serve_methods(self.transport)
         else:
@@ -121,7 +127,7 @@ class Service:
         self.stopping = asyncio.Event()
         self.started_at = time.time()
         self.labels = MetricLabels.from_env()
-        self.managed_leaves: ManagedLeavesSource | None = None
+        self.managed_leaves: ManagedLeavesSource | None = self.leaves
         """Managed leaves and their own hub connections: whoever creates their clients sets this."""
         self._capture_down = DownTracker(time.monotonic())
         self._uplink_down = DownTracker(time.monotonic())
@@ -203,6 +209,8 @@ class Service:
                 }
                 if self.transport is not None:
                     tasks["hub"] = tg.create_task(self.transport.run(), name="leafguard.hub")
+                if self.leaves is not None:
+                    tasks["leaves"] = tg.create_task(self.leaves.run(), name="leafguard.leaves")
                 http = await self._start_http()
                 await self.stopping.wait()
                 log.info("stopping")
@@ -298,8 +306,14 @@ class Service:
         self.out.close(self.analyzer.now)
         if self.transport is not None:
             # Flush the outbox against the deadline, then close the client; its task ends with it.
-            await self.transport.shutdown(deadline)
+            # The gateway's outbox and every managed leaf's are flushed at once, against the same deadline.
+            flushes = [self.transport.shutdown(deadline)]
+            if self.leaves is not None:
+                flushes.append(self.leaves.shutdown(deadline))
+            await asyncio.gather(*flushes)
             await tasks["hub"]
+            if self.leaves is not None:
+                await tasks["leaves"]
             if self.spool is not None:
                 self.spool.close(time.monotonic())
         self._write_files()
@@ -404,12 +418,15 @@ class Service:
         if leaf_map != self._leaf_map_section:
             self._leaf_map_section = leaf_map
             try:
-                mapping = parse_leaf_map(leaf_map)
+                entries = parse_leaf_entries(leaf_map)
             except ConfigurationError as exc:
                 self.leaf_map_status["error"] = str(exc)
                 log.warning("leaf map rejected, the map in force stays: %s", exc)
             else:
+                mapping = {mac: entry.device_id for mac, entry in entries.items()}
                 self.fleet.set_leaf_map(mapping, now)
+                if self.leaves is not None:
+                    self.leaves.set_entries(entries)
                 self.leaf_map_status.update(leaves=len(mapping), error=None)
         self._publish_gateway_status()
 
