@@ -260,6 +260,9 @@ async def test_methods_through_the_sdk_inventory_stats_and_a_flush_that_waits(hu
             assert refused.status == 400 and refused.payload["field"] == "type"
             learned = await invoke("learn", {})
             assert learned.status == 200 and learned.payload == {"learned": len(reference["leaves"])}
+            calls = {(c["method"], c["status"]): c["count"] for c in (await stats_when(lambda s: True))["methods"]}
+            assert calls[("getInventory", 404)] == 1 and calls[("getInventory", 400)] == 1
+            assert calls[("mute", 200)] == calls[("mute", 400)] == calls[("learn", 200)] == 1
     finally:
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(LIMIT_S):

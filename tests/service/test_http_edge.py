@@ -67,6 +67,7 @@ async def test_edge_metrics_carry_the_iot_edge_labels_and_healthz_fails_while_th
             assert value(families, "leafguard_uplink_connected") == 1
             assert value(families, "leafguard_uplink_bytes_sent_total") > 0
             assert value(families, "leafguard_uplink_queue_messages") == 0
+            assert families["leafguard_method_calls"].type == "counter"  # announced before any call
 
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(hub.restart(downtime_s=8), name="test.hub_outage")

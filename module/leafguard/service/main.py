@@ -64,6 +64,7 @@ from leafguard.service.snapshot import (
 )
 
 if TYPE_CHECKING:
+    from leafguard.hub.methods import MethodDispatcher
     from leafguard.hub.output import EdgeAgentOutput
     from leafguard.hub.transport import EdgeTransport
 
@@ -106,6 +107,7 @@ class Service:
         self.leaves: LeafClients | None = None
         self.spool: Spool | None = None
         self.edge_out: EdgeAgentOutput | None = None
+        self.methods: MethodDispatcher | None = None
         if settings.edge is not None:
             from leafguard.hub.output import EdgeAgentOutput
             from leafguard.hub.transport import EdgeTransport
@@ -246,7 +248,8 @@ class Service:
             clock=clock,
             managed_macs=lambda: self.managed_leaves.managed_macs() if self.managed_leaves is not None else (),
         )
-        transport.method_handler = MethodDispatcher(control, DetectionControl(self.analyzer, clock)).handle
+        self.methods = MethodDispatcher(control, DetectionControl(self.analyzer, clock))
+        transport.method_handler = self.methods.handle
 
     async def _start_http(self) -> Any:
         s = self.settings
@@ -279,6 +282,7 @@ class Service:
             uplink=counters,
             uplink_down_for_s=self._uplink_down.update(uplink_up(counters), mono) if counters else None,
             managed_leaves=self.managed_leaves,
+            method_calls=self.methods.calls if self.methods is not None else None,
         )
 
     def _track_outages(self) -> None:

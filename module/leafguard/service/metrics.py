@@ -158,6 +158,15 @@ def families(snap: ServiceSnapshot) -> list[Family]:
              up.spool_lost_to_corruption),
         ):
             out.append(_one(name, kind, help_text, value))
+    if up is not None:
+        out.append(
+            Family(
+                "leafguard_method_calls",
+                "counter",
+                "Direct-method calls handled, by method and status.",
+                tuple(Sample((("method", m.method), ("status", str(m.status))), m.count) for m in snap.methods),
+            )
+        )
     # alerts
     out += [
         Family(

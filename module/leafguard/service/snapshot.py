@@ -195,6 +195,14 @@ class AlertSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class MethodCount:
+    method: str
+    """The direct method's name (``?`` for names that are no method)."""
+    status: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceSnapshot:
     version: str
     started_at: float
@@ -207,6 +215,8 @@ class ServiceSnapshot:
     alerts: AlertSnapshot
     uplink: UplinkSnapshot | None
     """None in local mode (no hub)."""
+    methods: tuple[MethodCount, ...] = ()
+    """Direct-method calls answered, by method and status (edge mode)."""
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON (``getStats``): the same fields, nested, tuples as lists."""
@@ -283,6 +293,7 @@ def build_snapshot(
     uplink: Mapping[str, Any] | None,
     uplink_down_for_s: float | None,
     managed_leaves: ManagedLeavesSource | None,
+    method_calls: Mapping[tuple[str, int], int] | None = None,
 ) -> ServiceSnapshot:
     """One consistent snapshot; ``interfaces`` is None for a replay, ``uplink`` (transport counters) locally."""
     st = analyzer.stats
@@ -337,6 +348,7 @@ def build_snapshot(
             muted=detectors.muting.muted,
         ),
         uplink=_uplink(uplink, uplink_down_for_s) if uplink is not None else None,
+        methods=tuple(MethodCount(m, status, n) for (m, status), n in sorted((method_calls or {}).items())),
     )
 
 
