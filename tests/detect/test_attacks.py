@@ -253,3 +253,13 @@ def test_an_address_flipping_between_two_macs_is_one_conflict_whatever_the_batch
 
     flips = [(i * 1.0, claim(TARGET[0] if i % 2 == 0 else other)) for i in range(8)]
     assert _types(flips) == ["address_conflict"]  # _types checks batches of 1, 7 and all alike
+
+
+def test_settings_replace_their_mute_rules_and_keep_the_methods() -> None:
+    an = Analyzer()
+    muting = an.detectors.muting
+    muting.add(parse_rule({"type": "udp_scan", "forS": 60}, now=T0))  # from the mute method
+    muting.set((parse_rule({"type": "stealth_scan", "forS": 60}, now=T0),))  # from the settings
+    muting.set((parse_rule({"type": "icmp_sweep", "forS": 60}, now=T0),))  # the settings' list changed
+    assert sorted(r["type"] for r in muting.in_force(T0)) == ["icmp_sweep", "udp_scan"]
+    assert muting.in_force(T0 + 61) == []  # expired

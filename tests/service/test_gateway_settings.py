@@ -258,3 +258,25 @@ def test_a_capture_section_that_sets_nothing_clears_its_error() -> None:
     assert "must be a string" in str(status["error"])
     apply_capture_section(None, None, status)
     assert status == {"extraFilter": "", "error": None}
+
+
+def test_mute_and_learn_from_the_settings(tmp_path: Path) -> None:
+    """Issue #14 point 3: ``mute`` (rules with an expiry, the list validated as a whole) and ``learn`` (a token)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    until_2100 = 4_102_444_800
+    _set_doc(out, {"detection": {"floodRatePerS": 0.5, "silentAfterS": 0.1},
+                   "mute": [{"type": "flood", "until": until_2100}]})  # fmt: skip
+    with _demo_replay(out):
+        triage = wait_for(lambda: (t := read_stats(out)["triage"])["muted"] > 0 and t)
+        assert triage["mute"] == [{"type": "flood", "mac": None, "until": until_2100}] and triage["error"] is None
+        alerts = wait_for(lambda: (a := _alert_types(out)) >= {"leaf_silent"} and a)
+        assert "flood" not in alerts  # the demo's sensors do "flood" at this rate: muted
+        # One bad rule: the list in force stays and the error says why.
+        _set_doc(out, {"mute": [{"type": "flood", "until": until_2100}, {"mac": "not-a-mac", "forS": 60}]})
+        bad = wait_for(lambda: (t := read_stats(out)["triage"])["error"] and t)
+        assert "not a MAC" in bad["error"] and bad["mute"] == triage["mute"]
+        _set_doc(out, {"learn": "after-commissioning"})
+        learned = wait_for(lambda: (t := read_stats(out)["triage"])["learnToken"] and t)
+        assert learned["learnToken"] == "after-commissioning" and learned["learnedLeaves"] >= 3
+        assert learned["mute"] == [] and learned["error"] is None  # the document has no mute list any more

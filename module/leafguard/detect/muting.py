@@ -82,23 +82,30 @@ def parse_rules(section: object, now: float) -> tuple[MuteRule, ...]:
 
 
 class Muting:
-    """The rules in force; counts what they dropped."""
+    """The rules in force, from two sources: the settings' ``mute`` list (replaced whole when it changes) and the
+    ``mute`` method (added one at a time, a new rule for the same type and MAC replacing the old); counts what
+    they dropped."""
 
     def __init__(self) -> None:
-        self.rules: tuple[MuteRule, ...] = ()
+        self.configured: tuple[MuteRule, ...] = ()
+        self.added: tuple[MuteRule, ...] = ()
         self.muted = 0
 
+    @property
+    def rules(self) -> tuple[MuteRule, ...]:
+        return self.configured + self.added
+
     def set(self, rules: tuple[MuteRule, ...]) -> None:
-        self.rules = rules
+        self.configured = rules
 
     def add(self, rule: MuteRule) -> None:
-        kept = tuple(r for r in self.rules if (r.type, r.mac) != (rule.type, rule.mac))
+        kept = tuple(r for r in self.added if (r.type, r.mac) != (rule.type, rule.mac))
         if len(kept) >= MAX_RULES:
             raise ConfigurationError(f"mute: at most {MAX_RULES} rules")
-        self.rules = (*kept, rule)
+        self.added = (*kept, rule)
 
     def drops(self, alert: Alert) -> bool:
-        if self.rules and any(r.matches(alert) for r in self.rules):
+        if (self.configured or self.added) and any(r.matches(alert) for r in self.rules):
             self.muted += 1
             return True
         return False

@@ -62,6 +62,7 @@ from leafguard.service.snapshot import (
     interfaces_of,
     uplink_up,
 )
+from leafguard.service.triage import Triage
 
 if TYPE_CHECKING:
     from leafguard.hub.methods import MethodDispatcher
@@ -146,6 +147,7 @@ class Service:
         self.leaf_map_status: dict[str, Any] = {"leaves": 0, "error": None}
         self.detection_status: dict[str, Any] = _detection_status(settings.analyzer) | {"error": None}
         self._detection_section: object = _UNSEEN
+        self.triage = Triage(self.analyzer)
         self._last_drop_report = 0.0
         if settings.live:
             from leafguard.capture.live import CaptureSettings, LiveCapture
@@ -405,6 +407,9 @@ class Service:
             self._reject_gateway_document(str(exc))
             return
         capture, leaf_map, detection = doc.get("capture"), doc.get("leafMap"), doc.get("detection")
+        self.triage.apply(doc.get("mute"), doc.get("learn"), now)
+        if self.triage.error:
+            log.warning("mute/learn settings rejected, those in force stay: %s", self.triage.error)
         if detection != self._detection_section:
             self._detection_section = detection
             try:
@@ -445,6 +450,7 @@ class Service:
         for status in (self.capture_filter, self.leaf_map_status, self.detection_status):
             status["error"] = error
         self._gateway_section = self._leaf_map_section = self._detection_section = _UNSEEN
+        self.triage.forget(error)
         self._publish_gateway_status()
 
     def _publish_gateway_status(self) -> None:
@@ -453,6 +459,7 @@ class Service:
                 captureFilter=dict(self.capture_filter),
                 leafMap=dict(self.leaf_map_status),
                 detection=dict(self.detection_status),
+                triage=self.triage.status(self.analyzer.now or time.time()),
             )
         if self.transport is not None:
             self.transport.refresh_health()
@@ -495,6 +502,7 @@ class Service:
             "replay_done": self.replay_done,
             "capture_filter": self.capture_filter,
             "detection": self.detection_status,
+            "triage": self.triage.status(self.analyzer.now or time.time()),
             "leaf_map": self.leaf_map_status,
             "capture": report_capture,
             "agents": dataclasses.asdict(self.fleet.stats()) | {"leaves": len(self.fleet.agents())},
