@@ -1,7 +1,8 @@
-"""Waiting on a running service's output folder."""
+"""Waiting on a running service: its output folder, its HTTP server, anything a test polls."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -26,6 +27,18 @@ def wait_for(what: Callable[[], Any], timeout_s: float = 30.0) -> Any:
             return got
         time.sleep(0.1)
     raise AssertionError("timed out waiting for the service")
+
+
+async def until(predicate: Callable[[], Any], interval_s: float = 0.05) -> Any:
+    """Poll ``predicate`` on the loop until it returns something truthy (a coroutine's result counts); bound
+    the wait with ``asyncio.timeout`` around the call."""
+    while True:
+        got = predicate()
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return got
+        await asyncio.sleep(interval_s)
 
 
 def read_json(path: Path) -> Any:

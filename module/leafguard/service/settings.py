@@ -38,6 +38,7 @@ class ServiceSettings:
     """``/healthz`` answers 503 once capture or the uplink has been down for longer than this."""
     tick_interval_s: float = 1.0
     desired_poll_interval_s: float = 2.0
+    """How often the settings files (``gateway.json``, ``desired/``) and the module twin's document are read."""
     drop_report_interval_s: float = 60.0
     """At most one capture-drop Diagnostic per leaf per this interval."""
     shutdown_deadline_s: float = 10.0
@@ -102,6 +103,7 @@ class ServiceSettings:
             http_port=_http_port(args.http_port, env, edge is not None and not demo),
             http_host=_http_host(args.http_host or env.get("LEAFGUARD_HTTP_HOST", "")),
             health_down_after_s=_positive(env, "LEAFGUARD_HEALTH_DOWN_AFTER_S", 60.0),
+            desired_poll_interval_s=_positive(env, "LEAFGUARD_SETTINGS_POLL_S", 2.0),
             edge=edge,
             stop_after_replay=demo,
             spool=_spool_settings(getattr(args, "data_dir", None) or env.get("LEAFGUARD_DATA_DIR"), env),
