@@ -263,3 +263,17 @@ def test_settings_replace_their_mute_rules_and_keep_the_methods() -> None:
     muting.set((parse_rule({"type": "icmp_sweep", "forS": 60}, now=T0),))  # the settings' list changed
     assert sorted(r["type"] for r in muting.in_force(T0)) == ["icmp_sweep", "udp_scan"]
     assert muting.in_force(T0 + 61) == []  # expired
+
+
+def test_slow_scans_nmap_T1_is_seen_after_210_s_and_T0_is_out_of_reach() -> None:
+    # nmap -T1 waits 15 s between probes: the 15th port falls 210 s after the first, inside the 5 minute window.
+    def syn_every(gap_s: float) -> list[tuple[float, Any]]:
+        return [(i * gap_s, _tcp(SCANNER, TARGET, 40000, 1000 + i, "S")) for i in range(20)]
+
+    (alert,) = _run(syn_every(15.0))
+    assert alert["type"] == "port_scan" and alert["ts"] == pytest.approx(T0 + 14 * 15.0)
+    # Slower than one probe every 300 / 14 = 21.4 s never gets 15 ports into one window (nmap -T0: 300 s).
+    assert _types(syn_every(21.5)) == []
+    an = Analyzer()
+    an.set_detection(scan_window_s=3600.0)  # an operator who wants the slow ones widens the window
+    assert [a["type"] for a in _run(syn_every(120.0), an=an)] == ["port_scan"]

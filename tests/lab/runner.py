@@ -78,7 +78,7 @@ class Judged:
 
     def time_to_alert(self, kind: str) -> float | None:
         """Packet time from the attacker's first frame to the first alert of ``kind``."""
-        times = [a["ts"] for a in self.alerts if a["type"] == kind]
+        times = [float(a["ts"]) for a in self.alerts if a["type"] == kind]
         if not times or self.first_attack_ts is None:
             return None
         return min(times) - self.first_attack_ts
