@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from tests.service.helpers import metric_value as value
 from tests.service.helpers import parse_metrics as parse
 
 LIMIT_S = 60.0
+PLC, SENSOR = "00:0e:8c:aa:bb:01", "5c:cf:7f:07:ae:fb"
 
 
 @pytest.fixture
@@ -85,3 +87,45 @@ async def test_edge_metrics_carry_the_iot_edge_labels_and_healthz_fails_while_th
         async with asyncio.timeout(LIMIT_S):
             _out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
+
+
+async def test_a_managed_leaf_is_counted_and_its_connection_shown(hub: HubEmulator, tmp_path: Path) -> None:
+    """The managed-leaves hook, filled by the per-leaf clients: the PLC as its own device (key in the secrets
+    file) shows up as managed, named and connected, in /metrics and in getInventory."""
+    edge = hub.add_device("edge1", edge=True)
+    module = hub.add_module(edge, "leafguard")
+    plc = hub.add_device("plc1", parent=edge)
+    hub.scope_to(edge)
+    secrets = tmp_path / "leaf-secrets.json"
+    secrets.write_text(json.dumps({"plc1": plc.primary_key}))
+    await hub.set_desired(module, {"leafMap": {PLC: {"deviceId": "plc1", "identity": "device"}}})
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IOTEDGE_", "LEAFGUARD_"))}
+    env |= hub.edge_environment(module) | {"LEAFGUARD_HTTP_PORT": str(port), "LEAFGUARD_LEAF_SECRETS": str(secrets)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "leafguard", "run", "--pcap", str(demo_capture()), "--replay-speed", "0",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    metrics = f"http://127.0.0.1:{port}/metrics"
+
+    def connected() -> Any:
+        families = parse(http_get(metrics)[1].decode())
+        samples = [s for s in families["leafguard_leaf_connected"].samples if s.labels["leaf"] == "plc1"]
+        return samples and samples[0].labels["state"] == "connected" and families
+
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            families = await poll(connected)
+            assert value(families, "leafguard_leaf_connected", leaf="plc1") == 1
+            assert value(families, "leafguard_leaves_managed") == 1
+            assert value(families, "leafguard_leaves_named") == 1
+            assert value(families, "leafguard_leaves_unmanaged") == value(families, "leafguard_leaves_seen") - 1
+            leaf = (await hub.invoke_method(module, "getInventory", {"mac": PLC})).payload["leaf"]
+            assert (leaf["identity"], leaf["named"], leaf["managed"]) == ("plc1", True, True)
+            other = (await hub.invoke_method(module, "getInventory", {"mac": SENSOR})).payload["leaf"]
+            assert (other["named"], other["managed"]) == (False, False)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(LIMIT_S):
+            _out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert plc.primary_key not in err.decode()
