@@ -93,6 +93,33 @@ def main() -> None:
     for label, fn in rows:
         median, worst = timed(fn, args.repeat)
         print(f"  {label:36s} {median:8.2f} / {worst:8.2f}")
+    # flush once: it packs what every agent has queued (repeats would find the queues empty). A probe task
+    # measures the longest the loop was held between two of its turns.
+    events = sum(t.pending for t in fleet.totals.totals().values())
+    gaps: list[float] = []
+
+    async def flush_with_probe() -> Any:
+        done = asyncio.Event()
+
+        async def probe() -> None:
+            last = time.perf_counter()
+            while not done.is_set():
+                await asyncio.sleep(0)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(probe(), name="benchmark.probe")
+            result = await methods.handle("flush", {})
+            done.set()
+        return result
+
+    t0 = time.perf_counter()
+    result = loop.run_until_complete(flush_with_probe())
+    total = (time.perf_counter() - t0) * 1e3
+    print(f"  flush, once: {events} events -> {result.payload['messages']} messages in {total:.0f} ms, the loop held "
+          f"at most {max(gaps) * 1e3:.1f} ms at a time")
     loop.close()
 
 

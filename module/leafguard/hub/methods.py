@@ -4,8 +4,9 @@
 parsing the payload into a typed request (:class:`BadRequest` names the field that is wrong: 400) and calling
 the service through :class:`MethodTarget`. The transport (:mod:`leafguard.hub.transport`) only receives the SDK's
 method request on its thread, hands it to the loop, awaits :meth:`MethodDispatcher.handle` within its timeout and
-sends the response. Every handler does O(leaves) work at most without awaiting, except ``flush``'s optional wait,
-which awaits an event: none blocks the loop.
+sends the response. Every handler does O(leaves) work at most without awaiting, except ``flush``, which packs
+the agents' queues in slices of at most :data:`~leafguard.service.control.FLUSH_SLICE_S` with the loop's turn
+between them and then awaits its optional wait: none blocks the loop for long.
 
 Methods (docs/edge-mode.md, "Direct methods", has the JSON):
 
@@ -222,7 +223,9 @@ class MethodTarget(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
-    def flush(self) -> FlushOutcome: ...
+    async def flush(self) -> FlushOutcome:
+        """Pack every agent's queued events into messages now; yields to the loop between slices of agents."""
+        ...
 
     async def wait_sent(self, timeout_s: float) -> bool:
         """Whether the outbox emptied within ``timeout_s`` (True at once when it is empty)."""
@@ -302,7 +305,7 @@ class MethodDispatcher:
 
     async def _flush(self, payload: object) -> MethodResult:
         req = parse_flush(payload)
-        outcome = self.target.flush()
+        outcome = await self.target.flush()
         sent = await self.target.wait_sent(req.wait_s)
         return MethodResult(200, {"messages": outcome.messages, "queued": outcome.queued, "sent": sent})
 

@@ -6,6 +6,7 @@ fleet and the outbox like the pipeline does, between batches.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from bisect import bisect_right
@@ -20,6 +21,9 @@ from leafguard.hub.transport import EdgeTransport
 from leafguard.observe.analyzer import Analyzer, mac_text
 from leafguard.observe.model import identity_for_mac
 from leafguard.service.snapshot import ServiceSnapshot
+
+FLUSH_SLICE_S = 0.02
+"""``flush`` holds the loop at most about this long at a time."""
 
 
 class ServiceControl:
@@ -80,14 +84,24 @@ class ServiceControl:
     def stats(self) -> dict[str, Any]:
         return self._snapshot().to_json()
 
-    def flush(self) -> FlushOutcome:
+    async def flush(self) -> FlushOutcome:
+        # Packing costs about 0.2 ms per agent with queued events (2 s for 10,000 leaves): in slices, so that the
+        # pipeline, the uplink and other methods get their turn. An agent flushed in an earlier slice may queue
+        # new events meanwhile; they wait for its next message, as they would have after a flush in one go.
+        count = 0
         now = self._clock()
-        messages = []
-        if now is not None:
-            for agent in self.fleet.agents():
-                messages.extend(agent.flush(now))
-        self.transport.submit(messages)
-        return FlushOutcome(messages=len(messages), queued=len(self.transport.outbox))
+        slice_ends = time.monotonic() + FLUSH_SLICE_S
+        for agent in self.fleet.agents():
+            if now is None:
+                break
+            messages = agent.flush(now)
+            count += len(messages)
+            self.transport.submit(messages)
+            if time.monotonic() >= slice_ends:
+                await asyncio.sleep(0)
+                now = self._clock()
+                slice_ends = time.monotonic() + FLUSH_SLICE_S
+        return FlushOutcome(messages=count, queued=len(self.transport.outbox))
 
     async def wait_sent(self, timeout_s: float) -> bool:
         return await self.transport.wait_sent(timeout_s)
