@@ -89,6 +89,8 @@ def main() -> None:
         ("getInventory one leaf by identity", call("getInventory", {"identity": identity})),
         ("getStats", call("getStats", {})),
         ("/metrics (snapshot + text)", lambda: render_snapshot(snapshot())),
+        ("mute (one rule, replaced each time)", call("mute", {"type": "new_peer", "mac": last, "forS": 600})),
+        ("learn, every leaf", call("learn", {})),
     ]
     for label, fn in rows:
         median, worst = timed(fn, args.repeat)
