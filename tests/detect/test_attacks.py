@@ -277,3 +277,13 @@ def test_slow_scans_nmap_T1_is_seen_after_210_s_and_T0_is_out_of_reach() -> None
     an = Analyzer()
     an.set_detection(scan_window_s=3600.0)  # an operator who wants the slow ones widens the window
     assert [a["type"] for a in _run(syn_every(120.0), an=an)] == ["port_scan"]
+
+
+def test_connections_reset_right_after_the_syn_ack_are_no_brute_force() -> None:
+    # A SYN scan's answer to an open port, or a connection flood: SYN, SYN-ACK, RST, over and over.
+    pkts = []
+    for i in range(30):
+        t = i * 0.5
+        pkts += [(t, _tcp(SCANNER, TARGET, 41000 + i, 22, "S")), (t + 0.001, _tcp(TARGET, SCANNER, 22, 41000 + i, "SA")),
+                 (t + 0.002, _tcp(SCANNER, TARGET, 41000 + i, 22, "R"))]  # fmt: skip
+    assert _types(pkts) == []

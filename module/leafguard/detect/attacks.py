@@ -4,6 +4,9 @@ order to the rules that read them (`scans`, `bruteforce`, `impersonation`); find
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from leafguard.capture.batch import FrameBatch
 from leafguard.detect.bruteforce import ConnectionBruteForce
 from leafguard.detect.impersonation import Impersonation
@@ -50,6 +53,7 @@ class AttackDetectors:
         """New thresholds, in force for what is counted from now on (the rules share the record)."""
         self.thresholds = thresholds
         self.scans.t = self.brute.t = self.impersonation.t = thresholds
+        self.scans.expire_at_new_timeout()
 
     def learn(self) -> None:
         """Accept the current state: every count starts afresh, and the next hop each leaf uses now is its
@@ -57,25 +61,27 @@ class AttackDetectors:
         self._build(self.thresholds)
 
     def feed(self, batch: FrameBatch) -> None:
-        scans, brute, imp = self.scans, self.brute, self.impersonation
+        scans = self.scans
+        route = self._routes
         for r in self.picker.records(batch):
-            scans.expire(r.ts)
-            if isinstance(r, TcpControl):
-                scans.tcp(r)
-                brute.tcp(r)
-            elif isinstance(r, UdpFirst):
-                scans.udp(r)
-            elif isinstance(r, NextHop):
-                imp.next_hop(r)
-            elif isinstance(r, ArpFrame):
-                scans.arp(r)
-                imp.arp(r)
-            elif isinstance(r, EchoRequest):
-                scans.echo(r)
-            elif isinstance(r, PortUnreachable):
-                scans.unreachable(r)
-            elif isinstance(r, Neighbor):
-                imp.neighbor(r)
+            if r.ts >= scans.deadline:
+                scans.expire(r.ts)
+            for rule in route[type(r)]:
+                rule(r)
+
+    @property
+    def _routes(self) -> dict[type, tuple[Callable[[Any], None], ...]]:
+        """Which rules read each kind of record, in the order they read it."""
+        s, b, i = self.scans, self.brute, self.impersonation
+        return {
+            TcpControl: (s.tcp, b.tcp),
+            UdpFirst: (s.udp,),
+            NextHop: (i.next_hop,),
+            ArpFrame: (s.arp, i.arp),
+            EchoRequest: (s.echo,),
+            PortUnreachable: (s.unreachable,),
+            Neighbor: (i.neighbor,),
+        }
 
     def finish(self, last_ts: float | None) -> None:
         """The end of the input: probes unanswered by the last packet time are judged."""

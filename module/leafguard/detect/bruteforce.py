@@ -1,9 +1,10 @@
 """Password guessing seen from the connection pattern alone (``connection_brute_force``), for encrypted services.
 
 Rule: one client opens ``brute_force_connections`` connections to one service (server address and port) within
-``brute_force_window_s``, each accepted (the server answered SYN-ACK) and closed (FIN or RST) less than
-``short_connection_s`` after it opened. A guessing tool against SSH (hydra, medusa, ncrack) makes exactly this: the
-server drops the connection after a few failed passwords, and the tool reconnects.
+``brute_force_window_s``, each accepted (the server answered SYN-ACK) and closed with a FIN less than
+``short_connection_s`` after it opened (a RST ending it first is a scan's or a flood's, not a session's). A guessing
+tool against SSH (hydra, medusa, ncrack) makes exactly this: the server drops the connection after a few failed
+passwords, and the tool reconnects.
 
 Web ports (80, 443, 8080, 8443) are left out: HTTP clients and polled REST APIs open one short connection per
 request at any rate, which is the same pattern with nothing wrong; failed cleartext logins there, and everywhere,
@@ -12,13 +13,13 @@ are the ``brute_force`` rule's (it reads the login exchange itself).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from leafguard.detect.detectors import Alert
-from leafguard.detect.probes import TcpControl
+from leafguard.detect.probes import WEB_PORTS, TcpControl
 from leafguard.detect.scans import Sink, ip_text, mac_text
 from leafguard.detect.thresholds import Thresholds
 from leafguard.detect.windows import DistinctCounter
-
-WEB_PORTS = frozenset({80, 443, 8080, 8443})
 
 
 class _Conn:
@@ -35,7 +36,7 @@ class ConnectionBruteForce:
         self.t = thresholds
         self._max = max_tracked
         self._sink = sink
-        self._open: dict[tuple[bytes, int, bytes, int], _Conn] = {}
+        self._open: OrderedDict[tuple[bytes, int, bytes, int], _Conn] = OrderedDict()
         """Connections by (client, client port, server, server port), from their SYN until they end."""
         self._short: DistinctCounter[tuple[bytes, bytes, int]] = DistinctCounter()
 
@@ -45,7 +46,7 @@ class ConnectionBruteForce:
             if r.dport in WEB_PORTS:
                 return
             if len(self._open) >= self._max:
-                self._open.pop(next(iter(self._open)))
+                self._open.popitem(last=False)
             self._open[(r.src, r.sport, r.dst, r.dport)] = _Conn(r.ts, r.src_mac)
             return
         if f & 0x12 == 0x12:  # SYN-ACK: the server accepts
@@ -55,13 +56,14 @@ class ConnectionBruteForce:
             return
         if not f & 0x05:
             return
-        # FIN or RST, from either side, ends it.
+        # FIN or RST, from either side, ends it; only a FIN ends a session that was held. A RST right after the
+        # SYN-ACK is a SYN scan's answer to an open port, or a connection flood: neither is a login attempt.
         key = (r.src, r.sport, r.dst, r.dport)
         conn = self._open.pop(key, None)
         if conn is None:
             key = (r.dst, r.dport, r.src, r.sport)
             conn = self._open.pop(key, None)
-        if conn is None or not conn.accepted or r.ts - conn.start > self.t.short_connection_s:
+        if conn is None or not conn.accepted or not f & 0x01 or r.ts - conn.start > self.t.short_connection_s:
             return
         client, cport, server, sport = key
         t = self.t

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from leafguard.detect.detectors import Alert
 from leafguard.detect.probes import ArpFrame, Neighbor, NextHop
 from leafguard.detect.scans import Sink, ip_text, mac_text
@@ -24,9 +26,9 @@ HOP_SECONDS = 3
 _UNSPECIFIED6 = b"\x00" * 16
 
 
-def _remember(table: dict[bytes, tuple[bytes, float]], key: bytes, value: tuple[bytes, float]) -> None:
+def _remember(table: OrderedDict[bytes, tuple[bytes, float]], key: bytes, value: tuple[bytes, float]) -> None:
     if key not in table and len(table) >= MAX_TRACKED:
-        table.pop(next(iter(table)))
+        table.popitem(last=False)
     table[key] = value
 
 
@@ -35,17 +37,17 @@ class Impersonation:
         self.t = thresholds
         self._sink = sink
         self._own = gateway_macs
-        self._nd: dict[bytes, tuple[bytes, float]] = {}
+        self._nd: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         """IPv6 address -> (MAC, last time it was bound to it)."""
         self._nd_reported: set[tuple[bytes, bytes]] = set()
-        self._hops: dict[bytes, tuple[bytes, float]] = {}
+        self._hops: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         """Leaf MAC -> (its gateway's MAC, last time the leaf sent through it)."""
-        self._gateways: dict[bytes, float] = {}
+        self._gateways: OrderedDict[bytes, float] = OrderedDict()
         """MACs that are some leaf's gateway -> last time in use."""
-        self._gateway_ips: dict[bytes, tuple[bytes, float]] = {}
+        self._gateway_ips: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         """Addresses a gateway claimed in ARP -> (that gateway's MAC, when)."""
         self._gw_reported: set[tuple[bytes, bytes]] = set()
-        self._other_hops: dict[tuple[bytes, bytes], int] = {}
+        self._other_hops: OrderedDict[tuple[bytes, bytes], int] = OrderedDict()
         """(leaf, MAC that is not its gateway) -> seconds in which the leaf sent beyond the leaf side through it."""
 
     # ------------------------------------------------------------------------------------------ IPv6
@@ -90,7 +92,7 @@ class Impersonation:
             return
         key = (r.leaf_mac, r.hop)
         if key not in self._other_hops and len(self._other_hops) >= MAX_TRACKED:
-            self._other_hops.pop(next(iter(self._other_hops)))
+            self._other_hops.popitem(last=False)
         seconds = self._other_hops[key] = self._other_hops.get(key, 0) + 1
         if seconds == HOP_SECONDS and key not in self._gw_reported and len(self._gw_reported) < MAX_TRACKED:
             self._gw_reported.add(key)
@@ -106,7 +108,7 @@ class Impersonation:
 
     def _gateway_seen(self, mac: bytes, ts: float) -> None:
         if mac not in self._gateways and len(self._gateways) >= MAX_TRACKED:
-            self._gateways.pop(next(iter(self._gateways)))
+            self._gateways.popitem(last=False)
         self._gateways[mac] = max(ts, self._gateways.get(mac, ts))
 
     def arp(self, r: ArpFrame) -> None:

@@ -15,6 +15,7 @@ and end.
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,7 +30,6 @@ from leafguard.decode.frames import (
     PROTO_TCP,
     PROTO_UDP,
     TCP_ACK,
-    TCP_RST,
     TCP_SYN,
     Packet,
     decode,
@@ -46,6 +46,12 @@ ICMP6_UNREACHABLE = 1
 ICMP6_ECHO_REQUEST = 128
 ND_NEIGHBOR_SOLICIT = 135
 ND_NEIGHBOR_ADVERT = 136
+WEB_PORTS_LIST = [80, 443, 8080, 8443]
+"""`bruteforce.WEB_PORTS`: their FINs are of no rule's interest."""
+COMMON_UDP_LIST = [53, 67, 68, 123, 1900, 5353]
+"""UDP ports whose datagrams the UDP-scan rule does not read (`scans`)."""
+COMMON_UDP = frozenset(COMMON_UDP_LIST)
+WEB_PORTS = frozenset(WEB_PORTS_LIST)
 HOP_BUCKET_S = 1.0
 """A (leaf, next hop) pair makes one record per second of packet time in which it is used."""
 
@@ -130,6 +136,22 @@ class NextHop:
 
 Record = TcpControl | UdpFirst | EchoRequest | PortUnreachable | ArpFrame | Neighbor | NextHop
 
+
+def _firsts(k1: _I64, k2: _I64) -> _I64:
+    """Positions of the first element of each distinct (k1, k2) pair, in order (a stable sort keeps, in each
+    group, the first element first). Keys may wrap around int64: only equality matters."""
+    order = np.lexsort((k2, k1))
+    a, b = k1[order], k2[order]
+    start = np.empty(order.size, dtype=bool)
+    start[:1] = True
+    start[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    return np.sort(order[start])
+
+
+def _first(event: tuple[int, Record | None]) -> int:
+    return event[0]
+
+
 _PRIVATE_V4: tuple[ipaddress.IPv4Network, ...] = (
     ipaddress.IPv4Network("10.0.0.0/8"),
     ipaddress.IPv4Network("172.16.0.0/12"),
@@ -164,10 +186,10 @@ class Picker:
         v4 = tuple(n for n in leaf_nets if isinstance(n, ipaddress.IPv4Network))
         self._leaf_v4 = v4 if leaf_nets else _PRIVATE_V4
         self._max_keys = max_keys
-        self._udp_seen: dict[tuple[int, int], None] = {}
-        self._udp6_seen: dict[tuple[bytes, bytes, int, int], None] = {}
+        self._udp_seen: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._udp6_seen: OrderedDict[tuple[bytes, bytes, int, int], None] = OrderedDict()
         """IPv6 (and other link types') conversations, in the direction of their first datagram."""
-        self._hops_seen: dict[tuple[int, int], int] = {}
+        self._hops_seen: OrderedDict[tuple[int, int], int] = OrderedDict()
         """(leaf MAC, next-hop MAC) -> the last time bucket a record was made for."""
 
     def records(self, batch: FrameBatch) -> Iterator[Record]:
@@ -180,30 +202,22 @@ class Picker:
             for i in range(n):
                 yield from self._decoded(decode(data, batch.offsets[i], batch.caplens[i], batch.linktype), data, ts[i])
             return
-        picked, udp_first, hops = self._pick(batch)
-        # Merge the three kinds in frame order.
-        events: list[tuple[int, int, int]] = [(i, 0, 0) for i in picked]
-        events += [(i, 1, int(answers)) for i, answers in udp_first]
-        events += [(i, 2, h) for i, h in hops]
-        events.sort()
-        for i, kind, hop in events:
-            t = ts[i]
-            if kind == 2:
-                yield NextHop(
-                    t, ((hop >> 48) & 0xFFFFFFFFFFFF).to_bytes(6, "big"), (hop & 0xFFFFFFFFFFFF).to_bytes(6, "big")
-                )
-                continue
-            p = decode(data, batch.offsets[i], batch.caplens[i], batch.linktype)
-            if kind == 1:
-                if p.src_ip is not None and p.dst_ip is not None and p.proto == PROTO_UDP and p.sport >= 0:
-                    yield UdpFirst(t, p.src_mac, p.src_ip, p.sport, p.dst_ip, p.dport, bool(hop))
-                continue
-            yield from self._decoded(p, data, t)
+        events = self._pick(batch)
+        events.sort(key=_first)
+        for i, record in events:
+            if record is not None:
+                yield record
+            else:
+                yield from self._decoded(decode(data, batch.offsets[i], batch.caplens[i], batch.linktype), data, ts[i])
 
-    def _pick(self, batch: FrameBatch) -> tuple[list[int], list[tuple[int, bool]], list[tuple[int, int]]]:
-        arr = np.frombuffer(batch.data, dtype=np.uint8)
+    def _pick(self, batch: FrameBatch) -> list[tuple[int, Record | None]]:
+        """(frame index, record) for every frame the rules read; None where the frame is to be decoded (ARP,
+        ICMP, IPv6, encapsulations): plain IPv4 TCP and UDP records are made here from the gathered fields."""
+        data = batch.data
+        arr = np.frombuffer(data, dtype=np.uint8)
         off = np.asarray(batch.offsets, dtype=np.int64)
         cap = np.asarray(batch.caplens, dtype=np.int64)
+        stamps = np.asarray(batch.timestamps, dtype=np.float64)
         ok = cap >= 14
         o = np.where(ok, off, 0)
         tagged = ok & (arr[o + 12] == 0x81) & (arr[o + 13] == 0x00) & (cap >= 18)
@@ -225,7 +239,16 @@ class Picker:
         icmp = v4 & first_frag & (proto == PROTO_ICMP)
         tcp = has_ports & (proto == PROTO_TCP) & (hcap >= 14 + ihl + 14)
         flags = arr[np.where(tcp, l4 + 13, 0)]
-        control = tcp & (((flags & 0x07) != 0) | ((flags & TCP_ACK) == 0))
+        sport = _u16(arr, l4)
+        dport = _u16(arr, l4 + 2)
+        # What the TCP rules read (`scans`, `bruteforce`): segments without ACK (SYNs, RSTs without ACK, scan
+        # probes), and SYN-ACKs and FINs off the web ports. A RST with ACK (a closed port's answer) and the
+        # SYN-ACKs and FINs of web traffic, the bulk of the control segments, are left out.
+        web = np.isin(sport, WEB_PORTS_LIST) | np.isin(dport, WEB_PORTS_LIST)
+        control = tcp & (
+            ((flags & TCP_ACK) == 0)
+            | (((flags & (TCP_SYN | 0x01)) != 0) & ~web)
+        )  # fmt: skip
         # IPv6: the next header of the fixed header; extension headers are left to the decoder.
         hv6 = np.where(v6, h, 0)
         nh = arr[hv6 + 20]
@@ -234,52 +257,72 @@ class Picker:
             (nh == PROTO_ICMPV6) | (nh == PROTO_UDP) | (nh == 0) | (nh == 43) | (nh == 44) | (nh == 60)
             | ((nh == PROTO_TCP) & (((flags6 & 0x07) != 0) | ((flags6 & TCP_ACK) == 0)))
         )  # fmt: skip
-        picked = np.flatnonzero(arp | odd | icmp | control | v6_pick).tolist()
-
-        udp = np.flatnonzero(has_ports & (proto == PROTO_UDP))
+        events: list[tuple[int, Record | None]] = [
+            (i, None) for i in np.flatnonzero(arp | odd | icmp | v6_pick).tolist()
+        ]
         sip = _u32(arr, hv + 26)
         dip = _u32(arr, hv + 30)
-        udp_first: list[tuple[int, bool]] = []
+
+        rows = np.flatnonzero(control)
+        if rows.size:
+            at = hv[rows]
+            mo = o[rows]
+            for i, t, m, a, sp, dp, f in zip(
+                rows.tolist(), stamps[rows].tolist(), mo.tolist(), at.tolist(), sport[rows].tolist(),
+                dport[rows].tolist(), flags[rows].tolist(), strict=True,
+            ):  # fmt: skip
+                events.append(
+                    (i, TcpControl(t, data[m + 6 : m + 12], data[a + 26 : a + 30], sp, data[a + 30 : a + 34], dp, f))
+                )
+
+        # Datagrams of the services that make most of a segment's new UDP conversations (DNS, NTP, DHCP, mDNS,
+        # SSDP) are left out: a probe to one of these ports is one port less in a scan's count.
+        common = np.isin(sport, COMMON_UDP_LIST) | np.isin(dport, COMMON_UDP_LIST)
+        udp = np.flatnonzero(has_ports & (proto == PROTO_UDP) & ~common)
         if udp.size:
-            s_ip, d_ip = sip[udp], dip[udp]
-            sp, dp = _u16(arr, l4[udp]), _u16(arr, l4[udp] + 2)
-            keys = np.stack((s_ip, d_ip, sp, dp), axis=1)
-            _, first = np.unique(keys, axis=0, return_index=True)
+            s_ip, d_ip, sp_, dp_ = sip[udp], dip[udp], sport[udp], dport[udp]
+            first = _firsts((s_ip << 32) | d_ip, (sp_ << 16) | dp_)
             seen = self._udp_seen
-            for j in sorted(first.tolist()):
-                a, b, c, d = int(s_ip[j]), int(d_ip[j]), int(sp[j]), int(dp[j])
+            for j in first.tolist():
+                a, b, c, d = int(s_ip[j]), int(d_ip[j]), int(sp_[j]), int(dp_[j])
                 key = ((a << 32) | b, (c << 16) | d)
                 if key in seen:
                     continue
                 if len(seen) >= self._max_keys:
-                    seen.pop(next(iter(seen)))
+                    seen.popitem(last=False)
                 seen[key] = None
-                udp_first.append((int(udp[j]), ((b << 32) | a, (d << 16) | c) in seen))
+                i = int(udp[j])
+                m = int(o[i])
+                answers = ((b << 32) | a, (d << 16) | c) in seen
+                events.append(
+                    (i, UdpFirst(float(stamps[i]), data[m + 6 : m + 12], a.to_bytes(4, "big"), c, b.to_bytes(4, "big"),
+                                 d, answers))
+                )  # fmt: skip
 
         # Leaf-side sources to destinations beyond the leaf side (not multicast, not broadcast).
         remote = v4 & _in_nets(sip, self._leaf_v4) & ~_in_nets(dip, self._leaf_v4)
         remote &= ((dip >> 28) != 0xE) & (dip != 0xFFFFFFFF) & (dip != 0) & ((dip >> 24) != 127)
         rows = np.flatnonzero(remote)
-        hops: list[tuple[int, int]] = []
         if rows.size:
             smac = _u48(arr, o[rows] + 6)
             dmac = _u48(arr, o[rows])
             unicast = (dmac >> 40) & 1 == 0
             rows, smac, dmac = rows[unicast], smac[unicast], dmac[unicast]
-            bucket = np.floor(np.asarray(batch.timestamps, dtype=np.float64)[rows] / HOP_BUCKET_S).astype(np.int64)
-            _, first = np.unique(np.stack((smac, dmac, bucket), axis=1), axis=0, return_index=True)
+            bucket = np.floor(stamps[rows] / HOP_BUCKET_S).astype(np.int64)
+            first = _firsts(smac, (dmac << 16) ^ bucket)
             seen_h = self._hops_seen
-            for j in sorted(first.tolist()):
+            for j in first.tolist():
                 key = (int(smac[j]), int(dmac[j]))
                 b = int(bucket[j])
                 last = seen_h.get(key)
                 if last is not None and last >= b:
                     continue
                 if last is None and len(seen_h) >= self._max_keys:
-                    seen_h.pop(next(iter(seen_h)))
+                    seen_h.popitem(last=False)
                 seen_h[key] = b
-                hops.append((int(rows[j]), (key[0] << 48) | key[1]))
-        return picked, udp_first, hops
+                i = int(rows[j])
+                events.append((i, NextHop(float(stamps[i]), key[0].to_bytes(6, "big"), key[1].to_bytes(6, "big"))))
+        return events
 
     def _decoded(self, p: Packet, data: bytes, ts: float) -> Iterator[Record]:
         if p.ethertype == ETH_ARP:
@@ -290,15 +333,15 @@ class Picker:
             return
         if p.proto == PROTO_TCP and p.sport >= 0:
             f = p.tcp_flags
-            if f & (TCP_SYN | TCP_RST | 0x01) or not f & TCP_ACK:
+            if not f & TCP_ACK or (f & (TCP_SYN | 0x01) and p.sport not in WEB_PORTS and p.dport not in WEB_PORTS):
                 yield TcpControl(ts, p.src_mac, p.src_ip, p.sport, p.dst_ip, p.dport, f)
-        elif p.proto == PROTO_UDP and p.sport >= 0:
+        elif p.proto == PROTO_UDP and p.sport >= 0 and p.sport not in COMMON_UDP and p.dport not in COMMON_UDP:
             # Only IPv6 datagrams and other link types come here: the conversation table is the batch picker's.
             key = (p.src_ip, p.dst_ip, p.sport, p.dport)
             seen = self._udp6_seen
             if key not in seen:
                 if len(seen) >= self._max_keys:
-                    seen.pop(next(iter(seen)))
+                    seen.popitem(last=False)
                 seen[key] = None
                 answers = (p.dst_ip, p.src_ip, p.dport, p.sport) in seen
                 yield UdpFirst(ts, p.src_mac, p.src_ip, p.sport, p.dst_ip, p.dport, answers)

@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import math
 import socket
+from collections import OrderedDict
 from collections.abc import Callable
 
 from leafguard.detect.detectors import Alert
@@ -57,11 +59,13 @@ class Scans:
         self._udp: DistinctCounter[tuple[bytes, bytes]] = DistinctCounter()
         self._icmp: DistinctCounter[bytes] = DistinctCounter()
         self._arp: DistinctCounter[bytes] = DistinctCounter()
-        self._syns: dict[tuple[bytes, int, bytes, int], None] = {}
+        self._syns: OrderedDict[tuple[bytes, int, bytes, int], None] = OrderedDict()
         """Port pairs whose SYN was seen (either direction is looked up): a RST there is a connection's."""
-        self._pending: dict[tuple[bytes, bytes, int], tuple[float, bytes | None]] = {}
+        self._pending: OrderedDict[tuple[bytes, bytes, int], tuple[float, bytes | None]] = OrderedDict()
         """UDP datagrams that opened a conversation and have no answer yet (in time order), with their MAC."""
-        self._macs: dict[bytes, bytes] = {}
+        self.deadline = math.inf
+        """When the oldest pending probe counts as failed (the caller calls `expire` from then on)."""
+        self._macs: OrderedDict[bytes, bytes] = OrderedDict()
         """Last MAC seen for a prober's address (alerts name it)."""
 
     # ------------------------------------------------------------------------------------------ TCP
@@ -70,7 +74,7 @@ class Scans:
         f = r.flags
         if f & 0x02:  # SYN: a connection (or a SYN scan, which port_scan counts)
             if len(self._syns) >= self._max:
-                self._syns.pop(next(iter(self._syns)))
+                self._syns.popitem(last=False)
             self._syns[(r.src, r.sport, r.dst, r.dport)] = None
             return
         if not f & (0x10 | 0x04):  # no ACK, no RST (and no SYN): NULL, FIN, Xmas...
@@ -105,14 +109,17 @@ class Scans:
         reply = (r.dst, r.src, r.sport)
         if reply in pending:
             del pending[reply]  # answered: the port is open
+            self._deadline()
             return
         if r.answers or _multicast(r.dst) or r.src == r.dst or r.sport in SERVICE_SOURCE_PORTS:
             return
         if len(pending) >= self._max:
-            pending.pop(next(iter(pending)))
+            pending.popitem(last=False)
+            self._deadline()
         key = (r.src, r.dst, r.dport)
         if key not in pending:
             pending[key] = (r.ts, r.src_mac)
+            self._deadline()
 
     def unreachable(self, r: PortUnreachable) -> None:
         self.expire(r.ts)
@@ -120,6 +127,7 @@ class Scans:
         got = self._pending.pop((r.prober, r.target, r.dport), None)
         if got is not None:
             self._remember_mac(r.prober, got[1])
+            self._deadline()
         self._udp_failed(r.prober, r.target, r.dport, r.ts)
 
     def expire(self, now: float) -> None:
@@ -135,6 +143,16 @@ class Scans:
             del pending[key]
             self._remember_mac(key[0], mac)
             self._udp_failed(key[0], key[1], key[2], sent + timeout)
+        self._deadline()
+
+    def expire_at_new_timeout(self) -> None:
+        """The thresholds changed: the oldest probe's deadline with the new timeout."""
+        self._deadline()
+
+    def _deadline(self) -> None:
+        # A microsecond early: `expire` itself decides, with the exact comparison, and must not be called late.
+        pending = self._pending
+        self.deadline = pending[next(iter(pending))][0] + self.t.udp_reply_timeout_s - 1e-6 if pending else math.inf
 
     def _udp_failed(self, prober: bytes, target: bytes, port: int, ts: float) -> None:
         t = self.t
@@ -191,7 +209,7 @@ class Scans:
         if mac is None:
             return
         if ip not in self._macs and len(self._macs) >= self._max:
-            self._macs.pop(next(iter(self._macs)))
+            self._macs.popitem(last=False)
         self._macs[ip] = mac
 
 

@@ -41,9 +41,7 @@ class SendLog:
         """Everything sent since the last call, sorted; None if nothing was."""
         parts = self._bulk
         if self._walked_macs:
-            parts.append(
-                (np.asarray(self._walked_macs, dtype=np.int64), np.asarray(self._walked_ts, dtype=np.float64))
-            )
+            parts.append((np.asarray(self._walked_macs, dtype=np.int64), np.asarray(self._walked_ts, dtype=np.float64)))
             self._walked_macs = []
             self._walked_ts = []
         self._bulk = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
@@ -29,13 +30,13 @@ class DistinctCounter(Generic[K]):
     """
 
     def __init__(self) -> None:
-        self._table: dict[K, Window] = {}
+        self._table: OrderedDict[K, Window] = OrderedDict()
 
     def add(self, key: K, item: Hashable, ts: float, threshold: int, window_s: float) -> Window | None:
         w = self._table.get(key)
         if w is None or ts - w.start > window_s:
             if w is None and len(self._table) >= MAX_KEYS:
-                self._table.pop(next(iter(self._table)))
+                self._table.popitem(last=False)
             w = self._table[key] = Window(ts)
         if w.alerted or item in w.items or len(w.items) >= MAX_ITEMS:
             return None
