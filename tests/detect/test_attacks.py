@@ -284,6 +284,7 @@ def test_connections_reset_right_after_the_syn_ack_are_no_brute_force() -> None:
     pkts = []
     for i in range(30):
         t = i * 0.5
-        pkts += [(t, _tcp(SCANNER, TARGET, 41000 + i, 22, "S")), (t + 0.001, _tcp(TARGET, SCANNER, 22, 41000 + i, "SA")),
-                 (t + 0.002, _tcp(SCANNER, TARGET, 41000 + i, 22, "R"))]  # fmt: skip
+        port = 41000 + i
+        pkts += [(t, _tcp(SCANNER, TARGET, port, 22, "S")), (t + 0.001, _tcp(TARGET, SCANNER, 22, port, "SA")),
+                 (t + 0.002, _tcp(SCANNER, TARGET, port, 22, "R"))]  # fmt: skip
     assert _types(pkts) == []
