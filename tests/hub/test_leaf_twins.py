@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ import pytest
 from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
 from leafguard.demo import demo_capture
 from leafguard.hub.credentials import derive_device_key
+from leafguard.observe.model import identity_for_mac
 from tests.agent.schema import errors
 from tests.hub.test_service_edge import service_env, until
 from tests.hub_emulator import HubEmulator, Identity
@@ -57,12 +59,14 @@ class Plant:
         }))
         self.group_key = tmp / "group.key"
         self.group_key.write_text(GROUP_KEY)
+        self.data_dir = tmp / "data"
         self.keys = [GROUP_KEY, *(i.primary_key for i in hub.registry.all()), *(i.secondary_key for i in
                                                                                 hub.registry.all())]
 
     def env(self) -> dict[str, str]:
         return service_env(self.hub, self.module) | {
             "LEAFGUARD_LEAF_SECRETS": str(self.secrets), "LEAFGUARD_LEAF_GROUP_KEY_FILE": str(self.group_key),
+            "LEAFGUARD_DATA_DIR": str(self.data_dir),
             "LEAFGUARD_HTTP_PORT": "off", "LEAFGUARD_LEAF_BACKOFF_MAX_S": "2"}
 
     def leaf_map(self, *, with_sensor: bool = True) -> dict[str, Any]:
@@ -86,6 +90,18 @@ class Plant:
     def reported(self, identity: Identity) -> dict[str, Any]:
         doc: dict[str, Any] = self.hub.twin(identity)["reported"]
         return doc
+
+
+def assert_no_key(plant: Plant, hub: HubEmulator, tmp: Path) -> None:
+    """No key or connection string in any twin, any message (body and properties) or any file LeafGuard wrote
+    (its data directory and anything else under ``tmp`` but the credentials files themselves)."""
+    twins = json.dumps([hub.twin(i) for i in hub.registry.all()])
+    bodies = b"".join(m.body + json.dumps(m.to_dict()).encode() for m in hub.messages())
+    files = [p for p in tmp.rglob("*") if p.is_file() and p not in (plant.secrets, plant.group_key)]
+    assert any(p.is_relative_to(plant.data_dir) for p in files), "the service wrote its data directory"
+    written = b"".join(p.read_bytes() for p in files)
+    for key in plant.keys:
+        assert key not in twins and key.encode() not in bodies and key.encode() not in written
 
 
 async def start(plant: Plant) -> asyncio.subprocess.Process:
@@ -151,8 +167,9 @@ async def test_managed_leaves_have_their_own_twin_and_messages(hub: HubEmulator,
         assert m.interface_id == "urn:azureiot:Security:SecurityAgent:1"
         assert errors(m.json()) == []
     # Managed leaves' messages come from their own connection, and name no other leaf.
-    assert {m.connection_device_id for m in by_leaf["plc1"]} == {"plc1"}
-    assert {m.connection_module_id for m in by_leaf["lamp/azureiotsecurity"]} == {SEC}
+    for identity, device, module in (("plc1", "plc1", None), ("lamp/azureiotsecurity", "lamp", SEC),
+                                     ("sensor/azureiotsecurity", "sensor", SEC)):
+        assert {(m.connection_device_id, m.connection_module_id) for m in by_leaf[identity]} == {(device, module)}
     assert all("leafIdentity" not in m.properties for m in by_leaf["plc1"])
     # Unmanaged leaves stay on the gateway's output, named in the message.
     gateway_leaves_sent = {m.properties["leafIdentity"] for m in by_leaf["edge1/leafguard"]}
@@ -162,18 +179,17 @@ async def test_managed_leaves_have_their_own_twin_and_messages(hub: HubEmulator,
     problems = [p for e in events(by_leaf["plc1"], "ConfigurationError") for p in e["Payload"]]
     assert any(p["ConfigurationName"] == "maxMessageSizeInBytes" for p in problems)
 
-    # No key anywhere: logs, twins, messages.
-    twins = json.dumps([hub.twin(i) for i in hub.registry.all()])
-    bodies = b"".join(m.body + json.dumps(m.to_dict()).encode() for m in received)
+    # No key anywhere: logs, twins, messages, files.
     for key in plant.keys:
         assert key not in err.decode() and key not in out.decode()
-        assert key not in twins and key.encode() not in bodies
+    assert_no_key(plant, hub, tmp_path)
 
 
 async def test_auth_failure_refused_modules_live_add_and_hub_restart(hub: HubEmulator, tmp_path: Path) -> None:
     """A wrong key ends in auth_failed while the others run; refused module identities are reported as refused
-    while the device-mode leaf works; a leaf added to the leaf map connects without a restart; after the hub
-    restarts every client reconnects."""
+    while the device-mode leaf works; a leaf added to the leaf map connects without a restart, one removed
+    disconnects; after the hub restarts every client reconnects; stopped while the hub is down, every message
+    queued for a leaf is sent once the hub is back within the shutdown deadline."""
     plant = Plant(hub, tmp_path)
     plant.secrets.write_text(json.dumps({"plc1": plant.plc.primary_key,
                                          "sensor": base64.b64encode(b"wrong" * 8).decode()}))
@@ -201,9 +217,28 @@ async def test_auth_failure_refused_modules_live_add_and_hub_restart(hub: HubEmu
             await until(lambda: hub.stats.connects >= connects + 4 and set(plant.states().values()) == {"connected"})
             await until(lambda: {c.client_id for c in hub.connections()} >= {
                 "edge1/leafguard", "plc1", "lamp/azureiotsecurity", "sensor/azureiotsecurity"})
+            # Removed from the leaf map: its client disconnects, its messages go back to the gateway's path.
+            await hub.set_desired(plant.module, {"leafMap": {LAMP: None}})
+            await until(lambda: "lamp" not in plant.states())
+            await until(lambda: "lamp/azureiotsecurity" not in {c.client_id for c in hub.connections()})
+            assert plant.states() == {"plc1": "connected", "sensor": "connected"}
+            # The hub goes down again and the service is stopped meanwhile: the final flush queues every leaf's
+            # messages while nobody can send; the hub is back before the shutdown deadline and nothing is lost.
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(hub.restart(downtime_s=3.0), name="hub-restart")
+                await until(lambda: not hub.connections())
+                proc.send_signal(signal.SIGTERM)
     finally:
         out, err = await stop(proc)
-    for identity in ("plc1", "lamp/azureiotsecurity", "sensor/azureiotsecurity"):
-        assert hub.messages(identity), f"{identity} sent its messages after the restart"
+    log = err.decode()
+    for identity in ("plc1", "sensor/azureiotsecurity"):
+        found = re.search(rf"leaf {re.escape(identity)}: (\d+) messages accepted, (\d+) sent, (\d+) dropped", log)
+        assert found, f"no final count for {identity}"
+        accepted, sent, dropped = (int(g) for g in found.groups())
+        mids = {m.message_id for m in hub.messages(identity)}
+        assert dropped == 0 and sent == accepted > 0 and len(mids) == accepted, found.group(0)
+    # The lamp, no longer managed, is sent for by the gateway again, under its MAC-derived identity.
+    assert identity_for_mac(LAMP) in {m.properties.get("leafIdentity") for m in hub.messages(plant.module)}
     for key in plant.keys:
-        assert key not in err.decode() and key not in out.decode()
+        assert key not in log and key not in out.decode()
+    assert_no_key(plant, hub, tmp_path)

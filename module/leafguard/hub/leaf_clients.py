@@ -235,6 +235,11 @@ class LeafClients:
         links = list(self.links.values())
         if links:
             await asyncio.gather(*(link.shutdown(deadline_s) for link in links))
+        for link in links:
+            o = link.outbox.stats
+            (log.warning if o.dropped else log.info)(
+                "leaf %s: %d messages accepted, %d sent, %d dropped", link.target.identity, o.accepted, o.acked,
+                o.dropped)
         states = Counter(link.state for link in links)
         if states and set(states) != {LeafState.STOPPED}:
             log.warning("leaf clients not stopped within %.1f s: %s", deadline_s, dict(states))

@@ -272,8 +272,12 @@ class LeafLink:
         self._accepting = False
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(deadline_s):
-                while self.state is LeafState.CONNECTED and (len(self.outbox) or self._reported_due(force=True)):
-                    self._kick.set()
+                # A leaf that is only backing off (the edge hub restarting) may come back within the deadline: its
+                # queue waits for it. Credentials refused will not change now: nothing to wait for.
+                while self.state not in (LeafState.AUTH_FAILED, LeafState.REFUSED, LeafState.STOPPED) and (
+                        len(self.outbox) or self._reported_due(force=True)):
+                    if self.state is LeafState.CONNECTED:
+                        self._kick.set()
                     await asyncio.sleep(0.05)
         self._stopping = True
         self._kick.set()
