@@ -65,7 +65,8 @@ def test_filter_changes_live_and_a_bad_one_keeps_the_old(tmp_path: Path) -> None
         assert _sent_and_counted(gen, out) == 50  # everything still captured
 
         _set(out, {"extraFilter": "not arp"})
-        wait_for(lambda: read_stats(out)["capture_filter"] == {"extraFilter": "not arp", "error": None})
+        wait_for(lambda: read_stats(out)["capture_filter"]
+                 == {"extraFilter": "not arp", "interfaces": ["gw0"], "promiscuous": True, "error": None})
         time.sleep(0.3)  # the thread swaps the program on its socket
         assert _sent_and_counted(gen, out) == 30  # the 20 ARP frames are filtered out in the kernel
         proc.send_signal(signal.SIGTERM)

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 # <linux/if_packet.h>, <linux/if_ether.h>, <linux/sockios.h>
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
+PACKET_DROP_MEMBERSHIP = 2
 PACKET_MR_PROMISC = 1
 PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
@@ -314,9 +315,8 @@ class _Ring:
                 mmap.MAP_SHARED,
                 mmap.PROT_READ | mmap.PROT_WRITE,
             )
-            if settings.promiscuous:
-                mreq = struct.pack("iHH8s", self.ifindex, PACKET_MR_PROMISC, 0, b"")
-                self.sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
+            self.promiscuous = False
+            self.set_promiscuous(settings.promiscuous)
             self.sock.bind((interface, ETH_P_ALL))
         except BaseException:
             self.close()
@@ -324,6 +324,15 @@ class _Ring:
 
     def set_filter(self, program: BpfProgram) -> None:
         program.attach(self.sock)
+
+    def set_promiscuous(self, on: bool) -> None:
+        # A packet-socket membership, not the interface flag: the kernel counts memberships, so turning ours
+        # off leaves promiscuous mode that another program asked for, and closing the socket drops ours.
+        if on == self.promiscuous:
+            return
+        mreq = struct.pack("iHH8s", self.ifindex, PACKET_MR_PROMISC, 0, b"")
+        self.sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP if on else PACKET_DROP_MEMBERSHIP, mreq)
+        self.promiscuous = on
 
     def kernel_stats(self) -> tuple[int, int, int]:
         """(packets, drops, freezes) since the last call; the kernel resets them on each read."""
@@ -432,6 +441,11 @@ class _CaptureThread(threading.Thread):
             if self._ring is not None:
                 self._ring.set_filter(program)
 
+    def set_promiscuous(self, on: bool) -> None:
+        with self._lock:
+            if self._ring is not None:
+                self._ring.set_promiscuous(on)
+
     def _resolve(self, fut: asyncio.Future[None], exc: BaseException | None) -> None:
         def settle() -> None:
             if fut.done():
@@ -458,9 +472,10 @@ class _CaptureThread(threading.Thread):
         try:
             with self._lock:
                 self._ring = ring
-                # set_extra_filter() may have run while the ring was opening with the previous program.
+                # set_extra_filter() / set_promiscuous() may have run while the ring was opening.
                 if self._capture.program is not program:
                     ring.set_filter(self._capture.program)
+                ring.set_promiscuous(self._capture.settings.promiscuous)
         except BaseException as e:
             ring.close()
             self._resolve(self.opened, e)
@@ -590,6 +605,10 @@ class LiveCapture:
         self._stats = {name: InterfaceStats(name) for name in settings.interfaces}
         self._threads: dict[str, _CaptureThread] = {}
         self._running = False
+        self._group: asyncio.TaskGroup | None = None
+        self._supervisors: dict[str, asyncio.Task[None]] = {}
+        self._retired_drops = 0
+        """Kernel and queue drops of interfaces no longer captured (so drop totals never go backwards)."""
 
     # -- the consumer side ---------------------------------------------------------------------------------
 
@@ -598,8 +617,46 @@ class LiveCapture:
         return await self.queue.get()
 
     def stats(self) -> dict[str, InterfaceStats]:
-        """A snapshot of every interface's counters and state."""
+        """A snapshot of every interface's counters and state (the interfaces captured now)."""
         return {name: replace(st) for name, st in self._stats.items()}
+
+    def dropped_total(self) -> int:
+        """Frames lost before the analyzer since the start, on every interface ever captured: never decreases."""
+        return self._retired_drops + sum(st.kernel_drops + st.queue_drops for st in self._stats.values())
+
+    def set_interfaces(self, interfaces: tuple[str, ...]) -> None:
+        """Capture on these interfaces from now on: new ones are opened (supervised as at start), removed ones
+        are stopped and leave the statistics; the counters of those that stay go on.
+
+        Raises:
+            CaptureError: the list is empty or repeats a name; nothing changes.
+        """
+        try:
+            settings = replace(self.settings, interfaces=tuple(interfaces))
+        except ValueError as exc:
+            raise CaptureError(str(exc)) from exc
+        old = self.settings.interfaces
+        self.settings = settings
+        for name in old:
+            if name not in settings.interfaces:
+                task = self._supervisors.get(name)
+                if task is not None:
+                    task.cancel()  # its finally stops the thread; _retire drops the stats once it is done
+                else:
+                    self._retire(name)
+        for name in settings.interfaces:
+            if name not in old:
+                self._stats.setdefault(name, InterfaceStats(name))
+                if self._group is not None:
+                    self._start_supervisor(self._group, name)
+        log.info("capture interfaces are now %s", ", ".join(settings.interfaces))
+
+    def set_promiscuous(self, on: bool) -> None:
+        """Turn promiscuous mode on or off on every open socket and on those opened later."""
+        self.settings = replace(self.settings, promiscuous=on)
+        for thread in list(self._threads.values()):
+            thread.set_promiscuous(on)
+        log.info("promiscuous mode is now %s", "on" if on else "off")
 
     def set_extra_filter(self, expression: str) -> None:
         """Compile and apply a new operator filter on every open socket.
@@ -663,8 +720,11 @@ class LiveCapture:
         try:
             check_capability(", ".join(self.settings.interfaces))
             async with asyncio.TaskGroup() as tg:
+                self._group = tg
                 for name in self.settings.interfaces:
-                    tg.create_task(self._supervise(name), name=f"leafguard.capture[{name}].supervisor")
+                    self._start_supervisor(tg, name)
+                # The group stays open for interfaces added later, until the capture is cancelled.
+                await asyncio.get_running_loop().create_future()
         except BaseExceptionGroup as group:
             # Callers expect the one-line CaptureError itself; anything else (a bug) keeps its group.
             fatal, rest = group.split(CaptureError)
@@ -672,9 +732,30 @@ class LiveCapture:
                 raise _first_leaf(fatal) from None
             raise
         finally:
+            self._group = None
             self._running = False
 
-    async def _supervise(self, interface: str) -> None:
+    def _start_supervisor(self, tg: asyncio.TaskGroup, name: str) -> None:
+        previous = self._supervisors.get(name)
+        task = tg.create_task(self._supervise(name, previous), name=f"leafguard.capture[{name}].supervisor")
+        self._supervisors[name] = task
+        task.add_done_callback(lambda done: self._supervisor_done(name, done))
+
+    def _supervisor_done(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._supervisors.get(name) is task:
+            del self._supervisors[name]
+            if name not in self.settings.interfaces:
+                self._retire(name)
+
+    def _retire(self, name: str) -> None:
+        st = self._stats.pop(name, None)
+        if st is not None:
+            self._retired_drops += st.kernel_drops + st.queue_drops
+
+    async def _supervise(self, interface: str, previous: asyncio.Task[None] | None = None) -> None:
+        if previous is not None and not previous.done():
+            # Removed and added again before its old supervisor stopped: one thread per interface at a time.
+            await asyncio.wait({previous})
         loop = asyncio.get_running_loop()
         st = self._stats[interface]
         backoff = _Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)

@@ -49,6 +49,13 @@ class AttackDetectors:
         self.brute = ConnectionBruteForce(thresholds, self._sink, self._max)
         self.impersonation = Impersonation(thresholds, self._sink, self._gateway)
 
+    def set_network(self, leaf_nets: tuple[Network, ...], gateway_macs: frozenset[bytes]) -> None:
+        """The leaf side and the gateway's own MACs changed (gateway settings): in force from the next batch;
+        what the rules have counted stays."""
+        self._leaf_nets, self._gateway = leaf_nets, gateway_macs
+        self.scans.gateway_macs = self.impersonation.gateway_macs = gateway_macs
+        self.picker.set_leaf_nets(leaf_nets)
+
     def set_thresholds(self, thresholds: Thresholds) -> None:
         """New thresholds, in force for what is counted from now on (the rules share the record)."""
         self.thresholds = thresholds

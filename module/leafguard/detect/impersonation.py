@@ -36,7 +36,8 @@ class Impersonation:
     def __init__(self, thresholds: Thresholds, sink: Sink, gateway_macs: frozenset[bytes] = frozenset()) -> None:
         self.t = thresholds
         self._sink = sink
-        self._own = gateway_macs
+        self.gateway_macs = gateway_macs
+        """The gateway's own MACs; replaced live by the gateway settings."""
         self._nd: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         """IPv6 address -> (MAC, last time it was bound to it)."""
         self._nd_reported: set[tuple[bytes, bytes]] = set()
@@ -114,7 +115,7 @@ class Impersonation:
     def arp(self, r: ArpFrame) -> None:
         if r.sender_mac != r.src_mac or r.sender_ip == b"\x00\x00\x00\x00":
             return
-        if r.src_mac in self._gateways or r.src_mac in self._own:
+        if r.src_mac in self._gateways or r.src_mac in self.gateway_macs:
             _remember(self._gateway_ips, r.sender_ip, (r.src_mac, r.ts))
             return
         owner = self._gateway_ips.get(r.sender_ip)

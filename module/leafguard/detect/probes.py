@@ -183,14 +183,18 @@ class Picker:
     """Picks and decodes the frames of a batch that the attack rules read; remembers what is not new."""
 
     def __init__(self, leaf_nets: tuple[Network, ...] = (), max_keys: int = 65_536) -> None:
-        v4 = tuple(n for n in leaf_nets if isinstance(n, ipaddress.IPv4Network))
-        self._leaf_v4 = v4 if leaf_nets else _PRIVATE_V4
+        self.set_leaf_nets(leaf_nets)
         self._max_keys = max_keys
         self._udp_seen: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._udp6_seen: OrderedDict[tuple[bytes, bytes, int, int], None] = OrderedDict()
         """IPv6 (and other link types') conversations, in the direction of their first datagram."""
         self._hops_seen: OrderedDict[tuple[int, int], int] = OrderedDict()
         """(leaf MAC, next-hop MAC) -> the last time bucket a record was made for."""
+
+    def set_leaf_nets(self, leaf_nets: tuple[Network, ...]) -> None:
+        """The leaf side (empty: the private ranges) for the frames picked from now on."""
+        v4 = tuple(n for n in leaf_nets if isinstance(n, ipaddress.IPv4Network))
+        self._leaf_v4 = v4 if leaf_nets else _PRIVATE_V4
 
     def records(self, batch: FrameBatch) -> Iterator[Record]:
         n = len(batch)

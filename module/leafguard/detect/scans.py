@@ -54,7 +54,8 @@ class Scans:
         self.t = thresholds
         self._max = max_tracked
         self._sink = sink
-        self._gateway = gateway_macs
+        self.gateway_macs = gateway_macs
+        """The gateway's own MACs (their ARP requests are no sweep); replaced live by the gateway settings."""
         self._stealth: DistinctCounter[tuple[bytes, bytes]] = DistinctCounter()
         self._udp: DistinctCounter[tuple[bytes, bytes]] = DistinctCounter()
         self._icmp: DistinctCounter[bytes] = DistinctCounter()
@@ -189,7 +190,7 @@ class Scans:
         )  # fmt: skip
 
     def arp(self, r: ArpFrame) -> None:
-        if r.op != 1 or r.target_ip == r.sender_ip or r.src_mac in self._gateway:
+        if r.op != 1 or r.target_ip == r.sender_ip or r.src_mac in self.gateway_macs:
             return
         t = self.t
         w = self._arp.add(r.src_mac, r.target_ip, r.ts, t.arp_sweep_hosts, t.arp_sweep_window_s)

@@ -122,6 +122,21 @@ class Outbox:
             self._remove(victim)
             self._count_drop(victim)
 
+    def set_max_bytes(self, max_bytes: int) -> list[Pending]:
+        """A new budget while running (gateway settings); returns what the drop policy removed to fit it (the
+        messages in flight stay: they are the transport's until acknowledged)."""
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        self.max_bytes = max_bytes
+        if self.spool is not None:
+            self.spool.set_max_bytes(max_bytes)
+        dropped: list[Pending] = []
+        while self.bytes > self.max_bytes and (victim := self._victim()) is not None:
+            self._remove(victim)
+            self._count_drop(victim)
+            dropped.append(victim)
+        return dropped
+
     def put(self, message: OutgoingMessage) -> list[Pending]:
         """Queue a message; returns the entries dropped to respect the byte bound (maybe this one)."""
         size = len(message.body)

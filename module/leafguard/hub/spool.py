@@ -587,6 +587,10 @@ class Spool:
             self._delete(previous)
         self._compact()
 
+    def set_max_bytes(self, max_bytes: int) -> None:
+        """A new budget (gateway settings): compaction keeps the files within twice it from the next rotation."""
+        self.settings = dataclasses.replace(self.settings, max_bytes=max_bytes)
+
     def _compact(self) -> None:
         """Copy the oldest segment's live messages forward while the files exceed twice the budget."""
         budget = 2 * self.settings.max_bytes

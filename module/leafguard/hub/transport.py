@@ -197,6 +197,16 @@ class EdgeTransport:
 
     # -- the service side (call on the loop) -----------------------------------------------------------------
 
+    def set_budget(self, max_bytes: int) -> None:
+        """A new outbox (or spool) budget while running; what no longer fits is dropped by the policy and
+        reported as any other drop."""
+        for dropped in self.outbox.set_max_bytes(max_bytes):
+            self._dropped(dropped)
+
+    def set_reported_interval(self, seconds: float) -> None:
+        """The least time between reported patches, from the next patch on."""
+        self.settings = dataclasses.replace(self.settings, reported_interval_s=seconds)
+
     def submit(self, messages: Iterable[OutgoingMessage]) -> None:
         """Queue messages for sending (never blocks); drops per the outbox policy are reported to ``on_dropped``."""
         spooled = self.outbox.spool is not None
@@ -267,6 +277,7 @@ class EdgeTransport:
             "generated": o.accepted,
             "queued": len(self.outbox),
             "queued_bytes": self.outbox.bytes,
+            "max_bytes": self.outbox.max_bytes,
             "in_flight": self.outbox.in_flight,
             "sent": o.acked,
             "sent_bytes": o.acked_bytes,
@@ -726,7 +737,7 @@ class EdgeTransport:
             except (TimeoutError, *SDK_ERRORS) as exc:
                 # Twin requests are not re-sent by the SDK; a lost one just waits. Try again next round.
                 log.debug("twin request failed: %r", exc)
-            await asyncio.sleep(interval)
+            await asyncio.sleep(min(interval, self.settings.reported_interval_s))
 
     async def _patch_reported(self, *, final: bool) -> None:
         now = time.monotonic()

@@ -40,7 +40,7 @@ from leafguard.errors import ConfigurationError
 from leafguard.observe import fastpath
 from leafguard.observe.model import ConnectionSeen, Direction, LeafView, LoginSeen, Observation, Service
 from leafguard.observe.oui import vendor_of
-from leafguard.observe.settings import AnalyzerSettings
+from leafguard.observe.settings import AnalyzerSettings, Network
 from leafguard.observe.state import Flow, MacState, tcp_next_state
 
 DEEP_UDP_PORTS = frozenset({53, 67, 68, 137, 1900, 5353, 5355})
@@ -263,6 +263,17 @@ class Analyzer:
             self._learning = new.learning_period_s is not None
         if (new.silent_after_s, new.flood_rate_per_s) != (old.silent_after_s, old.flood_rate_per_s):
             self._watch_time(new, old)
+        return new
+
+    def set_network(self, leaf_nets: tuple[Network, ...], gateway_macs: frozenset[str]) -> AnalyzerSettings:
+        """A new leaf side and set of gateway MACs while running (gateway settings): validated first
+        (ConfigurationError, and nothing changes); in force for the frames analysed from now on (a MAC already
+        seen keeps the side it was seen on, a gateway MAC stops counting as a leaf at once)."""
+        new = dataclasses.replace(self.settings, leaf_nets=leaf_nets, gateway_macs=gateway_macs)
+        self.settings = new
+        self._gateway = frozenset(bytes.fromhex(m.replace(":", "")) for m in new.gateway_macs)
+        self._leaf_side_cache.clear()
+        self.attacks.set_network(new.leaf_nets, self._gateway)
         return new
 
     def _watch_time(self, new: AnalyzerSettings, old: AnalyzerSettings | None = None) -> None:

@@ -2,46 +2,194 @@
 
 Edge mode reads them from the module twin; local mode from ``DIR/gateway.json`` (the same shape):
 
-* ``capture.extraFilter``: the operator's extra capture filter; an invalid one is reported and the filter in
-  force stays;
+* ``capture``: ``extraFilter`` (the operator's extra capture filter), ``interfaces`` (the capture interfaces,
+  opened and closed live) and ``promiscuous``; a key left out means the flag's or environment's value;
+* ``network``: ``leafNets`` (CIDR networks on the leaf side) and ``gatewayMacs`` (more MACs that are never
+  leaves; the capture interfaces' own are always added);
+* ``intervals``: ``writeIntervalS`` (local mode: how often the folder's files are rewritten) and
+  ``reportedIntervalS`` (edge mode: the least time between reported patches);
+* ``uplink``: ``maxBytes``, the budget of what waits for the uplink (the spool with a data directory, the
+  memory outbox without);
 * ``leafMap``: ``{"<MAC>": "<identity>"}``, the twin identities of known leaves (a leaf it does not name keeps
   the identity derived from its MAC), or ``{"<MAC>": {"deviceId": …, "identity": "module"|"device", "ip": …}}``
   for a managed leaf (``leafguard.hub.leaves``); an invalid map is reported and the map in force stays;
 * ``detection``: ``learningPeriodS``, ``silentAfterS``, ``floodRatePerS`` (a number, or null to turn it off),
   and the thresholds of `leafguard.detect.thresholds` (``portScanPorts``, ``udpReplyTimeoutS``...: numbers);
-  keys it leaves out keep their value, and an invalid section is reported and the settings in force stay.
+  keys it leaves out keep their value.
+
+Each section is validated as a whole: an invalid one, or one that sets what this run cannot change live (an
+interface in a replay, an uplink budget in local mode), is reported with the key it names and the settings in
+force stay. Keys nobody reads are reported as warnings (`unknown_keys`).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+from leafguard.agent.config import CONFIG_OBJECT_NAME
 from leafguard.detect.thresholds import THRESHOLD_KEYS
 from leafguard.documents import read_document
 from leafguard.errors import CaptureError, ConfigurationError
 from leafguard.hub.leaves import LeafEntry
+from leafguard.observe.settings import AnalyzerSettings, Network
 
 GATEWAY_FILE = "gateway.json"
+_T = TypeVar("_T")
+
+
+MAX_INTERFACES = 64
+MAX_NETWORK_ENTRIES = 1024
+MIN_UPLINK_BYTES = 262_144
+"""The largest message (256 KiB) must fit, or nothing could ever be queued."""
+
+SECTION_KEYS: dict[str, frozenset[str]] = {
+    "capture": frozenset({"extraFilter", "interfaces", "promiscuous"}),
+    "network": frozenset({"leafNets", "gatewayMacs"}),
+    "intervals": frozenset({"writeIntervalS", "reportedIntervalS"}),
+    "uplink": frozenset({"maxBytes"}),
+}
+"""The keys of the sections whose keys are fixed (``leafMap`` keys are MACs, ``detection`` rejects others)."""
+DOCUMENT_KEYS = frozenset({*SECTION_KEYS, "leafMap", "detection", "mute", "learn", "leaves", CONFIG_OBJECT_NAME})
+"""Every top-level key somebody reads; ``$version`` and other ``$`` keys are the hub's."""
+
+
+def unknown_keys(doc: dict[str, Any]) -> list[str]:
+    """Keys of a settings document that nothing reads (typos, settings of another version): warnings."""
+    out = [key for key in doc if key not in DOCUMENT_KEYS and not key.startswith("$")]
+    for section, known in SECTION_KEYS.items():
+        value = doc.get(section)
+        if isinstance(value, dict):
+            out += [f"{section}.{key}" for key in value if key not in known]
+    return out
+
+
+def _section(section: object, name: str) -> dict[str, Any]:
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigurationError(f"{name} must be an object")
+    return section
+
+
+def _split_names(value: object) -> tuple[str, ...]:
+    """Interface names; an entry may hold several, comma- or space-separated (the template's
+    ``["$LEAFGUARD_INTERFACES"]`` expands to one string)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigurationError("capture.interfaces must be a list of interface names")
+    names = tuple(n for v in value for n in v.replace(",", " ").split())
+    if not names:
+        raise ConfigurationError("capture.interfaces must name at least one interface")
+    if len(names) > MAX_INTERFACES:
+        raise ConfigurationError(f"capture.interfaces: at most {MAX_INTERFACES} interfaces")
+    for name in names:
+        # The kernel's IFNAMSIZ (16, with the terminating NUL), and no path separators.
+        if len(name) > 15 or "/" in name or name in (".", ".."):
+            raise ConfigurationError(f"capture.interfaces: {name!r} is not an interface name")
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"capture.interfaces repeat a name: {', '.join(names)}")
+    return names
 
 
 @dataclass(frozen=True, slots=True)
 class CaptureSection:
     extra_filter: str | None
-    """None when the section does not set it (the filter in force stays)."""
+    """None when the section does not set it (the flag's or environment's filter applies)."""
+    interfaces: tuple[str, ...] | None = None
+    promiscuous: bool | None = None
 
     @classmethod
     def parse(cls, section: object) -> CaptureSection:
-        if section is None:
-            return cls(None)
-        if not isinstance(section, dict):
-            raise ConfigurationError("capture must be an object")
-        expr = section.get("extraFilter")
+        doc = _section(section, "capture")
+        expr = doc.get("extraFilter")
         if expr is not None and not isinstance(expr, str):
             raise ConfigurationError("capture.extraFilter must be a string (a pcap filter expression)")
-        return cls(expr)
+        interfaces = doc.get("interfaces")
+        promiscuous = doc.get("promiscuous")
+        if promiscuous is not None and not isinstance(promiscuous, bool):
+            raise ConfigurationError("capture.promiscuous must be true or false")
+        return cls(expr, None if interfaces is None else _split_names(interfaces), promiscuous)
+
+    @property
+    def sets_anything(self) -> bool:
+        return (self.extra_filter, self.interfaces, self.promiscuous) != (None, None, None)
+
+
+def _list(value: object, name: str) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigurationError(f"{name} must be a list of strings")
+    if len(value) > MAX_NETWORK_ENTRIES:
+        raise ConfigurationError(f"{name}: at most {MAX_NETWORK_ENTRIES} entries")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkSection:
+    leaf_nets: tuple[Network, ...] | None = None
+    gateway_macs: frozenset[str] | None = None
+
+    @classmethod
+    def parse(cls, section: object) -> NetworkSection:
+        doc = _section(section, "network")
+        nets = _list(doc.get("leafNets"), "network.leafNets")
+        macs = _list(doc.get("gatewayMacs"), "network.gatewayMacs")
+        parsed_nets: tuple[Network, ...] | None = None
+        if nets is not None:
+            try:
+                parsed_nets = tuple(ipaddress.ip_network(n, strict=False) for n in nets)
+            except ValueError as exc:
+                raise ConfigurationError(f"network.leafNets: {exc}") from exc
+        parsed_macs: frozenset[str] | None = None
+        if macs is not None:
+            canon = [m.lower().replace("-", ":") for m in macs]
+            for mac, given in zip(canon, macs, strict=True):
+                if not _MAC.match(mac):
+                    raise ConfigurationError(f"network.gatewayMacs: {given!r} is not a MAC address")
+            parsed_macs = frozenset(canon)
+        return cls(parsed_nets, parsed_macs)
+
+
+def _seconds(value: object, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+        raise ConfigurationError(f"{name} must be a positive number of seconds")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalsSection:
+    write_interval_s: float | None = None
+    reported_interval_s: float | None = None
+
+    @classmethod
+    def parse(cls, section: object) -> IntervalsSection:
+        doc = _section(section, "intervals")
+        return cls(
+            _seconds(doc.get("writeIntervalS"), "intervals.writeIntervalS"),
+            _seconds(doc.get("reportedIntervalS"), "intervals.reportedIntervalS"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkSection:
+    max_bytes: int | None = None
+
+    @classmethod
+    def parse(cls, section: object) -> UplinkSection:
+        value = _section(section, "uplink").get("maxBytes")
+        if value is None:
+            return cls()
+        if isinstance(value, bool) or not isinstance(value, int) or value < MIN_UPLINK_BYTES:
+            raise ConfigurationError(f"uplink.maxBytes must be a whole number of bytes, at least {MIN_UPLINK_BYTES}")
+        return cls(value)
 
 
 DETECTION_KEYS = {
@@ -123,21 +271,148 @@ class GatewaySettingsFile:
         return True, doc
 
 
-def apply_capture_section(capture: Any, section: object, status: dict[str, Any]) -> None:
-    """Apply a capture section to a live capture (``capture`` may be None: a replay has no filter to change).
+class LiveCaptureLike(Protocol):
+    """What the capture section changes on a running capture (`leafguard.capture.live.LiveCapture`)."""
 
-    ``status`` is updated in place with what is in force and the last error, for stats and reported properties.
+    def set_extra_filter(self, expression: str) -> None: ...
+
+    def set_interfaces(self, interfaces: tuple[str, ...]) -> None: ...
+
+    def set_promiscuous(self, on: bool) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureDefaults:
+    """What the flags and environment set: in force where the settings document sets nothing."""
+
+    extra_filter: str
+    interfaces: tuple[str, ...]
+    promiscuous: bool
+
+
+def apply_capture_section(
+    capture: LiveCaptureLike | None,
+    section: object,
+    status: dict[str, Any],
+    defaults: CaptureDefaults | None = None,
+) -> None:
+    """Apply a capture section to a live capture (``capture`` is None in a replay: nothing to change there).
+
+    ``status`` holds what is in force and the last error (for stats and reported properties) and is updated in
+    place. The filter is compiled first, so that a section with a bad one changes nothing.
     """
     try:
         parsed = CaptureSection.parse(section)
-        if parsed.extra_filter is None:
-            status["error"] = None  # nothing to change, and nothing wrong: the filter in force stays
-            return
         if capture is None:
-            raise ConfigurationError("capture.extraFilter applies to live capture only (this run replays a file)")
-        capture.set_extra_filter(parsed.extra_filter)
+            if parsed.sets_anything:
+                key = "extraFilter" if parsed.extra_filter is not None else (
+                    "interfaces" if parsed.interfaces is not None else "promiscuous")
+                raise ConfigurationError(f"capture.{key} applies to live capture only (this run replays a file)")
+            status["error"] = None  # nothing to change, and nothing wrong
+            return
+        if defaults is None:
+            defaults = CaptureDefaults(status["extraFilter"], tuple(status["interfaces"]), status["promiscuous"])
+        expr = defaults.extra_filter if parsed.extra_filter is None else parsed.extra_filter
+        interfaces = defaults.interfaces if parsed.interfaces is None else parsed.interfaces
+        promiscuous = defaults.promiscuous if parsed.promiscuous is None else parsed.promiscuous
+        if expr != status["extraFilter"]:
+            capture.set_extra_filter(expr)
+        if list(interfaces) != status["interfaces"]:
+            capture.set_interfaces(interfaces)
+        if promiscuous != status["promiscuous"]:
+            capture.set_promiscuous(promiscuous)
     except (ConfigurationError, CaptureError) as exc:
         status["error"] = str(exc)
         return
-    status["extraFilter"] = parsed.extra_filter
-    status["error"] = None
+    status.update(extraFilter=expr, interfaces=list(interfaces), promiscuous=promiscuous, error=None)
+
+
+class NetworkTarget(Protocol):
+    def set_network(self, leaf_nets: tuple[Network, ...], gateway_macs: frozenset[str]) -> AnalyzerSettings: ...
+
+
+def apply_network_section(
+    analyzer: NetworkTarget,
+    section: object,
+    status: dict[str, Any],
+    defaults: AnalyzerSettings,
+    own_macs: Callable[[], list[str]],
+) -> None:
+    """The leaf side and the gateway's MACs: the section's, else the defaults; the capture interfaces' own MACs
+    (``own_macs``, read now: the interfaces may have changed) are always the gateway's."""
+    try:
+        parsed = NetworkSection.parse(section)
+        nets = defaults.leaf_nets if parsed.leaf_nets is None else parsed.leaf_nets
+        macs = (defaults.gateway_macs if parsed.gateway_macs is None else parsed.gateway_macs) | set(own_macs())
+        in_force = analyzer.set_network(nets, frozenset(macs))
+    except ConfigurationError as exc:
+        status["error"] = str(exc)
+        return
+    status.update(
+        leafNets=[str(n) for n in in_force.leaf_nets], gatewayMacs=sorted(in_force.gateway_macs), error=None
+    )
+
+
+class UplinkTarget(Protocol):
+    """What the intervals and uplink sections change on the edge hub connection (`EdgeTransport`)."""
+
+    def set_budget(self, max_bytes: int) -> None: ...
+
+    def set_reported_interval(self, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunDefaults:
+    """The intervals and the budget the flags and environment set (None: this run has no such thing)."""
+
+    write_interval_s: float | None
+    """Local mode only."""
+    reported_interval_s: float | None
+    uplink_max_bytes: int | None
+    """Edge mode only, both."""
+
+
+def apply_intervals_section(
+    uplink: UplinkTarget | None,
+    set_write_interval: Callable[[float], None],
+    section: object,
+    status: dict[str, Any],
+    defaults: RunDefaults,
+) -> None:
+    try:
+        parsed = IntervalsSection.parse(section)
+        write = _in_this_mode(parsed.write_interval_s, defaults.write_interval_s, "intervals.writeIntervalS",
+                              "local mode (--local-dir): edge mode writes no files")
+        reported = _in_this_mode(parsed.reported_interval_s, defaults.reported_interval_s,
+                                 "intervals.reportedIntervalS", "edge mode: local mode has no twin")
+    except ConfigurationError as exc:
+        status["error"] = str(exc)
+        return
+    if write is not None:
+        set_write_interval(write)
+    if reported is not None and uplink is not None:
+        uplink.set_reported_interval(reported)
+    status.update(writeIntervalS=write, reportedIntervalS=reported, error=None)
+
+
+def apply_uplink_section(uplink: UplinkTarget | None, section: object, status: dict[str, Any],
+                         defaults: RunDefaults) -> None:
+    try:
+        parsed = UplinkSection.parse(section)
+        budget = _in_this_mode(parsed.max_bytes, defaults.uplink_max_bytes, "uplink.maxBytes",
+                               "edge mode: local mode writes messages to its folder")
+        if budget is not None and uplink is not None:
+            uplink.set_budget(budget)
+    except ConfigurationError as exc:
+        status["error"] = str(exc)
+        return
+    status.update(maxBytes=budget, error=None)
+
+
+def _in_this_mode(value: _T | None, default: _T | None, key: str, mode: str) -> _T | None:
+    """The value in force: the section's, else the default; a value this run has no use for is an error."""
+    if default is None:
+        if value is not None:
+            raise ConfigurationError(f"{key} applies in {mode}")
+        return None
+    return default if value is None else value

@@ -36,6 +36,7 @@ from leafguard.agent.fleet import ViewsProvider
 from leafguard.agent.local import AnalyzerLike, LocalAgentOutput, make_fleet
 from leafguard.capture.batch import FrameBatch
 from leafguard.capture.caps import CAP_NET_RAW, raise_permitted
+from leafguard.capture.live import interface_macs
 from leafguard.detect.thresholds import THRESHOLD_KEYS
 from leafguard.documents import check_document
 from leafguard.errors import CaptureError, ConfigurationError, LeafGuardError
@@ -46,10 +47,16 @@ from leafguard.observe.settings import AnalyzerSettings
 from leafguard.service.files import write_json_atomic
 from leafguard.service.gateway import (
     DETECTION_KEYS,
+    CaptureDefaults,
     GatewaySettingsFile,
+    RunDefaults,
     apply_capture_section,
+    apply_intervals_section,
+    apply_network_section,
+    apply_uplink_section,
     parse_detection,
     parse_leaf_entries,
+    unknown_keys,
 )
 from leafguard.service.settings import ServiceSettings
 from leafguard.service.snapshot import (
@@ -139,7 +146,37 @@ class Service:
         self._drops_reported = 0
         self._drops_counted = 0
         self.capture_filter: dict[str, Any] = {"extraFilter": settings.extra_filter, "error": None}
-        """The operator's extra capture filter in force, and why the last change was refused (if it was)."""
+        """The capture section in force (the extra filter; live: the interfaces and promiscuous mode too), and
+        why the last change was refused (if it was)."""
+        if settings.live:
+            self.capture_filter |= {"interfaces": list(settings.interfaces), "promiscuous": settings.promiscuous}
+        self.write_interval_s = settings.write_interval_s
+        self._run_defaults = RunDefaults(
+            write_interval_s=settings.write_interval_s if settings.local_dir is not None else None,
+            reported_interval_s=settings.edge.reported_interval_s if settings.edge is not None else None,
+            uplink_max_bytes=(
+                None if settings.edge is None
+                else settings.spool.max_bytes if settings.spool is not None
+                else settings.edge.outbox_max_bytes
+            ),
+        )  # fmt: skip
+        # Sections of the settings document and what is in force of each (``error``: why the last was refused).
+        self.section_status: dict[str, dict[str, Any]] = {
+            "network": {
+                "leafNets": [str(n) for n in settings.analyzer.leaf_nets],
+                "gatewayMacs": sorted(settings.analyzer.gateway_macs),
+                "error": None,
+            },
+            "intervals": {
+                "writeIntervalS": self._run_defaults.write_interval_s,
+                "reportedIntervalS": self._run_defaults.reported_interval_s,
+                "error": None,
+            },
+            "uplink": {"maxBytes": self._run_defaults.uplink_max_bytes, "error": None},
+        }
+        self._sections: dict[str, object] = dict.fromkeys(self.section_status, _UNSEEN)
+        self.settings_warnings: list[str] = []
+        """Keys of the settings document in force that nothing reads."""
         self._gateway_file = GatewaySettingsFile(settings.local_dir) if settings.local_dir is not None else None
         # The sections of the settings document last applied (`_UNSEEN`: none yet, or an unreadable one since).
         self._gateway_section: object = _UNSEEN
@@ -385,9 +422,11 @@ class Service:
                         )
                     self._poll_gateway_settings(clock)
                 next_poll = mono + s.desired_poll_interval_s
+            # A shorter write interval from the settings takes effect now, not after the longer one ends.
+            next_write = min(next_write, mono + self.write_interval_s)
             if mono >= next_write and s.local_dir is not None:
                 self._write_files()
-                next_write = mono + s.write_interval_s
+                next_write = mono + self.write_interval_s
             await asyncio.sleep(s.tick_interval_s)
 
     def _poll_gateway_settings(self, now: float) -> None:
@@ -421,9 +460,13 @@ class Service:
                 self.detection_status.update(_detection_status(settings), error=None)
         if capture != self._gateway_section:
             self._gateway_section = capture
-            apply_capture_section(self.capture, capture, self.capture_filter)
+            interfaces = self.capture_filter.get("interfaces")
+            apply_capture_section(self.capture, capture, self.capture_filter, self._capture_defaults())
             if self.capture_filter["error"]:
-                log.warning("capture settings rejected, the filter in force stays: %s", self.capture_filter["error"])
+                log.warning("capture settings rejected, those in force stay: %s", self.capture_filter["error"])
+            elif self.capture_filter.get("interfaces") != interfaces:
+                self._sections["network"] = _UNSEEN  # the gateway's own MACs are the new interfaces' too
+        self._apply_sections(doc)
         if leaf_map != self._leaf_map_section:
             self._leaf_map_section = leaf_map
             try:
@@ -439,6 +482,38 @@ class Service:
                 self.leaf_map_status.update(leaves=len(mapping), error=None)
         self._publish_gateway_status()
 
+    def _capture_defaults(self) -> CaptureDefaults:
+        s = self.settings
+        return CaptureDefaults(s.extra_filter, s.interfaces, s.promiscuous)
+
+    def _apply_sections(self, doc: dict[str, Any]) -> None:
+        """The network, intervals and uplink sections, each applied as a whole when it changed."""
+        warnings = unknown_keys(doc)
+        if warnings != self.settings_warnings:
+            self.settings_warnings = warnings
+            if warnings:
+                log.warning("gateway settings: nothing reads %s", ", ".join(warnings))
+        transport = self.transport
+        for name, status in self.section_status.items():
+            section = doc.get(name)
+            if section == self._sections[name]:
+                continue
+            self._sections[name] = section
+            if name == "network":
+                apply_network_section(
+                    self.analyzer, section, status, self.settings.analyzer,
+                    lambda: interface_macs(self.capture_filter.get("interfaces", ())),
+                )  # fmt: skip
+            elif name == "intervals":
+                apply_intervals_section(transport, self._set_write_interval, section, status, self._run_defaults)
+            else:
+                apply_uplink_section(transport, section, status, self._run_defaults)
+            if status["error"]:
+                log.warning("%s settings rejected, those in force stay: %s", name, status["error"])
+
+    def _set_write_interval(self, seconds: float) -> None:
+        self.write_interval_s = seconds
+
     def _reject_gateway_document(self, error: str) -> None:
         """A settings document nobody can read: every section reports it, and every setting in force stays.
 
@@ -447,9 +522,10 @@ class Service:
         """
         if self.leaf_map_status["error"] != error:  # the twin is read again every poll: say it once
             log.warning("gateway settings rejected, those in force stay: %s", error)
-        for status in (self.capture_filter, self.leaf_map_status, self.detection_status):
+        for status in (self.capture_filter, self.leaf_map_status, self.detection_status, *self.section_status.values()):
             status["error"] = error
         self._gateway_section = self._leaf_map_section = self._detection_section = _UNSEEN
+        self._sections = dict.fromkeys(self.section_status, _UNSEEN)
         self.triage.forget(error)
         self._publish_gateway_status()
 
@@ -460,9 +536,15 @@ class Service:
                 leafMap=dict(self.leaf_map_status),
                 detection=dict(self.detection_status),
                 triage=self.triage.status(self.analyzer.now or time.time()),
+                settings=self._settings_status(),
             )
         if self.transport is not None:
             self.transport.refresh_health()
+
+    def _settings_status(self) -> dict[str, Any]:
+        return {name: dict(status) for name, status in self.section_status.items()} | {
+            "warnings": list(self.settings_warnings)
+        }
 
     def _report_capture_drops(self, now: float) -> None:
         """Frames lost before the analyzer reach every leaf's agent: counted into its next DroppedEventsStatistics
@@ -470,7 +552,7 @@ class Service:
         if self.capture is None:
             return
         stats = self.capture.stats()
-        total = sum(st.kernel_drops + st.queue_drops for st in stats.values())
+        total = self.capture.dropped_total()  # interfaces removed live keep their drops in it
         delta = total - self._drops_counted
         if delta <= 0:
             return
@@ -504,6 +586,7 @@ class Service:
             "detection": self.detection_status,
             "triage": self.triage.status(self.analyzer.now or time.time()),
             "leaf_map": self.leaf_map_status,
+            "settings": self._settings_status(),
             "capture": report_capture,
             "agents": dataclasses.asdict(self.fleet.stats()) | {"leaves": len(self.fleet.agents())},
         }
