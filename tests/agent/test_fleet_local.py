@@ -210,10 +210,10 @@ def test_fleet_tick_is_constant_time_when_nothing_is_due(monkeypatch: pytest.Mon
     calls = 0
     original = LeafAgent.tick
 
-    def counting(self: LeafAgent, now: float, view: LeafView | None = None) -> list[object]:
+    def counting(self: LeafAgent, now: float, view: LeafView | None = None, *, hold: bool = False) -> list[object]:
         nonlocal calls
         calls += 1
-        return original(self, now, view)  # type: ignore[return-value]
+        return original(self, now, view, hold=hold)  # type: ignore[return-value]
 
     monkeypatch.setattr(LeafAgent, "tick", counting)
     fleet.tick(T0 + 2, list)

@@ -81,6 +81,8 @@ class LeafAgent:
         self._interval_capture_drops = 0
         self._next_due = now
         self._size_threshold = self._builder.max_event_bytes
+        self._held = False
+        """The last tick was told to hold (the uplink is down or behind): timed sends wait, events stay queued."""
 
     # -- properties ----------------------------------------------------------------------------------------
 
@@ -189,8 +191,16 @@ class LeafAgent:
         last = self._last_snapshot
         return last is None or now - last >= self._config.snapshot_frequency_s
 
-    def tick(self, now: float, view: LeafView | None = None) -> list[OutgoingMessage]:
-        """Advance to ``now``: flush aggregation, take snapshots, build the messages that are due."""
+    def tick(self, now: float, view: LeafView | None = None, *, hold: bool = False) -> list[OutgoingMessage]:
+        """Advance to ``now``: flush aggregation, take snapshots, build the messages that are due.
+
+        ``hold`` (the uplink is down or cannot keep up): the timed sends wait and their events stay in the cache,
+        so only full messages are built (while the cache holds more than one message's worth) and the cache's drop
+        policy decides what goes first; when the hold ends, the overdue timed sends go out at the next tick.
+        """
+        if hold != self._held:
+            self._held = hold
+            self._schedule()
         if now < self._next_due and self._queues.total_bytes <= self._size_threshold:
             return []
         cfg = self._config
@@ -203,6 +213,9 @@ class LeafAgent:
             main = QueueName.HIGH if self._queues.count(QueueName.HIGH) else QueueName.LOW
             if not self._send(out, main):
                 break
+        if hold:
+            self._schedule()
+            return out
         if now - self._last_high >= cfg.high_priority_message_frequency_s:
             self._last_high = now
             self._send(out, QueueName.HIGH)
@@ -243,6 +256,47 @@ class LeafAgent:
             self._statistics(now)
             self._drain(out)
         return out
+
+    # -- state that survives a restart ---------------------------------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """Everything a restart needs to continue as this agent (JSON-ready): the events waiting in its cache and
+        aggregation map, its event counter (so event Ids do not repeat), its timers and its counters."""
+        return {
+            "identity": self.identity,
+            "seq": self._seq,
+            "lastHigh": self._last_high,
+            "lastLow": self._last_low,
+            "lastSnapshot": self._last_snapshot,
+            "messages": self._messages,
+            "interval": [self._interval_sent, self._interval_under_4kb, self._interval_failed,
+                         self._interval_capture_drops],
+            "aggOverflowReported": self._agg_overflow_reported,
+            "queues": self._queues.export_state(),
+            "aggregation": self._agg.export_state(),
+        }
+
+    def restore_state(self, state: dict[str, Any], now: float) -> None:
+        """Continue from :meth:`export_state` of an earlier run (raises KeyError/TypeError/ValueError on a state
+        of another shape; the caller then starts this agent afresh). The cache is held to the configuration in
+        force, by the drop policy (counted)."""
+        interval = [int(v) for v in state["interval"]]
+        seq, messages = int(state["seq"]), int(state["messages"])
+        last_snapshot = state["lastSnapshot"]
+        self._queues.restore_state(state["queues"])
+        self._agg.restore_state(state["aggregation"])
+        self._seq, self._messages = seq, messages
+        self._last_high, self._last_low = float(state["lastHigh"]), float(state["lastLow"])
+        self._last_snapshot = float(last_snapshot) if last_snapshot is not None else None
+        self._interval_sent, self._interval_under_4kb, self._interval_failed, self._interval_capture_drops = interval
+        self._agg_overflow_reported = int(state["aggOverflowReported"])
+        self._queues.resize(self._config.max_local_cache_size_bytes, self._builder.max_event_bytes)
+        self._next_due = now
+
+    def forget_events(self, ids: set[str]) -> int:
+        """Remove queued events whose ``Id`` is in ``ids`` (they reached the output after the state was saved);
+        returns how many. They count as sent."""
+        return self._queues.forget(ids)
 
     # -- internals -----------------------------------------------------------------------------------------
 
@@ -313,11 +367,13 @@ class LeafAgent:
 
     def _schedule(self) -> None:
         cfg = self._config
-        due = min(
-            self._last_high + cfg.high_priority_message_frequency_s,
-            self._last_low + cfg.low_priority_message_frequency_s,
-            (self._last_snapshot or 0.0) + cfg.snapshot_frequency_s,
-        )
+        due = (self._last_snapshot or 0.0) + cfg.snapshot_frequency_s
+        if not self._held:
+            due = min(
+                due,
+                self._last_high + cfg.high_priority_message_frequency_s,
+                self._last_low + cfg.low_priority_message_frequency_s,
+            )
         if len(self._agg):
             # The flush is strictly after the window; a tick exactly at due_at() checks and finds nothing yet.
             due = min(due, self._agg.due_at())

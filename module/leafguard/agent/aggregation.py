@@ -80,6 +80,25 @@ class ConnectionAggregator:
         self._entries[key] = _Entry(item, 1)
         return None
 
+    def export_state(self) -> dict[str, Any]:
+        """The open window (JSON-ready): its start, the connections counted in it, the overflow count."""
+        return {
+            "windowStart": self.window_start,
+            "overflowed": self.overflowed,
+            "entries": [[list(key), entry.item, entry.hits] for key, entry in self._entries.items()],
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        entries: dict[_Key, _Entry] = {}
+        for key, item, hits in state["entries"]:
+            direction, local, remote, protocol, port = key
+            if not isinstance(item, dict):
+                raise TypeError("aggregation entry: item must be an object")
+            entries[(str(direction), str(local), str(remote), str(protocol), int(port))] = _Entry(item, int(hits))
+        self.window_start = float(state["windowStart"])
+        self.overflowed = int(state["overflowed"])
+        self._entries = entries
+
     def due_at(self) -> float:
         """The time after which a tick flushes (strictly later than this)."""
         return self.window_start + self.interval_s

@@ -64,6 +64,11 @@ class Fleet:
         self.refused_observations = 0
         self.totals = QueueTotals()
         """Every agent's event and message counters, summed as they happen (metrics read them in O(1))."""
+        self._held = False
+        self.restored_agents = 0
+        """Agents continued from a saved state at start-up."""
+        self.restore_failures = 0
+        """Agents whose saved state did not fit (started afresh)."""
 
     # -- identities ----------------------------------------------------------------------------------------
 
@@ -167,12 +172,16 @@ class Fleet:
 
     # -- the clock -----------------------------------------------------------------------------------------
 
-    def tick(self, now: float, views: ViewsProvider | None = None) -> list[OutgoingMessage]:
+    def tick(self, now: float, views: ViewsProvider | None = None, *, hold: bool = False) -> list[OutgoingMessage]:
         """Advance every agent to ``now``; returns the messages due, leaf by leaf.
 
         ``views`` is called at most once, and only when an agent takes a snapshot or every
-        ``discovery_interval_s`` (to create agents for leaves seen only in the inventory).
+        ``discovery_interval_s`` (to create agents for leaves seen only in the inventory). ``hold``: the uplink is
+        down or behind, timed sends wait (see :meth:`LeafAgent.tick`).
         """
+        if hold != self._held:
+            self._held = hold
+            self._min_due = float("-inf")  # every agent's schedule changes with the hold
         discover = self._last_discovery is None or now - self._last_discovery >= self.discovery_interval_s
         if now < self._min_due and not self._dirty and not (discover and views is not None):
             return []  # nothing is due anywhere: O(1) however many leaves there are
@@ -186,7 +195,7 @@ class Fleet:
         min_due = float("inf")
         for mac, agent in self._agents.items():
             view = by_mac.get(mac) if by_mac is not None else None
-            out.extend(agent.tick(now, view))
+            out.extend(agent.tick(now, view, hold=hold))
             min_due = min(min_due, agent.next_due)
         self._dirty.clear()
         self._min_due = min_due
@@ -210,3 +219,60 @@ class Fleet:
             sum(p.messages for p in parts),
             sum(p.aggregation_overflow for p in parts),
         )
+
+    # -- state that survives a restart -----------------------------------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """The fleet as a restart needs it (JSON-ready): the leaf map in force, the desired documents applied, the
+        fleet-wide counters, and every agent's state by MAC."""
+        return {
+            "leafMap": dict(self._leaf_map),
+            "defaultDesired": self.default_desired,
+            "desired": dict(self._desired),
+            "refusedObservations": self.refused_observations,
+            "totals": {name.name: [c.generated, c.sent, c.dropped] for name, c in self.totals.by_queue.items()},
+            "messages": self.totals.messages,
+            "agents": {mac: agent.export_state() for mac, agent in self._agents.items()},
+        }
+
+    def restore_state(self, state: dict[str, Any], now: float) -> None:
+        """Continue from :meth:`export_state` of an earlier run (before any input). An agent whose state does not
+        fit starts afresh (counted in :attr:`restore_failures`); a malformed fleet section raises (KeyError,
+        TypeError, ValueError) and changes nothing."""
+        leaf_map = {str(k).lower(): str(v) for k, v in dict(state["leafMap"]).items()}
+        desired = {str(k): v for k, v in dict(state["desired"]).items()}
+        totals = {name: [int(v) for v in state["totals"][name.name]] for name in self.totals.by_queue}
+        agents = dict(state["agents"])
+        refused, messages = int(state["refusedObservations"]), int(state["messages"])
+        self._leaf_map = leaf_map
+        self._desired = desired
+        if self.default_desired is None:
+            self.default_desired = state["defaultDesired"]
+        self.refused_observations = refused
+        for name, (generated, sent, dropped) in totals.items():
+            c = self.totals.by_queue[name]
+            c.generated, c.sent, c.dropped = generated, sent, dropped
+        self.totals.messages = messages
+        for mac, saved in agents.items():
+            agent = self.ensure(str(mac), now)
+            if agent is None:
+                break
+            try:
+                if not isinstance(saved, dict):
+                    raise TypeError("agent state must be an object")
+                agent.restore_state(saved, now)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                self.restore_failures += 1
+                continue
+            self.restored_agents += 1
+        self._min_due = float("-inf")
+
+    def forget_events(self, ids_by_identity: Mapping[str, set[str]]) -> int:
+        """Events that reached the output after the state was saved leave the restored caches (see
+        :meth:`LeafAgent.forget_events`); returns how many."""
+        removed = 0
+        for identity, ids in ids_by_identity.items():
+            agent = self.agent(identity)
+            if agent is not None:
+                removed += agent.forget_events(ids)
+        return removed

@@ -48,6 +48,7 @@ class JsonlMessageWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh: IO[bytes] = self.path.open("ab" if append else "wb")
+        self._closed_at = 0
         self.lines = 0
 
     def write(self, messages: Iterable[OutgoingMessage]) -> None:
@@ -60,7 +61,61 @@ class JsonlMessageWriter:
             self._fh.flush()
 
     def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.flush()
+            self._closed_at = self._fh.tell()
         self._fh.close()
+
+    @property
+    def offset(self) -> int:
+        """The file's length: every line written so far is complete (each batch is flushed)."""
+        return self._closed_at if self._fh.closed else self._fh.tell()
+
+    def cut_torn_tail(self) -> int:
+        """A line cut short by kill -9 or a power cut (the file does not end with a newline) is removed, so the
+        next line starts clean; returns the bytes removed."""
+        self._fh.flush()
+        size = os.fstat(self._fh.fileno()).st_size
+        keep = 0
+        with self.path.open("rb") as fh:
+            pos = size
+            while pos > 0:
+                start = max(0, pos - 65536)
+                fh.seek(start)
+                at = fh.read(pos - start).rfind(b"\n")
+                if at >= 0:
+                    keep = start + at + 1
+                    break
+                pos = start
+        if keep < size:
+            self._fh.truncate(keep)
+        return size - keep
+
+    def rollback(self, offset: int) -> int:
+        """Cut the file back to ``offset`` (a saved state's length): the lines after it are written again by the
+        resumed run. Returns the lines removed."""
+        removed = sum(1 for _ in self.lines_after(offset))
+        self._fh.flush()
+        self._fh.truncate(offset)
+        return removed
+
+    def bodies_since(self, offset: int) -> Iterable[tuple[str, bytes]]:
+        return self.lines_after(offset)
+
+    def lines_after(self, offset: int) -> Iterable[tuple[str, bytes]]:
+        """``(identity, body)`` of every complete line after ``offset`` (lines that do not parse are skipped)."""
+        self._fh.flush()
+        with self.path.open("rb") as fh:
+            fh.seek(offset)
+            for line in fh:
+                if not line.endswith(b"\n"):
+                    break
+                try:
+                    doc = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(doc, dict) and isinstance(doc.get("body"), dict):
+                    yield str(doc.get("identity")), orjson.dumps(doc["body"])
 
     def __enter__(self) -> Self:
         return self
@@ -220,9 +275,13 @@ class AnalyzerLike(Protocol):
 class SecurityMessagePump:
     """Feeds an analyzer's observations to a fleet after each batch and hands the due messages to a sink."""
 
-    def __init__(self, fleet: Fleet, sink: Callable[[list[OutgoingMessage]], None]) -> None:
+    def __init__(
+        self, fleet: Fleet, sink: Callable[[list[OutgoingMessage]], None], hold: Callable[[], bool] | None = None
+    ) -> None:
         self.fleet = fleet
         self.sink = sink
+        self.hold = hold
+        """Whether the output is down or behind now (the agents then hold their timed sends); None: never."""
         self.messages = 0
 
     def after_batch(self, analyzer: AnalyzerLike) -> None:
@@ -231,7 +290,8 @@ class SecurityMessagePump:
             self.fleet.observe(obs)
         now = analyzer.now
         if now is not None:
-            self._emit(self.fleet.tick(now, analyzer.leaf_views))
+            hold = self.hold is not None and self.hold()
+            self._emit(self.fleet.tick(now, analyzer.leaf_views, hold=hold))
 
     def finish(self, analyzer: AnalyzerLike) -> None:
         """At the end of the run: the last observations, a last tick, then the final flush of every agent."""

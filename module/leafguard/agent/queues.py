@@ -24,6 +24,9 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from leafguard.agent.events import QueueCounts
 
@@ -178,6 +181,45 @@ class EventQueues:
         for victim in QueueName:
             while self._q[victim] and self.total_bytes > cache_bytes:
                 self._evict(victim)
+
+    # -- state that survives a restart ---------------------------------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """The queued events (as text, oldest first), this interval's counters and the cumulative ones."""
+        return {
+            "events": {name.name: [d.decode() for d in self._q[name]] for name in QueueName},
+            "interval": {name.name: [c.collected, c.dropped, c.too_large] for name, c in self._interval.items()},
+            "totals": [self._generated, self._sent, self._dropped],
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Queue contents and counters from :meth:`export_state` (the fleet restores the shared totals itself)."""
+        queues = {name: deque(str(e).encode() for e in state["events"][name.name]) for name in QueueName}
+        interval = {name: _Counters(*(int(v) for v in state["interval"][name.name])) for name in QueueName}
+        generated, sent, dropped = (int(v) for v in state["totals"])
+        self._q = queues
+        self._bytes = {name: sum(len(d) for d in q) for name, q in queues.items()}
+        self.total_bytes = sum(self._bytes.values())
+        self._interval = interval
+        self._generated, self._sent, self._dropped = generated, sent, dropped
+
+    def forget(self, ids: set[str]) -> int:
+        """Remove the events whose ``Id`` is in ``ids`` (already output), counting them as sent."""
+        removed = 0
+        for name in QueueName:
+            q = self._q[name]
+            keep: deque[bytes] = deque()
+            for data in q:
+                if orjson.loads(data).get("Id") in ids:
+                    self._bytes[name] -= len(data)
+                    self.total_bytes -= len(data)
+                    self._sent += 1
+                    self._shared[name].sent += 1
+                    removed += 1
+                else:
+                    keep.append(data)
+            self._q[name] = keep
+        return removed
 
     def _evict(self, name: QueueName) -> None:
         data = self._q[name].popleft()

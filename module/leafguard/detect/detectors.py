@@ -136,6 +136,8 @@ class Detectors:
         self._unbounded: set[bytes] = set()
         self._services: dict[bytes, set[tuple[str, int]]] = {}
         self._peer_alerts: dict[bytes, _Window] = {}
+        self._new_reported: set[bytes] = set()
+        """Leaves already announced as ``new_device`` (saved with the state: a restart does not announce them again)."""
 
     def process(self, evidence: list[Evidence]) -> None:
         """Consume one batch's evidence (any order: it is sorted here)."""
@@ -289,10 +291,14 @@ class Detectors:
         learning = self._learning(ts)
         if learning is None:
             return
+        if mac in self._baseline or mac in self._new_reported:
+            return  # known (learned, or announced once already: maybe by the run before a restart)
         if learning:
             if len(self._baseline) < MAX_TRACKED:
                 self._baseline.add(mac)  # learned: part of the baseline
             return
+        if len(self._new_reported) < MAX_TRACKED:
+            self._new_reported.add(mac)
         self.raise_alert(
             Alert(
                 "new_device", "medium", ts, _mac(mac),
@@ -427,6 +433,69 @@ class Detectors:
                      "failures": len(w.items), "first_ts": w.start},
                 )
             )  # fmt: skip
+
+
+    # -- state that survives a restart -----------------------------------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """The learned baselines and the memory that keeps findings from repeating (JSON-ready): the learning
+        period's start, the baseline leaves with their peers and services, the leaves announced as new, the
+        once-per-window memories (cleartext logins, DHCP servers, ARP claims reported). Scan and brute-force
+        windows start afresh after a restart."""
+        return {
+            "learningStarted": self.learning_started,
+            "baseline": _enc(sorted(self._baseline)),
+            "unbounded": _enc(sorted(self._unbounded)),
+            "peers": [[_enc(mac), _enc(sorted(peers))] for mac, peers in self._peers.items()],
+            "services": [[_enc(mac), _enc(sorted(services))] for mac, services in self._services.items()],
+            "newReported": _enc(sorted(self._new_reported)),
+            "cleartext": [[_enc(key), ts] for key, ts in self._cleartext.items()],
+            "dhcpServers": [[_enc(mac), _enc(ip)] for mac, ip in self._dhcp_servers.items()],
+            "rogueReported": _enc(sorted(self._rogue_reported)),
+            "claimsReported": _enc(sorted(self._claims_reported)),
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`export_state` (raises KeyError/TypeError/ValueError on another shape, changing
+        nothing). Bounded as when learned."""
+        started = state["learningStarted"]
+        baseline = {bytes(m) for m in _dec(state["baseline"])[:MAX_TRACKED]}
+        unbounded = {bytes(m) for m in _dec(state["unbounded"])[:MAX_TRACKED]}
+        peers = {bytes(_dec(m)): {tuple(p) for p in _dec(ps)} for m, ps in state["peers"][:MAX_TRACKED]}
+        services = {bytes(_dec(m)): {tuple(x) for x in _dec(xs)} for m, xs in state["services"][:MAX_TRACKED]}
+        new_reported = {bytes(m) for m in _dec(state["newReported"])[:MAX_TRACKED]}
+        cleartext = {tuple(_dec(k)): float(ts) for k, ts in state["cleartext"][:MAX_TRACKED]}
+        dhcp = {bytes(_dec(m)): bytes(_dec(ip)) for m, ip in state["dhcpServers"][:MAX_TRACKED]}
+        rogue = {bytes(m) for m in _dec(state["rogueReported"])[:MAX_TRACKED]}
+        claims = {(bytes(m), bytes(ip)) for m, ip in _dec(state["claimsReported"])[:MAX_TRACKED]}
+        self.learning_started = float(started) if started is not None else None
+        self._baseline, self._unbounded, self._new_reported = baseline, unbounded, new_reported
+        self._peers = peers
+        self._services = services
+        self._cleartext, self._dhcp_servers, self._rogue_reported = cleartext, dhcp, rogue
+        self._claims_reported = claims
+
+
+def _enc(value: Any) -> Any:
+    """JSON for the detectors' keys: bytes as ``{"x": hex}``, tuples and sets as lists, the rest as is."""
+    if isinstance(value, bytes):
+        return {"x": value.hex()}
+    if isinstance(value, tuple | list):
+        return [_enc(v) for v in value]
+    if value is None or isinstance(value, str | int | float):
+        return value
+    raise TypeError(f"cannot save {type(value).__name__}")
+
+
+def _dec(value: Any) -> Any:
+    """The inverse of :func:`_enc` (lists come back as tuples)."""
+    if isinstance(value, dict):
+        return bytes.fromhex(str(value["x"]))
+    if isinstance(value, list):
+        return tuple(_dec(v) for v in value)
+    if value is None or isinstance(value, str | int | float):
+        return value
+    raise TypeError(f"unexpected {type(value).__name__} in a saved state")
 
 
 def _order(evidence: list[Evidence]) -> None:

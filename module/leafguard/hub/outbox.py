@@ -20,9 +20,9 @@ spool, per leaf, so the count survives a restart).
 from __future__ import annotations
 
 import enum
-import itertools
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from leafguard.agent.messages import OutgoingMessage
@@ -95,7 +95,8 @@ class Outbox:
         self._entries: OrderedDict[int, Pending] = OrderedDict()
         self._tiers: dict[Tier, OrderedDict[int, None]] = {t: OrderedDict() for t in Tier}
         """Sequence numbers per eviction tier, oldest first."""
-        self._seq = itertools.count(spool.counters.next_seq if spool is not None else 0)
+        self.next_seq = spool.counters.next_seq if spool is not None else 0
+        """The sequence number the next message gets (a saved state records it: see :meth:`bodies_since`)."""
         self.bytes = 0
         self._in_flight_bytes = 0
         self.in_flight = 0
@@ -140,7 +141,7 @@ class Outbox:
     def put(self, message: OutgoingMessage) -> list[Pending]:
         """Queue a message; returns the entries dropped to respect the byte bound (maybe this one)."""
         size = len(message.body)
-        seq = next(self._seq)
+        seq = self._take_seq()
         entry = Pending(
             seq, str(uuid.uuid4()), message.identity, message.priority,
             tier_of(message.priority, isinstance(message, AlertMessage)), size, message, message.event_count,
@@ -168,7 +169,7 @@ class Outbox:
         """A message that cannot be queued (shutting down without a data directory): counted as dropped."""
         alert = isinstance(message, AlertMessage)
         entry = Pending(
-            next(self._seq), "", message.identity, message.priority, tier_of(message.priority, alert),
+            self._take_seq(), "", message.identity, message.priority, tier_of(message.priority, alert),
             len(message.body), message, message.event_count,
         )
         self.stats.accepted += 1
@@ -232,6 +233,23 @@ class Outbox:
         self._in_flight_bytes = 0
         self.in_flight = 0
         return released
+
+    def bodies_since(self, seq: int) -> Iterator[tuple[str, bytes]]:
+        """``(identity, body)`` of the waiting messages numbered ``seq`` or later, oldest first (read from the
+        spool; nothing is marked in flight)."""
+        for entry in self._entries.values():
+            if entry.seq < seq:
+                continue
+            message = entry.message
+            if message is None:
+                assert self.spool is not None
+                _mid, message = self.spool.load(entry.seq)
+            yield entry.identity, message.body
+
+    def _take_seq(self) -> int:
+        seq = self.next_seq
+        self.next_seq += 1
+        return seq
 
     def has_waiting(self) -> bool:
         # In-flight entries are a prefix of the FIFO (they are taken oldest first), so this is O(window).

@@ -89,7 +89,7 @@ class EdgeAgentOutput:
         self._leaf_states: dict[str, int] = {}
         self._pending_leaf: set[str] = set()
         """Managed leaves whose desired document came before the service's clock was known."""
-        self._pump = SecurityMessagePump(fleet, self._submit)
+        self._pump = SecurityMessagePump(fleet, self._submit, hold=transport.congested)
         self.alerts = AlertBatcher(transport.settings.identity)
         transport.on_dropped = self._on_dropped
         transport.health = self.health
@@ -123,7 +123,7 @@ class EdgeAgentOutput:
         self._now = now
         if views is not None:
             self._views = views
-        self._submit(self.fleet.tick(now, views))
+        self._submit(self.fleet.tick(now, views, hold=self.transport.congested()))
         self._sync_reported()
 
     def poll_desired(self, now: float) -> list[tuple[str, ConfigOutcome]]:

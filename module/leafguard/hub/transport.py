@@ -253,6 +253,13 @@ class EdgeTransport:
             return False
         return True
 
+    def congested(self) -> bool:
+        """The uplink is down, or behind: a whole window of messages waits behind the window in flight. The agents
+        then hold their timed sends (events wait in their caches, messages fill up: fewer, fuller messages)."""
+        if self.state is not LinkState.CONNECTED:
+            return True
+        return len(self.outbox) - self.outbox.in_flight >= self.settings.inflight_window
+
     def refresh_health(self) -> None:
         """Report the health section with the next reported patch (something an operator set changed)."""
         self._last_health = float("-inf")

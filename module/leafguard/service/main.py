@@ -69,6 +69,7 @@ from leafguard.service.snapshot import (
     interfaces_of,
     uplink_up,
 )
+from leafguard.service.state import Restored, StateKeeper, StateSettings, reconcile
 from leafguard.service.triage import Triage
 
 if TYPE_CHECKING:
@@ -186,6 +187,11 @@ class Service:
         self._detection_section: object = _UNSEEN
         self.triage = Triage(self.analyzer)
         self._last_drop_report = 0.0
+        self.state: StateKeeper | None = None
+        self.restored: Restored | None = None
+        self.replay_frames = 0
+        """Frames of the replay handed to the analyzer (with those a restored state skipped)."""
+        self._open_state(settings)
         if settings.live:
             from leafguard.capture.live import CaptureSettings, LiveCapture
 
@@ -199,6 +205,58 @@ class Service:
                 raise CaptureError(str(exc)) from exc
             self.capture = LiveCapture(cs)
             self.queue = self.capture.queue
+
+    def _open_state(self, settings: ServiceSettings) -> None:
+        """The saved state of the data directory (``--local-dir`` / ``--data-dir``), restored before any input."""
+        import os
+
+        directory = settings.local_dir if settings.local_dir is not None else (
+            settings.spool.directory if settings.spool is not None else None)
+        state_settings = StateSettings.from_env(directory, os.environ)
+        if state_settings is None:
+            return
+        self.state = StateKeeper(state_settings, self.fleet, self.analyzer.detectors)
+        restored = self.restored = self.state.load(time.time())
+        if isinstance(self.out, LocalAgentOutput):
+            writer = self.out.messages
+            writer.cut_torn_tail()
+            if restored is not None and restored.messages_offset is not None:
+                replay = restored.replay
+                if replay is not None and settings.pcap is not None and replay.same_file(settings.pcap):
+                    # The same capture again: back to where the state was saved, and resume the replay there.
+                    log.info("state: resuming the replay of %s after %d frames; %d lines after them rewritten",
+                             settings.pcap, replay.frames, writer.rollback(restored.messages_offset))
+                    self.replay_frames = replay.frames
+                else:
+                    reconcile(restored, self.fleet, writer, restored.messages_offset)
+        elif restored is not None and self.transport is not None:
+            reconcile(restored, self.fleet, self.transport.outbox, restored.spool_next_seq)
+        if self.edge_out is not None:
+            self.edge_out.gateway_status["state"] = self.state.status()
+
+    def _clock(self) -> float | None:
+        """The service's clock: wall-clock time live, packet time of a replay (a restored one before any frame)."""
+        if self.settings.live:
+            return time.time()
+        if self.analyzer.now is not None:
+            return self.analyzer.now
+        return self.restored.clock if self.restored is not None else None
+
+    def _save_state(self, mono: float) -> None:
+        if self.state is None:
+            return
+        from leafguard.service.state import ReplayPosition
+
+        pcap = self.settings.pcap
+        self.state.save(
+            mono,
+            clock=self._clock(),
+            spool_next_seq=self.transport.outbox.next_seq if self.transport is not None else None,
+            messages_offset=self.out.messages.offset if isinstance(self.out, LocalAgentOutput) else None,
+            replay=ReplayPosition.of(pcap, self.replay_frames) if pcap is not None and not self.settings.live else None,
+        )
+        if self.edge_out is not None:
+            self.edge_out.gateway_status["state"] = self.state.status()
 
     def _open_outbox(self, settings: ServiceSettings) -> Outbox:
         """The uplink's outbox: journalled in the data directory's spool (replayed now), or in memory."""
@@ -346,7 +404,7 @@ class Service:
                     self._process(self.queue.get_nowait())
         # Drops seen since the last tick still reach the agents' final statistics.
         self._report_capture_drops(time.time())
-        self.out.close(self.analyzer.now)
+        self.out.close(self._clock())
         if self.transport is not None:
             # Flush the outbox against the deadline, then close the client; its task ends with it.
             # The gateway's outbox and every managed leaf's are flushed at once, against the same deadline.
@@ -359,18 +417,27 @@ class Service:
                 await tasks["leaves"]
             if self.spool is not None:
                 self.spool.close(time.monotonic())
+        # Last, so that it records the output as the final flush left it (the agents' caches are empty now).
+        self._save_state(time.monotonic())
         self._write_files()
 
     async def _source(self) -> None:
         if self.capture is not None:
             await self.capture.run()
             return
-        from leafguard.capture.replay import PcapReplay
+        from leafguard.capture.replay import PcapReplay, slice_batch
 
         assert self.settings.pcap is not None
         speed = self.settings.replay_speed
         replay = PcapReplay([self.settings.pcap], speed=speed if speed > 0 else float("inf"))
-        async for batch in replay:
+        skip = self.replay_frames  # analysed before a restart (a restored state)
+        async for frames in replay:
+            batch = frames
+            if skip:
+                if len(frames) <= skip:
+                    skip -= len(frames)
+                    continue
+                batch, skip = slice_batch(frames, skip, len(frames)), 0
             # Overflow policy "block": a replay waits for the pipeline rather than losing frames.
             await self.queue.put(batch)
         self.replay_done = True
@@ -390,6 +457,7 @@ class Service:
 
     def _process(self, batch: FrameBatch) -> None:
         self.analyzer.feed(batch)
+        self.replay_frames += len(batch)
         self.out.after_batch(self.analyzer)
         self.batches += 1
         fresh = self.analyzer.detectors.forward
@@ -413,6 +481,11 @@ class Service:
             if s.live:
                 self.out.tick(now, self.analyzer.leaf_views)
                 self._report_capture_drops(now)
+            elif self.edge_out is not None and (clock := self._clock()) is not None:
+                # A replay's agents tick with its batches; this tick lets held messages go when the link is back.
+                self.edge_out.tick(clock)
+            if self.state is not None and self.state.due(mono):
+                self._save_state(mono)
             if mono >= next_poll:
                 clock = now if s.live else self.analyzer.now
                 if clock is not None:
@@ -439,6 +512,8 @@ class Service:
                     return
             else:
                 desired = getattr(self.out, "desired", None)
+                if desired is not None and self.restored is not None and desired.version is None and not desired.doc:
+                    return  # the twin has not come yet: the settings restored with the state stay in force
                 doc = dict(desired.doc) if desired is not None else {}
                 # Before anything compares its sections: a hostile document must not exhaust the recursion limit.
                 check_document(doc, "module twin desired properties")
@@ -592,6 +667,8 @@ class Service:
         }
         if self.transport is not None:
             out["uplink"] = self.transport.counters()
+        if self.state is not None:
+            out["state"] = self.state.status()
         if self.capture is not None:
             out["interfaces"] = {name: st.as_dict() for name, st in self.capture.stats().items()}
         return out

@@ -1,0 +1,328 @@
+"""The service's saved state: what a restart with the same data directory continues from.
+
+``DATA_DIR/state.json`` (the ``--local-dir`` folder in local mode, ``--data-dir`` in edge mode) holds:
+
+* the agents (:meth:`~leafguard.agent.fleet.Fleet.export_state`): the leaf identity map in force, the desired
+  documents applied, every agent's cached events, aggregation window, event counter, timers and counters;
+* the detectors' learned baselines and de-duplication memory
+  (:meth:`~leafguard.detect.detectors.Detectors.export_state`), so a restart neither re-learns nor announces every
+  known leaf as ``new_device`` again;
+* the service clock (packet time of a replay) and where the output stood when the state was taken: the spool's
+  next sequence number (edge mode) or the byte length of ``messages.jsonl`` (local mode), and for a replay how
+  many frames of which file had been analysed.
+
+It is written atomically (a temporary file, fsync, rename, fsync of the folder) every ``LEAFGUARD_STATE_INTERVAL_S``
+seconds (30) and at shutdown. The file starts with a magic line and the SHA-256 of the JSON after it: a file
+that fails the digest or does not parse is *corrupt*, one of another format version *incompatible*; either is
+reported (a warning, and ``state.error`` in stats and the health section) and ignored: the service starts fresh,
+never crashes.
+
+Between two saves, the output moves on. On restore, what reached the output after the save is reconciled:
+
+* edge mode: events found in the spool's messages put after the saved sequence number leave the restored caches
+  (they are sent from the spool); messages put *and acknowledged* after the save are gone from the spool, so their
+  events may be sent a second time, with the same event ``Id``;
+* local mode, live capture: the same against the lines of ``messages.jsonl`` after the saved length;
+* local mode, a replay of the same file: ``messages.jsonl`` is cut back to the saved length and the replay resumes
+  after the frames analysed by then: nothing is repeated, nothing lost (the flow table starts afresh, so a
+  conversation spanning the cut is seen again from its next frame).
+
+Events that entered an agent's cache after the last save and had not reached the output when the process was
+killed are lost (at most one interval's worth, with kill -9 or a power cut only; a graceful stop saves last).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from leafguard import __version__
+from leafguard.agent.fleet import Fleet
+from leafguard.errors import ConfigurationError
+
+log = logging.getLogger("leafguard.state")
+
+STATE_FILE = "state.json"
+MAGIC = b"LEAFGUARD-STATE 1\n"
+"""The first line; another magic is another format version (incompatible)."""
+FORMAT_VERSION = 1
+DEFAULT_STATE_INTERVAL_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class StateSettings:
+    directory: Path
+    interval_s: float = DEFAULT_STATE_INTERVAL_S
+
+    def __post_init__(self) -> None:
+        if not self.interval_s > 0:
+            raise ConfigurationError("LEAFGUARD_STATE_INTERVAL_S must be a positive number of seconds")
+
+    @property
+    def path(self) -> Path:
+        return self.directory / STATE_FILE
+
+    @classmethod
+    def from_env(cls, directory: Path | None, env: Mapping[str, str]) -> StateSettings | None:
+        """The state in ``directory`` (None: no data directory, nothing is saved)."""
+        if directory is None:
+            return None
+        raw = env.get("LEAFGUARD_STATE_INTERVAL_S", "").strip()
+        try:
+            interval = float(raw) if raw else DEFAULT_STATE_INTERVAL_S
+        except ValueError as exc:
+            raise ConfigurationError(f"LEAFGUARD_STATE_INTERVAL_S={raw!r} is not a number of seconds") from exc
+        return cls(directory, interval)
+
+
+class StateProblem(Exception):
+    """A state file that cannot be used (corrupt or incompatible); the message says which and why."""
+
+
+def encode_state(doc: Mapping[str, Any]) -> bytes:
+    body = orjson.dumps({"format": FORMAT_VERSION, "version": __version__, "savedAt": time.time(), **doc})
+    return MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+
+
+def decode_state(raw: bytes) -> dict[str, Any]:
+    """The document in a state file's bytes; raises :class:`StateProblem`."""
+    if not raw.startswith(MAGIC):
+        first = raw.split(b"\n", 1)[0][:40]
+        raise StateProblem(f"incompatible: not a LeafGuard state file of format {FORMAT_VERSION} ({first!r})")
+    digest, _, body = raw[len(MAGIC) :].partition(b"\n")
+    if hashlib.sha256(body).hexdigest().encode() != digest:
+        raise StateProblem("corrupt: the checksum does not match (a torn or damaged file)")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise StateProblem(f"corrupt: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION:
+        raise StateProblem(f"incompatible: format {doc.get('format') if isinstance(doc, dict) else '?'}")
+    return doc
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` so that a crash leaves either the old file or the new one, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class DetectorsLike(Protocol):
+    def export_state(self) -> dict[str, Any]: ...
+
+    def restore_state(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPosition:
+    """How far a replay of one capture file had got (frames handed to the analyzer)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    frames: int
+
+    @classmethod
+    def of(cls, pcap: Path, frames: int) -> ReplayPosition | None:
+        try:
+            st = pcap.stat()
+        except OSError:
+            return None
+        return cls(str(pcap.resolve()), st.st_size, st.st_mtime_ns, frames)
+
+    def same_file(self, pcap: Path) -> bool:
+        other = ReplayPosition.of(pcap, 0)
+        return other is not None and (other.path, other.size, other.mtime_ns) == (self.path, self.size, self.mtime_ns)
+
+
+@dataclass(slots=True)
+class Restored:
+    """What a restore found (for the log line, stats and the reconciliation with the output)."""
+
+    clock: float | None = None
+    """The service clock when the state was saved (packet time of a replay)."""
+    spool_next_seq: int | None = None
+    messages_offset: int | None = None
+    replay: ReplayPosition | None = None
+    agents: int = 0
+    saved_at: float | None = None
+
+
+class StateKeeper:
+    """Loads the state at start-up, saves it at intervals and at shutdown; reports what happened.
+
+    Single-threaded: call it on the loop. ``status`` goes to stats.json and the health section."""
+
+    def __init__(self, settings: StateSettings, fleet: Fleet, detectors: DetectorsLike) -> None:
+        self.settings = settings
+        self.fleet = fleet
+        self.detectors = detectors
+        self.saves = 0
+        self.save_failures = 0
+        self.last_save_s = 0.0
+        self.error: str | None = None
+        """The last problem: a state file ignored at start-up, or a save that failed."""
+        self.restored: Restored | None = None
+        self._next_save = 0.0
+
+    def status(self) -> dict[str, Any]:
+        r = self.restored
+        return {
+            "file": str(self.settings.path),
+            "restored": r is not None,
+            "restoredAgents": r.agents if r is not None else 0,
+            "saves": self.saves,
+            "saveFailures": self.save_failures,
+            "lastSaveSeconds": round(self.last_save_s, 4),
+            "error": self.error,
+        }
+
+    # -- start-up ------------------------------------------------------------------------------------------
+
+    def load(self, now: float) -> Restored | None:
+        """Restore the fleet and the detectors from the file (before any input); None when there is none or it
+        cannot be used (reported, and ignored)."""
+        path = self.settings.path
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._ignore(f"unreadable: {exc.strerror or exc}")
+            return None
+        try:
+            doc = decode_state(raw)
+            clock = doc.get("clock")
+            fleet, detectors = doc["fleet"], doc["detectors"]
+            if not isinstance(fleet, dict) or not isinstance(detectors, dict):
+                raise StateProblem("incompatible: fleet and detectors must be objects")
+            restored = Restored(
+                clock=float(clock) if clock is not None else None,
+                spool_next_seq=_opt_int(doc.get("spoolNextSeq")),
+                messages_offset=_opt_int(doc.get("messagesOffset")),
+                replay=_replay(doc.get("replay")),
+                saved_at=float(doc.get("savedAt", 0.0)),
+            )
+            when = restored.clock if restored.clock is not None else now
+            self.detectors.restore_state(detectors)
+            self.fleet.restore_state(fleet, when)
+        except StateProblem as exc:
+            self._ignore(str(exc))
+            return None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            self._ignore(f"incompatible: {type(exc).__name__}: {exc}")
+            return None
+        restored.agents = self.fleet.restored_agents
+        self.restored = restored
+        log.info("state restored from %s: %d agents (%d started afresh), saved %s", path, restored.agents,
+                 self.fleet.restore_failures, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(restored.saved_at)))
+        return restored
+
+    def _ignore(self, problem: str) -> None:
+        self.error = f"state file {self.settings.path} ignored, starting fresh: {problem}"
+        log.warning("%s", self.error)
+        # Keep the bad file for a post-mortem; the next save writes a good one beside it.
+        with contextlib.suppress(OSError):
+            os.replace(self.settings.path, self.settings.path.with_name(STATE_FILE + ".bad"))
+
+    # -- saving --------------------------------------------------------------------------------------------
+
+    def due(self, mono: float) -> bool:
+        return mono >= self._next_save
+
+    def save(self, mono: float, *, clock: float | None, spool_next_seq: int | None = None,
+             messages_offset: int | None = None, replay: ReplayPosition | None = None) -> bool:
+        """Write the state now (``mono``: monotonic seconds, for the interval); False when the write failed
+        (reported, retried at the next interval)."""
+        self._next_save = mono + self.settings.interval_s
+        started = time.perf_counter()
+        doc: dict[str, Any] = {
+            "clock": clock,
+            "spoolNextSeq": spool_next_seq,
+            "messagesOffset": messages_offset,
+            "replay": None if replay is None else {
+                "path": replay.path, "size": replay.size, "mtimeNs": replay.mtime_ns, "frames": replay.frames},
+            "fleet": self.fleet.export_state(),
+            "detectors": self.detectors.export_state(),
+        }
+        try:
+            write_atomic(self.settings.path, encode_state(doc))
+        except OSError as exc:
+            self.save_failures += 1
+            self.error = f"cannot save the state in {self.settings.path}: {exc.strerror or exc}"
+            log.warning("%s", self.error)
+            return False
+        self.saves += 1
+        self.last_save_s = time.perf_counter() - started
+        return True
+
+
+def _opt_int(value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int):
+        raise TypeError("expected an integer")
+    return value
+
+
+def _replay(value: object) -> ReplayPosition | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError("replay must be an object")
+    return ReplayPosition(str(value["path"]), int(value["size"]), int(value["mtimeNs"]), int(value["frames"]))
+
+
+def event_ids(bodies: Iterable[tuple[str, bytes]]) -> dict[str, set[str]]:
+    """The event ``Id`` s in security message bodies, by identity (bodies that are not one are skipped)."""
+    out: dict[str, set[str]] = {}
+    for identity, body in bodies:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            continue
+        events = doc.get("Events") if isinstance(doc, dict) else None
+        if not isinstance(events, list):
+            continue
+        ids = out.setdefault(identity, set())
+        ids.update(str(e["Id"]) for e in events if isinstance(e, dict) and "Id" in e)
+    return out
+
+
+class Output(Protocol):
+    """Where messages went after the state was saved (the spool's outbox, or ``messages.jsonl``)."""
+
+    def bodies_since(self, position: int) -> Iterable[tuple[str, bytes]]: ...
+
+
+def reconcile(restored: Restored, fleet: Fleet, output: Output, position: int | None) -> int:
+    """Events that reached ``output`` after the save (at ``position``) leave the restored caches; returns how
+    many."""
+    if position is None:
+        return 0
+    removed = fleet.forget_events(event_ids(output.bodies_since(position)))
+    if removed:
+        log.info("state: %d restored events had reached the output after the save; not sent again", removed)
+    return removed

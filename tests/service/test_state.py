@@ -1,0 +1,110 @@
+"""The saved state file: atomic, checked, and a bad one is reported and ignored; the detectors' baselines and
+memories survive a restart, so known leaves are not announced as new again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from leafguard.agent.config import AgentConfig
+from leafguard.agent.fleet import Fleet
+from leafguard.detect import detectors as det
+from leafguard.service.state import MAGIC, StateKeeper, StateSettings, decode_state, encode_state
+from tests.agent.helpers import T0, login
+
+A, B, C = bytes.fromhex("020000000001"), bytes.fromhex("020000000002"), bytes.fromhex("020000000003")
+
+
+def learned_detectors() -> det.Detectors:
+    d = det.Detectors(learning_period_s=60.0)
+    d.learning_started = T0
+    d.process([
+        (T0 + 1, det.NEW_LEAF, (A, "10.0.0.1", "")),
+        (T0 + 2, det.NEW_LEAF, (B, "10.0.0.2", "")),
+        (T0 + 3, det.CONVERSATION, (A, bytes([10, 0, 0, 9]), 502, "tcp")),
+        (T0 + 4, det.SERVICE, (B, "tcp", 80)),
+        (T0 + 5, det.LOGIN, (A, "telnet", bytes([10, 0, 0, 5]), bytes([10, 0, 0, 1]), 23, "root", "Success")),
+        (T0 + 6, det.DHCP_SERVER, (B, bytes([10, 0, 0, 2]))),
+    ])
+    return d
+
+
+def after_restart(d: det.Detectors, learning_started: float | None) -> list[str]:
+    """What a restarted run (learning again from its own first frame unless restored) finds on the same leaves,
+    a new one, a new peer, the same cleartext login again within the hour."""
+    if d.learning_started is None:
+        d.learning_started = learning_started
+    d.forward = []
+    t = T0 + 600
+    d.process([
+        (t, det.NEW_LEAF, (A, "10.0.0.1", "")),
+        (t + 1, det.NEW_LEAF, (B, "10.0.0.2", "")),
+        (t + 2, det.NEW_LEAF, (C, "10.0.0.3", "")),
+        (t + 3, det.CONVERSATION, (A, bytes([10, 0, 0, 9]), 502, "tcp")),
+        (t + 4, det.CONVERSATION, (A, bytes([10, 0, 0, 66]), 22, "tcp")),
+        (t + 5, det.LOGIN, (A, "telnet", bytes([10, 0, 0, 5]), bytes([10, 0, 0, 1]), 23, "root", "Success")),
+    ])
+    return sorted(a.type for a in d.forward)
+
+
+def test_baselines_and_memories_survive_a_restart_through_the_file(tmp_path: Path) -> None:
+    before = learned_detectors()
+    keeper = StateKeeper(StateSettings(tmp_path), Fleet(AgentConfig()), before)
+    assert keeper.save(0.0, clock=T0 + 10)
+    restored = det.Detectors(learning_period_s=60.0)
+    again = StateKeeper(StateSettings(tmp_path), Fleet(AgentConfig()), restored)
+    got = again.load(T0)
+    assert got is not None and got.clock == T0 + 10 and again.error is None
+    # Known leaves stay known (no new_device storm), the new one and the new peer are found, the cleartext login
+    # of the last hour is not reported again.
+    assert after_restart(restored, T0 + 600) == ["new_device", "new_peer"]
+    # Without the state, the restarted run learns afresh: the new leaf and the new peer go unnoticed.
+    assert after_restart(det.Detectors(learning_period_s=60.0), T0 + 600) == ["cleartext_login"]
+
+
+def test_fleet_is_saved_and_restored_with_its_cached_events(tmp_path: Path) -> None:
+    fleet = Fleet(AgentConfig())
+    for i in range(20):
+        fleet.observe(login(T0 + i))
+    keeper = StateKeeper(StateSettings(tmp_path), fleet, det.Detectors())
+    assert keeper.save(0.0, clock=T0 + 20, spool_next_seq=7)
+    again = Fleet(AgentConfig())
+    got = StateKeeper(StateSettings(tmp_path), again, det.Detectors()).load(T0)
+    assert got is not None and got.spool_next_seq == 7 and got.agents == 1
+    assert again.stats() == fleet.stats() and again.stats().pending == 20
+    assert not list(tmp_path.glob("*.tmp")), "the write is atomic: no temporary file is left"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "magic", "format", "shape", "garbage"])
+def test_a_corrupt_or_incompatible_state_is_reported_and_ignored(tmp_path: Path, damage: str) -> None:
+    fleet = Fleet(AgentConfig())
+    fleet.observe(login(T0))
+    StateKeeper(StateSettings(tmp_path), fleet, det.Detectors()).save(0.0, clock=T0)
+    path = tmp_path / "state.json"
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0x20
+    elif damage == "truncate":
+        del raw[len(raw) // 2 :]
+    elif damage == "magic":
+        raw[: len(MAGIC)] = b"LEAFGUARD-STATE 9\n"
+    elif damage == "garbage":
+        raw = bytearray(b"\x00\xff" * 100)
+    else:
+        doc = decode_state(bytes(raw))
+        if damage == "format":
+            doc["format"] = 2
+        else:
+            doc["fleet"]["agents"] = 5
+            doc["fleet"]["leafMap"] = "nope"
+        raw = bytearray(encode_state(doc))  # a valid checksum over a document of another format or shape
+    path.write_bytes(bytes(raw))
+    again = Fleet(AgentConfig())
+    keeper = StateKeeper(StateSettings(tmp_path), again, det.Detectors())
+    assert keeper.load(T0) is None
+    assert keeper.error is not None and ("corrupt" in keeper.error or "incompatible" in keeper.error)
+    assert keeper.status()["restored"] is False and not again.agents(), "started fresh"
+    assert (tmp_path / "state.json.bad").exists() and not path.exists()
+    # The next save writes a good file again.
+    assert keeper.save(1.0, clock=T0) and decode_state(path.read_bytes())["format"] == 1
