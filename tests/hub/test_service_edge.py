@@ -201,3 +201,46 @@ async def test_reported_section_full_of_an_earlier_runs_leaves_does_not_freeze(h
     assert proc.returncode == 0, err.decode()
     warnings = [line for line in err.decode().splitlines() if "refused a reported-properties patch" in line]
     assert len(warnings) == 1 and "status 400" in warnings[0] and "WARNING" in warnings[0].upper()
+
+
+async def test_module_twin_traffic_is_pushed_and_only_on_change(hub: HubEmulator) -> None:
+    """#10 point 5 on the gateway's twin, with the default coalescing and a settings poll far away (30 s): a desired
+    patch is applied as the SDK delivers it and shows in the reported properties at once; with nothing changing
+    no reported patch goes at all; a detection setting turned off is reported "off" (a null would delete it)."""
+    module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
+    await hub.set_desired(module, {"detection": {"silentAfterS": 600}})
+    env = {k: v for k, v in service_env(hub, module).items() if k != "LEAFGUARD_REPORTED_INTERVAL_S"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "leafguard", "run", "--pcap", str(demo_capture()), "--replay-speed", "0",
+        env=env | {"LEAFGUARD_SETTINGS_POLL_S": "30", "LEAFGUARD_HTTP_PORT": "off"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+    def reported() -> dict[str, Any]:
+        doc: dict[str, Any] = hub.twin(module)["reported"]
+        return doc
+
+    def max_size() -> Any:
+        return reported().get("leaves", {}).get(SENSOR, {}).get(CFG, {}).get("maxMessageSizeInBytes")
+
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: max_size() == {"value": 204800}
+                        and reported().get("leafguard", {}).get("detection", {}).get("silentAfterS") == 600)
+            # Off by default: reported as "off", where a null would have left no key at all.
+            assert reported()["leafguard"]["detection"]["learningPeriodS"] == "off"
+            # Pushed: well before the 30 s settings poll, both a leaf's configuration and a gateway setting.
+            async with asyncio.timeout(5.0):
+                await hub.set_desired(module, {CFG: {"maxMessageSizeInBytes": {"value": 16384}},
+                                               "detection": {"silentAfterS": 900}})
+                await until(lambda: max_size() == {"value": 16384})
+                await until(lambda: reported()["leafguard"]["detection"].get("silentAfterS") == 900)
+            # Idle: nothing changes, so nothing is reported (the health section is due again in a minute).
+            await asyncio.sleep(1.0)
+            version = reported()["$version"]
+            await asyncio.sleep(3.0)
+            assert reported()["$version"] == version, "a reported patch although nothing changed"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(LIMIT_S):
+            _out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()

@@ -49,6 +49,8 @@ LEAF_STOP_DEADLINE_S = 5.0
 CA_TIMEOUT_S = 15.0
 SUMMARY_LEAVES = 50
 """Managed leaves listed by name in the gateway's reported summary; the rest are counted."""
+ERROR_CHARS = 200
+"""A leaf's last error in the summary is cut to this (SDK reprs can be long): 50 leaves stay within ~15 KB."""
 
 
 def workload_trust_bundle(settings: EdgeSettings) -> str:
@@ -128,7 +130,8 @@ class LeafClients:
         """The gateway twin's bounded view: counts by state, the first leaves by name with state and counters."""
         names = sorted(self.links)
         shown = {
-            name: {k: v for k, v in self.links[name].counters().items()
+            name: {k: v[:ERROR_CHARS] if isinstance(v, str) and k == "last_error" else v
+                   for k, v in self.links[name].counters().items()
                    if k in ("state", "mode", "sent", "dropped", "queued", "last_error", "reconnects")}
             for name in names[:SUMMARY_LEAVES]
         }

@@ -24,7 +24,7 @@ from leafguard.hub.alerts import AlertBatcher, AlertMessage
 from leafguard.hub.leaf_clients import LeafClients
 from leafguard.hub.outbox import Pending
 from leafguard.hub.transport import EdgeTransport
-from leafguard.hub.twin import DesiredChange, MissedDesiredPatchError, ModuleDesired
+from leafguard.hub.twin import DesiredChange, MissedDesiredPatchError, ModuleDesired, nulls_as_off
 from leafguard.observe.model import LeafView
 
 log = logging.getLogger("leafguard.hub")
@@ -223,14 +223,23 @@ class EdgeAgentOutput:
         if self.leaves is not None:
             out["managedLeaves"] = self.leaves.summary()
             out["unmanagedLeaves"] = self._unmanaged_summary()
-        return out
+        # A setting turned off (None) is reported as "off": a null would delete the key, and show nothing.
+        return dict(nulls_as_off(out))
 
     def _unmanaged_summary(self) -> dict[str, Any]:
-        """Leaves on the gateway's path (no identity of their own): the first ones by name, and how many."""
+        """Leaves on the gateway's path (no identity of their own), what an operator needs to register them: the
+        first ones by name with MAC, vendor and last seen, and how many are not shown (bounded for the 32 KB)."""
         assert self.leaves is not None
         names = sorted(a.identity for a in self.fleet.agents() if not self.leaves.manages(a.identity))
-        return {"count": len(names), "first": names[:UNMANAGED_LISTED],
-                "notShown": max(0, len(names) - UNMANAGED_LISTED)}
+        shown = names[:UNMANAGED_LISTED]
+        views = {self.fleet.identity_for(v.mac): v for v in self._views()} if self._views is not None else {}
+        first: dict[str, dict[str, str]] = {}
+        for name in shown:
+            view = views.get(name)
+            mac = self.fleet.mac_of(name) or ""
+            first[name] = {"mac": mac} if view is None else {
+                "mac": view.mac, "vendor": view.vendor or "", "lastSeen": _iso(view.last_seen)}
+        return {"count": len(names), "first": first, "notShown": max(0, len(names) - UNMANAGED_LISTED)}
 
 
     def _apply(self, change: DesiredChange, now: float) -> list[tuple[str, ConfigOutcome]]:

@@ -112,8 +112,9 @@ class EdgeSettings:
     """The SDK has no timeout on twin requests (a lost response waits forever); ours."""
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
-    reported_interval_s: float = 5.0
-    """At most one reported-properties patch per this interval (leaf changes are coalesced)."""
+    reported_interval_s: float = 0.5
+    """At most one reported-properties patch per this interval: changes within it go in one patch. Patches go
+    only when something changed, so this bounds bursts; it is short so that a change shows within a second."""
     health_interval_s: float = 60.0
     """The health section alone is reported at most this often."""
     desired_queue_max: int = 64

@@ -26,6 +26,13 @@ Tasks (children of :meth:`run`'s TaskGroup, named ``leafguard.hub.*``):
   the response goes back through the SDK.
 * ``twin``: a twin GET after every (re)connect (it also subscribes the twin response topic; the GET replaces our
   copy of the desired document, so patches missed while disconnected are caught up), and the reported patches.
+  It sleeps until something is to be reported (a leaf changed, the health section was refreshed, a reconnect,
+  or the health section is due: at most once per ``health_interval_s``), then waits out the rest of
+  ``reported_interval_s`` since the last patch, so changes close together go in one patch. Nothing changed:
+  no twin operation at all (twin operations are metered and throttled by IoT Hub).
+
+Desired patches are handed to the service as the SDK delivers them: :attr:`EdgeTransport.desired_arrived` is set
+for every one, and the service applies them at once (no polling).
 
 A second transport (one client per registered leaf device through the gateway) would plug in next to this one:
 :class:`~leafguard.hub.output.EdgeAgentOutput` only uses :meth:`EdgeTransport.submit`,
@@ -73,6 +80,8 @@ SDK_ERRORS = (ClientError, OperationCancelled, OperationTimeout)
 """What azure-iot-device raises for a failed operation (the last two are not ClientErrors)."""
 
 LEAF_IDENTITY_PROPERTY = "leafIdentity"
+TWIN_RETRY_S = 5.0
+"""After a failed twin request (GET or reported patch): the pause before the next try (IoT Hub throttles twins)."""
 STABLE_CONNECTION_S = 10.0
 """A connection that lasted this long resets the backoff when it breaks; a shorter one backs off first."""
 SDK_RECONNECT_GRACE_S = 3.0
@@ -166,6 +175,10 @@ class EdgeTransport:
         self._client: Any = None
         self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
         self._desired: asyncio.Queue[DesiredUpdate] = asyncio.Queue(settings.desired_queue_max)
+        self.desired_arrived = asyncio.Event()
+        """Set (on the loop) whenever a desired update is queued: the service applies it without waiting."""
+        self._report_wake = asyncio.Event()
+        """Set when there may be something to report: the twin task sleeps on it."""
         self._accepting = True
         self._wake = asyncio.Event()
         """Set when the outbox gets a message or the link comes up; the sender waits on it."""
@@ -186,6 +199,9 @@ class EdgeTransport:
         self._resync = False
         self._last_reported = float("-inf")
         self._last_health = float("-inf")
+        self._health_wanted = False
+        """A state an operator sees changed: the health section goes with the next patch. A flag, not a reset of
+        ``_last_health``, so that a refresh during a patch in flight is not undone by that patch's completion."""
         self._reported_failing = 0
         """Reported patches failed in a row (the first one of a run of failures is a warning)."""
         self._down_since: float | None = None
@@ -233,14 +249,17 @@ class EdgeTransport:
     def request_twin_resync(self) -> None:
         """Fetch the whole twin again (a desired patch was missed)."""
         self._resync = True
+        self._report_wake.set()
 
     def report_leaf(self, identity: str, reported: dict[str, Any]) -> None:
         """A leaf's reported properties changed: they go out with the next coalesced patch."""
         self.reported.update_leaf(identity, reported)
+        self._report_wake.set()
 
     def remove_leaf(self, identity: str) -> None:
         """A leaf identity is no longer used: its reported entry is removed with the next patch."""
         self.reported.remove_leaf(identity)
+        self._report_wake.set()
 
     async def wait_sent(self, timeout_s: float) -> bool:
         """Whether the outbox empties (every message acknowledged) within ``timeout_s``; True at once if empty."""
@@ -262,7 +281,8 @@ class EdgeTransport:
 
     def refresh_health(self) -> None:
         """Report the health section with the next reported patch (something an operator set changed)."""
-        self._last_health = float("-inf")
+        self._health_wanted = True
+        self._report_wake.set()
 
     def counters(self) -> dict[str, Any]:
         """The uplink's state and counters (health section, metrics)."""
@@ -449,6 +469,7 @@ class EdgeTransport:
         self._connected_at = time.monotonic()
         if self._down_since is not None:
             self.stats.reconnects += 1
+            self._health_wanted = True  # a state change: the health section shows it now
             log.info(
                 "uplink recovered after %.1f s (%d failed attempts); %d messages queued",
                 self._connected_at - self._down_since,
@@ -466,6 +487,7 @@ class EdgeTransport:
         # Only here, with no await since connect() returned: a drop reported from now on is a new one.
         self._broken.clear()
         self._set_state(LinkState.CONNECTED)
+        self._report_wake.set()
 
     async def _sdk_call(self, call: Coroutine[Any, Any, T], timeout_s: float, name: str) -> T:
         """Await an SDK call (or a thread) for at most ``timeout_s``, never cancelling it.
@@ -583,6 +605,7 @@ class EdgeTransport:
 
     def _put_desired(self, update: DesiredUpdate) -> None:
         self.stats.desired_updates += 1
+        self.desired_arrived.set()
         try:
             self._desired.put_nowait(update)
         except asyncio.QueueFull:
@@ -724,10 +747,11 @@ class EdgeTransport:
     # -- twin ------------------------------------------------------------------------------------------------
 
     async def _twin_loop(self) -> None:
-        interval = self.settings.reported_interval_s
         while True:
             await self._up.wait()
             client = self._client
+            self._report_wake.clear()
+            failed = False
             try:
                 if self._twin_epoch != self._epoch or self._resync:
                     epoch, self._resync = self._epoch, False
@@ -744,7 +768,23 @@ class EdgeTransport:
             except (TimeoutError, *SDK_ERRORS) as exc:
                 # Twin requests are not re-sent by the SDK; a lost one just waits. Try again next round.
                 log.debug("twin request failed: %r", exc)
-            await asyncio.sleep(min(interval, self.settings.reported_interval_s))
+                failed = True
+            await self._next_twin_round(failed)
+
+    async def _next_twin_round(self, failed: bool) -> None:
+        """Sleep until there is something to report, then until ``reported_interval_s`` since the last patch."""
+        if failed:
+            await asyncio.sleep(TWIN_RETRY_S)
+            return
+        now = time.monotonic()
+        health_due = self._last_health + self.settings.health_interval_s if self.health is not None else None
+        pending = (self.reported.has_leaf_changes or self._resync or self._twin_epoch != self._epoch
+                   or (health_due is not None and (health_due <= now or self._health_wanted)))
+        if not pending:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(None if health_due is None else health_due - now):
+                    await self._report_wake.wait()
+        await asyncio.sleep(max(0.0, self._last_reported + self.settings.reported_interval_s - time.monotonic()))
 
     async def _patch_reported(self, *, final: bool) -> None:
         now = time.monotonic()
@@ -752,20 +792,27 @@ class EdgeTransport:
             return
         health: dict[str, Any] | None = None
         if self.health is not None and (
-            final or self.reported.has_leaf_changes or now - self._last_health >= self.settings.health_interval_s
+            # Counters change all the time: the health section goes at most once a minute, unless a state an
+            # operator sees changed (refresh_health) or this is the last patch.
+            final or self._health_wanted or now - self._last_health >= self.settings.health_interval_s
         ):
+            self._health_wanted = False
             health = self.health() | {"uplink": self.counters()}
         patch = self.reported.take_patch(health)
         if patch is None:
+            if health is not None:
+                self._last_health = now  # built and found unchanged: due again in a minute, not at once
             return
         try:
             await self._sdk_call(
                 self._client.patch_twin_reported_properties(patch.body), self.settings.twin_timeout_s, "patch_reported"
             )
         except (TimeoutError, *SDK_ERRORS) as exc:
+            self._health_wanted = self._health_wanted or health is not None
             self._reported_failed(patch, exc)
             raise
         except BaseException:
+            self._health_wanted = self._health_wanted or health is not None
             self.reported.restore(patch)
             raise
         self.reported.commit(patch)

@@ -130,6 +130,21 @@ def without_nulls(value: Any) -> Any:
     return value
 
 
+OFF = "off"
+
+
+def nulls_as_off(value: Any) -> Any:
+    """A section for the reported properties where a null would delete its key in the hub's merge, so a setting
+    turned off (None) would simply vanish: nulls become ``"off"``. A null *error* (``error``, ``last_error``,
+    ``..._error``: there is none) is left out, as no error."""
+    if isinstance(value, Mapping):
+        return {k: nulls_as_off(v) for k, v in value.items()
+                if v is not None or not str(k).lower().endswith("error")}
+    if isinstance(value, list):
+        return [nulls_as_off(v) for v in value]
+    return OFF if value is None else value
+
+
 def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON merge patch that turns ``old`` (what the hub holds) into ``new`` (null-free): a ``null`` for every
     member ``old`` has and ``new`` lacks, objects diffed member by member, anything else replaced when different.

@@ -486,7 +486,10 @@ class Service:
                 self.edge_out.tick(clock)
             if self.state is not None and self.state.due(mono):
                 self._save_state(mono)
-            if mono >= next_poll:
+            arrived = self.transport.desired_arrived if self.transport is not None else None
+            if mono >= next_poll or (arrived is not None and arrived.is_set()):
+                if arrived is not None:
+                    arrived.clear()
                 clock = now if s.live else self.analyzer.now
                 if clock is not None:
                     for identity, outcome in self.out.poll_desired(clock):
@@ -494,13 +497,20 @@ class Service:
                             "desired properties for %s %s", identity, "applied" if outcome.accepted else "rejected"
                         )
                     self._poll_gateway_settings(clock)
-                next_poll = mono + s.desired_poll_interval_s
+                # No clock yet (a replay before its first batch): try again at the next tick.
+                next_poll = mono + s.desired_poll_interval_s if clock is not None else mono
             # A shorter write interval from the settings takes effect now, not after the longer one ends.
             next_write = min(next_write, mono + self.write_interval_s)
             if mono >= next_write and s.local_dir is not None:
                 self._write_files()
                 next_write = mono + self.write_interval_s
-            await asyncio.sleep(s.tick_interval_s)
+            if arrived is None:
+                await asyncio.sleep(s.tick_interval_s)
+            else:
+                # A desired patch is applied as the SDK delivers it, not at the next poll (#10 point 5).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(s.tick_interval_s):
+                        await arrived.wait()
 
     def _poll_gateway_settings(self, now: float) -> None:
         """Apply changed gateway settings (``DIR/gateway.json`` locally, the module twin in edge mode)."""
