@@ -145,6 +145,51 @@ async def test_module_twin_leaf_map_and_capture_section(hub: HubEmulator) -> Non
     assert "plant1-sensor7" in identities and SENSOR not in identities
 
 
+async def test_module_twin_thresholds_mute_and_learn(hub: HubEmulator) -> None:
+    """Issue #14 point 3 from the module twin: a threshold of the ``detection`` section, the ``mute`` rules and a
+    ``learn`` token in the desired properties apply while the module runs and are reported in its ``leafguard``
+    section (``detection``, ``triage``); a mute list with one bad rule keeps the rules in force; a rule the ``mute``
+    direct method added stays when the twin's list changes."""
+    module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "leafguard", "run", "--pcap", str(demo_capture()), "--replay-speed", "0",
+        env=service_env(hub, module) | {"LEAFGUARD_SETTINGS_POLL_S": "0.2"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)  # fmt: skip
+
+    def triage() -> dict[str, Any]:
+        section: dict[str, Any] = hub.twin(module)["reported"].get("leafguard", {}).get("triage", {})
+        return section
+
+    def rule_types() -> set[str]:
+        return {r.get("type") for r in triage().get("mute") or []}
+
+    until_2100 = 4_102_444_800
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: hub.twin(module)["reported"].get("leafguard", {}).get("detection"))
+            await hub.set_desired(module, {"detection": {"portScanPorts": 30},
+                                           "mute": [{"type": "flood", "until": until_2100}],
+                                           "learn": "after-commissioning"})  # fmt: skip
+            await until(lambda: triage().get("learnToken") == "after-commissioning" and rule_types() == {"flood"})
+            assert triage()["learnedLeaves"] >= 3 and triage()["mute"][0]["until"] == until_2100
+            await until(lambda: hub.twin(module)["reported"]["leafguard"]["detection"].get("portScanPorts") == 30)
+
+            method = await hub.invoke_method(module, "mute", {"type": "new_peer", "forS": 600}, timeout_s=10)
+            assert method.status == 200
+            await until(lambda: rule_types() == {"flood", "new_peer"})
+            await hub.set_desired(module, {"mute": [{"type": "flood", "until": until_2100}, {"mac": "x", "forS": 6}]})
+            await until(lambda: "not a MAC" in str(triage().get("error")))
+            assert rule_types() == {"flood", "new_peer"}, "one bad rule: the list in force stays"
+            # A good list replaces the twin's rules (not the method's) and clears the error.
+            await hub.set_desired(module, {"mute": [{"type": "arp_sweep", "forS": 60}]})
+            await until(lambda: rule_types() == {"arp_sweep", "new_peer"} and not triage().get("error"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(LIMIT_S):
+            _out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+
+
 async def test_reported_section_full_of_an_earlier_runs_leaves_does_not_freeze(hub: HubEmulator) -> None:
     """#12 defect 4: the twin still holds ~30 KB of leaves an earlier run reported, and the desired `leaves` section
     names more leaves than fit. The module deletes the stale leaves, keeps the merged section under 32 KB, names the

@@ -41,7 +41,9 @@ HOSTS = {
     "plc": ("02:88:00:00:00:30", "10.88.0.30", ""),
     "hmi": ("02:88:00:00:00:31", "10.88.0.31", ""),
 }
-TOOLS = ("nmap", "arp-scan", "hping3", "hydra", "atk6-parasite6", "atk6-fake_advertise6", "tcpdump", "dnsmasq")
+TOOLS = (
+    "nmap", "arp-scan", "hping3", "hydra", "ncrack", "atk6-parasite6", "atk6-fake_advertise6", "tcpdump", "dnsmasq",
+)  # fmt: skip
 SERVICES = ("/usr/sbin/sshd", "/usr/sbin/vsftpd", "/usr/sbin/mosquitto")
 
 

@@ -3,7 +3,9 @@
 Roles (argv[1]):
 * ``sensor IP``: DHCP-configured sensor: every second an MQTT publish on one persistent connection, every 2 s a
   DNS query to the gateway and an NTP query to the cloud, every 3 s an HTTP poll (a new connection each time),
-  every 5 s an mDNS announcement and an SSDP NOTIFY.
+  every 5 s an mDNS announcement and an SSDP NOTIFY, every 10 s a DHCP lease renewal (a unicast REQUEST to the
+  server, as in RFC 2131's RENEWING state, answered with an ACK; a real client renews at half the lease time, here
+  compressed so that every lab case of 10 s or more holds one).
 * ``camera IP VIEWER``: an RTP-like stream of 25 datagrams per second to the viewer.
 * ``plc IP``: a Modbus/TCP server answering read-holding-registers.
 * ``hmi IP PLC``: polls the PLC every 0.5 s over one connection.
@@ -34,6 +36,14 @@ def _mdns_announce(ip: str) -> bytes:
     return head + name + struct.pack("!HHIH", 1, 0x8001, 120, 4) + socket.inet_aton(ip)
 
 
+def _dhcp_renew(ip: str, mac: bytes, xid: int) -> bytes:
+    """A DHCPREQUEST renewing ``ip``: the client's address in ciaddr, no server identifier (RFC 2131 4.3.2)."""
+    bootp = struct.pack("!BBBBIHH4s4s4s4s", 1, 1, 6, 0, xid, 0, 0, socket.inet_aton(ip), bytes(4), bytes(4), bytes(4))
+    bootp += mac.ljust(16, b"\0") + bytes(64 + 128) + bytes([0x63, 0x82, 0x53, 0x63])
+    options = bytes([53, 1, 3]) + bytes([12, 11]) + b"sensor-lab1" + bytes([55, 4, 1, 3, 6, 15, 255])
+    return bootp + options
+
+
 def sensor(ip: str) -> None:
     mqtt = socket.create_connection((CLOUD, 1883), timeout=5, source_address=(ip, 0))
     # MQTT 3.1.1 CONNECT, clean session, no credentials (anonymous), keep-alive 60 s.
@@ -47,6 +57,11 @@ def sensor(ip: str) -> None:
     multi = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     multi.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(ip))
     multi.bind((ip, 5353))
+    dhcp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dhcp.bind((ip, 68))
+    dhcp.settimeout(0.5)
+    with open("/sys/class/net/eth0/address") as f:
+        mac = bytes.fromhex(f.read().strip().replace(":", ""))
     tick = 0
     while True:
         topic = b"plant/line1/temp"
@@ -63,6 +78,10 @@ def sensor(ip: str) -> None:
                 http.sendall(b"GET /api/v1/config HTTP/1.1\r\nHost: cloud\r\nConnection: close\r\n\r\n")
                 while http.recv(4096):
                     pass
+        if tick % 10 == 0:
+            dhcp.sendto(_dhcp_renew(ip, mac, 0x4C470100 + tick), (GATEWAY, 67))
+            with contextlib.suppress(TimeoutError):
+                dhcp.recvfrom(2048)
         if tick % 5 == 0:
             multi.sendto(_mdns_announce(ip), ("224.0.0.251", 5353))
             notify = (
