@@ -19,7 +19,3 @@ class CaptureError(LeafGuardError):
 
 class ConfigurationError(LeafGuardError):
     """A setting or a twin configuration is invalid; the previous configuration stays in force."""
-
-
-class HubError(LeafGuardError):
-    """The edge hub or IoT Hub refused or failed an operation."""

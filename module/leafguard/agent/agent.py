@@ -1,20 +1,18 @@
 """One Defender security agent per leaf identity: a pure state machine driven by packet time.
 
-:class:`LeafAgent` ties the configuration, the event builders, ConnectionCreate aggregation, the three queues
-and
-the message builder together. It never reads a clock: every call takes ``now`` (epoch seconds; packet time
-offline, wall-clock time live), so replaying a capture yields the same messages as watching it live.
+:class:`LeafAgent` ties the configuration, the event builders, ConnectionCreate aggregation, the three queues and
+the message builder together. It never reads a clock: every call takes ``now`` (epoch seconds; packet time offline,
+wall-clock time live), so replaying a capture yields the same messages as watching it live.
 
 Schedule (all timers start when the agent is created, at its first ``now``):
 
 * periodic events (ListeningPorts, SystemInformation, DroppedEventsStatistics, MessageStatistics) at the first
   tick and then whenever ``snapshotFrequency`` has elapsed since the previous snapshot;
 * the aggregation window is flushed when strictly more than its interval has passed since the previous flush;
-* a message is built when ``highPriorityMessageFrequency`` has elapsed since the previous high send (main
-  queue
+* a message is built when ``highPriorityMessageFrequency`` has elapsed since the previous high send (main queue
   High, padding Low), when ``lowPriorityMessageFrequency`` has elapsed since the previous low send (main Low,
-  padding High), and, repeatedly, while the cache holds more than one message's worth (main High if it has
-  events, else Low). A timed send happens only if the operational or the main queue holds something.
+  padding High), and, repeatedly, while the cache holds more than one message's worth (main High if it has events,
+  else Low). A timed send happens only if the operational or the main queue holds something.
 
 :meth:`LeafAgent.tick` costs two comparisons when nothing is due.
 """

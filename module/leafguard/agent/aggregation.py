@@ -1,15 +1,13 @@
 """ConnectionCreate aggregation, as the reference agents do it (defender-spec §4).
 
-Within one window, connections that are identical on the identity keys — direction, local address, remote
-address, protocol and the *service* port (the local port for ``In``, the remote port for ``Out``; process
-fields
-are constant here) — are counted instead of reported one by one. When the window has passed (strictly more
-than
-the interval since the previous flush) each distinct connection becomes one event with ``Category:
-"Aggregated"`` and exactly one payload item whose ``ExtraDetails`` carry ``HitCount``, ``StartTimeLocal``,
-``StartTimeUtc``, ``EndTimeLocal`` and ``EndTimeUtc`` as strings (start = the previous flush, end = this one).
-Non-key fields are zeroed: ``ProcessId`` 0 and the client-side port ``"0"``; per-connection evidence (TCP
-state, bytes) is left out because it differs between the aggregated connections.
+Within one window, connections that are identical on the identity keys — direction, local address, remote address,
+protocol and the *service* port (the local port for ``In``, the remote port for ``Out``; process fields are
+constant here) — are counted instead of reported one by one. When the window has passed (strictly more than the
+interval since the previous flush) each distinct connection becomes one event with ``Category: "Aggregated"`` and
+exactly one payload item whose ``ExtraDetails`` carry ``HitCount``, ``StartTimeLocal``, ``StartTimeUtc``,
+``EndTimeLocal`` and ``EndTimeUtc`` as strings (start = the previous flush, end = this one). Non-key fields are
+zeroed: ``ProcessId`` 0 and the client-side port ``"0"``; per-connection evidence (TCP state, bytes) is left out
+because it differs between the aggregated connections.
 
 The map is bounded (``max_entries``): a connection with a new key that finds the map full is not lost, it is
 returned to be reported unaggregated and counted in :attr:`ConnectionAggregator.overflowed`.

@@ -1,14 +1,11 @@
 """The Defender for IoT (legacy ``azureiotsecurity``) agent configuration: parse, validate, report.
 
-The configuration lives in the desired properties under :data:`CONFIG_OBJECT_NAME`; every property is wrapped
-as
+The configuration lives in the desired properties under :data:`CONFIG_OBJECT_NAME`; every property is wrapped as
 ``{"value": …}`` (defender-spec §1.1). Parsing follows the reference agents' contract (§1.3, §1.4):
 
 * a missing key, or a key whose value is ``null``, takes its default;
-* a key present with a missing/``null``/wrongly typed ``value`` is a *TypeMismatch*; so is an unparseable ISO
-  8601
-  duration, a zero duration, an unknown priority and (our addition, never a crash) a size outside the
-  documented
+* a key present with a missing/``null``/wrongly typed ``value`` is a *TypeMismatch*; so is an unparseable ISO 8601
+  duration, a zero duration, an unknown priority and (our addition, never a crash) a size outside the documented
   range (message size 8192..262144, cache at least 8192);
 * the update is **atomic**: one bad key and nothing changes — the previous configuration stays in force, is
   reported back unchanged and a ConfigurationError event names the bad keys;

@@ -1,10 +1,9 @@
 """Many leaf agents: identity mapping, per-leaf configuration, one clock.
 
-Each leaf (by MAC) gets one :class:`LeafAgent` the first time it shows up in an observation or a view. Its
-identity
-comes from the leaf map (MAC → twin identity) when the map names it, else from its MAC (``identity_for_mac``);
-when the map later names a leaf, its agent continues under the new identity. Leaves without desired properties
-of their own use the fleet's default configuration (the gateway's defaults).
+Each leaf (by MAC) gets one :class:`LeafAgent` the first time it shows up in an observation or a view. Its identity
+comes from the leaf map (MAC → twin identity) when the map names it, else from its MAC (``identity_for_mac``); when
+the map later names a leaf, its agent continues under the new identity. Leaves without desired properties of their
+own use the fleet's default configuration (the gateway's defaults).
 
 The number of agents is bounded (``max_leaves``); observations of leaves beyond it are counted in
 :attr:`Fleet.refused_observations`, not queued anywhere.

@@ -4,10 +4,9 @@ A body is ``{"AgentVersion":…,"AgentId":…,"MessageSchemaVersion":"1.0","Even
 Its size, envelope included, never exceeds ``maxMessageSizeInBytes``: events are already serialized, so the
 builder adds exact byte counts (event, comma, envelope) and never estimates.
 
-Filling (defender-spec §5.3): the operational queue first, then the queue whose trigger fired, then the other
-one as padding; oldest first within each queue; a queue's contribution ends at its first event that does not
-fit
-(FIFO order is kept; that event waits for the next message).
+Filling (defender-spec §5.3): the operational queue first, then the queue whose trigger fired, then the other one
+as padding; oldest first within each queue; a queue's contribution ends at its first event that does not fit (FIFO
+order is kept; that event waits for the next message).
 """
 
 from __future__ import annotations

@@ -1,13 +1,11 @@
 """The three event queues of one agent, one byte budget, and the drop policy.
 
-Events are stored already serialized (compact UTF-8 JSON), so an event's size is exactly the bytes it adds to
-a
+Events are stored already serialized (compact UTF-8 JSON), so an event's size is exactly the bytes it adds to a
 message body (plus one comma). All three queues share ``maxLocalCacheSizeInBytes``, counted in those bytes.
 
 Drop policy (ranks: low < high < operational):
 
-1. An event larger than the largest event a message can carry (``maxMessageSizeInBytes`` minus the envelope)
-   or
+1. An event larger than the largest event a message can carry (``maxMessageSizeInBytes`` minus the envelope) or
    than the whole cache is dropped on arrival and counted as *too large*; it never blocks its queue.
 2. Otherwise, while the event does not fit, the **oldest event of the lowest-ranked non-empty queue whose rank
    is not above the new event's** is evicted: an incoming low event can only push out older low events; a high

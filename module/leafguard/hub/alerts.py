@@ -1,10 +1,9 @@
 """LeafGuard alerts as hub messages: plain JSON on module output ``alerts`` (not Defender security messages).
 
-Alerts are batched: one message carries a JSON array of alerts, up to
-:data:`ALERT_BATCH_MAX_BYTES`, so a burst of findings (1000 leaves' cleartext logins) is a few messages, not
-one message per alert. The receiver reads ``alertCount`` and the body (an array; every alert names its leaf in
-``leafIdentity``); ``alertType`` names the type when every alert of the message has the same one, else
-``mixed``.
+Alerts are batched: one message carries a JSON array of alerts, up to :data:`ALERT_BATCH_MAX_BYTES`, so a burst of
+findings (1000 leaves' cleartext logins) is a few messages, not one message per alert. The receiver reads
+``alertCount`` and the body (an array; every alert names its leaf in ``leafIdentity``); ``alertType`` names the
+type when every alert of the message has the same one, else ``mixed``.
 """
 
 from __future__ import annotations
