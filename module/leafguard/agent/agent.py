@@ -194,12 +194,13 @@ class LeafAgent:
 
         ``hold`` (the uplink is down or cannot keep up): the timed sends wait and their events stay in the cache,
         so only full messages are built (while the cache holds more than one message's worth) and the cache's drop
-        policy decides what goes first; when the hold ends, the overdue timed sends go out at the next tick.
+        policy decides what goes first; when the hold ends, everything queued goes at once, in full messages.
         """
+        released = self._held and not hold
         if hold != self._held:
             self._held = hold
             self._schedule()
-        if now < self._next_due and self._queues.total_bytes <= self._size_threshold:
+        if not released and now < self._next_due and self._queues.total_bytes <= self._size_threshold:
             return []
         cfg = self._config
         if cfg.aggregation_enabled_connection_create and len(self._agg) and self._agg.is_due(now):
@@ -214,6 +215,9 @@ class LeafAgent:
         if hold:
             self._schedule()
             return out
+        if released:
+            # What waited for the link is overdue: all of it goes now, in full messages.
+            self._drain(out)
         if now - self._last_high >= cfg.high_priority_message_frequency_s:
             self._last_high = now
             self._send(out, QueueName.HIGH)

@@ -11,7 +11,8 @@ sent, and :meth:`Outbox.recover` rebuilds the queue after a restart, in order, w
 
 Overflow policy :attr:`OverflowPolicy.DROP_LOW_HIGH_OPERATIONAL_OLDEST`: when a new message does not fit in
 ``max_bytes``, the oldest Low-priority messages are evicted first, then the oldest High ones, then the oldest
-of the rest (LeafGuard alerts), until it fits. A message in flight is never evicted (its fate is the SDK's
+of the rest (LeafGuard alerts), until it fits; messages never sent before those sent once whose acknowledgement a
+broken connection lost (they may have arrived). A message in flight is never evicted (its fate is the SDK's
 now); if evicting everything else still leaves no room, the new message itself is dropped. Every drop is
 returned to the caller (who reports it to the leaf's agent as a send failure) and counted here (and in the
 spool, per leaf, so the count survives a restart).
@@ -265,11 +266,15 @@ class Outbox:
         self.bytes += entry.size
 
     def _victim(self) -> Pending | None:
-        for tier in Tier:
-            for seq in self._tiers[tier]:
-                entry = self._entries[seq]
-                if not entry.in_flight:
-                    return entry
+        # A message sent once whose acknowledgement the broken connection took may have arrived: dropping it could
+        # count as lost what the hub has, so the policy takes messages never sent first (those sent are at most a
+        # window's worth).
+        for attempted in (False, True):
+            for tier in Tier:
+                for seq in self._tiers[tier]:
+                    entry = self._entries[seq]
+                    if not entry.in_flight and (entry.attempts > 0) == attempted:
+                        return entry
         return None
 
     def _remove(self, entry: Pending) -> None:

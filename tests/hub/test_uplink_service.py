@@ -1,0 +1,152 @@
+"""The uplink end to end: `leafguard run` in edge mode as real processes, the real SDK against the emulator, with
+edgeHub refusing, stalling or slow, kill -9 and restarts on the same data directory."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
+from tests.hub.captures import empty_capture, steady_capture
+from tests.hub.test_service_edge import MODULE, service_env
+from tests.hub.test_spool_service import Running
+from tests.hub_emulator import HubEmulator
+from tests.service.helpers import until
+
+LIMIT_S = 90.0
+
+
+@pytest.fixture
+async def hub() -> Any:
+    async with HubEmulator.start(thread=True) as emulator:
+        yield emulator
+
+
+async def start(hub: HubEmulator, module: Any, capture: Path, data_dir: Path | None, speed: str,
+                **env: str) -> Running:
+    args = ["--data-dir", str(data_dir)] if data_dir is not None else []
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "leafguard", "run", "--pcap", str(capture), "--replay-speed", speed, *args,
+        env=service_env(hub, module) | {"LEAFGUARD_HTTP_PORT": "off", "LEAFGUARD_STATE_INTERVAL_S": "0.3"} | env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    return Running(proc)
+
+
+async def stop(running: Running) -> None:
+    running.proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(LIMIT_S):
+        code = await running.wait()
+    assert code == 0, "".join(running.err)
+
+
+async def kill(running: Running) -> None:
+    running.proc.send_signal(signal.SIGKILL)
+    await running.wait()
+
+
+def security_events(hub: HubEmulator) -> list[bytes]:
+    """Every Security event the hub received (Defender's EventType), canonical JSON, sorted."""
+    out: list[bytes] = []
+    for m in hub.messages(MODULE):
+        body = orjson.loads(m.body)
+        if isinstance(body, dict) and "Events" in body:
+            out += [orjson.dumps(e, option=orjson.OPT_SORT_KEYS) for e in body["Events"]
+                    if e["EventType"] == "Security"]
+    return sorted(out)
+
+
+async def test_refused_from_the_start_kill_9_after_the_replay_and_a_restart_lose_no_event(
+        hub: HubEmulator, tmp_path: Path) -> None:
+    module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
+    capture = steady_capture(tmp_path / "steady.pcap", minutes=10)
+
+    clean = await start(hub, module, capture, tmp_path / "clean", "0")
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: clean.saw("replay finished"))
+    finally:
+        await stop(clean)
+    reference = security_events(hub)
+    assert len(reference) > 300
+    hub.clear_messages()
+
+    hub.refuse_connections()
+    data_dir = tmp_path / "data"
+    first = await start(hub, module, capture, data_dir, "0")
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: first.saw("replay finished"))
+            await asyncio.sleep(1.0)  # a state save after the last frame
+    finally:
+        await kill(first)
+    assert not hub.messages(MODULE)
+
+    hub.accept_connections()
+    second = await start(hub, module, empty_capture(tmp_path / "empty.pcap"), data_dir, "0")
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: second.saw("state restored"))
+            # What the agents held goes as soon as the link is up; the open aggregation windows close with the
+            # final flush, as in the uninterrupted run.
+            await until(lambda: security_events(hub))
+    finally:
+        await stop(second)
+    assert security_events(hub) == reference, "event for event, Ids included"
+
+
+FAST_AGENTS = {
+    CFG: {
+        "highPriorityMessageFrequency": {"value": "PT30S"},
+        "lowPriorityMessageFrequency": {"value": "PT1M"},
+        "aggregationEnabledConnectionCreate": {"value": False},
+        "maxMessageSizeInBytes": {"value": 8192},
+    }
+}
+
+
+def received(hub: HubEmulator) -> dict[str, int]:
+    """Messages received (security messages and alert batches), by message id (a re-sent one once), with the
+    events of the security messages."""
+    out: dict[str, int] = {}
+    for m in hub.messages(MODULE):
+        body = orjson.loads(m.body)
+        out[str(m.message_id)] = len(body["Events"]) if isinstance(body, dict) and "Events" in body else 0
+    return out
+
+
+@pytest.mark.parametrize("budget", ["ample", "tight"])
+async def test_edge_hub_down_for_the_middle_half_of_ten_minutes(hub: HubEmulator, tmp_path: Path,
+                                                                budget: str) -> None:
+    module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
+    await hub.set_desired(module, FAST_AGENTS)
+    capture = steady_capture(tmp_path / "steady.pcap", minutes=10)
+    env = {"LEAFGUARD_SPOOL_MAX_BYTES": "262144"} if budget == "tight" else {}
+    service = await start(hub, module, capture, tmp_path / "data", "60", **env)  # 10 minutes in 10 s
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: service.saw("connected to the edge hub"))
+            await asyncio.sleep(2.5)
+            hub.refuse_connections()
+            hub.drop_connection(module)
+            await asyncio.sleep(5.0)
+            hub.accept_connections()
+            await until(lambda: service.saw("replay finished"))
+    finally:
+        await stop(service)
+    uplink = hub.twin(module)["reported"]["leafguard"]["uplink"]
+    agents = hub.twin(module)["reported"]["leafguard"]["agents"]
+    got = received(hub)
+    assert uplink["reconnects"] >= 1 and uplink["queued"] == 0
+    assert len(got) == uplink["generated"] - uplink["dropped"], "every message not counted as dropped arrived"
+    if budget == "ample":
+        assert uplink["dropped"] == 0 and agents["dropped"] == 0
+        assert sum(got.values()) == agents["generated"] == agents["sent"], "every event arrived"
+    else:
+        assert uplink["dropped"] > 0, "the outage overflowed a 256 KiB spool"
+        assert uplink["drops_not_yet_reported"] == 0, "every drop reached its leaf's TotalFailed"
