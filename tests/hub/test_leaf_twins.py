@@ -122,6 +122,22 @@ def events(messages: list[Any], name: str) -> list[dict[str, Any]]:
     return [e for m in messages for e in m.json()["Events"] if e["Name"] == name]
 
 
+async def stalled_leaf_holds_back_no_other(hub: HubEmulator, plant: Plant) -> None:
+    """plc1's connection stops being acknowledged; the gateway's flush method sends every leaf's queue over that
+    leaf's own client: the others' arrive at once, plc1's once released."""
+    managed = ("plc1", "lamp/azureiotsecurity", "sensor/azureiotsecurity")
+    counts = {i: len(hub.messages(i)) for i in managed}
+    hub.stall_pubacks(plant.plc)
+    flushed = await hub.invoke_method(plant.module, "flush", {"waitS": 2})
+    assert flushed.status == 200 and flushed.payload["messages"] > 0, flushed
+    assert flushed.payload["sent"] is False, "plc1's messages wait for their acknowledgement"
+    for identity in managed[1:]:
+        assert len(hub.messages(identity)) > counts[identity], f"{identity} was held back"
+    assert len(hub.messages("plc1")) == counts["plc1"]
+    assert hub.release_pubacks() > 0
+    await until(lambda: len(hub.messages("plc1")) > counts["plc1"])
+
+
 async def test_managed_leaves_have_their_own_twin_and_messages(hub: HubEmulator, tmp_path: Path) -> None:
     plant = Plant(hub, tmp_path)
     await hub.set_desired(plant.module, {"leafMap": plant.leaf_map()})
@@ -154,6 +170,7 @@ async def test_managed_leaves_have_their_own_twin_and_messages(hub: HubEmulator,
             await until(lambda: plant.reported(plant.plc)["leafguard"]["desired"] == {"version": version,
                                                                                        "applied": False})
             assert plant.reported(plant.plc)[CFG] == before[CFG]
+            await stalled_leaf_holds_back_no_other(hub, plant)
     finally:
         out, err = await stop(proc)
 

@@ -175,6 +175,8 @@ class Faults:
     refuse_code: int | None = None
     puback_delay_s: float = 0.0
     stall_pubacks: bool = False
+    stalled_identities: set[str] = field(default_factory=set)
+    """Client ids (``device`` or ``device/module``) whose telemetry is held as with `stall_pubacks`."""
     twin_failure_status: int = 500
     twin_failures_left: int = 0
     refuse_downstream_modules: bool = False
@@ -468,7 +470,7 @@ class Broker:
             return
         packet_id = packet.packet_id
         assert packet_id is not None, "the codec gives every QoS 1 PUBLISH a packet id"
-        if self.faults.stall_pubacks:
+        if self.faults.stall_pubacks or conn.client_id in self.faults.stalled_identities:
             if len(self._stalled) == STALLED_LIMIT:
                 self.stats.stalled_dropped += 1
             self._stalled.append((conn, packet_id, message))

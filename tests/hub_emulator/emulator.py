@@ -387,13 +387,18 @@ class HubEmulator:
         client_id = None if identity is None else self.identity(identity).id
         return self._sync(lambda: self.broker.drop(client_id))
 
-    def stall_pubacks(self) -> None:
-        """Hold telemetry unstored and unacknowledged (a stalled uplink) until `release_pubacks()`."""
-        self.broker.faults.stall_pubacks = True
+    def stall_pubacks(self, identity: str | Identity | None = None) -> None:
+        """Hold telemetry unstored and unacknowledged (a stalled uplink) until `release_pubacks()`: every
+        client's, or only that of `identity` (one stalled connection among others)."""
+        if identity is None:
+            self.broker.faults.stall_pubacks = True
+        else:
+            self.broker.faults.stalled_identities.add(self.identity(identity).id)
 
     def release_pubacks(self) -> int:
-        """Stop stalling; store and acknowledge what was held; returns how many."""
+        """Stop stalling (everyone); store and acknowledge what was held; returns how many."""
         self.broker.faults.stall_pubacks = False
+        self.broker.faults.stalled_identities.clear()
         return self._sync(self.broker.release_pubacks)
 
     def delay_pubacks(self, seconds: float) -> None:

@@ -113,6 +113,21 @@ class LeafClients:
             self.links[identity].submit(batch)
         return rest
 
+    def queued(self) -> int:
+        """Messages waiting in the managed leaves' outboxes."""
+        return sum(len(link.outbox) for link in self.links.values())
+
+    async def wait_sent(self, timeout_s: float) -> bool:
+        """Whether every managed leaf's outbox empties within ``timeout_s`` (the ``flush`` method's ``waitS``)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    if not self.queued():
+                        return True
+                    # Each link acknowledges on its own; looking every 50 ms is cheaper than an event per link.
+                    await asyncio.sleep(0.05)
+        return not self.queued()
+
     def report(self, identity: str, config: dict[str, Any] | None, inventory: dict[str, Any] | None) -> None:
         link = self.links.get(identity)
         if link is not None:

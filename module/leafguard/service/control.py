@@ -10,10 +10,11 @@ import asyncio
 import dataclasses
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Collection
-from typing import Any
+from collections.abc import Callable, Collection, Iterable
+from typing import Any, Protocol
 
 from leafguard.agent.fleet import Fleet
+from leafguard.agent.messages import OutgoingMessage
 from leafguard.detect.muting import parse_rule
 from leafguard.errors import ConfigurationError
 from leafguard.hub.methods import BadRequest, FlushOutcome, LeafPage, LeafRecord, MuteRequest
@@ -26,6 +27,17 @@ FLUSH_SLICE_S = 0.02
 """``flush`` holds the loop at most about this long at a time."""
 
 
+class LeafOutlets(Protocol):
+    """The managed leaves' own clients (:class:`~leafguard.hub.leaf_clients.LeafClients`): a flushed leaf's
+    messages go over its own identity, as every other message of it does."""
+
+    def submit(self, messages: Iterable[OutgoingMessage]) -> list[OutgoingMessage]: ...
+
+    def queued(self) -> int: ...
+
+    async def wait_sent(self, timeout_s: float) -> bool: ...
+
+
 class ServiceControl:
     def __init__(
         self,
@@ -36,8 +48,10 @@ class ServiceControl:
         snapshot: Callable[[], ServiceSnapshot],
         clock: Callable[[], float | None],
         managed_macs: Callable[[], Collection[str]] = tuple,
+        leaves: LeafOutlets | None = None,
     ) -> None:
         self.analyzer = analyzer
+        self.leaves = leaves
         self._managed_macs = managed_macs
         self.fleet = fleet
         self.transport = transport
@@ -96,15 +110,20 @@ class ServiceControl:
                 break
             messages = agent.flush(now)
             count += len(messages)
-            self.transport.submit(messages)
+            self.transport.submit(self.leaves.submit(messages) if self.leaves is not None else messages)
             if time.monotonic() >= slice_ends:
                 await asyncio.sleep(0)
                 now = self._clock()
                 slice_ends = time.monotonic() + FLUSH_SLICE_S
-        return FlushOutcome(messages=count, queued=len(self.transport.outbox))
+        leaves = self.leaves.queued() if self.leaves is not None else 0
+        return FlushOutcome(messages=count, queued=len(self.transport.outbox) + leaves)
 
     async def wait_sent(self, timeout_s: float) -> bool:
-        return await self.transport.wait_sent(timeout_s)
+        started = time.monotonic()
+        sent = await self.transport.wait_sent(timeout_s)
+        if self.leaves is None:
+            return sent
+        return await self.leaves.wait_sent(max(0.0, timeout_s - (time.monotonic() - started))) and sent
 
 
 class DetectionControl:

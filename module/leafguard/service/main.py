@@ -344,6 +344,7 @@ class Service:
             snapshot=self.snapshot,
             clock=clock,
             managed_macs=lambda: self.managed_leaves.managed_macs() if self.managed_leaves is not None else (),
+            leaves=self.leaves,
         )
         self.methods = MethodDispatcher(control, DetectionControl(self.analyzer, clock))
         transport.method_handler = self.methods.handle
