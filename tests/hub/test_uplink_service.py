@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
-from tests.hub.captures import empty_capture, steady_capture
+from tests.hub.captures import conflict_capture, empty_capture, steady_capture
 from tests.hub.test_service_edge import MODULE, service_env
 from tests.hub.test_spool_service import Running
 from tests.hub_emulator import HubEmulator
@@ -150,3 +150,90 @@ async def test_edge_hub_down_for_the_middle_half_of_ten_minutes(hub: HubEmulator
     else:
         assert uplink["dropped"] > 0, "the outage overflowed a 256 KiB spool"
         assert uplink["drops_not_yet_reported"] == 0, "every drop reached its leaf's TotalFailed"
+
+
+async def test_a_slow_uplink_gets_fewer_fuller_messages_than_a_fast_one(hub: HubEmulator, tmp_path: Path) -> None:
+    module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
+    desired = {CFG: {k: v for k, v in FAST_AGENTS[CFG].items() if k != "maxMessageSizeInBytes"}}
+    await hub.set_desired(module, desired)
+    capture = steady_capture(tmp_path / "steady5.pcap", minutes=5, count=10_000)
+
+    async def run(name: str) -> tuple[dict[str, int], dict[str, Any]]:
+        hub.clear_messages()
+        service = await start(hub, module, capture, tmp_path / name, "60", LEAFGUARD_INFLIGHT_WINDOW="1")
+        try:
+            async with asyncio.timeout(LIMIT_S):
+                await until(lambda: service.saw("replay finished"))
+                await until(lambda: hub.twin(module)["reported"].get("leafguard", {}).get("uplink", {})
+                            .get("queued", 1) == 0)
+        finally:
+            await stop(service)
+        return received(hub), hub.twin(module)["reported"]["leafguard"]["agents"]
+
+    fast, fast_agents = await run("fast")
+    hub.delay_pubacks(0.4)  # one message in flight: at most 2.5 messages a second
+    slow, slow_agents = await run("slow")
+    hub.delay_pubacks(0.0)
+    assert fast_agents["dropped"] == slow_agents["dropped"] == 0
+    assert sum(slow.values()) == slow_agents["generated"] and sum(fast.values()) == fast_agents["generated"]
+    fast_msgs = [n for n in fast.values() if n]
+    slow_msgs = [n for n in slow.values() if n]
+    assert len(slow_msgs) < len(fast_msgs) / 2, (len(slow_msgs), len(fast_msgs))
+    assert sum(slow_msgs) / len(slow_msgs) > 2 * sum(fast_msgs) / len(fast_msgs)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_stalled_pubacks_hold_memory_within_budget_and_capture_loses_nothing(
+        hub: HubEmulator, tmp_path: Path) -> None:
+    module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
+    await hub.set_desired(module, FAST_AGENTS)
+    capture = steady_capture(tmp_path / "steady.pcap", minutes=10)
+    service = await start(hub, module, capture, tmp_path / "data", "60", LEAFGUARD_SEND_TIMEOUT_S="600")
+    peak = 0
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: service.saw("connected to the edge hub"))
+            hub.stall_pubacks()  # edgeHub takes the messages and never acknowledges them
+            base = rss_bytes(service.proc.pid)
+            while not service.saw("replay finished"):
+                peak = max(peak, rss_bytes(service.proc.pid))
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)
+            health = hub.twin(module)["reported"]["leafguard"]
+            assert health["frames"] == 20_000, "every frame analysed while the uplink is stalled"
+            assert health["uplink"]["in_flight"] <= 16 and health["uplink"]["queued"] > 16
+            hub.release_pubacks()
+            await until(lambda: hub.twin(module)["reported"]["leafguard"]["uplink"]["queued"] == 0)
+    finally:
+        await stop(service)
+    assert peak - base < 32 * 1024 * 1024, "the backlog waits on disk, not in memory"
+    uplink = hub.twin(module)["reported"]["leafguard"]["uplink"]
+    assert uplink["dropped"] == 0 and len(received(hub)) == uplink["generated"]
+
+
+async def test_more_than_ten_thousand_alerts_in_one_run_all_arrive_upstream(hub: HubEmulator, tmp_path: Path) -> None:
+    module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
+    capture = conflict_capture(tmp_path / "conflicts.pcap", addresses=10_050)
+    service = await start(hub, module, capture, tmp_path / "data", "0")
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: service.saw("replay finished"))
+            await until(lambda: hub.twin(module)["reported"].get("leafguard", {}).get("alerts", {})
+                        .get("waiting", 1) == 0)
+            await until(lambda: hub.twin(module)["reported"]["leafguard"]["uplink"]["queued"] == 0)
+    finally:
+        await stop(service)
+    alerts: dict[str, str] = {}
+    for m in hub.messages(MODULE):
+        if m.properties.get("alertCount") is not None:
+            alerts.update((a["id"], a["type"]) for a in orjson.loads(m.body))
+    health = hub.twin(module)["reported"]["leafguard"]["alerts"]
+    assert health["forwarded"] > 10_000 and health["dropped"] == 0
+    assert len(alerts) == health["forwarded"], "every alert arrived upstream"
+    assert sum(t == "address_conflict" for t in alerts.values()) == 10_050
