@@ -9,8 +9,12 @@ from pathlib import Path
 from benchmarks.gen_capture import START_TS, frames, write_pcap
 
 
-def steady_capture(path: Path, *, minutes: float, leaves: int = 10, count: int = 20_000, seed: int = 11) -> Path:
-    """``count`` frames of ``leaves`` leaves spread over ``minutes`` of packet time (cached by name)."""
+def steady_capture(  # noqa: PLR0913 (a builder: each argument is one knob of the generated traffic)
+    path: Path, *, minutes: float, leaves: int = 10, count: int = 20_000, seed: int = 11,
+    offset_s: float = 0.0,
+) -> Path:
+    """``count`` frames of ``leaves`` leaves spread over ``minutes`` of packet time, starting ``offset_s`` after the
+    generator's start (cached by name). The same seed gives the same first leaves whatever ``leaves`` is."""
     if path.exists():
         return path
     raw = list(frames(seed, leaves, count))
@@ -19,7 +23,7 @@ def steady_capture(path: Path, *, minutes: float, leaves: int = 10, count: int =
 
     def stretched() -> Iterator[tuple[float, bytes]]:
         for ts, frame in raw:
-            yield START_TS + (ts - START_TS) * scale, frame
+            yield START_TS + offset_s + (ts - START_TS) * scale, frame
 
     write_pcap(path, stretched())
     return path

@@ -82,3 +82,28 @@ def test_kill_9_mid_replay_then_restart_with_the_same_folder(tmp_path: Path) -> 
     assert logins(got) == logins(reference), "every login event once, as in the uninterrupted run"
     assert connection_keys(got) >= connection_keys(reference), "every connection reported"
     assert read_stats(crashed)["state"]["restored"] is True
+
+
+def test_learned_baseline_survives_a_restart_without_a_new_device_storm(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    before = steady_capture(tmp_path / "before.pcap", minutes=2, leaves=10, count=4000)
+    after = steady_capture(tmp_path / "after.pcap", minutes=2, leaves=11, count=4400, offset_s=3600.0)
+
+    def run(capture: Path) -> tuple[set[str], list[dict[str, Any]]]:
+        (folder / "stats.json").unlink(missing_ok=True)  # the last run's says its replay is done
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "leafguard", "run", "--local-dir", str(folder), "--pcap", str(capture),
+             "--replay-speed", "0", "--learning-period", "60"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: read_stats(folder)["replay_done"], 60)
+        finally:
+            stop(proc)
+        leaves = {leaf["mac"] for leaf in orjson.loads((folder / "leaves.json").read_bytes())["leaves"]}
+        return leaves, orjson.loads((folder / "alerts.json").read_bytes())["alerts"]
+
+    known, _ = run(before)
+    seen, alerts = run(after)
+    new = sorted(a["mac"] for a in alerts if a["type"] == "new_device")
+    assert len(seen - known) == 1
+    assert new == sorted(seen - known), "the one new leaf is found; the known ones are not announced again"

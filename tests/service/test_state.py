@@ -108,3 +108,35 @@ def test_a_corrupt_or_incompatible_state_is_reported_and_ignored(tmp_path: Path,
     assert (tmp_path / "state.json.bad").exists() and not path.exists()
     # The next save writes a good file again.
     assert keeper.save(1.0, clock=T0) and decode_state(path.read_bytes())["format"] == 1
+
+
+@pytest.mark.parametrize("output", ["spool", "jsonl"])
+def test_events_that_reached_the_output_after_the_save_are_not_sent_again(tmp_path: Path, output: str) -> None:
+    from leafguard.agent.local import JsonlMessageWriter
+    from leafguard.hub.outbox import Outbox
+    from leafguard.hub.spool import Spool, SpoolSettings
+    from leafguard.service.state import reconcile
+
+    fleet = Fleet(AgentConfig())
+    for i in range(40):
+        fleet.observe(login(T0 + i))  # triggered events: they wait in the cache until a timed send
+    spool, _ = Spool.open(SpoolSettings(tmp_path / "data"))
+    outbox = Outbox(spool.settings.max_bytes, spool)
+    writer = JsonlMessageWriter(tmp_path / "messages.jsonl")
+    keeper = StateKeeper(StateSettings(tmp_path), fleet, det.Detectors())
+    keeper.save(0.0, clock=T0 + 40, spool_next_seq=outbox.next_seq, messages_offset=writer.offset)
+    sent = fleet.shutdown(T0 + 41)  # after the save these reach the output; then the process is killed
+    if output == "spool":
+        for message in sent:
+            outbox.put(message)
+    else:
+        writer.write(sent)
+    again = Fleet(AgentConfig())
+    restored = StateKeeper(StateSettings(tmp_path), again, det.Detectors()).load(T0)
+    assert restored is not None and again.stats().pending == 40
+    target = outbox if output == "spool" else writer
+    position = restored.spool_next_seq if output == "spool" else restored.messages_offset
+    assert reconcile(restored, again, target, position) == 40
+    assert again.stats().pending == 0 and again.stats().sent == 40
+    spool.close(0.0)
+    writer.close()
