@@ -104,10 +104,10 @@ def shared_outcomes(directory: Path) -> list[Outcome]:
 
 
 def lab_outcomes(work: Path, benign_s: float) -> list[Outcome]:
+    from testkit.netns import Lab
     from tests.lab.cases import CASES, benign_case
     from tests.lab.runner import judge, record
     from tests.lab.topology import build, missing_tools
-    from tests.netns import Lab
 
     missing = missing_tools()
     if missing or os.geteuid() != 0:

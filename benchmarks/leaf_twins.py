@@ -37,14 +37,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.hub_emulator import HubEmulator, Identity
-
 from benchmarks.gen_capture import ensure_capture
 from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
 from leafguard.capture.pcapfile import read_batches
 from leafguard.hub.credentials import derive_device_key
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
+from tests.hub_emulator import HubEmulator, Identity
 
 REPO = Path(__file__).resolve().parent.parent
 SEC = "azureiotsecurity"

@@ -27,17 +27,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.netns import Lab, Netns
-
 from leafguard.capture.live import CaptureSettings, InterfaceState, LiveCapture, OverflowPolicy
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
+from testkit.netns import Lab, Netns
+from testkit.wait import until
 
 
 def _ip_header(src: bytes, dst: bytes, proto: int, payload_len: int) -> bytes:
@@ -188,13 +187,6 @@ def capture_thread_cpu(interface: str) -> float:
     return 0.0
 
 
-async def until(cond: Callable[[], bool]) -> None:
-    while True:
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-
-
 async def measure(gen: Netns, cap_ns: Netns, pcap: Path, rate: int, seconds: float, args: argparse.Namespace) -> Result:
     analyzer = Analyzer(AnalyzerSettings())
     settings = CaptureSettings(interfaces=("cap0",), netns=cap_ns.name, snaplen=args.snaplen)
@@ -214,7 +206,7 @@ async def measure(gen: Netns, cap_ns: Netns, pcap: Path, rate: int, seconds: flo
     async with asyncio.TaskGroup() as tg:
         runner = tg.create_task(cap.run(), name="capture")
         feeder = tg.create_task(feed(), name="feed")
-        await until(lambda: cap.stats()["cap0"].state is InterfaceState.RUNNING)
+        await until(lambda: cap.stats()["cap0"].state is InterfaceState.RUNNING, interval_s=0.02)
         before = tx_packets(gen)
         cpu0 = time.process_time()
         limit = int(rate * seconds)

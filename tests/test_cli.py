@@ -100,7 +100,6 @@ def test_security_messages_file(tmp_path: Path) -> None:
 
 def test_reader_process_gives_the_single_process_report(tmp_path: Path) -> None:
     from benchmarks.gen_capture import frames, write_pcap
-
     from leafguard.capture.forked import MIN_FILE_BYTES
 
     mix = tmp_path / "mix.pcap"

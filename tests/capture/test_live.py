@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import struct
 import subprocess
 import sys
@@ -33,7 +34,8 @@ from leafguard.capture.live import (
     cap_net_raw_message,
 )
 from leafguard.errors import CaptureError
-from tests.netns import Lab, Netns, needs_root
+from testkit import wait
+from testkit.netns import Lab, Netns, needs_root
 
 pytestmark = [pytest.mark.netns, needs_root, pytest.mark.timeout(60)]
 
@@ -104,12 +106,8 @@ def settings_for(pair: Pair, **kw: object) -> CaptureSettings:
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
-async def until(cond: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
+until = functools.partial(wait.until, interval_s=0.02, timeout_s=5.0)
+"""Every wait here is for the capture's own threads, on veth pairs: 5 s is ample."""
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from leafguard.capture.live import CaptureSettings, InterfaceState, LiveCapture
 from leafguard.capture.pcapfile import read_batches
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
-from tests.netns import Lab, Netns, needs_root
+from testkit.netns import Lab, Netns, needs_root
 
 pytestmark = [
     pytest.mark.netns,

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 
 from leafguard.capture.live import cap_net_raw_message
+from testkit.netns import Lab, Netns, needs_root
 from tests.conftest import REPO
-from tests.netns import Lab, Netns, needs_root
 
 pytestmark = [
     pytest.mark.netns,

@@ -21,8 +21,9 @@ import pytest
 
 from leafguard.capture import forked
 from leafguard.cli import main
+from testkit.wait import wait_for
 from tests.fuzz.captures import Record, cases, demo_records, pcapng
-from tests.service.helpers import read_stats, wait_for
+from tests.service.helpers import read_stats
 
 CASES = int(os.environ.get("LEAFGUARD_FUZZ_CASES", "40"))
 SEED = int(os.environ.get("LEAFGUARD_FUZZ_SEED", "20261203"))

@@ -19,10 +19,11 @@ import pytest
 
 from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
 from leafguard.demo import SENSOR, demo_capture
+from testkit.wait import until, wait_for
 from tests.fuzz.settings import SECTIONS, WHOLE, hostile_documents, nested
 from tests.hub_emulator import HubEmulator
 from tests.hub_emulator.twins import TwinError
-from tests.service.helpers import read_json, read_stats, until, wait_for
+from tests.service.helpers import read_json, read_stats
 
 CASES = int(os.environ.get("LEAFGUARD_FUZZ_SETTINGS_CASES", "12"))
 SEED = int(os.environ.get("LEAFGUARD_FUZZ_SEED", "20261203"))

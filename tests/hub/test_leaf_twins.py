@@ -19,8 +19,9 @@ from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
 from leafguard.demo import demo_capture
 from leafguard.hub.credentials import derive_device_key
 from leafguard.observe.model import identity_for_mac
+from testkit.wait import until
 from tests.agent.schema import errors
-from tests.hub.test_service_edge import service_env, until
+from tests.hub.test_service_edge import service_env
 from tests.hub_emulator import HubEmulator, Identity
 from tests.hub_emulator.twins import SECTION_LIMIT_BYTES, twin_size
 

@@ -25,6 +25,7 @@ from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
 from leafguard.service.control import DetectionControl, ServiceControl
 from leafguard.service.snapshot import ServiceSnapshot
+from testkit.wait import until
 from tests.hub_emulator import HubEmulator, Identity
 
 LIMIT_S = 60.0
@@ -169,15 +170,6 @@ async def hub() -> AsyncIterator[HubEmulator]:
     async with HubEmulator.start(thread=True) as emulator:
         yield emulator
 
-
-async def until(predicate: Callable[[], Any], interval_s: float = 0.1) -> Any:
-    while True:
-        got = predicate()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return got
-        await asyncio.sleep(interval_s)
 
 
 async def test_methods_through_the_sdk_inventory_stats_and_a_flush_that_waits(hub: HubEmulator) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import pytest
 
 from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
 from leafguard.demo import demo_capture
+from testkit.wait import until
 from tests.agent.schema import errors
 from tests.hub_emulator import HubEmulator, Identity
 from tests.hub_emulator.twins import SECTION_LIMIT_BYTES, twin_size
@@ -29,12 +30,6 @@ async def hub() -> AsyncIterator[HubEmulator]:
     async with HubEmulator.start(thread=True) as emulator:
         yield emulator
 
-
-async def until(predicate: Callable[[], Any], interval_s: float = 0.05) -> None:
-    while True:
-        if predicate():
-            return
-        await asyncio.sleep(interval_s)
 
 
 def service_env(hub: HubEmulator, module: Identity) -> dict[str, str]:

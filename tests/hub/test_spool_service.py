@@ -16,8 +16,9 @@ import pytest
 
 from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
 from leafguard.hub.spool import Spool, SpoolSettings
+from testkit.wait import until
 from tests.hub.captures import empty_capture, steady_capture
-from tests.hub.test_service_edge import MODULE, service_env, until
+from tests.hub.test_service_edge import MODULE, service_env
 from tests.hub_emulator import HubEmulator
 
 LIMIT_S = 90.0

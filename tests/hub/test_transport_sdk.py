@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from leafguard.hub.output import EdgeAgentOutput
 from leafguard.hub.settings import EdgeSettings
 from leafguard.hub.transport import EdgeTransport
 from leafguard.observe.analyzer import Analyzer
+from testkit.wait import until
 from tests.agent.schema import errors
 from tests.hub_emulator import HubEmulator, Identity
 
@@ -75,13 +76,6 @@ async def running(transport: EdgeTransport) -> AsyncIterator[EdgeTransport]:
         finally:
             await transport.shutdown(5.0)
 
-
-async def until(predicate: Callable[[], Any], interval_s: float = 0.05) -> None:
-    """Poll a condition on the emulator (it has no event for every change); callers bound it with a timeout."""
-    while True:
-        if predicate():
-            return
-        await asyncio.sleep(interval_s)
 
 
 def distinct_ids(hub: HubEmulator) -> set[str]:

@@ -27,10 +27,10 @@ from typing import Any
 
 import pytest
 
+from testkit.netns import Lab, needs_root
 from tests.lab.cases import CASES, Case
 from tests.lab.runner import Tcpdump, cli_options, judge, record
 from tests.lab.topology import AttackLab, build, missing_tools
-from tests.netns import Lab, needs_root
 
 pytestmark = [
     pytest.mark.netns,

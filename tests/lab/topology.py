@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.netns import Lab, Netns, dhcp_lease
+from testkit.netns import Lab, Netns, dhcp_lease
 
 SCRIPTS = Path(__file__).parent / "scripts"
 LEAF_NET = "10.88.0.0/24"

@@ -1,44 +1,15 @@
-"""Waiting on a running service: its output folder, its HTTP server, anything a test polls."""
+"""Reading a running service: its output folder, its HTTP server and metrics (polling: `testkit.wait`)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-
-
-def wait_for(what: Callable[[], Any], timeout_s: float = 30.0) -> Any:
-    """Poll ``what`` until it returns something truthy (files may be missing or half-written meanwhile)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            got = what()
-        except (OSError, ValueError, KeyError):
-            got = None
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for the service")
-
-
-async def until(predicate: Callable[[], Any], interval_s: float = 0.05) -> Any:
-    """Poll ``predicate`` on the loop until it returns something truthy (a coroutine's result counts); bound
-    the wait with ``asyncio.timeout`` around the call."""
-    while True:
-        got = predicate()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return got
-        await asyncio.sleep(interval_s)
 
 
 def read_json(path: Path) -> Any:

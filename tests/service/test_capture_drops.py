@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from leafguard.demo import demo_capture
-from tests.netns import Lab, needs_root
-from tests.service.helpers import read_stats, wait_for
+from testkit.netns import Lab, needs_root
+from testkit.wait import wait_for
+from tests.service.helpers import read_stats
 
 pytestmark = [
     needs_root,

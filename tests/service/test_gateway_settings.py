@@ -18,8 +18,9 @@ from leafguard.demo import demo_capture
 from leafguard.detect.thresholds import THRESHOLD_KEYS, Thresholds
 from leafguard.errors import ConfigurationError
 from leafguard.service.gateway import CaptureSection, apply_capture_section, parse_detection, parse_leaf_map
-from tests.netns import Lab, Netns, needs_root
-from tests.service.helpers import read_stats, wait_for
+from testkit.netns import Lab, Netns, needs_root
+from testkit.wait import wait_for
+from tests.service.helpers import read_stats
 
 SEND = """
 import sys

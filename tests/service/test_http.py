@@ -29,7 +29,8 @@ from leafguard.service.health import assess
 from leafguard.service.metrics import render_snapshot
 from leafguard.service.settings import EDGE_HTTP_PORT, ServiceSettings
 from leafguard.service.snapshot import DownTracker, LeafConnection, MetricLabels, build_snapshot
-from tests.service.helpers import BASE_LABELS, free_port, http_get, read_json, wait_for
+from testkit.wait import wait_for
+from tests.service.helpers import BASE_LABELS, free_port, http_get, read_json
 from tests.service.helpers import metric_value as value
 from tests.service.helpers import parse_metrics as parse
 

@@ -26,8 +26,9 @@ from leafguard.service.gateway import (
     UplinkSection,
     unknown_keys,
 )
-from tests.netns import Lab, Netns, needs_root
-from tests.service.helpers import read_json, read_stats, until, wait_for
+from testkit.netns import Lab, Netns, needs_root
+from testkit.wait import until, wait_for
+from tests.service.helpers import read_json, read_stats
 
 IFF_PROMISC = 0x100
 FAST_POLL = {"LEAFGUARD_SETTINGS_POLL_S": "0.1"}

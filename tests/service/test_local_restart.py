@@ -14,8 +14,9 @@ from typing import Any
 
 import orjson
 
+from testkit.wait import wait_for
 from tests.hub.captures import steady_capture
-from tests.service.helpers import read_stats, wait_for
+from tests.service.helpers import read_stats
 
 
 def start(folder: Path, capture: Path, speed: str) -> subprocess.Popen[bytes]:

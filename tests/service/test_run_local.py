@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from leafguard.demo import demo_capture
-from tests.service.helpers import read_json, wait_for
+from testkit.wait import wait_for
+from tests.service.helpers import read_json
 
 CFG = "ms_iotn:urn_azureiot_Security_SecurityAgentConfiguration"
 SENSOR = "leaf-5ccf7f07aefb"

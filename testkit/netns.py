@@ -2,7 +2,7 @@
 
 Everything a :class:`Lab` creates lives in namespaces named ``lgt-<pid>-<n>-<role>``; deleting a namespace
 deletes the links inside it, so cleanup is "kill our processes, delete our namespaces", done in ``close()``
-(also on failure: use the ``lab`` fixture or ``with Lab() as lab``). Namespaces left by a killed test run are
+(also on failure: ``with Lab() as lab``). Namespaces left by a killed test run are
 swept when their pid is gone. Traffic stays inside these namespaces: the root namespace gets no link.
 """
 
@@ -16,7 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -140,12 +140,6 @@ class Lab:
         for ns in reversed(self.namespaces):
             _ip("netns", "del", ns.name, check=False)
         self.namespaces.clear()
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab() as the_lab:
-        yield the_lab
 
 
 DHCP_CLIENT = """
