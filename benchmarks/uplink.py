@@ -139,8 +139,8 @@ def recovery_after_kill(base: Path) -> dict[str, float]:
 
 async def delivered_rate(messages: list[OutgoingMessage], n: int, delay_s: float, window: int) -> float:
     """Messages per second the transport gets acknowledged through the emulator (real SDK, TLS)."""
+    from testkit.wait import until
     from tests.hub_emulator import HubEmulator
-    from tests.service.helpers import until
 
     async with HubEmulator.start(thread=True) as hub:
         module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
@@ -170,9 +170,8 @@ async def delivered_rate(messages: list[OutgoingMessage], n: int, delay_s: float
 def events_per_message(frames: int, base: Path, delay_s: float) -> dict[str, float]:
     """``leafguard run`` in edge mode on a generated capture replayed as fast as it goes, its agents at their
     default configuration, the hub acknowledging each message after ``delay_s``: what the emulator receives."""
-    from tests.hub_emulator import HubEmulator
-
     from benchmarks.gen_capture import ensure_capture
+    from tests.hub_emulator import HubEmulator
 
     capture = ensure_capture(frames)
 
