@@ -27,6 +27,9 @@ FAST_AGENTS = {
         "highPriorityMessageFrequency": {"value": "PT30S"},
         "lowPriorityMessageFrequency": {"value": "PT1M"},
         "aggregationEnabledConnectionCreate": {"value": False},
+        # While the link is down the agents hold their events until a message is full: small messages keep the
+        # spool busy during the outage.
+        "maxMessageSizeInBytes": {"value": 8192},
     }
 }
 
