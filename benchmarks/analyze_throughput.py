@@ -3,7 +3,7 @@
     python3 -m benchmarks.analyze_throughput [--frames 1000000] [--runs 3] [--json | --markdown]
 
 Every tool runs as a child process of this one, on the same file (generated once by
-benchmarks/gen_capture.py and cached under benchmarks/.cache/). For each child, wall time comes from a
+testkit/gen_capture.py and cached under benchmarks/.cache/). For each child, wall time comes from a
 monotonic clock around spawn-to-reap; peak RSS from GNU time's %M when /usr/bin/time exists (see
 _child for why not os.wait4's ru_maxrss alone), else from wait4 -- or, when the tool runs helper processes
 (LeafGuard reads large files in a forked reader), the sum of every process's own peak, sampled from /proc.
@@ -36,12 +36,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    from benchmarks.gen_capture import ensure_capture
-except ImportError:  # run as a script: benchmarks/ is sys.path[0]
-    from gen_capture import ensure_capture  # type: ignore[no-redef]
-
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: benchmarks/ is sys.path[0]
+    sys.path.insert(0, str(REPO))
+
+from testkit.gen_capture import ensure_capture  # noqa: E402
+
 TARGET_RATIO_TSHARK = 3.0
 TARGET_RSS_MB = 300.0
 SCAPY_PREFIX = 50_000

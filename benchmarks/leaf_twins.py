@@ -3,7 +3,7 @@
     python3 -m benchmarks.leaf_twins [--leaves 100] [--patches 200] [--in-flight 10] [--idle-s 10]
 
 Needs a clone (the emulator lives in tests/) and the ``test`` extra. A capture with traffic for every leaf comes
-from ``benchmarks.gen_capture`` (cached). The emulator (a local IoT Hub and edgeHub, in Scope mode for one edge
+from ``testkit.gen_capture`` (cached). The emulator (a local IoT Hub and edgeHub, in Scope mode for one edge
 device) registers every leaf as a child of the edge device, with its ``azureiotsecurity`` module, keys derived
 from one group key. ``leafguard run`` replays the capture in edge mode, as a real process, with a leaf map that
 gives every leaf its device id (module identity, the default). Measured:
@@ -37,12 +37,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.gen_capture import ensure_capture
 from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
 from leafguard.capture.pcapfile import read_batches
 from leafguard.hub.credentials import derive_device_key
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
+from testkit.gen_capture import ensure_capture
 from tests.hub_emulator import HubEmulator, Identity
 
 REPO = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 
     python3 -m benchmarks.methods [--leaves 10000] [--frames 300000] [--repeat 20]
 
-The capture comes from `benchmarks.gen_capture` (cached). The analyzer and the fleet (an agent per leaf, from the
+The capture comes from `testkit.gen_capture` (cached). The analyzer and the fleet (an agent per leaf, from the
 security-message pump) are built from it. Then each operation runs ``--repeat`` times the way the service runs
 it: the dispatcher with the service's adapter, and the snapshot plus the Prometheus text. The median and the
 worst time are printed. They are what the loop is held for, to be compared with the transport's 1 s tick and
@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.gen_capture import ensure_capture
 from leafguard import __version__
 from leafguard.agent.local import SecurityMessagePump, make_fleet
 from leafguard.capture.pcapfile import read_batches
@@ -30,6 +29,7 @@ from leafguard.observe.settings import AnalyzerSettings
 from leafguard.service.control import DetectionControl, ServiceControl
 from leafguard.service.metrics import render_snapshot
 from leafguard.service.snapshot import MetricLabels, ServiceSnapshot, build_snapshot
+from testkit.gen_capture import ensure_capture
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:

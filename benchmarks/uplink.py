@@ -170,7 +170,7 @@ async def delivered_rate(messages: list[OutgoingMessage], n: int, delay_s: float
 def events_per_message(frames: int, base: Path, delay_s: float) -> dict[str, float]:
     """``leafguard run`` in edge mode on a generated capture replayed as fast as it goes, its agents at their
     default configuration, the hub acknowledging each message after ``delay_s``: what the emulator receives."""
-    from benchmarks.gen_capture import ensure_capture
+    from testkit.gen_capture import ensure_capture
     from tests.hub_emulator import HubEmulator
 
     capture = ensure_capture(frames)

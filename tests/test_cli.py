@@ -99,8 +99,8 @@ def test_security_messages_file(tmp_path: Path) -> None:
 
 
 def test_reader_process_gives_the_single_process_report(tmp_path: Path) -> None:
-    from benchmarks.gen_capture import frames, write_pcap
     from leafguard.capture.forked import MIN_FILE_BYTES
+    from testkit.gen_capture import frames, write_pcap
 
     mix = tmp_path / "mix.pcap"
     write_pcap(mix, frames(3, 40, 40_000))
@@ -114,7 +114,7 @@ def test_reader_process_gives_the_single_process_report(tmp_path: Path) -> None:
 
 
 def test_a_reader_that_goes_away_is_no_traceback(tmp_path: Path) -> None:
-    from benchmarks.gen_capture import frames, write_pcap
+    from testkit.gen_capture import frames, write_pcap
 
     mix = tmp_path / "mix.pcap"
     write_pcap(mix, frames(5, 40, 20_000))  # a report far larger than a pipe's buffer

@@ -6,7 +6,7 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks.gen_capture import START_TS, frames, write_pcap
+from testkit.gen_capture import START_TS, frames, write_pcap
 
 
 def steady_capture(  # noqa: PLR0913 (a builder: each argument is one knob of the generated traffic)
@@ -40,7 +40,7 @@ def conflict_capture(path: Path, *, addresses: int) -> Path:
     ``address_conflict`` per address, so more than 10,000 alerts in one run from 20,002 frames (cached)."""
     if path.exists():
         return path
-    from benchmarks.gen_capture import arp, ether
+    from testkit.gen_capture import arp, ether
 
     first, second, broadcast = bytes.fromhex("02aa00000001"), bytes.fromhex("02bb00000001"), b"\xff" * 6
 

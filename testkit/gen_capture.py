@@ -1,6 +1,7 @@
-"""Generate a large, deterministic, IoT-like pcap for the throughput benchmark.
+"""Generate a large, deterministic, IoT-like pcap for the throughput benchmark (and for tests that need many
+leaves or frames).
 
-    python3 -m benchmarks.gen_capture [--frames 1000000] [--leaves 240] [--seed 7] [--out FILE] [--force]
+    python3 -m testkit.gen_capture [--frames 1000000] [--leaves 240] [--seed 7] [--out FILE] [--force]
 
 The default output is cached under benchmarks/.cache/ (git-ignored) and reused when it already exists.
 
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GENERATOR_VERSION = 3
-CACHE = Path(__file__).resolve().parent / ".cache"
+CACHE = Path(__file__).resolve().parent.parent / "benchmarks" / ".cache"
 START_TS = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
 # Device profiles: a real OUI of an IoT vendor, the DHCP hostname stem, vendor class (option 60) and
