@@ -2,10 +2,11 @@
 
     sudo python3 -m benchmarks.detections [--no-lab] [--no-shared] [--benign-s SECONDS] [--json FILE] [--markdown]
 
-* Lab cases (`tests/lab`: real tools in network namespaces this run creates, bounded, aimed only at them; root
-  and the Debian tools of ``.ci/run``): each case is captured to pcap on the gateway's bridge and analysed afresh.
-  The benign case (the leaves' work alone) lasts ``--benign-s`` (330 s: longer than every rule's window, the
-  300 s of the scans included; CI's lab runs 15 s of it and judges the whole live run instead).
+* Lab cases (`testkit/lab`, as `tests/lab` runs them: real tools in network namespaces this run creates, bounded,
+  aimed only at them; root and the Debian tools of ``.ci/run``): each case is captured to pcap on the gateway's
+  bridge and analysed afresh. The benign case (the leaves' work alone) lasts ``--benign-s`` (330 s: longer than
+  every rule's window, the 300 s of the scans included; CI's lab runs 15 s of it and judges the whole live run
+  instead).
 * Shared captures (``/work/shared/pcaps``, or ``LEAFGUARD_SHARED_PCAPS``): labelled below from their MANIFEST.md.
 
 Per alert type: true positives (cases of that class that raised it), false negatives (cases of that class that
@@ -104,10 +105,10 @@ def shared_outcomes(directory: Path) -> list[Outcome]:
 
 
 def lab_outcomes(work: Path, benign_s: float) -> list[Outcome]:
+    from testkit.lab.cases import CASES, benign_case
+    from testkit.lab.runner import judge, record
+    from testkit.lab.topology import build, missing_tools
     from testkit.netns import Lab
-    from tests.lab.cases import CASES, benign_case
-    from tests.lab.runner import judge, record
-    from tests.lab.topology import build, missing_tools
 
     missing = missing_tools()
     if missing or os.geteuid() != 0:

@@ -1,6 +1,6 @@
 """The attack lab: real tools against the lab's own namespaces, LeafGuard judged on what they do.
 
-One lab per module (`tests/lab/topology.py`: a gateway bridge, leaves at work, services, an attacker). The whole
+One lab per module (`testkit/lab/topology.py`: a gateway bridge, leaves at work, services, an attacker). The whole
 run is captured twice, live by ``leafguard run`` in the gateway namespace and to a pcap by tcpdump beside it: the
 last test checks that ``leafguard analyze`` of that pcap raises the same alerts as the live service. Each case is
 also captured to a pcap of its own and analysed afresh: it must raise the alerts of its class (recall), nothing
@@ -27,10 +27,10 @@ from typing import Any
 
 import pytest
 
+from testkit.lab.cases import CASES, Case
+from testkit.lab.runner import Tcpdump, cli_options, judge, record
+from testkit.lab.topology import AttackLab, build, missing_tools
 from testkit.netns import Lab, needs_root
-from tests.lab.cases import CASES, Case
-from tests.lab.runner import Tcpdump, cli_options, judge, record
-from tests.lab.topology import AttackLab, build, missing_tools
 
 pytestmark = [
     pytest.mark.netns,

@@ -17,8 +17,8 @@ from typing import Any
 from leafguard.capture.pcapfile import read_batches
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
-from tests.lab.cases import Case
-from tests.lab.topology import HOSTS, LEAF_NET, LEAF_NET6, AttackLab
+from testkit.lab.cases import Case
+from testkit.lab.topology import HOSTS, LEAF_NET, LEAF_NET6, AttackLab
 
 FLOOD_RATE_PER_S = 200.0
 """The lab's flood setting (off by default in LeafGuard): the camera's 25 frames/s stay far below it."""

@@ -1,4 +1,4 @@
-"""A leaf doing its normal work until killed, run inside its namespace by the lab (tests/lab/topology.py).
+"""A leaf doing its normal work until killed, run inside its namespace by the lab (testkit/lab/topology.py).
 
 Roles (argv[1]):
 * ``sensor IP``: DHCP-configured sensor: every second an MQTT publish on one persistent connection, every 2 s a

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.lab.topology import GW_IP, HOSTS, SCRIPTS, SWEEP_NET, AttackLab
+from testkit.lab.topology import GW_IP, HOSTS, SCRIPTS, SWEEP_NET, AttackLab
 
 TARGET = HOSTS["target"][1]
 TARGET6 = HOSTS["target"][2]
