@@ -37,6 +37,7 @@ from leafguard.capture.pcapfile import read_batches
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
 from testkit.netns import Lab, Netns, needs_root
+from testkit.wait import wait_for
 
 pytestmark = [
     pytest.mark.netns,
@@ -433,13 +434,8 @@ def analysed_at_least(total: int, stats: dict[str, Any]) -> bool:
 
 
 def wait_for_file(path: Path, cond: Callable[[dict[str, Any]], bool], within: float = 15.0) -> dict[str, Any]:
-    deadline = time.monotonic() + within
-    while True:
-        data = read_json(path)
-        if data and cond(data):
-            return data
-        assert time.monotonic() < deadline, f"{path}: not reached in time, last: {data}"
-        time.sleep(0.1)
+    got: dict[str, Any] = wait_for(lambda: (data := read_json(path)) and cond(data) and data, timeout_s=within)
+    return got
 
 
 def test_leafguard_run_writes_the_same_inventory(net: Net, tmp_path: Path) -> None:

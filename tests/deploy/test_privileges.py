@@ -28,6 +28,7 @@ import pytest
 
 from leafguard.capture.live import cap_net_raw_message
 from testkit.netns import Lab, Netns, needs_root
+from testkit.wait import wait_for
 from tests.conftest import REPO
 
 pytestmark = [
@@ -169,18 +170,9 @@ def _send_burst(leaf: Netns, count: int = 20) -> None:
     leaf.python(code)
 
 
-def _wait_for_leaf(data: Path, deadline_s: float = 15) -> list[dict[str, object]]:
-    end = time.monotonic() + deadline_s
-    leaves: list[dict[str, object]] = []
-    while time.monotonic() < end:
-        try:
-            leaves = json.loads((data / "leaves.json").read_text())["leaves"]
-        except (OSError, ValueError, KeyError):
-            leaves = []
-        if any(leaf["mac"] == LEAF_MAC for leaf in leaves):
-            return leaves
-        time.sleep(0.1)
-    return leaves
+def _leaves_once_the_leaf_is_in(data: Path) -> list[dict[str, object]] | None:
+    leaves: list[dict[str, object]] = json.loads((data / "leaves.json").read_text())["leaves"]
+    return leaves if any(leaf["mac"] == LEAF_MAC for leaf in leaves) else None
 
 
 def _capture_with(gw: Netns, leaf: Netns, sandbox: Sandbox, *, unprivileged: bool) -> dict[str, str]:
@@ -194,8 +186,7 @@ def _capture_with(gw: Netns, leaf: Netns, sandbox: Sandbox, *, unprivileged: boo
             time.sleep(0.05)
         status = _status(pid)
         _send_burst(leaf)
-        leaves = _wait_for_leaf(sandbox.data)
-        assert any(entry["mac"] == LEAF_MAC for entry in leaves), leaves
+        wait_for(lambda: _leaves_once_the_leaf_is_in(sandbox.data), timeout_s=15)
         os.kill(pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err.decode()
