@@ -38,6 +38,7 @@ from leafguard.detect.silence import SilenceTracker
 from leafguard.detect.thresholds import Thresholds
 from leafguard.errors import ConfigurationError
 from leafguard.observe import fastpath
+from leafguard.observe.eviction import EvictionQueue
 from leafguard.observe.model import ConnectionSeen, Direction, LeafView, LoginSeen, Observation, Service
 from leafguard.observe.oui import vendor_of
 from leafguard.observe.settings import AnalyzerSettings, Network
@@ -112,6 +113,9 @@ class Analyzer:
         self.flows: dict[tuple[int, bytes, int, bytes, int], Flow] = {}
         self.flows4: dict[tuple[int, int], Flow] = {}
         """The IPv4 conversations again, keyed as the bulk step groups frames (see `fastpath.plan_batch`)."""
+        self.flow_order: EvictionQueue[Flow] = EvictionQueue(_flow_last_seen, _flow_first_seen)
+        self.mac_order: EvictionQueue[MacState] = EvictionQueue(_mac_last_seen, _mac_created)
+        """The order in which the tables give up entries when full (`observe.eviction`)."""
         self._frags: dict[tuple[bytes, bytes, int, int], tuple[tuple[int, bytes, int, bytes, int], bool]] = {}
         self._frag_pending: dict[tuple[bytes, bytes, int, int], list[Any]] = {}
         self.detectors = det.Detectors(self.settings.learning_period_s, self.settings.thresholds)
@@ -396,20 +400,13 @@ class Analyzer:
             if len(self.macs) >= self.settings.max_macs:
                 self._evict_mac(ts)
             st = self.macs[mac] = MacState(mac)
+            st.created = ts
+            self.mac_order.admit(st)
         st.touched = ts
         return st
 
     def _evict_mac(self, now: float) -> None:
-        # Second chance: skip (and requeue) recently active entries, looking at a bounded number of them.
-        for _ in range(8):
-            mac = next(iter(self.macs))
-            st = self.macs.pop(mac)
-            if now - st.touched < self.settings.idle_flow_s:
-                self.macs[mac] = st
-                continue
-            break
-        else:
-            self.macs.pop(next(iter(self.macs)))
+        del self.macs[self.mac_order.victim(now, self.settings.idle_flow_s).mac]
         self.stats.evicted_macs += 1
 
     def is_leaf_ip(self, ip: bytes) -> bool:
@@ -562,21 +559,14 @@ class Analyzer:
             flow.nkey = nkey
             self.flows4[nkey] = flow
         self.flows[key] = flow
+        self.flow_order.admit(flow)
         if self._observe:
             self._observe_connection(flow, "tcp" if proto == PROTO_TCP else "udp", ts)
         return flow
 
     def _evict_flow(self, now: float) -> None:
-        flows = self.flows
-        for _ in range(8):
-            key = next(iter(flows))
-            f = flows.pop(key)
-            if now - f.last < self.settings.idle_flow_s:
-                flows[key] = f
-                continue
-            break
-        else:
-            f = flows.pop(next(iter(flows)))
+        f = self.flow_order.victim(now, self.settings.idle_flow_s)
+        del self.flows[f.key()]
         if f.nkey is not None:
             self.flows4.pop(f.nkey, None)
         self.stats.evicted_flows += 1
@@ -950,6 +940,11 @@ _THRESHOLD_FIELDS = frozenset(f.name for f in dataclasses.fields(Thresholds))
 
 # Conversations in the report: first seen, then 5-tuple.
 _report_order = attrgetter("first", "proto", "a_ip", "a_port", "b_ip", "b_port")
+# What the tables' eviction order compares: when a conversation, or a MAC in any role, was first and last seen.
+_flow_first_seen = attrgetter("first")
+_flow_last_seen = attrgetter("last")
+_mac_created = attrgetter("created")
+_mac_last_seen = attrgetter("touched")
 
 
 def _obs_time(obs: Observation) -> float:

@@ -33,6 +33,7 @@ class MacState:
         "any_ip",
         "bytes_in",
         "bytes_out",
+        "created",
         "dhcp_hostname",
         "dhcp_prl",
         "dhcp_vendor_class",
@@ -63,6 +64,8 @@ class MacState:
         self.last_seen = 0.0
         self.touched = 0.0
         """Last time the MAC was seen in any role (eviction order)."""
+        self.created = 0.0
+        """When the MAC table took it in (eviction order)."""
         self.any_ip = False
         """It has sent a frame carrying an address of its own."""
         self.leaf_side = False
@@ -142,6 +145,12 @@ class Flow:
         """The IPv4 conversation key as two integers (the bulk step's index), or None for IPv6."""
         self.slow = False
         """Its frames need the per-frame path: a login exchange on it is being followed."""
+
+    def key(self) -> tuple[int, bytes, int, bytes, int]:
+        """Its key in the conversation table: the protocol, then the lower (address, port) endpoint first."""
+        if self.a_is_lo:
+            return (self.proto, self.a_ip, self.a_port, self.b_ip, self.b_port)
+        return (self.proto, self.b_ip, self.b_port, self.a_ip, self.a_port)
 
     def count(self, forward: bool, packets: int, nbytes: int, last: float) -> None:
         """Add frames sent by ``a`` (``forward``) or by ``b``."""
