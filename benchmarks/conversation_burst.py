@@ -28,17 +28,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO / "module") not in sys.path:
-    sys.path.insert(0, str(REPO / "module"))
-
-try:
-    from benchmarks.gen_capture import ether, ipv4, tcp
-except ImportError:  # run as a script: benchmarks/ is sys.path[0]
-    from gen_capture import ether, ipv4, tcp  # type: ignore[no-redef]
+for _path in (REPO, REPO / "module"):  # run as a script: benchmarks/ is sys.path[0]
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from leafguard.capture.batch import FrameBatch  # noqa: E402
 from leafguard.observe.analyzer import Analyzer  # noqa: E402
 from leafguard.observe.settings import AnalyzerSettings  # noqa: E402
+from testkit.gen_capture import ether, ipv4, tcp  # noqa: E402
 
 TARGET_RATIO = 1.5
 BATCH_FRAMES = 8192
