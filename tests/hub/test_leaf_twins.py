@@ -21,7 +21,7 @@ from leafguard.hub.credentials import derive_device_key
 from leafguard.observe.model import identity_for_mac
 from testkit.wait import until
 from tests.agent.schema import errors
-from tests.hub.test_service_edge import service_env
+from tests.hub.helpers import service_env
 from tests.hub_emulator import HubEmulator, Identity
 from tests.hub_emulator.twins import SECTION_LIMIT_BYTES, twin_size
 

@@ -26,10 +26,10 @@ from leafguard.observe.settings import AnalyzerSettings
 from leafguard.service.control import DetectionControl, ServiceControl
 from leafguard.service.snapshot import ServiceSnapshot
 from testkit.wait import until
+from tests.hub.helpers import MODULE
 from tests.hub_emulator import HubEmulator, Identity
 
 LIMIT_S = 60.0
-MODULE = "edge1/leafguard"
 SENSOR_MAC = "5c:cf:7f:07:ae:fb"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -16,12 +15,12 @@ from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
 from leafguard.demo import demo_capture
 from testkit.wait import until
 from tests.agent.schema import errors
-from tests.hub_emulator import HubEmulator, Identity
+from tests.hub.helpers import MODULE, service_env
+from tests.hub_emulator import HubEmulator
 from tests.hub_emulator.twins import SECTION_LIMIT_BYTES, twin_size
 from tests.service.helpers import free_port, http_get
 
 LIMIT_S = 40.0
-MODULE = "edge1/leafguard"
 SENSOR = "leaf-5ccf7f07aefb"
 
 
@@ -30,11 +29,6 @@ async def hub() -> AsyncIterator[HubEmulator]:
     async with HubEmulator.start(thread=True) as emulator:
         yield emulator
 
-
-
-def service_env(hub: HubEmulator, module: Identity) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IOTEDGE_", "LEAFGUARD_"))}
-    return env | hub.edge_environment(module) | {"LEAFGUARD_REPORTED_INTERVAL_S": "0.3"}
 
 
 async def test_edge_mode_service_sends_is_tuned_by_its_twin_and_stops_cleanly(hub: HubEmulator,

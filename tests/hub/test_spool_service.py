@@ -18,7 +18,7 @@ from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
 from leafguard.hub.spool import Spool, SpoolSettings
 from testkit.wait import until
 from tests.hub.captures import empty_capture, steady_capture
-from tests.hub.test_service_edge import MODULE, service_env
+from tests.hub.helpers import MODULE, Running, service_env
 from tests.hub_emulator import HubEmulator
 
 LIMIT_S = 90.0
@@ -38,28 +38,6 @@ FAST_AGENTS = {
 async def hub() -> Any:
     async with HubEmulator.start(thread=True) as emulator:
         yield emulator
-
-
-class Running:
-    """A service process whose stderr is collected as it runs."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.err: list[str] = []
-        self._reader = asyncio.get_running_loop().create_task(self._read(), name="test.stderr")
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        async for line in self.proc.stderr:
-            self.err.append(line.decode(errors="replace"))
-
-    def saw(self, text: str) -> bool:
-        return any(text in line for line in self.err)
-
-    async def wait(self) -> int:
-        code = await self.proc.wait()
-        await self._reader
-        return code
 
 
 async def start(hub: HubEmulator, module: Any, capture: Path, data_dir: Path, speed: str) -> Running:

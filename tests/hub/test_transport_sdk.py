@@ -29,10 +29,10 @@ from leafguard.hub.transport import EdgeTransport
 from leafguard.observe.analyzer import Analyzer
 from testkit.wait import until
 from tests.agent.schema import errors
+from tests.hub.helpers import MODULE
 from tests.hub_emulator import HubEmulator, Identity
 
 LIMIT_S = 30.0
-MODULE = "edge1/leafguard"
 
 
 @pytest.fixture

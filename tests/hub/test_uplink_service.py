@@ -15,8 +15,7 @@ import pytest
 from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
 from testkit.wait import until
 from tests.hub.captures import conflict_capture, empty_capture, steady_capture
-from tests.hub.test_service_edge import MODULE, service_env
-from tests.hub.test_spool_service import Running
+from tests.hub.helpers import MODULE, Running, service_env
 from tests.hub_emulator import HubEmulator
 
 LIMIT_S = 90.0

@@ -274,7 +274,7 @@ async def test_edge_mode_takes_the_settings_from_the_module_twin() -> None:
     """The module twin's desired properties, with the real SDK through the hub emulator: the budget and the
     reported interval reach the uplink, the leaf side the analyzer; what edge mode cannot use is rejected, and
     the health section says all of it."""
-    from tests.hub.test_service_edge import service_env
+    from tests.hub.helpers import service_env
     from tests.hub_emulator import HubEmulator
 
     async with HubEmulator.start(thread=True) as hub:
