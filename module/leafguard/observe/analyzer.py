@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import socket
 from collections import deque
 from collections.abc import Iterator
 from operator import attrgetter
@@ -38,11 +37,13 @@ from leafguard.detect.silence import SilenceTracker
 from leafguard.detect.thresholds import Thresholds
 from leafguard.errors import ConfigurationError
 from leafguard.observe import fastpath
+from leafguard.observe.addresses import ULA, ZERO_V4, ZERO_V6, ip_sort_key, ip_text, is_unicast_mac, mac_text
 from leafguard.observe.eviction import EvictionQueue
-from leafguard.observe.model import ConnectionSeen, Direction, LeafView, LoginSeen, Observation, Service
+from leafguard.observe.model import ConnectionSeen, Direction, LeafView, LoginSeen, Observation
 from leafguard.observe.oui import vendor_of
+from leafguard.observe.report import capture_json, conversation_rows, leaf_json, leaf_view
 from leafguard.observe.settings import AnalyzerSettings, Network
-from leafguard.observe.state import Flow, MacState, tcp_next_state
+from leafguard.observe.state import CaptureStats, Flow, MacState, tcp_next_state
 
 DEEP_UDP_PORTS = frozenset({53, 67, 68, 137, 1900, 5353, 5355})
 LOGIN_BUDGET_BYTES = 8192
@@ -52,51 +53,6 @@ LEAF_SIDE_CACHE = 4096
 DNS_CACHE = 1024
 """Addresses whose side (leaf or not) is remembered; a scan of random addresses only refills it."""
 
-_ZERO_V4 = b"\x00\x00\x00\x00"
-_ZERO_V6 = b"\x00" * 16
-
-
-def mac_text(mac: bytes) -> str:
-    return mac.hex(":")
-
-
-def ip_text(ip: bytes) -> str:
-    return socket.inet_ntop(socket.AF_INET if len(ip) == 4 else socket.AF_INET6, ip)
-
-
-def is_unicast_mac(mac: bytes) -> bool:
-    return not mac[0] & 1 and mac != b"\x00" * 6
-
-
-class CaptureStats:
-    __slots__ = (
-        "bytes",
-        "decode_errors",
-        "evicted_flows",
-        "evicted_macs",
-        "evicted_names",
-        "files",
-        "first_ts",
-        "last_ts",
-        "link_types",
-        "observations_dropped",
-        "packets",
-        "truncated",
-    )
-
-    def __init__(self) -> None:
-        self.files: list[str] = []
-        self.packets = 0
-        self.bytes = 0
-        self.first_ts: float | None = None
-        self.last_ts: float | None = None
-        self.link_types: dict[str, None] = {}
-        self.decode_errors = 0
-        self.truncated = 0
-        self.evicted_flows = 0
-        self.evicted_macs = 0
-        self.evicted_names = 0
-        self.observations_dropped = 0
 
 
 class Analyzer:
@@ -226,7 +182,7 @@ class Analyzer:
                 if len(self._announced) >= self.settings.max_macs:
                     self._announced.clear()  # bounded: a MAC forgotten here is only announced again
                 self._announced.add(mac)
-                ips = ",".join(sorted((ip_text(ip) for ip in st.ips), key=_ip_sort))
+                ips = ",".join(sorted((ip_text(ip) for ip in st.ips), key=ip_sort_key))
                 evidence.append((st.first_seen, det.NEW_LEAF, (mac, ips, vendor_of(mac_text(mac)) or "")))
             self._touched.clear()
         evidence.extend((ts, det.BIND, (ip, mac)) for (ip, mac), ts in self._pairs.items())
@@ -374,7 +330,7 @@ class Analyzer:
                     own = p.arp_spa
                     # A probe (sender 0.0.0.0, RFC 5227) and an announcement (sender == target) are a host
                     # checking and claiming its own address: neither asks for somebody else's.
-                    if own != _ZERO_V4:
+                    if own != ZERO_V4:
                         self._evidence.append((ts, det.ARP_CLAIM, (own, src.mac)))
                         if p.arp_op == 1 and p.arp_tpa is not None and p.arp_tpa != own:
                             self._evidence.append((ts, det.ARP_ASK, (p.arp_tpa, src.mac)))
@@ -384,7 +340,7 @@ class Analyzer:
                 self._learn_ip(src, own)
                 # Bindings only from Ethernet: a cooked capture on "any" shows one packet per interface it
                 # crossed, with different link addresses.
-                if p.dst_mac is not None and own not in (_ZERO_V4, _ZERO_V6) and self.is_leaf_ip(own):
+                if p.dst_mac is not None and own not in (ZERO_V4, ZERO_V6) and self.is_leaf_ip(own):
                     self.saw_address(own, src.mac, ts)
         if p.sport >= 0 or p.fragment:
             return self._conversation(p, data, ts, wirelen, src)
@@ -421,14 +377,14 @@ class Analyzer:
                 addr.is_loopback or addr.is_multicast or addr.is_unspecified or ip == b"\xff\xff\xff\xff"
             )
         else:
-            ok = addr.is_link_local or addr in _ULA
+            ok = addr.is_link_local or addr in ULA
         if len(self._leaf_side_cache) >= LEAF_SIDE_CACHE:
             self._leaf_side_cache.clear()
         self._leaf_side_cache[ip] = ok
         return ok
 
     def _learn_ip(self, st: MacState, ip: bytes) -> None:
-        if ip in st.ips or ip in (_ZERO_V4, _ZERO_V6):
+        if ip in st.ips or ip in (ZERO_V4, ZERO_V6):
             return
         if (ip[0] >= 224 and len(ip) == 4) or (len(ip) == 16 and ip[0] == 0xFF):
             return
@@ -733,7 +689,7 @@ class Analyzer:
                 client.dhcp_vendor_class = d.vendor_class
             if d.param_request_list:
                 client.dhcp_prl = d.param_request_list
-        elif d.msg_type == 5 and d.your_ip != _ZERO_V4:
+        elif d.msg_type == 5 and d.your_ip != ZERO_V4:
             self._learn_ip(client, d.your_ip)
 
     # ----------------------------------------------------------------------------------------- observations
@@ -817,110 +773,24 @@ class Analyzer:
         return sorted((st for st in self.macs.values() if self.is_leaf(st)), key=lambda s: s.mac)
 
     def leaf_views(self) -> list[LeafView]:
-        return [self._view(st) for st in self.leaves()]
-
-    def _view(self, st: MacState) -> LeafView:
-        mac = mac_text(st.mac)
-        os_name, os_vendor, os_version = os_evidence(st)
-        return LeafView(
-            mac=mac,
-            ips=tuple(sorted((ip_text(ip) for ip in st.ips), key=_ip_sort)),
-            vendor=vendor_of(mac),
-            hostnames=tuple(sorted(st.hostnames)),
-            dhcp_hostname=st.dhcp_hostname,
-            dhcp_vendor_class=st.dhcp_vendor_class,
-            dhcp_param_request_list=st.dhcp_prl,
-            randomized_mac=bool(st.mac[0] & 2),
-            first_seen=st.first_seen,
-            last_seen=st.last_seen,
-            services=tuple(Service("tcp" if p == "tcp" else "udp", port) for p, port in sorted(st.services)),
-            os_name=os_name,
-            os_vendor=os_vendor,
-            os_version=os_version,
-        )
+        return [leaf_view(st) for st in self.leaves()]
 
     def iter_conversations(self) -> Iterator[dict[str, Any]]:
         """Conversations in report order (first seen, then 5-tuple), built one at a time."""
-        names: dict[bytes, str] = {}  # a few addresses recur in most conversations
-
-        def text(ip: bytes) -> str:
-            got = names.get(ip)
-            if got is None:
-                if len(names) >= LEAF_SIDE_CACHE:
-                    names.clear()
-                got = names[ip] = ip_text(ip)
-            return got
-
-        for f in sorted(self.flows.values(), key=_report_order):
-            yield {
-                "protocol": "tcp" if f.proto == PROTO_TCP else "udp",
-                "a_addr": text(f.a_ip),
-                "a_port": f.a_port,
-                "b_addr": text(f.b_ip),
-                "b_port": f.b_port,
-                "packets_ab": f.packets_ab,
-                "bytes_ab": f.bytes_ab,
-                "packets_ba": f.packets_ba,
-                "bytes_ba": f.bytes_ba,
-                "first_seen": f.first,
-                "last_seen": f.last,
-                "state": f.state,
-            }
+        return conversation_rows(self.flows.values())
 
     def capture_report(self) -> dict[str, Any]:
-        st = self.stats
-        return {
-            "files": list(st.files),
-            "packets": st.packets,
-            "bytes": st.bytes,
-            "first_ts": st.first_ts,
-            "last_ts": st.last_ts,
-            "link_types": sorted(st.link_types),
-            "decode_errors": st.decode_errors,
-            "truncated": st.truncated,
-            "evicted_flows": st.evicted_flows,
-            "evicted_leaves": st.evicted_macs,
-            "evicted_names": st.evicted_names,
-            "observations_dropped": st.observations_dropped,
-            "alerts_dropped": self.detectors.dropped_alerts,
-            "alerts_suppressed": self.detectors.suppressed_alerts,
-        }
+        d = self.detectors
+        return capture_json(self.stats, alerts_dropped=d.dropped_alerts, alerts_suppressed=d.suppressed_alerts)
 
     def leaf_report(self, mac: str) -> dict[str, Any] | None:
         """One leaf's entry of :meth:`report` (``mac`` as ``aa:bb:..``), or None when it is no leaf (now)."""
         st = self.macs.get(bytes.fromhex(mac.replace(":", "")))
-        return self._leaf_json(st) if st is not None and self.is_leaf(st) else None
-
-    def _leaf_json(self, m: MacState) -> dict[str, Any]:
-        v = self._view(m)
-        return {
-            "mac": v.mac,
-            "ips": list(v.ips),
-            "vendor": v.vendor,
-            "hostnames": list(v.hostnames),
-            "dhcp": {
-                "hostname": v.dhcp_hostname,
-                "vendor_class": v.dhcp_vendor_class,
-                "param_request_list": list(v.dhcp_param_request_list),
-            },
-            "randomized_mac": v.randomized_mac,
-            "first_seen": v.first_seen,
-            "last_seen": v.last_seen,
-            "packets_out": m.packets_out,
-            "bytes_out": m.bytes_out,
-            "packets_in": m.packets_in,
-            "bytes_in": m.bytes_in,
-            "services": [{"protocol": s.protocol, "port": s.port} for s in v.services],
-            "dns_queries": sorted(m.dns_queries),
-            "tls_sni": sorted(m.tls_sni),
-            "tls_versions": [f"0x{x:04x}" for x in sorted(m.tls_versions)],
-            "ssdp": {"server": m.ssdp_server, "usn": m.ssdp_usn},
-            "os": {"name": v.os_name, "vendor": v.os_vendor, "version": v.os_version},
-        }
+        return leaf_json(st) if st is not None and self.is_leaf(st) else None
 
     def report(self, *, conversations: bool = True) -> dict[str, Any]:
         """The report so far (`finish` first, at the end of the input)."""
-        leaves = [self._leaf_json(m) for m in self.leaves()]
+        leaves = [leaf_json(m) for m in self.leaves()]
         convs = list(self.iter_conversations()) if conversations else []
         return {
             "capture": self.capture_report(),
@@ -934,12 +804,9 @@ class Analyzer:
         return [a.to_json() for a in sorted(self.detectors.alerts, key=lambda a: (a.ts, a.type, a.summary))]
 
 
-_ULA = ipaddress.ip_network("fc00::/7")
 _THRESHOLD_FIELDS = frozenset(f.name for f in dataclasses.fields(Thresholds))
 
 
-# Conversations in the report: first seen, then 5-tuple.
-_report_order = attrgetter("first", "proto", "a_ip", "a_port", "b_ip", "b_port")
 # What the tables' eviction order compares: when a conversation, or a MAC in any role, was first and last seen.
 _flow_first_seen = attrgetter("first")
 _flow_last_seen = attrgetter("last")
@@ -949,24 +816,3 @@ _mac_last_seen = attrgetter("touched")
 
 def _obs_time(obs: Observation) -> float:
     return obs.ts
-
-
-def _ip_sort(text: str) -> tuple[int, int]:
-    addr = ipaddress.ip_address(text)
-    return addr.version, int(addr)
-
-
-def os_evidence(st: MacState) -> tuple[str | None, str | None, str | None]:
-    """OS name, vendor and version where the traffic states them; never a guess from weaker hints."""
-    vc = st.dhcp_vendor_class or ""
-    if vc.startswith("MSFT"):
-        return "Windows", "Microsoft", None
-    if vc.startswith("android-dhcp-"):
-        return "Android", "Google", vc.removeprefix("android-dhcp-") or None
-    server = st.ssdp_server or ""
-    # UPnP SERVER header: "OS/version UPnP/1.x product/version" (UPnP Device Architecture 1.1, section 1.1.3).
-    first = server.replace(",", " ").split(" ", 1)[0]
-    name, sep, version = first.partition("/")
-    if sep and name and "upnp" in server.lower() and name.lower() not in ("upnp", "unspecified"):
-        return name, None, version or None
-    return None, None, None

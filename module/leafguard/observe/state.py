@@ -161,3 +161,36 @@ class Flow:
             self.packets_ba += packets
             self.bytes_ba += nbytes
         self.last = max(self.last, last)
+
+
+class CaptureStats:
+    """Counters of the input and of what the caps gave up (the report's ``capture`` section)."""
+
+    __slots__ = (
+        "bytes",
+        "decode_errors",
+        "evicted_flows",
+        "evicted_macs",
+        "evicted_names",
+        "files",
+        "first_ts",
+        "last_ts",
+        "link_types",
+        "observations_dropped",
+        "packets",
+        "truncated",
+    )
+
+    def __init__(self) -> None:
+        self.files: list[str] = []
+        self.packets = 0
+        self.bytes = 0
+        self.first_ts: float | None = None
+        self.last_ts: float | None = None
+        self.link_types: dict[str, None] = {}
+        self.decode_errors = 0
+        self.truncated = 0
+        self.evicted_flows = 0
+        self.evicted_macs = 0
+        self.evicted_names = 0
+        self.observations_dropped = 0

@@ -19,7 +19,8 @@ from leafguard.detect.muting import parse_rule
 from leafguard.errors import ConfigurationError
 from leafguard.hub.methods import BadRequest, FlushOutcome, LeafPage, LeafRecord, MuteRequest
 from leafguard.hub.transport import EdgeTransport
-from leafguard.observe.analyzer import Analyzer, mac_text
+from leafguard.observe.addresses import mac_text
+from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.model import identity_for_mac
 from leafguard.service.snapshot import ServiceSnapshot
 
