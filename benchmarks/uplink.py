@@ -204,13 +204,48 @@ def events_per_message(frames: int, base: Path, delay_s: float) -> dict[str, flo
     return asyncio.run(run())
 
 
+def state_cost(leaves: int, events_per_leaf: int, base: Path) -> dict[str, float]:
+    """The saved state (``state.json``) of ``leaves`` agents with ``events_per_leaf`` events each in their caches
+    and aggregation maps: the time taken on the loop, the time to encode and write it (a thread), its size, and
+    the time to restore it at start-up."""
+    from leafguard.agent.config import AgentConfig
+    from leafguard.agent.fleet import Fleet
+    from leafguard.detect.detectors import Detectors
+    from leafguard.observe.model import ConnectionSeen, LoginSeen
+    from leafguard.service.state import StateKeeper, StateSettings
+
+    t0 = 1_767_225_600.0
+    fleet = Fleet(AgentConfig(), max_leaves=leaves)
+    for i in range(leaves):
+        mac = f"02:00:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}"
+        for j in range(events_per_leaf):
+            fleet.observe(
+                LoginSeen(t0 + j, mac, "telnet", "In", "10.0.0.2", 23, "10.0.0.66", 40000 + j, "admin", "Fail")
+                if j % 2 else
+                ConnectionSeen(t0 + j, mac, "Out", "tcp", "10.0.0.2", 50000, "10.0.0.9", 1000 + j, "EST", 1234)
+            )  # fmt: skip
+    with tempfile.TemporaryDirectory(dir=base) as tmp:
+        keeper = StateKeeper(StateSettings(Path(tmp)), fleet, Detectors())
+        started = time.perf_counter()
+        doc = keeper.document(0.0, clock=t0 + events_per_leaf)
+        taken = time.perf_counter() - started
+        keeper.write(doc)
+        written = time.perf_counter() - started - taken
+        size = (Path(tmp) / "state.json").stat().st_size
+        started = time.perf_counter()
+        StateKeeper(StateSettings(Path(tmp)), Fleet(AgentConfig(), max_leaves=leaves), Detectors()).load(t0)
+        loaded = time.perf_counter() - started
+    return {"events": float(fleet.stats().pending), "taken_s": taken, "written_s": written, "mb": size / 1e6,
+            "restored_s": loaded}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=20_000, help="messages written per fsync policy")
     ap.add_argument("--delivered", type=int, default=200, help="messages sent through the emulator per case")
     ap.add_argument("--frames", type=int, default=300_000, help="frames of the generated capture under load")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the spools are written")
-    ap.add_argument("--skip", action="append", default=[], choices=["spool", "kill", "emulator", "load"])
+    ap.add_argument("--skip", action="append", default=[], choices=["spool", "kill", "emulator", "load", "state"])
     args = ap.parse_args()
     messages = demo_messages()
     mean_size = statistics.fmean(len(m.body) for m in messages)
@@ -244,6 +279,13 @@ def main() -> None:
             r = events_per_message(args.frames, args.dir, delay)
             print(f"  PUBACK after {delay * 1000:3.0f} ms: {r['messages']:6,.0f} security messages, "
                   f"{r['events']:7,.0f} events, {r['mean']:5.1f} events per message (median {r['median']:.0f})")
+
+    if "state" not in args.skip:
+        print("\nsaved state (state.json), 20 events per leaf waiting in the caches and aggregation maps:")
+        for leaves in (100, 1000, 10_000):
+            r = state_cost(leaves, 20, args.dir)
+            print(f"  {leaves:6,} leaves: taken on the loop in {r['taken_s'] * 1000:6.0f} ms, encoded and written in "
+                  f"{r['written_s'] * 1000:6.0f} ms ({r['mb']:5.1f} MB), restored in {r['restored_s'] * 1000:6.0f} ms")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from leafguard.agent.agent import LeafAgent
 from leafguard.agent.config import AgentConfig
 from leafguard.agent.fleet import Fleet
 from leafguard.agent.messages import OutgoingMessage
+from leafguard.service.state import decode_state, encode_state
 from tests.agent.helpers import MAC, T0, conn, login
 
 FAST = AgentConfig(high_priority_message_frequency_s=10.0, low_priority_message_frequency_s=20.0)
@@ -34,7 +35,8 @@ def feed(agent: LeafAgent, start: float, count: int) -> list[OutgoingMessage]:
 def test_a_restored_agent_continues_exactly_where_the_saved_one_was() -> None:
     reference = LeafAgent("leaf-1", FAST, T0)
     feed(reference, T0, 50)
-    saved = orjson.loads(orjson.dumps(reference.export_state()))  # through JSON, as the state file does
+    # Through the state file's encoding (events spliced in as JSON, read back as objects).
+    saved = decode_state(encode_state({"agent": reference.export_state()}))["agent"]
     assert sum(len(q) for q in saved["queues"]["events"].values()) > 0, "events wait in the cache"
     assert saved["aggregation"]["entries"], "an aggregation window is open"
 
@@ -52,7 +54,7 @@ def test_forgetting_events_that_reached_the_output_after_the_save() -> None:
     agent = LeafAgent("leaf-1", FAST, T0)
     feed(agent, T0, 20)
     saved = agent.export_state()
-    cached = {str(orjson.loads(e)["Id"]) for q in saved["queues"]["events"].values() for e in q}
+    cached = {str(orjson.loads(e)["Id"]) for q in saved["queues"]["events"].values() for e in q}  # bytes here
     sent = agent.flush(T0 + 15)  # these reached the output after the save, then the process died
     ids = {str(e["Id"]) for e in events(sent)}
     assert cached and cached <= ids
@@ -77,7 +79,7 @@ def test_fleet_state_keeps_the_leaf_map_desired_documents_and_totals() -> None:
     for i in range(30):
         fleet.observe(login(T0 + i))
     fleet.tick(T0 + 30)
-    state = orjson.loads(orjson.dumps(fleet.export_state()))
+    state = decode_state(encode_state({"fleet": fleet.export_state()}))["fleet"]
     again = Fleet(AgentConfig())
     again.restore_state(state, T0 + 30)
     agent = again.agent("plc-7")

@@ -140,3 +140,14 @@ def test_events_that_reached_the_output_after_the_save_are_not_sent_again(tmp_pa
     assert again.stats().pending == 0 and again.stats().sent == 40
     spool.close(0.0)
     writer.close()
+
+
+def test_an_older_state_never_replaces_a_newer_one(tmp_path: Path) -> None:
+    fleet = Fleet(AgentConfig())
+    keeper = StateKeeper(StateSettings(tmp_path), fleet, det.Detectors())
+    older = keeper.document(0.0, clock=T0)  # a periodic save, still encoding in its thread...
+    fleet.observe(login(T0 + 1))
+    newer = keeper.document(0.1, clock=T0 + 1)  # ...when the final one is taken and written
+    assert keeper.write(newer) and keeper.write(older)
+    doc = decode_state((tmp_path / "state.json").read_bytes())
+    assert doc["generation"] == newer["generation"] and doc["clock"] == T0 + 1

@@ -194,7 +194,8 @@ class LeafAgent:
 
         ``hold`` (the uplink is down or cannot keep up): the timed sends wait and their events stay in the cache,
         so only full messages are built (while the cache holds more than one message's worth) and the cache's drop
-        policy decides what goes first; when the hold ends, everything queued goes at once, in full messages.
+        policy decides what goes first; when the hold ends after a timed send came due, everything queued goes at
+        once, in full messages.
         """
         released = self._held and not hold
         if hold != self._held:
@@ -215,8 +216,12 @@ class LeafAgent:
         if hold:
             self._schedule()
             return out
-        if released:
-            # What waited for the link is overdue: all of it goes now, in full messages.
+        if released and (
+            now - self._last_high >= cfg.high_priority_message_frequency_s
+            or now - self._last_low >= cfg.low_priority_message_frequency_s
+        ):
+            # A timed send came due during the hold: what waited for the link is overdue, and all of it goes now,
+            # in full messages (a hold shorter than the timers changes nothing).
             self._drain(out)
         if now - self._last_high >= cfg.high_priority_message_frequency_s:
             self._last_high = now

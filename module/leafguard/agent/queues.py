@@ -29,12 +29,35 @@ import orjson
 from leafguard.agent.events import QueueCounts
 
 
+class RawEvents(list[bytes]):
+    """Serialized events inside a state document: written as a JSON array of the events themselves (not strings),
+    without parsing or escaping them (see `leafguard.service.state`)."""
+
+    __slots__ = ()
+
+
+def _event_bytes(saved: object) -> bytes:
+    """An event from a saved state (an object, read back) as the exact bytes it was queued as: orjson writes a
+    document it read back byte for byte (key order, numbers)."""
+    if isinstance(saved, RawEvents | list):
+        raise TypeError("an event must be an object")
+    if isinstance(saved, bytes):
+        return saved
+    if not isinstance(saved, dict):
+        raise TypeError("an event must be an object")
+    return orjson.dumps(saved)
+
+
 class QueueName(enum.IntEnum):
     """The queues, valued by rank in the drop policy (lower is dropped first)."""
 
     LOW = 0
     HIGH = 1
     OPERATIONAL = 2
+
+
+_NAMES = {name: name.name for name in QueueName}
+"""Enum names looked up once (``.name`` is a property: a cost at 10,000 agents)."""
 
 
 @dataclass(slots=True)
@@ -183,17 +206,18 @@ class EventQueues:
     # -- state that survives a restart ---------------------------------------------------------------------
 
     def export_state(self) -> dict[str, Any]:
-        """The queued events (as text, oldest first), this interval's counters and the cumulative ones."""
+        """The queued events (oldest first, as :class:`RawEvents`: a cheap copy, serialized later), this interval's
+        counters and the cumulative ones."""
         return {
-            "events": {name.name: [d.decode() for d in self._q[name]] for name in QueueName},
-            "interval": {name.name: [c.collected, c.dropped, c.too_large] for name, c in self._interval.items()},
+            "events": {_NAMES[name]: RawEvents(self._q[name]) for name in QueueName},
+            "interval": {_NAMES[name]: [c.collected, c.dropped, c.too_large] for name, c in self._interval.items()},
             "totals": [self._generated, self._sent, self._dropped],
         }
 
     def restore_state(self, state: dict[str, Any]) -> None:
         """Queue contents and counters from :meth:`export_state` (the fleet restores the shared totals itself)."""
-        queues = {name: deque(str(e).encode() for e in state["events"][name.name]) for name in QueueName}
-        interval = {name: _Counters(*(int(v) for v in state["interval"][name.name])) for name in QueueName}
+        queues = {name: deque(_event_bytes(e) for e in state["events"][_NAMES[name]]) for name in QueueName}
+        interval = {name: _Counters(*(int(v) for v in state["interval"][_NAMES[name]])) for name in QueueName}
         generated, sent, dropped = (int(v) for v in state["totals"])
         self._q = queues
         self._bytes = {name: sum(len(d) for d in q) for name, q in queues.items()}

@@ -243,19 +243,30 @@ class Service:
         return self.restored.clock if self.restored is not None else None
 
     def _save_state(self, mono: float) -> None:
-        if self.state is None:
-            return
+        if self.state is not None:
+            self.state.write(self.state.document(mono, **self._state_position()))
+            self._publish_state()
+
+    async def _save_state_in_thread(self, mono: float) -> None:
+        if self.state is not None:
+            await self.state.save_async(mono, **self._state_position())
+            self._publish_state()
+
+    def _state_position(self) -> dict[str, Any]:
+        """The clock and where the output stands, saved with the state (see `leafguard.service.state`)."""
         from leafguard.service.state import ReplayPosition
 
         pcap = self.settings.pcap
-        self.state.save(
-            mono,
-            clock=self._clock(),
-            spool_next_seq=self.transport.outbox.next_seq if self.transport is not None else None,
-            messages_offset=self.out.messages.offset if isinstance(self.out, LocalAgentOutput) else None,
-            replay=ReplayPosition.of(pcap, self.replay_frames) if pcap is not None and not self.settings.live else None,
-        )
-        if self.edge_out is not None:
+        return {
+            "clock": self._clock(),
+            "spool_next_seq": self.transport.outbox.next_seq if self.transport is not None else None,
+            "messages_offset": self.out.messages.offset if isinstance(self.out, LocalAgentOutput) else None,
+            "replay": ReplayPosition.of(pcap, self.replay_frames) if pcap is not None and not self.settings.live
+            else None,
+        }
+
+    def _publish_state(self) -> None:
+        if self.edge_out is not None and self.state is not None:
             self.edge_out.gateway_status["state"] = self.state.status()
 
     def _open_outbox(self, settings: ServiceSettings) -> Outbox:
@@ -486,7 +497,7 @@ class Service:
                 # A replay's agents tick with its batches; this tick lets held messages go when the link is back.
                 self.edge_out.tick(clock)
             if self.state is not None and self.state.due(mono):
-                self._save_state(mono)
+                await self._save_state_in_thread(mono)
             arrived = self.transport.desired_arrived if self.transport is not None else None
             if mono >= next_poll or (arrived is not None and arrived.is_set()):
                 if arrived is not None:

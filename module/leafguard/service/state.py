@@ -33,23 +33,29 @@ killed are lost (at most one interval's worth, with kill -9 or a power cut only;
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import os
+import re
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 
 from leafguard import __version__
 from leafguard.agent.fleet import Fleet
+from leafguard.agent.queues import RawEvents
 from leafguard.errors import ConfigurationError
 
 log = logging.getLogger("leafguard.state")
+T = TypeVar("T")
 
 STATE_FILE = "state.json"
 MAGIC = b"LEAFGUARD-STATE 1\n"
@@ -88,8 +94,27 @@ class StateProblem(Exception):
     """A state file that cannot be used (corrupt or incompatible); the message says which and why."""
 
 
+_RAW_TOKEN = re.compile(rb'"\\u0000(\d+)"')
+
+
 def encode_state(doc: Mapping[str, Any]) -> bytes:
-    body = orjson.dumps({"format": FORMAT_VERSION, "version": __version__, "savedAt": time.time(), **doc})
+    """The file's bytes. Queued events (:class:`RawEvents`, already JSON) are spliced in as they are: a token
+    stands for each list while orjson writes the rest, then the lists replace the tokens."""
+    raws: list[RawEvents] = []
+
+    def token(value: object) -> str:
+        if isinstance(value, RawEvents):
+            raws.append(value)
+            return f"\x00{len(raws) - 1}"
+        raise TypeError(f"cannot save {type(value).__name__}")
+
+    skeleton = orjson.dumps(
+        {"format": FORMAT_VERSION, "version": __version__, "savedAt": time.time(), **doc}, default=token,
+        option=orjson.OPT_PASSTHROUGH_SUBCLASS)
+    parts = _RAW_TOKEN.split(skeleton)
+    for i in range(1, len(parts), 2):
+        parts[i] = b"[" + b",".join(raws[int(parts[i])]) + b"]"
+    body = b"".join(parts)
     return MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
 
 
@@ -186,6 +211,11 @@ class StateKeeper:
         """The last problem: a state file ignored at start-up, or a save that failed."""
         self.restored: Restored | None = None
         self._next_save = 0.0
+        self._taken = 0.0
+        self._generation = 0
+        self._written = 0
+        self._writing = threading.Lock()
+        """One write at a time (the periodic save runs in a thread, the final one on the loop)."""
 
     def status(self) -> dict[str, Any]:
         r = self.restored
@@ -213,7 +243,7 @@ class StateKeeper:
             self._ignore(f"unreadable: {exc.strerror or exc}")
             return None
         try:
-            doc = decode_state(raw)
+            doc = _without_gc(lambda: decode_state(raw))
             clock = doc.get("clock")
             fleet, detectors = doc["fleet"], doc["detectors"]
             if not isinstance(fleet, dict) or not isinstance(detectors, dict):
@@ -227,7 +257,7 @@ class StateKeeper:
             )
             when = restored.clock if restored.clock is not None else now
             self.detectors.restore_state(detectors)
-            self.fleet.restore_state(fleet, when)
+            _without_gc(lambda: self.fleet.restore_state(fleet, when))
         except StateProblem as exc:
             self._ignore(str(exc))
             return None
@@ -256,27 +286,68 @@ class StateKeeper:
              messages_offset: int | None = None, replay: ReplayPosition | None = None) -> bool:
         """Write the state now (``mono``: monotonic seconds, for the interval); False when the write failed
         (reported, retried at the next interval)."""
+        doc = self.document(mono, clock=clock, spool_next_seq=spool_next_seq, messages_offset=messages_offset,
+                            replay=replay)
+        return self.write(doc)
+
+    async def save_async(self, mono: float, *, clock: float | None, spool_next_seq: int | None = None,
+                         messages_offset: int | None = None, replay: ReplayPosition | None = None) -> bool:
+        """:meth:`save`, with the state taken on the loop (consistent) and encoded and written in a thread."""
+        doc = self.document(mono, clock=clock, spool_next_seq=spool_next_seq, messages_offset=messages_offset,
+                            replay=replay)
+        return await asyncio.to_thread(self.write, doc)
+
+    def document(self, mono: float, *, clock: float | None, spool_next_seq: int | None = None,
+                 messages_offset: int | None = None, replay: ReplayPosition | None = None) -> dict[str, Any]:
+        """The state of this moment (call on the loop). Its parts are copies, or objects nobody changes later (the
+        queued events are immutable bytes), so it can be encoded elsewhere."""
         self._next_save = mono + self.settings.interval_s
-        started = time.perf_counter()
-        doc: dict[str, Any] = {
+        self._taken = time.perf_counter()
+        self._generation += 1
+        return {
+            "generation": self._generation,
             "clock": clock,
             "spoolNextSeq": spool_next_seq,
             "messagesOffset": messages_offset,
             "replay": None if replay is None else {
                 "path": replay.path, "size": replay.size, "mtimeNs": replay.mtime_ns, "frames": replay.frames},
-            "fleet": self.fleet.export_state(),
+            "fleet": _without_gc(self.fleet.export_state),
             "detectors": self.detectors.export_state(),
         }
-        try:
-            write_atomic(self.settings.path, encode_state(doc))
-        except OSError as exc:
-            self.save_failures += 1
-            self.error = f"cannot save the state in {self.settings.path}: {exc.strerror or exc}"
-            log.warning("%s", self.error)
-            return False
+
+    def write(self, doc: dict[str, Any]) -> bool:
+        """Encode and write a :meth:`document` (any thread). A document older than the one written last is not
+        written: a save still running in a thread when the final one is taken must not replace it."""
+        with self._writing:
+            if doc["generation"] <= self._written:
+                return True
+            try:
+                write_atomic(self.settings.path, encode_state(doc))
+            except OSError as exc:
+                return self._failed(exc)
+            self._written = doc["generation"]
         self.saves += 1
-        self.last_save_s = time.perf_counter() - started
+        self.last_save_s = time.perf_counter() - self._taken
         return True
+
+    def _failed(self, exc: OSError) -> bool:
+        self.save_failures += 1
+        self.error = f"cannot save the state in {self.settings.path}: {exc.strerror or exc}"
+        log.warning("%s", self.error)
+        return False
+
+
+def _without_gc(build: Callable[[], T]) -> T:
+    """Run ``build`` with the cyclic garbage collector paused: taking or restoring the state of 10,000 agents
+    allocates millions of objects, and each collection they trigger would walk the whole heap again (measured:
+    the state of 10,000 agents taken in 0.9 s with it, a fraction without). Nothing built here is cyclic."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return build()
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _opt_int(value: object) -> int | None:
