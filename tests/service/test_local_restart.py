@@ -108,3 +108,17 @@ def test_learned_baseline_survives_a_restart_without_a_new_device_storm(tmp_path
     new = sorted(a["mac"] for a in alerts if a["type"] == "new_device")
     assert len(seen - known) == 1
     assert new == sorted(seen - known), "the one new leaf is found; the known ones are not announced again"
+
+
+def test_a_corrupt_state_file_is_reported_and_ignored_by_the_service(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "state.json").write_bytes(b"LEAFGUARD-STATE 1\n" + b"0" * 64 + b"\n{not json")
+    proc = subprocess.Popen([sys.executable, "-m", "leafguard", "run", "--demo", "--local-dir", str(folder)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    state = read_stats(folder)["state"]
+    assert state["restored"] is False and "ignored, starting fresh: corrupt" in state["error"]
+    assert b"ignored, starting fresh" in err and (folder / "state.json.bad").exists()
+    assert state["saves"] >= 1 and (folder / "state.json").read_bytes().startswith(b"LEAFGUARD-STATE 1\n")
