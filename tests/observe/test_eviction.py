@@ -120,17 +120,17 @@ def test_evicting_never_walks_a_table(fast: bool) -> None:
     skips the slots of every entry deleted since the last resize), which made analysis 20x slower past the cap."""
     an = Analyzer(AnalyzerSettings(max_flows=300, max_macs=200), fast_path=fast, observations=False)
     an.flows = _CountingDict()
-    an.macs = _CountingDict()
+    an.inventory.macs = _CountingDict()
     _CountingDict.walks = 0
     for b in _burst(3000):
         an.feed(b)
     assert _CountingDict.walks == 0
     assert an.stats.evicted_flows == 3000 + 1 - 300
     assert an.stats.evicted_macs == 3000 + 2 - 200
-    for order in (an.flow_order, an.mac_order):
+    for order in (an.flow_order, an.inventory.order):
         assert order.looked_at <= 3 * (3000 + 2)
     assert len(an.flows) == len(an.flow_order) == 300
-    assert len(an.macs) == len(an.mac_order) == 200
+    assert len(an.macs) == len(an.inventory.order) == 200
 
 
 def test_the_work_per_eviction_does_not_grow_with_the_table() -> None:

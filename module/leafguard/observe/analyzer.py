@@ -9,7 +9,6 @@ frames of conversations that are already settled, is counted per batch with nump
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 from collections import deque
 from collections.abc import Iterator
 from operator import attrgetter
@@ -37,10 +36,10 @@ from leafguard.detect.silence import SilenceTracker
 from leafguard.detect.thresholds import Thresholds
 from leafguard.errors import ConfigurationError
 from leafguard.observe import fastpath
-from leafguard.observe.addresses import ULA, ZERO_V4, ZERO_V6, ip_sort_key, ip_text, is_unicast_mac, mac_text
+from leafguard.observe.addresses import ZERO_V4, ZERO_V6, ip_text, is_unicast_mac, mac_text
 from leafguard.observe.eviction import EvictionQueue
+from leafguard.observe.inventory import LeafInventory
 from leafguard.observe.model import ConnectionSeen, Direction, LeafView, LoginSeen, Observation
-from leafguard.observe.oui import vendor_of
 from leafguard.observe.report import capture_json, conversation_rows, leaf_json, leaf_view
 from leafguard.observe.settings import AnalyzerSettings, Network
 from leafguard.observe.state import CaptureStats, Flow, MacState, tcp_next_state
@@ -65,17 +64,17 @@ class Analyzer:
         self.settings = settings or AnalyzerSettings()
         self._observe = observations
         self.stats = CaptureStats()
-        self.macs: dict[bytes, MacState] = {}
+        self._evidence: list[det.Evidence] = []
+        """The batch's evidence for the detectors (the inventory adds to it too); emptied after every batch."""
+        self.inventory = LeafInventory(self.settings, self.stats, self._evidence)
         self.flows: dict[tuple[int, bytes, int, bytes, int], Flow] = {}
         self.flows4: dict[tuple[int, int], Flow] = {}
         """The IPv4 conversations again, keyed as the bulk step groups frames (see `fastpath.plan_batch`)."""
         self.flow_order: EvictionQueue[Flow] = EvictionQueue(_flow_last_seen, _flow_first_seen)
-        self.mac_order: EvictionQueue[MacState] = EvictionQueue(_mac_last_seen, _mac_created)
-        """The order in which the tables give up entries when full (`observe.eviction`)."""
+        """The order in which the table gives up entries when full (`observe.eviction`)."""
         self._frags: dict[tuple[bytes, bytes, int, int], tuple[tuple[int, bytes, int, bytes, int], bool]] = {}
         self._frag_pending: dict[tuple[bytes, bytes, int, int], list[Any]] = {}
         self.detectors = det.Detectors(self.settings.learning_period_s, self.settings.thresholds)
-        self._learning = self.settings.learning_period_s is not None
         self.silence: SilenceTracker | None = None
         self.floods: FloodTracker | None = None
         self.received_floods: FloodTracker | None = None
@@ -84,20 +83,12 @@ class Analyzer:
         self.receives: SendLog | None = None
         """Receive times per unicast destination MAC, when floods are watched."""
         self._watch_time(self.settings)
-        self._touched: set[bytes] = set()
-        """MACs seen in this batch (only while learning is on): candidates for a new-device finding."""
-        self._announced: set[bytes] = set()
-        self._evidence: list[det.Evidence] = []
-        self._pairs: dict[tuple[bytes, bytes], float] = {}
-        """(leaf-side address, MAC) pairs of this batch with the first time each was seen: address bindings."""
         self._observations: deque[Observation] = deque(maxlen=MAX_PENDING_OBSERVATIONS)
-        self._leaf_side_cache: dict[bytes, bool] = {}
         self._dns_cache: dict[bytes, deep.Dns | None] = {}
         """DNS messages already parsed, by their bytes after the transaction id (read only once parsed)."""
-        self._gateway = frozenset(bytes.fromhex(m.replace(":", "")) for m in self.settings.gateway_macs)
         self.attacks = AttackDetectors(
             self.settings.thresholds, self.detectors.raise_alert, leaf_nets=self.settings.leaf_nets,
-            gateway_macs=self._gateway, max_tracked=min(self.settings.max_flows, 65_536),
+            gateway_macs=self.inventory.gateway, max_tracked=min(self.settings.max_flows, 65_536),
         )  # fmt: skip
         """Scans without SYNs, sweeps, connection brute force, impersonation: they read the batch themselves."""
         self._fast = fast_path
@@ -171,22 +162,9 @@ class Analyzer:
 
     def _detect(self) -> None:
         """Hand the batch's evidence to the detectors, in packet-time order."""
-        evidence = self._evidence
-        if self._learning:
-            if self.detectors.learning_started is None:
-                self.detectors.learning_started = self.stats.first_ts
-            for mac in self._touched:
-                st = self.macs.get(mac)
-                if st is None or mac in self._announced or not self.is_leaf(st):
-                    continue
-                if len(self._announced) >= self.settings.max_macs:
-                    self._announced.clear()  # bounded: a MAC forgotten here is only announced again
-                self._announced.add(mac)
-                ips = ",".join(sorted((ip_text(ip) for ip in st.ips), key=ip_sort_key))
-                evidence.append((st.first_seen, det.NEW_LEAF, (mac, ips, vendor_of(mac_text(mac)) or "")))
-            self._touched.clear()
-        evidence.extend((ts, det.BIND, (ip, mac)) for (ip, mac), ts in self._pairs.items())
-        self._pairs = {}
+        if self.inventory.learning and self.detectors.learning_started is None:
+            self.detectors.learning_started = self.stats.first_ts
+        self.inventory.batch_evidence()
         if self.sends is not None:
             sends = self.sends.take()
             if self.silence is not None:
@@ -200,8 +178,12 @@ class Analyzer:
             receives = self.receives.take()
             if receives is not None:
                 self._floods(self.received_floods, self.received_floods.batch(receives), "received")
-        if evidence:
-            self._evidence = []
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        if self._evidence:
+            evidence = self._evidence[:]
+            self._evidence.clear()  # the same list: the inventory holds it
             self.detectors.process(evidence)
 
     def set_detection(self, **changes: float | None) -> AnalyzerSettings:
@@ -220,7 +202,7 @@ class Analyzer:
             self.attacks.set_thresholds(new.thresholds)
         if new.learning_period_s != old.learning_period_s:
             self.detectors.learning_period_s = new.learning_period_s
-            self._learning = new.learning_period_s is not None
+            self.inventory.set_learning(new.learning_period_s is not None)
         if (new.silent_after_s, new.flood_rate_per_s) != (old.silent_after_s, old.flood_rate_per_s):
             self._watch_time(new, old)
         return new
@@ -231,9 +213,8 @@ class Analyzer:
         seen keeps the side it was seen on, a gateway MAC stops counting as a leaf at once)."""
         new = dataclasses.replace(self.settings, leaf_nets=leaf_nets, gateway_macs=gateway_macs)
         self.settings = new
-        self._gateway = frozenset(bytes.fromhex(m.replace(":", "")) for m in new.gateway_macs)
-        self._leaf_side_cache.clear()
-        self.attacks.set_network(new.leaf_nets, self._gateway)
+        self.inventory.set_network(new)
+        self.attacks.set_network(new.leaf_nets, self.inventory.gateway)
         return new
 
     def _watch_time(self, new: AnalyzerSettings, old: AnalyzerSettings | None = None) -> None:
@@ -266,13 +247,11 @@ class Analyzer:
         self.attacks.finish(self.stats.last_ts)
         if self.silence is not None and self.stats.last_ts is not None:
             self._silent_leaves(self.silence.silent_now(self.stats.last_ts, final=True))
-            if self._evidence:
-                evidence, self._evidence = self._evidence, []
-                self.detectors.process(evidence)
+            self._hand_over()
 
     def _floods(self, floods: FloodTracker, found: list[tuple[int, float, float]], direction: str) -> None:
         for mac_i, ts, window_start in found:
-            if (mac := self._leaf_of(mac_i)) is not None:
+            if (mac := self.inventory.leaf_of(mac_i)) is not None:
                 found_flood = (mac, floods.threshold, window_start, FLOOD_WINDOW_S, floods.rate_per_s, direction)
                 self._evidence.append((ts, det.FLOOD, found_flood))
 
@@ -280,21 +259,8 @@ class Analyzer:
         assert self.silence is not None
         after = self.silence.silent_after_s
         for mac_i, start in found:
-            if (mac := self._leaf_of(mac_i)) is not None:
+            if (mac := self.inventory.leaf_of(mac_i)) is not None:
                 self._evidence.append((start + after, det.SILENT, (mac, start, after)))
-
-    def _leaf_of(self, mac_i: int) -> bytes | None:
-        """The MAC (a tracker's integer) as bytes, if it is a leaf's."""
-        mac = mac_i.to_bytes(6, "big")
-        st = self.macs.get(mac)
-        return mac if st is not None and self.is_leaf(st) else None
-
-    def saw_address(self, ip: bytes, mac: bytes, ts: float) -> None:
-        """A leaf-side address was the source of a frame from ``mac`` (per batch, the earliest time counts)."""
-        key = (ip, mac)
-        first = self._pairs.get(key)
-        if first is None or ts < first:
-            self._pairs[key] = ts
 
     def frame(self, p: Packet, data: bytes, ts: float, wirelen: int, *, macs_counted: bool = False) -> Flow | None:
         """Account for one decoded frame (its bytes are ``data``, the batch buffer); ``macs_counted``: its MAC
@@ -305,12 +271,12 @@ class Analyzer:
             self.stats.decode_errors += 1
         if macs_counted:
             assert p.src_mac is not None
-            return self._conversation(p, data, ts, wirelen, self._mac(p.src_mac, ts))
+            return self._conversation(p, data, ts, wirelen, self.inventory.touch(p.src_mac, ts))
         src = None
         if p.src_mac is not None:
             if self.sends is not None:
                 self.sends.sent(p.src_mac, ts)
-            src = self._mac(p.src_mac, ts)
+            src = self.inventory.touch(p.src_mac, ts)
             if src.packets_out == 0 or ts < src.first_seen:
                 src.first_seen = ts
             src.packets_out += 1
@@ -320,7 +286,7 @@ class Analyzer:
         if dst_mac is not None and is_unicast_mac(dst_mac):
             if self.receives is not None:
                 self.receives.sent(dst_mac, ts)
-            dst = self._mac(dst_mac, ts)
+            dst = self.inventory.touch(dst_mac, ts)
             dst.packets_in += 1
             dst.bytes_in += wirelen
         if src is not None:
@@ -337,70 +303,16 @@ class Analyzer:
             elif p.src_ip is not None:
                 own = p.src_ip
             if own is not None:
-                self._learn_ip(src, own)
+                self.inventory.learn_ip(src, own)
                 # Bindings only from Ethernet: a cooked capture on "any" shows one packet per interface it
                 # crossed, with different link addresses.
-                if p.dst_mac is not None and own not in (ZERO_V4, ZERO_V6) and self.is_leaf_ip(own):
-                    self.saw_address(own, src.mac, ts)
+                if p.dst_mac is not None and own not in (ZERO_V4, ZERO_V6) and self.inventory.is_leaf_ip(own):
+                    self.inventory.saw_address(own, src.mac, ts)
         if p.sport >= 0 or p.fragment:
             return self._conversation(p, data, ts, wirelen, src)
         return None
 
     # ----------------------------------------------------------------------------------------- state
-
-    def _mac(self, mac: bytes, ts: float) -> MacState:
-        if self._learning:
-            self._touched.add(mac)
-        st = self.macs.get(mac)
-        if st is None:
-            if len(self.macs) >= self.settings.max_macs:
-                self._evict_mac(ts)
-            st = self.macs[mac] = MacState(mac)
-            st.created = ts
-            self.mac_order.admit(st)
-        st.touched = ts
-        return st
-
-    def _evict_mac(self, now: float) -> None:
-        del self.macs[self.mac_order.victim(now, self.settings.idle_flow_s).mac]
-        self.stats.evicted_macs += 1
-
-    def is_leaf_ip(self, ip: bytes) -> bool:
-        hit = self._leaf_side_cache.get(ip)
-        if hit is not None:
-            return hit
-        addr = ipaddress.ip_address(ip)
-        if self.settings.leaf_nets:
-            ok = any(addr.version == net.version and addr in net for net in self.settings.leaf_nets)
-        elif isinstance(addr, ipaddress.IPv4Address):
-            ok = (addr.is_private or addr.is_link_local) and not (
-                addr.is_loopback or addr.is_multicast or addr.is_unspecified or ip == b"\xff\xff\xff\xff"
-            )
-        else:
-            ok = addr.is_link_local or addr in ULA
-        if len(self._leaf_side_cache) >= LEAF_SIDE_CACHE:
-            self._leaf_side_cache.clear()
-        self._leaf_side_cache[ip] = ok
-        return ok
-
-    def _learn_ip(self, st: MacState, ip: bytes) -> None:
-        if ip in st.ips or ip in (ZERO_V4, ZERO_V6):
-            return
-        if (ip[0] >= 224 and len(ip) == 4) or (len(ip) == 16 and ip[0] == 0xFF):
-            return
-        st.any_ip = True
-        if self.is_leaf_ip(ip):
-            st.leaf_side = True
-            if len(st.ips) < self.settings.max_ips_per_leaf:
-                st.ips[ip] = None
-
-    def _add_name(self, names: dict[str, None], name: str) -> None:
-        if not name or name in names:
-            return
-        if len(names) >= self.settings.max_names_per_leaf:
-            names.pop(next(iter(names)))
-            self.stats.evicted_names += 1
-        names[name] = None
 
     # ----------------------------------------------------------------------------------------- flows
 
@@ -502,8 +414,8 @@ class Analyzer:
                 flow.login_budget = LOGIN_BUDGET_BYTES
         flow.slow = flow.login is not None
         flow.a_is_lo = flow.a_ip == key[1] and flow.a_port == key[2]
-        if self._learning:
-            leaf = self._leaf_mac_for(flow.a_ip, flow.a_mac)
+        if self.inventory.learning:
+            leaf = self.inventory.leaf_mac_for(flow.a_ip, flow.a_mac)
             if leaf is not None:
                 protocol = "tcp" if proto == PROTO_TCP else "udp"
                 self._evidence.append((ts, det.CONVERSATION, (leaf, flow.b_ip, flow.b_port, protocol)))
@@ -547,7 +459,8 @@ class Analyzer:
         flow.login_budget -= len(payload)
         for outcome in login.feed(forward, payload):
             self._observe_login(flow, login.protocol, outcome, ts)
-            leaf = self._leaf_mac_for(flow.a_ip, flow.a_mac) or self._leaf_mac_for(flow.b_ip, flow.b_mac)
+            inv = self.inventory
+            leaf = inv.leaf_mac_for(flow.a_ip, flow.a_mac) or inv.leaf_mac_for(flow.b_ip, flow.b_mac)
             self._evidence.append(
                 (
                     ts,
@@ -579,8 +492,8 @@ class Analyzer:
 
     def syn_ack_service(self, src: MacState | None, src_ip: bytes | None, sport: int, ts: float) -> None:
         """A responder's SYN-ACK: its port is a service of the sender, when the sender is on the leaf side."""
-        if src is not None and src_ip is not None and self.is_leaf_ip(src_ip):
-            self._add_service(src, "tcp", sport, ts)
+        if src is not None and src_ip is not None and self.inventory.is_leaf_ip(src_ip):
+            self.inventory.add_service(src, "tcp", sport, ts)
 
     def inspect_hello(self, flow: Flow, src: MacState | None, payload: bytes) -> None:
         """The initiator's first payload: a TLS ClientHello names the server (SNI) and the offered versions."""
@@ -591,7 +504,7 @@ class Analyzer:
         flow.hello_checked = True
         if src is not None and hello is not None:
             if hello.sni:
-                self._add_name(src.tls_sni, hello.sni)
+                self.inventory.add_name(src.tls_sni, hello.sni)
             for v in hello.versions:
                 src.tls_versions[v] = None
 
@@ -599,22 +512,15 @@ class Analyzer:
         """The responder's first UDP datagram: its port is a service, unless the flow was first seen mid-way
         (a well-known port talking to an ephemeral one: the "responder" is really the client)."""
         flow.b_seen = True
-        if src is not None and not (flow.a_port < 1024 <= flow.b_port) and self.is_leaf_ip(sender_ip):
-            self._add_service(src, "udp", flow.b_port, ts)
-
-    def _add_service(self, st: MacState, proto: str, port: int, ts: float) -> None:
-        key = (proto, port)
-        if key not in st.services and len(st.services) < self.settings.max_services_per_leaf:
-            st.services[key] = None
-            if self._learning:
-                self._evidence.append((ts, det.SERVICE, (st.mac, proto, port)))
+        if src is not None and not (flow.a_port < 1024 <= flow.b_port) and self.inventory.is_leaf_ip(sender_ip):
+            self.inventory.add_service(src, "udp", flow.b_port, ts)
 
     # ----------------------------------------------------------------------------------------- deep
 
     def _deep_datagram(self, data: bytes, off: int, caplen: int, ts: float) -> None:
         """The payload of a plain IPv4 UDP datagram in an Ethernet frame, with or without one 802.1Q tag
         (``fastpath.classify`` chose it)."""
-        src = self._mac(data[off + 6 : off + 12], ts)
+        src = self.inventory.touch(data[off + 6 : off + 12], ts)
         if data[off + 12] == 0x81 and data[off + 13] == 0:  # fields after the tag: as in an untagged frame
             off += 4
             caplen -= 4
@@ -631,8 +537,8 @@ class Analyzer:
                 self._dhcp(d, src)
                 # A server's OFFER/ACK goes to a broadcast or a new address, never back on the request's 5-tuple,
                 # so the reply rule cannot see it: a BOOTREPLY from port 67 is the evidence.
-                if d.op == 2 and sport == 67 and self.is_leaf_ip(src_ip):
-                    self._add_service(src, "udp", 67, ts)
+                if d.op == 2 and sport == 67 and self.inventory.is_leaf_ip(src_ip):
+                    self.inventory.add_service(src, "udp", 67, ts)
                     self._evidence.append((ts, det.DHCP_SERVER, (src.mac, src_ip)))
         elif sport in (53, 5353, 5355) or dport in (53, 5353, 5355):
             # Only queries (the names a leaf asks for) and mDNS announcements (its own names) are kept:
@@ -652,14 +558,14 @@ class Analyzer:
                 return
             if not m.response and dport in (53, 5353, 5355):
                 for q in m.questions:
-                    self._add_name(src.dns_queries, q)
+                    self.inventory.add_name(src.dns_queries, q)
             if sport == 5353:
                 if m.response and m.records:
                     # Answering mDNS (to the multicast group, so again not on the query's 5-tuple).
-                    self._add_service(src, "udp", 5353, ts)
+                    self.inventory.add_service(src, "udp", 5353, ts)
                 for name, rtype, _value in m.records:
                     if rtype in (deep.DNS_A, deep.DNS_AAAA) and name:
-                        self._add_name(src.hostnames, name)
+                        self.inventory.add_name(src.hostnames, name)
         elif sport == 137:
             nb = deep.nbns(payload)
             if nb is None:
@@ -668,7 +574,7 @@ class Analyzer:
             if (not nb.response and nb.opcode in (5, 8, 9)) or (nb.response and nb.opcode == 0):
                 for name, suffix, group in nb.names:
                     if suffix in (0x00, 0x20) and not group and name and name.isprintable() and name[0] != "*":
-                        self._add_name(src.hostnames, name)
+                        self.inventory.add_name(src.hostnames, name)
         elif sport == 1900 or dport == 1900:
             s = deep.ssdp(payload)
             if s is not None and s.method != "M-SEARCH":
@@ -678,26 +584,21 @@ class Analyzer:
                     src.ssdp_usn = s.usn
 
     def _dhcp(self, d: deep.Dhcp, src: MacState) -> None:
-        client = src if d.client_mac == src.mac else self._mac(d.client_mac, src.touched)
+        client = src if d.client_mac == src.mac else self.inventory.touch(d.client_mac, src.touched)
         if d.hostname:
             client.dhcp_hostname = d.hostname
-            self._add_name(client.hostnames, d.hostname)
+            self.inventory.add_name(client.hostnames, d.hostname)
         if d.fqdn:
-            self._add_name(client.hostnames, d.fqdn)
+            self.inventory.add_name(client.hostnames, d.fqdn)
         if d.op == 1:
             if d.vendor_class:
                 client.dhcp_vendor_class = d.vendor_class
             if d.param_request_list:
                 client.dhcp_prl = d.param_request_list
         elif d.msg_type == 5 and d.your_ip != ZERO_V4:
-            self._learn_ip(client, d.your_ip)
+            self.inventory.learn_ip(client, d.your_ip)
 
     # ----------------------------------------------------------------------------------------- observations
-
-    def _leaf_mac_for(self, ip: bytes, mac: bytes | None) -> bytes | None:
-        if mac is None or not is_unicast_mac(mac) or mac in self._gateway:
-            return None
-        return mac if self.is_leaf_ip(ip) else None
 
     def _emit(self, obs: Observation) -> None:
         if len(self._observations) == MAX_PENDING_OBSERVATIONS:
@@ -712,7 +613,7 @@ class Analyzer:
             (flow.b_ip, flow.b_port, flow.b_mac, flow.a_ip, flow.a_port, "In"),
         )
         for leaf_ip, leaf_port, leaf_mac, peer_ip, peer_port, direction in sides:
-            mac = self._leaf_mac_for(leaf_ip, leaf_mac)
+            mac = self.inventory.leaf_mac_for(leaf_ip, leaf_mac)
             if mac is not None:
                 yield mac_text(mac), direction, ip_text(leaf_ip), leaf_port, ip_text(peer_ip), peer_port
 
@@ -761,16 +662,16 @@ class Analyzer:
 
     # ----------------------------------------------------------------------------------------- output
 
+    @property
+    def macs(self) -> dict[bytes, MacState]:
+        """The MAC table (`inventory`'s)."""
+        return self.inventory.macs
+
     def is_leaf(self, st: MacState) -> bool:
-        return (
-            st.packets_out > 0
-            and is_unicast_mac(st.mac)
-            and st.mac not in self._gateway
-            and (st.leaf_side or not st.any_ip)
-        )
+        return self.inventory.is_leaf(st)
 
     def leaves(self) -> list[MacState]:
-        return sorted((st for st in self.macs.values() if self.is_leaf(st)), key=lambda s: s.mac)
+        return self.inventory.leaves()
 
     def leaf_views(self) -> list[LeafView]:
         return [leaf_view(st) for st in self.leaves()]
@@ -807,11 +708,9 @@ class Analyzer:
 _THRESHOLD_FIELDS = frozenset(f.name for f in dataclasses.fields(Thresholds))
 
 
-# What the tables' eviction order compares: when a conversation, or a MAC in any role, was first and last seen.
+# What the conversation table's eviction order compares: when a conversation was first and last seen.
 _flow_first_seen = attrgetter("first")
 _flow_last_seen = attrgetter("last")
-_mac_created = attrgetter("created")
-_mac_last_seen = attrgetter("touched")
 
 
 def _obs_time(obs: Observation) -> float:

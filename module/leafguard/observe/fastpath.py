@@ -36,6 +36,7 @@ import numpy.typing as npt
 from leafguard.capture.batch import FrameBatch
 from leafguard.decode.deep import ClientHello, tls_client_hello
 from leafguard.decode.frames import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from leafguard.observe.inventory import MacTotals
 from leafguard.observe.state import tcp_next_state
 
 if TYPE_CHECKING:
@@ -161,19 +162,6 @@ class Classified:
     m_ts: npt.NDArray[np.float64]
     macs: MacTotals
     """Per-MAC totals of every candidate and of the frames in ``maconly``: the bulk step counts them all."""
-
-
-@dataclass(slots=True)
-class MacTotals:
-    """One batch's counts per MAC, as lists ready for the Python loop that applies them to `MacState`s."""
-
-    now: float
-    sent: list[tuple[int, int, int, float, float]]
-    """(source MAC, frames, bytes, first time, last time)."""
-    addresses: list[tuple[int, int, float]]
-    """(source MAC, source address, first time): every pair seen."""
-    received: list[tuple[int, int, int]]
-    """(unicast destination MAC, frames, bytes)."""
 
 
 def classify(batch: FrameBatch) -> Classified | None:
@@ -442,7 +430,7 @@ def _control(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _
         flow.state = tcp_next_state(flow.state, forward, flags)
         if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) and not forward:  # may reveal a service
             at, h = int(pre.o[j]), int(pre.h[j])
-            src = an.macs.get(data[at + 6 : at + 12])
+            src = an.inventory.macs.get(data[at + 6 : at + 12])
             an.syn_ack_service(src, data[h + 26 : h + 30], (data[h + 34] << 8) | data[h + 35], ts)
 
 
@@ -465,10 +453,11 @@ def _first_of_flow(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, 
             at = int(pre.o[j])
             if tls:
                 if not flow.hello_checked:
-                    an.apply_hello(flow, an.macs.get(data[at + 6 : at + 12]), hellos.get(j))
+                    an.apply_hello(flow, an.inventory.macs.get(data[at + 6 : at + 12]), hellos.get(j))
             elif not flow.b_seen:
                 h = int(pre.h[j])
-                an.first_reply(flow, an.macs.get(data[at + 6 : at + 12]), data[h + 26 : h + 30], float(pre.ts[j]))
+                src = an.inventory.macs.get(data[at + 6 : at + 12])
+                an.first_reply(flow, src, data[h + 26 : h + 30], float(pre.ts[j]))
 
 
 def _sorted_groups(keys: _I64) -> tuple[_I64, _I64, _I64]:
@@ -520,7 +509,7 @@ def _mac_totals(src: _I64, dst: _I64, wl: _I64, ts: npt.NDArray[np.float64], sip
 
 
 def _apply_macs(an: Analyzer, pre: Classified) -> None:
-    """Add the batch's per-MAC totals (every candidate and plain IPv4 frame) to the MAC table."""
+    """Add the batch's per-MAC totals (every candidate and plain IPv4 frame) to the send logs and the inventory."""
     if an.sends is not None:
         ts = np.concatenate((pre.ts, pre.m_ts))
         an.sends.sent_many(np.concatenate((pre.smac, pre.m_smac)), ts)
@@ -528,24 +517,4 @@ def _apply_macs(an: Analyzer, pre: Classified) -> None:
             dst = np.concatenate((pre.dmac, pre.m_dmac))
             unicast = (dst >> 40) & 1 == 0
             an.receives.sent_many(dst[unicast], ts[unicast])
-    totals = pre.macs
-    now = totals.now
-    for mac_i, c, b, first_ts, last_ts in totals.sent:
-        st = an._mac(mac_i.to_bytes(6, "big"), now)
-        if st.packets_out == 0 or first_ts < st.first_seen:
-            st.first_seen = first_ts
-        st.last_seen = max(st.last_seen, last_ts)
-        st.packets_out += c
-        st.bytes_out += b
-    for mac_i, ip_i, first_ts in totals.addresses:
-        mac = mac_i.to_bytes(6, "big")
-        known = an.macs.get(mac)
-        if known is not None:
-            ip = ip_i.to_bytes(4, "big")
-            an._learn_ip(known, ip)
-            if ip_i and an.is_leaf_ip(ip):
-                an.saw_address(ip, mac, first_ts)
-    for mac_i, c, b in totals.received:
-        st = an._mac(mac_i.to_bytes(6, "big"), now)
-        st.packets_in += c
-        st.bytes_in += b
+    an.inventory.apply_totals(pre.macs)
