@@ -37,6 +37,8 @@ from leafguard.detect.thresholds import Thresholds
 from leafguard.errors import ConfigurationError
 from leafguard.observe import fastpath
 from leafguard.observe.addresses import ZERO_V4, ZERO_V6, ip_text, is_unicast_mac, mac_text
+from leafguard.observe.discovery import PORTS as DISCOVERY_PORTS
+from leafguard.observe.discovery import Discovery
 from leafguard.observe.eviction import EvictionQueue
 from leafguard.observe.inventory import LeafInventory
 from leafguard.observe.model import ConnectionSeen, Direction, LeafView, LoginSeen, Observation
@@ -44,13 +46,9 @@ from leafguard.observe.report import capture_json, conversation_rows, leaf_json,
 from leafguard.observe.settings import AnalyzerSettings, Network
 from leafguard.observe.state import CaptureStats, Flow, MacState, tcp_next_state
 
-DEEP_UDP_PORTS = frozenset({53, 67, 68, 137, 1900, 5353, 5355})
 LOGIN_BUDGET_BYTES = 8192
 """Payload bytes of a login-port conversation inspected before it joins the fast path."""
 MAX_PENDING_OBSERVATIONS = 100_000
-LEAF_SIDE_CACHE = 4096
-DNS_CACHE = 1024
-"""Addresses whose side (leaf or not) is remembered; a scan of random addresses only refills it."""
 
 
 
@@ -67,6 +65,7 @@ class Analyzer:
         self._evidence: list[det.Evidence] = []
         """The batch's evidence for the detectors (the inventory adds to it too); emptied after every batch."""
         self.inventory = LeafInventory(self.settings, self.stats, self._evidence)
+        self.discovery = Discovery(self.inventory, self._evidence)
         self.flows: dict[tuple[int, bytes, int, bytes, int], Flow] = {}
         self.flows4: dict[tuple[int, int], Flow] = {}
         """The IPv4 conversations again, keyed as the bulk step groups frames (see `fastpath.plan_batch`)."""
@@ -84,8 +83,6 @@ class Analyzer:
         """Receive times per unicast destination MAC, when floods are watched."""
         self._watch_time(self.settings)
         self._observations: deque[Observation] = deque(maxlen=MAX_PENDING_OBSERVATIONS)
-        self._dns_cache: dict[bytes, deep.Dns | None] = {}
-        """DNS messages already parsed, by their bytes after the transaction id (read only once parsed)."""
         self.attacks = AttackDetectors(
             self.settings.thresholds, self.detectors.raise_alert, leaf_nets=self.settings.leaf_nets,
             gateway_macs=self.inventory.gateway, max_tracked=min(self.settings.max_flows, 65_536),
@@ -143,7 +140,7 @@ class Analyzer:
             if u >= 0:
                 if deep[i]:
                     # Counted in bulk; only its payload is read here, in order with the frames walked around it.
-                    self._deep_datagram(data, offsets[i], caplens[i], ts[i])
+                    self.discovery.frame(data, offsets[i], caplens[i], ts[i])
                     continue
                 if settled[u] or (bare[i] and known[u]):
                     deferred.append(i)
@@ -368,9 +365,9 @@ class Analyzer:
         else:
             if not forward and not flow.b_seen:
                 self.first_reply(flow, src, sip, ts)
-            if p.payload_len and (sport in DEEP_UDP_PORTS or dport in DEEP_UDP_PORTS) and src is not None:
+            if p.payload_len and (sport in DISCOVERY_PORTS or dport in DISCOVERY_PORTS) and src is not None:
                 payload = data[p.payload_off : p.payload_off + p.payload_len]
-                self._udp_payload(sport, dport, sip, payload, src, ts)
+                self.discovery.datagram(sport, dport, sip, payload, src, ts)
         return flow
 
     def _new_flow(self, key: tuple[int, bytes, int, bytes, int], p: Packet, ts: float) -> Flow:
@@ -514,89 +511,6 @@ class Analyzer:
         flow.b_seen = True
         if src is not None and not (flow.a_port < 1024 <= flow.b_port) and self.inventory.is_leaf_ip(sender_ip):
             self.inventory.add_service(src, "udp", flow.b_port, ts)
-
-    # ----------------------------------------------------------------------------------------- deep
-
-    def _deep_datagram(self, data: bytes, off: int, caplen: int, ts: float) -> None:
-        """The payload of a plain IPv4 UDP datagram in an Ethernet frame, with or without one 802.1Q tag
-        (``fastpath.classify`` chose it)."""
-        src = self.inventory.touch(data[off + 6 : off + 12], ts)
-        if data[off + 12] == 0x81 and data[off + 13] == 0:  # fields after the tag: as in an untagged frame
-            off += 4
-            caplen -= 4
-        total = (data[off + 16] << 8) | data[off + 17]
-        payload = data[off + 42 : off + min(14 + total, caplen)]
-        sport = (data[off + 34] << 8) | data[off + 35]
-        dport = (data[off + 36] << 8) | data[off + 37]
-        self._udp_payload(sport, dport, data[off + 26 : off + 30], payload, src, ts)
-
-    def _udp_payload(self, sport: int, dport: int, src_ip: bytes, payload: bytes, src: MacState, ts: float) -> None:
-        if sport in (67, 68) or dport in (67, 68):
-            d = deep.dhcp(payload)
-            if d is not None:
-                self._dhcp(d, src)
-                # A server's OFFER/ACK goes to a broadcast or a new address, never back on the request's 5-tuple,
-                # so the reply rule cannot see it: a BOOTREPLY from port 67 is the evidence.
-                if d.op == 2 and sport == 67 and self.inventory.is_leaf_ip(src_ip):
-                    self.inventory.add_service(src, "udp", 67, ts)
-                    self._evidence.append((ts, det.DHCP_SERVER, (src.mac, src_ip)))
-        elif sport in (53, 5353, 5355) or dport in (53, 5353, 5355):
-            # Only queries (the names a leaf asks for) and mDNS announcements (its own names) are kept:
-            # a unicast DNS answer needs no parsing.
-            if len(payload) > 2 and payload[2] & 0x80 and sport != 5353:
-                return
-            # Devices repeat the same few queries; only the transaction id (the first two bytes) changes.
-            key = payload[2:]
-            if key in self._dns_cache:
-                m = self._dns_cache[key]
-            else:
-                m = deep.dns(payload)
-                if len(self._dns_cache) >= DNS_CACHE:
-                    self._dns_cache.clear()
-                self._dns_cache[key] = m
-            if m is None:
-                return
-            if not m.response and dport in (53, 5353, 5355):
-                for q in m.questions:
-                    self.inventory.add_name(src.dns_queries, q)
-            if sport == 5353:
-                if m.response and m.records:
-                    # Answering mDNS (to the multicast group, so again not on the query's 5-tuple).
-                    self.inventory.add_service(src, "udp", 5353, ts)
-                for name, rtype, _value in m.records:
-                    if rtype in (deep.DNS_A, deep.DNS_AAAA) and name:
-                        self.inventory.add_name(src.hostnames, name)
-        elif sport == 137:
-            nb = deep.nbns(payload)
-            if nb is None:
-                return
-            # Registrations and refreshes (opcodes 5, 8, 9) and positive answers name the sender itself.
-            if (not nb.response and nb.opcode in (5, 8, 9)) or (nb.response and nb.opcode == 0):
-                for name, suffix, group in nb.names:
-                    if suffix in (0x00, 0x20) and not group and name and name.isprintable() and name[0] != "*":
-                        self.inventory.add_name(src.hostnames, name)
-        elif sport == 1900 or dport == 1900:
-            s = deep.ssdp(payload)
-            if s is not None and s.method != "M-SEARCH":
-                if s.server:
-                    src.ssdp_server = s.server
-                if s.usn:
-                    src.ssdp_usn = s.usn
-
-    def _dhcp(self, d: deep.Dhcp, src: MacState) -> None:
-        client = src if d.client_mac == src.mac else self.inventory.touch(d.client_mac, src.touched)
-        if d.hostname:
-            client.dhcp_hostname = d.hostname
-            self.inventory.add_name(client.hostnames, d.hostname)
-        if d.fqdn:
-            self.inventory.add_name(client.hostnames, d.fqdn)
-        if d.op == 1:
-            if d.vendor_class:
-                client.dhcp_vendor_class = d.vendor_class
-            if d.param_request_list:
-                client.dhcp_prl = d.param_request_list
-        elif d.msg_type == 5 and d.your_ip != ZERO_V4:
-            self.inventory.learn_ip(client, d.your_ip)
 
     # ----------------------------------------------------------------------------------------- observations
 

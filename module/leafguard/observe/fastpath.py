@@ -36,6 +36,7 @@ import numpy.typing as npt
 from leafguard.capture.batch import FrameBatch
 from leafguard.decode.deep import ClientHello, tls_client_hello
 from leafguard.decode.frames import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from leafguard.observe.discovery import selected_many
 from leafguard.observe.inventory import MacTotals
 from leafguard.observe.state import tcp_next_state
 
@@ -106,20 +107,6 @@ def _group(k1: _I64, k2: _I64) -> tuple[_I64, _I64]:
     inv[order] = group_sorted
     # lexsort is stable, so the first element of each group in sorted order is its first in the batch.
     return order[start], inv
-
-
-def _deep_udp(arr: _U8, sport: _I64, dport: _I64, pay_off: _I64, pay_len: _I64) -> _B:
-    """The datagrams `Analyzer._udp_payload` decodes; keep the two in step."""
-    has = pay_len > 0
-    dhcp = (sport == 67) | (sport == 68) | (dport == 67) | (dport == 68)
-    dns_port = (sport == 53) | (sport == 5353) | (sport == 5355) | (dport == 53) | (dport == 5353) | (dport == 5355)
-    # A unicast DNS answer is not decoded (only queries and mDNS announcements are).
-    qr = arr[np.where(pay_len > 2, pay_off + 2, 0)] & 0x80
-    answer = (pay_len > 2) & (qr != 0) & (sport != 5353)
-    nbns = sport == 137
-    ssdp = (sport == 1900) | (dport == 1900)
-    deep: _B = has & (dhcp | (~dhcp & dns_port & ~answer) | (~dhcp & ~dns_port & (nbns | ssdp)))
-    return deep
 
 
 @dataclass(slots=True)
@@ -210,7 +197,7 @@ def classify(batch: FrameBatch) -> Classified | None:
     dip = _u32(arr, hc + 30)
     sport = _u16(arr, hc + 34)
     dport = _u16(arr, hc + 36)
-    deep = ~tcp & _deep_udp(arr, sport, dport, pay_off, pay_len)
+    deep = ~tcp & selected_many(arr, sport, dport, pay_off, pay_len)
     src_lo = (sip < dip) | ((sip == dip) & (sport <= dport))
     ip_lo = np.where(src_lo, sip, dip)
     ip_hi = np.where(src_lo, dip, sip)
