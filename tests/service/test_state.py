@@ -151,3 +151,56 @@ def test_an_older_state_never_replaces_a_newer_one(tmp_path: Path) -> None:
     assert keeper.write(newer) and keeper.write(older)
     doc = decode_state((tmp_path / "state.json").read_bytes())
     assert doc["generation"] == newer["generation"] and doc["clock"] == T0 + 1
+
+
+async def test_a_periodic_save_with_nothing_new_is_skipped(tmp_path: Path) -> None:
+    fleet = Fleet(AgentConfig())
+    detectors = det.Detectors()
+    keeper = StateKeeper(StateSettings(tmp_path), fleet, detectors)
+    assert await keeper.save_async(0.0, clock=T0)
+    assert await keeper.save_async(30.0, clock=T0 + 30)
+    assert (keeper.saves, keeper.skipped_saves) == (1, 1)
+    fleet.observe(login(T0 + 31))
+    assert await keeper.save_async(60.0, clock=T0 + 60)
+    detectors.process([(T0 + 61, det.DHCP_SERVER, (A, bytes([10, 0, 0, 1])))])
+    assert await keeper.save_async(90.0, clock=T0 + 90)
+    assert (keeper.saves, keeper.skipped_saves) == (3, 1)
+
+
+def test_every_change_to_the_saved_fleet_is_seen_by_the_change_counter() -> None:
+    """Whenever what would be saved differs, the counter a skipped save relies on has moved."""
+    from leafguard.service.state import encode_state
+    from tests.agent.helpers import MAC, conn
+
+    cfg = "ms_iotn:urn_azureiot_Security_SecurityAgentConfiguration"
+    fleet = Fleet(AgentConfig())
+    agent_ops = [
+        lambda: fleet.observe(conn(T0)),
+        lambda: fleet.observe(conn(T0 + 1, remote_port=22)),
+        lambda: fleet.observe(login(T0 + 2)),
+        lambda: fleet.tick(T0 + 3),
+        lambda: fleet.tick(T0 + 3),
+        lambda: fleet.tick(T0 + 500, hold=True),
+        lambda: fleet.tick(T0 + 501),
+        lambda: fleet.apply_desired("leaf-001122334455", {cfg: {"maxMessageSizeInBytes": {"value": 16384}}}, T0 + 502),
+        lambda: fleet.set_leaf_map({MAC: "plc-1"}, T0 + 503),
+        lambda: fleet.agents()[0].record_send_failures(2),
+        lambda: fleet.agents()[0].record_capture_drops(5),
+        lambda: fleet.agents()[0].diagnostic("Warning", "x", T0 + 504),
+        lambda: fleet.observe(conn(T0 + 4000)),
+        lambda: fleet.tick(T0 + 4000),
+        lambda: fleet.agents()[0].flush(T0 + 4001),
+        lambda: fleet.shutdown(T0 + 4002),
+    ]
+
+    def saved() -> bytes:
+        doc = fleet.export_state()
+        return encode_state({"fleet": doc}).split(b"\n", 2)[2].split(b',"fleet":', 1)[1]
+
+    before, changes = saved(), fleet.totals.changes
+    for op in agent_ops:
+        op()
+        after = saved()
+        if after != before:
+            assert fleet.totals.changes != changes, op
+        before, changes = after, fleet.totals.changes

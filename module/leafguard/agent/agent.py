@@ -102,12 +102,14 @@ class LeafAgent:
 
     def rename(self, identity: str) -> None:
         """Continue under another identity (the leaf map named the leaf); later messages carry its AgentId."""
+        self._totals.changes += 1
         self._builder = MessageBuilder(identity, self._builder.agent_version, self._config.max_message_size_bytes)
 
     # -- inputs --------------------------------------------------------------------------------------------
 
     def observe(self, obs: ConnectionSeen | LoginSeen) -> None:
         """Turn one triggered observation into events (or aggregation hits), per the configured priorities."""
+        self._totals.changes += 1
         if isinstance(obs, ConnectionSeen):
             prio = self._config.priority_connection_create
             if prio is Priority.OFF:
@@ -132,11 +134,13 @@ class LeafAgent:
     def record_capture_drops(self, frames: int) -> None:
         """Live capture lost frames before analysis (kernel or queue drops), so this leaf's events may be
         incomplete: reported in the next DroppedEventsStatistics (``CaptureDroppedFrames``), per interval."""
+        self._totals.changes += 1
         self._interval_capture_drops += frames
         self._schedule()
 
     def record_send_failures(self, count: int = 1) -> None:
         """The transport failed to send messages this agent built (MessageStatistics ``TotalFailed``)."""
+        self._totals.changes += 1
         self._interval_failed += count
 
     def apply_desired(self, desired: object, now: float) -> ConfigOutcome:
@@ -163,6 +167,7 @@ class LeafAgent:
 
     def _set_config(self, new: AgentConfig, now: float) -> None:
         old, self._config = self._config, new
+        self._totals.changes += 1
         if new.max_message_size_bytes != old.max_message_size_bytes:
             self._builder = MessageBuilder(self.identity, self._builder.agent_version, new.max_message_size_bytes)
             self._size_threshold = self._builder.max_event_bytes
@@ -203,6 +208,7 @@ class LeafAgent:
             self._schedule()
         if not released and now < self._next_due and self._queues.total_bytes <= self._size_threshold:
             return []
+        self._totals.changes += 1
         cfg = self._config
         if cfg.aggregation_enabled_connection_create and len(self._agg) and self._agg.is_due(now):
             self._flush_aggregation(now)
@@ -297,12 +303,14 @@ class LeafAgent:
         self._last_snapshot = float(last_snapshot) if last_snapshot is not None else None
         self._interval_sent, self._interval_under_4kb, self._interval_failed, self._interval_capture_drops = interval
         self._agg_overflow_reported = int(state["aggOverflowReported"])
+        self._totals.changes += 1
         self._queues.resize(self._config.max_local_cache_size_bytes, self._builder.max_event_bytes)
         self._next_due = now
 
     def forget_events(self, ids: set[str]) -> int:
         """Remove queued events whose ``Id`` is in ``ids`` (they reached the output after the state was saved);
         returns how many. They count as sent."""
+        self._totals.changes += 1
         return self._queues.forget(ids)
 
     # -- internals -----------------------------------------------------------------------------------------
@@ -321,6 +329,7 @@ class LeafAgent:
         msg = self._builder.build(q, main, other, self._config.hub_resource_id)
         if msg is None:
             return False
+        self._totals.changes += 1
         self._messages += 1
         self._totals.messages += 1
         self._interval_sent += 1
@@ -331,6 +340,7 @@ class LeafAgent:
 
     def _flush_aggregation(self, now: float) -> None:
         prio = self._config.priority_connection_create
+        self._totals.changes += 1
         for event in self._agg.flush(now):
             self._enqueue(event, prio)
         if self._agg.overflowed != self._agg_overflow_reported:
@@ -370,6 +380,7 @@ class LeafAgent:
         name = _QUEUE_OF[prio] if not operational else QueueName.OPERATIONAL
         data = ev.encode_event(event, ev.event_id(self.identity, self._seq, event))
         self._seq += 1
+        self._totals.changes += 1
         self._queues.push(name, data)
 
     def _schedule(self) -> None:

@@ -87,6 +87,7 @@ class Fleet:
     def set_leaf_map(self, leaf_map: Mapping[str, str], now: float) -> None:
         """Replace the leaf map; agents of leaves it renames continue under their new identity."""
         self._leaf_map = {mac.lower(): ident for mac, ident in leaf_map.items()}
+        self.totals.changes += 1
         for mac, agent in self._agents.items():
             ident = self.identity_for(mac)
             if ident != agent.identity:
@@ -116,6 +117,7 @@ class Fleet:
         ident = self.identity_for(mac)
         agent = LeafAgent(ident, self.default_config, now, agent_version=self._agent_version, totals=self.totals)
         self._agents[mac] = agent
+        self.totals.changes += 1
         self._by_identity[ident] = mac
         self._dirty.add(mac)
         self._reported_dirty.add(ident)
@@ -130,6 +132,7 @@ class Fleet:
         agent = self.ensure(obs.leaf_mac, obs.ts)
         if agent is None:
             self.refused_observations += 1
+            self.totals.changes += 1
             return
         agent.observe(obs)
         self._dirty.add(obs.leaf_mac.lower())
@@ -142,6 +145,7 @@ class Fleet:
         """
         self._desired[identity] = desired
         self._reported_dirty.add(identity)
+        self.totals.changes += 1
         agent = self.agent(identity)
         if agent is None:
             return self.default_config.apply_desired(desired)

@@ -81,12 +81,14 @@ class QueueTotals:
     """Cumulative counters per queue, summed over every agent that shares this object (the fleet's), so that
     metrics read them in O(1) however many leaves there are. Pending events are generated - sent - dropped."""
 
-    __slots__ = ("by_queue", "messages")
+    __slots__ = ("by_queue", "changes", "messages")
 
     def __init__(self) -> None:
         self.by_queue: dict[QueueName, _Cumulative] = {name: _Cumulative() for name in QueueName}
         self.messages = 0
         """Security messages built (counted by the agents)."""
+        self.changes = 0
+        """Bumped by every change to an agent's saved state: a state save with nothing new can be skipped."""
 
     def totals(self) -> dict[QueueName, Totals]:
         return {

@@ -138,10 +138,13 @@ class Detectors:
         self._peer_alerts: dict[bytes, _Window] = {}
         self._new_reported: set[bytes] = set()
         """Leaves already announced as ``new_device`` (saved with the state: a restart does not announce them again)."""
+        self.changes = 0
+        """Bumped by everything that may change the saved state (see :meth:`export_state`)."""
 
     def process(self, evidence: list[Evidence]) -> None:
         """Consume one batch's evidence (any order: it is sorted here)."""
         _order(evidence)
+        self.changes += 1
         for ts, kind, data in evidence:
             if kind == SYN:
                 self._syn(ts, *data)
@@ -178,6 +181,7 @@ class Detectors:
     def learn(self, macs: list[bytes]) -> None:
         """Accept the current state into the baseline: these leaves are known, and everything each one is using
         now (its peers and services, kept since it joined) is part of its baseline."""
+        self.changes += 1
         for mac in macs:
             if len(self._baseline) < MAX_TRACKED:
                 self._baseline.add(mac)

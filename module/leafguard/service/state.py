@@ -62,6 +62,8 @@ MAGIC = b"LEAFGUARD-STATE 1\n"
 """The first line; another magic is another format version (incompatible)."""
 FORMAT_VERSION = 1
 DEFAULT_STATE_INTERVAL_S = 30.0
+FORCED_EVERY = 10
+"""A periodic save with nothing new is skipped, but not more than this many times in a row."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,9 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class DetectorsLike(Protocol):
+    @property
+    def changes(self) -> int: ...
+
     def export_state(self) -> dict[str, Any]: ...
 
     def restore_state(self, state: dict[str, Any]) -> None: ...
@@ -214,6 +219,10 @@ class StateKeeper:
         self._taken = 0.0
         self._generation = 0
         self._written = 0
+        self._mark: tuple[object, ...] | None = None
+        self._skipped = 0
+        self.skipped_saves = 0
+        """Periodic saves skipped because nothing had changed."""
         self._writing = threading.Lock()
         """One write at a time (the periodic save runs in a thread, the final one on the loop)."""
 
@@ -224,6 +233,7 @@ class StateKeeper:
             "restored": r is not None,
             "restoredAgents": r.agents if r is not None else 0,
             "saves": self.saves,
+            "skippedSaves": self.skipped_saves,
             "saveFailures": self.save_failures,
             "lastSaveSeconds": round(self.last_save_s, 4),
             "error": self.error,
@@ -292,7 +302,17 @@ class StateKeeper:
 
     async def save_async(self, mono: float, *, clock: float | None, spool_next_seq: int | None = None,
                          messages_offset: int | None = None, replay: ReplayPosition | None = None) -> bool:
-        """:meth:`save`, with the state taken on the loop (consistent) and encoded and written in a thread."""
+        """:meth:`save`, with the state taken on the loop (consistent) and encoded and written in a thread. Skipped
+        when nothing changed since the last save (no rewrite of the same state: flash wears), except every
+        :data:`FORCED_EVERY` intervals."""
+        mark = (self.fleet.totals.changes, self.detectors.changes, spool_next_seq, messages_offset,
+                replay.frames if replay is not None else None)
+        if mark == self._mark and self._skipped < FORCED_EVERY:
+            self._next_save = mono + self.settings.interval_s
+            self._skipped += 1
+            self.skipped_saves += 1
+            return True
+        self._mark, self._skipped = mark, 0
         doc = self.document(mono, clock=clock, spool_next_seq=spool_next_seq, messages_offset=messages_offset,
                             replay=replay)
         return await asyncio.to_thread(self.write, doc)
