@@ -126,7 +126,7 @@ def run_case(conversations: int, max_flows: int, seed: int) -> dict[str, Any]:
         "frames": frames,
         "evicted_flows": an.stats.evicted_flows,
         "entries_looked_at_per_eviction": (
-            an.flow_order.looked_at / an.stats.evicted_flows if an.stats.evicted_flows else None
+            an.conversations.order.looked_at / an.stats.evicted_flows if an.stats.evicted_flows else None
         ),
         "rate_pps": frames / (below[1] + past[1]),
         "below_cap": {"frames": below[0], "seconds": below[1], "rate_pps": below[0] / below[1] if below[1] else None},

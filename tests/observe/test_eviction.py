@@ -119,7 +119,7 @@ def test_evicting_never_walks_a_table(fast: bool) -> None:
     table: in CPython even ``next(iter(table))`` is not O(1) on a dict that entries leave from the front (it first
     skips the slots of every entry deleted since the last resize), which made analysis 20x slower past the cap."""
     an = Analyzer(AnalyzerSettings(max_flows=300, max_macs=200), fast_path=fast, observations=False)
-    an.flows = _CountingDict()
+    an.conversations.flows = _CountingDict()
     an.inventory.macs = _CountingDict()
     _CountingDict.walks = 0
     for b in _burst(3000):
@@ -127,9 +127,9 @@ def test_evicting_never_walks_a_table(fast: bool) -> None:
     assert _CountingDict.walks == 0
     assert an.stats.evicted_flows == 3000 + 1 - 300
     assert an.stats.evicted_macs == 3000 + 2 - 200
-    for order in (an.flow_order, an.inventory.order):
+    for order in (an.conversations.order, an.inventory.order):
         assert order.looked_at <= 3 * (3000 + 2)
-    assert len(an.flows) == len(an.flow_order) == 300
+    assert len(an.flows) == len(an.conversations.order) == 300
     assert len(an.macs) == len(an.inventory.order) == 200
 
 
@@ -141,7 +141,7 @@ def test_the_work_per_eviction_does_not_grow_with_the_table() -> None:
         for b in _burst(cap * 3):
             an.feed(b)
         assert an.stats.evicted_flows > cap
-        per_eviction.append(an.flow_order.looked_at / an.stats.evicted_flows)
+        per_eviction.append(an.conversations.order.looked_at / an.stats.evicted_flows)
     assert all(1 <= x <= 3 for x in per_eviction)
     assert per_eviction[1] <= per_eviction[0] * 1.1
 

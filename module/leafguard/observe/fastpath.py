@@ -41,7 +41,8 @@ from leafguard.observe.inventory import MacTotals
 from leafguard.observe.state import tcp_next_state
 
 if TYPE_CHECKING:
-    from leafguard.observe.analyzer import Analyzer
+    from leafguard.observe.conversations import ConversationTable
+    from leafguard.observe.inventory import LeafInventory
     from leafguard.observe.state import Flow
 
 _U8 = npt.NDArray[np.uint8]
@@ -264,7 +265,7 @@ def classify(batch: FrameBatch) -> Classified | None:
     )
 
 
-def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
+def plan_batch(table: ConversationTable, batch: FrameBatch) -> Plan | None:
     """Plan an Ethernet batch; ``None`` when nothing in it can be counted in bulk."""
     pre = batch.prepared if isinstance(batch.prepared, Classified) else classify(batch)
     if pre is None:
@@ -277,7 +278,7 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
     bare = pre.bare
 
     plan = Plan(pre)
-    flows4 = an.flows4
+    flows4 = table.flows4
     for key in zip(pre.k1, pre.k2, strict=True):
         flow = flows4.get(key)
         plan.uflows.append(flow)
@@ -312,11 +313,14 @@ def plan_batch(an: Analyzer, batch: FrameBatch) -> Plan | None:
     return plan
 
 
-def count_settled(an: Analyzer, batch: FrameBatch, plan: Plan, deferred: list[int]) -> None:
-    """Account for every frame the walk did not."""
+def count_settled(
+    inventory: LeafInventory, table: ConversationTable, batch: FrameBatch, plan: Plan, deferred: list[int]
+) -> None:
+    """Account for every frame the walk did not (the analyzer has logged their send times)."""
     data = batch.data
     pre = plan.pre
-    _apply_macs(an, pre)
+    # Every candidate and plain IPv4 frame's MAC counters and source address.
+    inventory.apply_totals(pre.macs)
     idx = np.concatenate((plan.early, np.asarray(deferred, dtype=np.int64))) if deferred else plan.early
     if not idx.size:
         return
@@ -348,12 +352,12 @@ def count_settled(an: Analyzer, batch: FrameBatch, plan: Plan, deferred: list[in
         flow.packets_ba += p_ba
         flow.bytes_ba += b_ba
         flow.last = max(flow.last, t_last)
-    _control(an, data, plan, pos, inv, fwd)
-    _first_of_flow(an, data, plan, pos, inv, fwd)
-    _logins(an, data, plan, pos, inv, fwd, present)
+    _control(inventory, table, data, plan, pos, inv, fwd)
+    _first_of_flow(inventory, table, data, plan, pos, inv, fwd)
+    _logins(table, data, plan, pos, inv, fwd, present)
 
 
-def _logins(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B, present: _I64) -> None:
+def _logins(table: ConversationTable, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B, present: _I64) -> None:
     """Follow the login exchanges of conversations that were counted in bulk, segment by segment, in order."""
     following = [u for u in present.tolist() if (f := plan.uflows[u]) is not None and f.login is not None]
     if not following:
@@ -368,14 +372,14 @@ def _logins(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B
             continue
         j = int(pos[k])
         start = int(pre.pay_off[j])
-        an.follow_login(flow, forward, data[start : start + int(pre.pay_len[j])], float(pre.ts[j]))
+        table.follow_login(flow, forward, data[start : start + int(pre.pay_len[j])], float(pre.ts[j]))
     for u in following:
         flow = uflows[u]
         assert flow is not None
         flow.slow = flow.login is not None
 
 
-def create_new(an: Analyzer, batch: FrameBatch, plan: Plan) -> None:
+def create_new(table: ConversationTable, batch: FrameBatch, plan: Plan) -> None:
     """Create the conversations that start in this batch, before the walk: a frame of the same 5-tuple that the
     walk sees (one the plan could not classify) then finds the conversation as the per-frame path would have
     made it."""
@@ -396,12 +400,14 @@ def create_new(an: Analyzer, batch: FrameBatch, plan: Plan) -> None:
         sport = (data[h + 34] << 8) | data[h + 35]
         dport = (data[h + 36] << 8) | data[h + 37]
         key = (proto, sip, sport, dip, dport) if lo else (proto, dip, dport, sip, sport)
-        uflows[u] = an.create_flow(
+        uflows[u] = table.create(
             key, proto, sip, sport, dip, dport, data[at + 6 : at + 12], data[at : at + 6], flags, ts, (k1[u], k2[u])
         )
 
 
-def _control(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B) -> None:
+def _control(
+    inventory: LeafInventory, table: ConversationTable, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B
+) -> None:
     """Replay the bulk-counted SYN/FIN/RST segments' state changes, in batch order (``pos`` is sorted)."""
     pre = plan.pre
     sel = np.flatnonzero((pre.flags[pos] & (TCP_SYN | TCP_FIN | TCP_RST)) != 0)
@@ -417,11 +423,13 @@ def _control(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _
         flow.state = tcp_next_state(flow.state, forward, flags)
         if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) and not forward:  # may reveal a service
             at, h = int(pre.o[j]), int(pre.h[j])
-            src = an.inventory.macs.get(data[at + 6 : at + 12])
-            an.syn_ack_service(src, data[h + 26 : h + 30], (data[h + 34] << 8) | data[h + 35], ts)
+            src = inventory.macs.get(data[at + 6 : at + 12])
+            table.syn_ack_service(src, data[h + 26 : h + 30], (data[h + 34] << 8) | data[h + 35], ts)
 
 
-def _first_of_flow(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B) -> None:
+def _first_of_flow(
+    inventory: LeafInventory, table: ConversationTable, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B
+) -> None:
     """What the per-frame path does on a conversation's first payload from ``a`` (a TLS ClientHello is looked
     for) and on the first UDP datagram from ``b`` (the responder's port is a service): here once per conversation,
     on the same frame the per-frame path would have used (``pos`` is in batch order)."""
@@ -440,11 +448,11 @@ def _first_of_flow(an: Analyzer, data: bytes, plan: Plan, pos: _I64, inv: _I64, 
             at = int(pre.o[j])
             if tls:
                 if not flow.hello_checked:
-                    an.apply_hello(flow, an.inventory.macs.get(data[at + 6 : at + 12]), hellos.get(j))
+                    table.apply_hello(flow, inventory.macs.get(data[at + 6 : at + 12]), hellos.get(j))
             elif not flow.b_seen:
                 h = int(pre.h[j])
-                src = an.inventory.macs.get(data[at + 6 : at + 12])
-                an.first_reply(flow, src, data[h + 26 : h + 30], float(pre.ts[j]))
+                src = inventory.macs.get(data[at + 6 : at + 12])
+                table.first_reply(flow, src, data[h + 26 : h + 30], float(pre.ts[j]))
 
 
 def _sorted_groups(keys: _I64) -> tuple[_I64, _I64, _I64]:
@@ -493,15 +501,3 @@ def _mac_totals(src: _I64, dst: _I64, wl: _I64, ts: npt.NDArray[np.float64], sip
         dbyt = np.add.reduceat(wl[unicast][dorder], dstarts)
         received = list(zip(udst.tolist(), dcnt.tolist(), dbyt.tolist(), strict=True))
     return MacTotals(now=float(hi.max()), sent=sent, addresses=pairs, received=received)
-
-
-def _apply_macs(an: Analyzer, pre: Classified) -> None:
-    """Add the batch's per-MAC totals (every candidate and plain IPv4 frame) to the send logs and the inventory."""
-    if an.sends is not None:
-        ts = np.concatenate((pre.ts, pre.m_ts))
-        an.sends.sent_many(np.concatenate((pre.smac, pre.m_smac)), ts)
-        if an.receives is not None:
-            dst = np.concatenate((pre.dmac, pre.m_dmac))
-            unicast = (dst >> 40) & 1 == 0
-            an.receives.sent_many(dst[unicast], ts[unicast])
-    an.inventory.apply_totals(pre.macs)

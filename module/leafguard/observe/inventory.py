@@ -12,6 +12,7 @@ import ipaddress
 from dataclasses import dataclass
 from operator import attrgetter
 
+from leafguard.decode.frames import ETH_ARP, Packet
 from leafguard.detect import detectors as det
 from leafguard.observe.addresses import ULA, ZERO_V4, ZERO_V6, ip_sort_key, ip_text, is_unicast_mac, mac_text
 from leafguard.observe.eviction import EvictionQueue
@@ -88,6 +89,43 @@ class LeafInventory:
             self.order.admit(st)
         st.touched = ts
         return st
+
+    def frame(self, p: Packet, ts: float, wirelen: int) -> MacState | None:
+        """One decoded frame walked by the per-frame path: its MACs' counters, and the address it shows the
+        sender uses (ARP's evidence too); the sender's state, when it has a MAC."""
+        src = None
+        if p.src_mac is not None:
+            src = self.touch(p.src_mac, ts)
+            if src.packets_out == 0 or ts < src.first_seen:
+                src.first_seen = ts
+            src.packets_out += 1
+            src.bytes_out += wirelen
+            src.last_seen = max(src.last_seen, ts)
+        dst_mac = p.dst_mac
+        if dst_mac is not None and is_unicast_mac(dst_mac):
+            dst = self.touch(dst_mac, ts)
+            dst.packets_in += 1
+            dst.bytes_in += wirelen
+        if src is not None:
+            own = None
+            if p.ethertype == ETH_ARP:
+                if p.arp_spa is not None and p.arp_sha == p.src_mac:
+                    own = p.arp_spa
+                    # A probe (sender 0.0.0.0, RFC 5227) and an announcement (sender == target) are a host
+                    # checking and claiming its own address: neither asks for somebody else's.
+                    if own != ZERO_V4:
+                        self._evidence.append((ts, det.ARP_CLAIM, (own, src.mac)))
+                        if p.arp_op == 1 and p.arp_tpa is not None and p.arp_tpa != own:
+                            self._evidence.append((ts, det.ARP_ASK, (p.arp_tpa, src.mac)))
+            elif p.src_ip is not None:
+                own = p.src_ip
+            if own is not None:
+                self.learn_ip(src, own)
+                # Bindings only from Ethernet: a cooked capture on "any" shows one packet per interface it
+                # crossed, with different link addresses.
+                if p.dst_mac is not None and own not in (ZERO_V4, ZERO_V6) and self.is_leaf_ip(own):
+                    self.saw_address(own, src.mac, ts)
+        return src
 
     def apply_totals(self, totals: MacTotals) -> None:
         """Add one batch's per-MAC totals (the bulk step's: frames and bytes sent and received, source addresses)."""
