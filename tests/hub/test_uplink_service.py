@@ -236,3 +236,37 @@ async def test_more_than_ten_thousand_alerts_in_one_run_all_arrive_upstream(hub:
     assert health["forwarded"] > 10_000 and health["dropped"] == 0
     assert len(alerts) == health["forwarded"], "every alert arrived upstream"
     assert sum(t == "address_conflict" for t in alerts.values()) == 10_050
+
+
+async def test_the_leaf_map_in_force_survives_a_restart_while_edge_hub_is_down(
+        hub: HubEmulator, tmp_path: Path) -> None:
+    from leafguard.demo import demo_capture
+
+    module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
+    await hub.set_desired(module, {"leafMap": {"5c:cf:7f:07:ae:fb": "plant1-sensor7"}})
+    data_dir = tmp_path / "data"
+    first = await start(hub, module, demo_capture(), data_dir, "0")
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: "plant1-sensor7" in hub.twin(module)["reported"].get("leaves", {}))
+    finally:
+        await stop(first)
+    hub.clear_messages()
+    hub.refuse_connections()  # the twin, and the leaf map in it, cannot be read by the next run
+    second = await start(hub, module, demo_capture(), data_dir, "0")
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: second.saw("replay finished"))
+            await asyncio.sleep(1.0)  # a state save after the last frame
+    finally:
+        await kill(second)
+    hub.accept_connections()
+    third = await start(hub, module, empty_capture(tmp_path / "empty.pcap"), data_dir, "0")
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: third.saw("state restored"))
+    finally:
+        await stop(third)
+    identities = {m.properties.get("leafIdentity") for m in hub.messages(MODULE)
+                  if m.properties.get("alertCount") is None}
+    assert "plant1-sensor7" in identities and "leaf-5ccf7f07aefb" not in identities
