@@ -112,6 +112,12 @@ async def test_a_managed_leaf_is_counted_and_its_connection_shown(hub: HubEmulat
         samples = [s for s in families["leafguard_leaf_connected"].samples if s.labels["leaf"] == "plc1"]
         return samples and samples[0].labels["state"] == "connected" and families
 
+    def sent() -> Any:
+        families = parse(http_get(metrics)[1].decode())
+        found = [s.value for f in families.values() for s in f.samples
+                 if s.name == "leafguard_leaf_messages_sent_total" and s.labels.get("leaf") == "plc1"]
+        return found and found[0] > 0 and families
+
     try:
         async with asyncio.timeout(LIMIT_S):
             families = await poll(connected)
@@ -119,6 +125,13 @@ async def test_a_managed_leaf_is_counted_and_its_connection_shown(hub: HubEmulat
             assert value(families, "leafguard_leaves_managed") == 1
             assert value(families, "leafguard_leaves_named") == 1
             assert value(families, "leafguard_leaves_unmanaged") == value(families, "leafguard_leaves_seen") - 1
+            # Its own counters: what the hub received from plc1's own connection (flushed now, not at the timers).
+            flushed = await hub.invoke_method(module, "flush", {"waitS": 10})
+            assert flushed.status == 200 and flushed.payload["sent"], flushed
+            families = await poll(sent)
+            assert value(families, "leafguard_leaf_messages_sent_total", leaf="plc1") == len(hub.messages("plc1"))
+            assert value(families, "leafguard_leaf_messages_dropped_total", leaf="plc1") == 0
+            assert value(families, "leafguard_leaf_queue_messages", leaf="plc1") == 0
             leaf = (await hub.invoke_method(module, "getInventory", {"mac": PLC})).payload["leaf"]
             assert (leaf["identity"], leaf["named"], leaf["managed"]) == ("plc1", True, True)
             other = (await hub.invoke_method(module, "getInventory", {"mac": SENSOR})).payload["leaf"]

@@ -87,6 +87,9 @@ class LeafClients:
         self._tg: asyncio.TaskGroup | None = None
         self._closing = asyncio.Event()
         self._changed = asyncio.Event()
+        self._entries_generation = 0
+        self._settled_generation = 0
+        """The leaf map generation the links were last reconciled with (or could not be: no CA)."""
         self.unmanaged_candidates: list[str] = []
         """Object entries without credentials: listed for the operator (they stay on the gateway's path)."""
 
@@ -95,7 +98,12 @@ class LeafClients:
     def set_entries(self, entries: Mapping[str, LeafEntry]) -> None:
         """The leaf map changed: its object entries are the managed candidates."""
         self._entries = {e.device_id: e for e in entries.values() if e.managed}
+        self._entries_generation += 1
         self._changed.set()
+
+    def settled(self) -> bool:
+        """Every managed leaf of the current leaf map has its link (a message built now goes the right way)."""
+        return self._settled_generation == self._entries_generation
 
     def manages(self, identity: str) -> bool:
         return identity in self.links
@@ -163,7 +171,9 @@ class LeafClients:
 
     def leaf_connections(self) -> list[LeafConnection]:
         """For ``/metrics`` (``leafguard_leaf_connected{leaf,state}``)."""
-        return [LeafConnection(link.target.identity, link.state.value, link.state is LeafState.CONNECTED)
+        return [LeafConnection(link.target.identity, link.state.value, link.state is LeafState.CONNECTED,
+                               sent=link.outbox.stats.acked, dropped=link.outbox.stats.dropped,
+                               queued=len(link.outbox), reconnects=link.stats.reconnects)
                 for link in self.links.values()]
 
     def counters(self) -> dict[str, dict[str, Any]]:
@@ -183,6 +193,7 @@ class LeafClients:
     async def _supervise(self) -> None:
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
         while not self._closing.is_set():
+            generation = self._entries_generation
             if self.credentials.reload():
                 for link in self.links.values():
                     link.retry()
@@ -192,9 +203,12 @@ class LeafClients:
                         self._ca_pem = await asyncio.to_thread(self._ca_loader, self.edge)
                 except (TimeoutError, OSError, ValueError, IoTEdgeError) as exc:
                     log.warning("cannot get the edge hub's CA for the leaf clients: %r", exc)
+                    # Their messages go by the gateway meanwhile, rather than wait for a CA that may not come.
+                    self._settled_generation = generation
                     await self._sleep(backoff.next_delay())
                     continue
             self._reconcile()
+            self._settled_generation = generation
             await self._sleep(CREDENTIALS_POLL_S)
 
     async def _sleep(self, seconds: float) -> None:

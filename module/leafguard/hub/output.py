@@ -89,7 +89,10 @@ class EdgeAgentOutput:
         self._leaf_states: dict[str, int] = {}
         self._pending_leaf: set[str] = set()
         """Managed leaves whose desired document came before the service's clock was known."""
-        self._pump = SecurityMessagePump(fleet, self._submit, hold=transport.congested)
+        self._settings_read = False
+        """The module twin's desired document has been applied once: until then the leaf map is unknown, and a
+        message built now could go out under a leaf's MAC identity, or from the gateway for a managed leaf."""
+        self._pump = SecurityMessagePump(fleet, self._submit, hold=self.hold)
         self.alerts = AlertBatcher(transport.settings.identity)
         transport.on_dropped = self._on_dropped
         transport.health = self.health
@@ -123,8 +126,15 @@ class EdgeAgentOutput:
         self._now = now
         if views is not None:
             self._views = views
-        self._submit(self.fleet.tick(now, views, hold=self.transport.congested()))
+        self._submit(self.fleet.tick(now, views, hold=self.hold()))
         self._sync_reported()
+
+    def hold(self) -> bool:
+        """Whether the agents hold their timed sends: the uplink is down or behind, or who sends for which leaf
+        is not settled yet (the gateway settings not read, or managed leaves whose clients do not exist yet)."""
+        if self.transport.congested() or not self._settings_read:
+            return True
+        return self.leaves is not None and not self.leaves.settled()
 
     def poll_desired(self, now: float) -> list[tuple[str, ConfigOutcome]]:
         """Apply the desired updates the hub delivered since the last poll, at ``now`` (the service's clock)."""
@@ -135,6 +145,8 @@ class EdgeAgentOutput:
         self._pending_leaf.clear()
         for update in self.transport.take_desired_updates():
             change: DesiredChange | None
+            # The service applies the gateway settings (the leaf map) from this document right after this call.
+            self._settings_read = self._settings_read or update.whole
             try:
                 change = self.desired.replace(update.doc) if update.whole else self.desired.patch(update.doc)
             except MissedDesiredPatchError as exc:

@@ -502,7 +502,8 @@ class Service:
             if mono >= next_poll or (arrived is not None and arrived.is_set()):
                 if arrived is not None:
                     arrived.clear()
-                clock = now if s.live else self.analyzer.now
+                # The agents' clock (a restored one before any frame): settings apply whenever the agents can tick.
+                clock = self._clock()
                 if clock is not None:
                     for identity, outcome in self.out.poll_desired(clock):
                         log.info(

@@ -116,6 +116,14 @@ def families(snap: ServiceSnapshot) -> list[Family]:
             tuple(Sample((("leaf", c.identity), ("state", c.state)), c.connected) for c in leaves.connections),
         ),
     ]
+    for name, kind, help_text, field in (
+        ("leafguard_leaf_messages_sent", "counter", "Messages acknowledged on the leaf's own connection.", "sent"),
+        ("leafguard_leaf_messages_dropped", "counter", "Messages the leaf's own outbox dropped.", "dropped"),
+        ("leafguard_leaf_queue_messages", "gauge", "Messages waiting on the leaf's own connection.", "queued"),
+        ("leafguard_leaf_reconnects", "counter", "Connections of the leaf re-established after a loss.", "reconnects"),
+    ):
+        samples = tuple(Sample((("leaf", c.identity),), getattr(c, field)) for c in leaves.connections)
+        out.append(Family(name, kind, help_text, samples))
     # agents, per priority queue
     for name, kind, help_text, field in (
         ("leafguard_agent_events_generated", "counter", "Events the agents generated.", "generated"),

@@ -87,6 +87,12 @@ class LeafConnection:
     identity: str
     state: str
     connected: bool
+    sent: int = 0
+    """Messages the hub acknowledged on this connection."""
+    dropped: int = 0
+    """Messages its outbox dropped (by the overflow policy, or unsent at shutdown)."""
+    queued: int = 0
+    reconnects: int = 0
 
 
 class ManagedLeavesSource(Protocol):
