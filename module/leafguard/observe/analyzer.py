@@ -3,7 +3,11 @@
 Pure and synchronous: `Analyzer.feed` takes a `FrameBatch` and updates bounded state; packet time is the only
 clock. Frames that can change state (handshakes, teardown, first payloads, discovery protocols, ARP, DHCP,
 fragments, anything unusual) are walked one by one; the bulk of a busy capture, mid-flow TCP and UDP
-frames of conversations that are already settled, is counted per batch with numpy (see `_fastpath`).
+frames of conversations that are already settled, is counted per batch with numpy (`observe.fastpath`).
+
+The analyzer coordinates: the state is the leaf inventory's (`observe.inventory`) and the conversation table's
+(`observe.conversations`), discovery datagrams are `observe.discovery`'s, the report `observe.report`'s; the
+detectors (`leafguard.detect`) get the batch's evidence when the batch is done.
 """
 
 from __future__ import annotations
