@@ -5,7 +5,7 @@ and tcpdump, memory per tracked conversation and per leaf, and time per frame an
 
 * **CPU**: ``leafguard analyze --json`` (its forked reader included: it is reaped, so its time is in the
   rusage), ``argus -r FILE -w /dev/null`` (Debian package ``argus-server``) and ``tcpdump -r FILE -w /dev/null``
-  (the read floor) on the generated IoT capture of `benchmarks.gen_capture`, each run ``--runs`` times; user +
+  (the read floor) on the generated IoT capture of `testkit.gen_capture`, each run ``--runs`` times; user +
   system CPU of the best run.
 * **Memory at scale**: captures of ``--leaves`` leaves, one with a single UDP exchange per leaf and one with
   ``--per-leaf`` TCP conversations per leaf kept open (handshake and one data segment, no teardown, all within a
@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.gen_capture import CACHE, START_TS, ensure_capture, ether, ipv4, tcp, udp, write_pcap
+from testkit.gen_capture import CACHE, START_TS, ensure_capture, ether, ipv4, tcp, udp, write_pcap
 
 GATEWAY = bytes.fromhex("e4f4c6112233")
 SERVER_IP = bytes([10, 99, 0, 1])
