@@ -68,7 +68,9 @@ class Plant:
         return service_env(self.hub, self.module) | {
             "LEAFGUARD_LEAF_SECRETS": str(self.secrets), "LEAFGUARD_LEAF_GROUP_KEY_FILE": str(self.group_key),
             "LEAFGUARD_DATA_DIR": str(self.data_dir),
-            "LEAFGUARD_HTTP_PORT": "off", "LEAFGUARD_LEAF_BACKOFF_MAX_S": "2"}
+            "LEAFGUARD_HTTP_PORT": "off", "LEAFGUARD_LEAF_BACKOFF_MAX_S": "2",
+            # The gateway's own client too: back within the shutdown deadline after the hub's outage.
+            "LEAFGUARD_BACKOFF_MAX_S": "1"}
 
     def leaf_map(self, *, with_sensor: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {

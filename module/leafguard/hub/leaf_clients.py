@@ -39,6 +39,7 @@ from leafguard.hub.leaves import LeafEntry
 from leafguard.hub.link import Backoff
 from leafguard.hub.outbox import Pending
 from leafguard.hub.settings import EdgeSettings
+from leafguard.hub.twin import bounded
 from leafguard.service.snapshot import LeafConnection
 
 log = logging.getLogger("leafguard.hub.leaf")
@@ -49,6 +50,10 @@ LEAF_STOP_DEADLINE_S = 5.0
 CA_TIMEOUT_S = 15.0
 SUMMARY_LEAVES = 50
 """Managed leaves listed by name in the gateway's reported summary; the rest are counted."""
+SUMMARY_BYTES = 12 * 1024
+NAMES_BYTES = 3 * 1024
+"""Byte budgets of the summary's lists (the hub's size rule): with the unmanaged leaves' 8 KB and the rest of the
+health section they keep the gateway twin's reported section under 32 KB whatever the number or names of leaves."""
 ERROR_CHARS = 200
 """A leaf's last error in the summary is cut to this (SDK reprs can be long): 50 leaves stay within ~15 KB."""
 
@@ -150,19 +155,20 @@ class LeafClients:
         return dict(Counter(link.state.value for link in self.links.values()))
 
     def summary(self) -> dict[str, Any]:
-        """The gateway twin's bounded view: counts by state, the first leaves by name with state and counters."""
-        names = sorted(self.links)
-        shown = {
-            name: {k: v[:ERROR_CHARS] if isinstance(v, str) and k == "last_error" else v
-                   for k, v in self.links[name].counters().items()
-                   if k in ("state", "mode", "sent", "dropped", "queued", "last_error", "reconnects")}
-            for name in names[:SUMMARY_LEAVES]
-        }
-        out: dict[str, Any] = {"count": len(names), "states": self.states(), "leaves": shown,
-                               "notShown": max(0, len(names) - SUMMARY_LEAVES),
-                               "withoutCredentials": sorted(self.unmanaged_candidates)[:SUMMARY_LEAVES]}
+        """The gateway twin's bounded view: counts by state, then the leaves by name with state and counters, those
+        not connected first (what an operator has to act on), as many as fit in ``SUMMARY_BYTES``."""
+        order = sorted(self.links, key=lambda n: (self.links[n].state is LeafState.CONNECTED, n))
+        shown = bounded(((name, {k: v[:ERROR_CHARS] if isinstance(v, str) and k == "last_error" else v
+                                 for k, v in self.links[name].counters().items()
+                                 if k in ("state", "mode", "sent", "dropped", "queued", "last_error", "reconnects")})
+                         for name in order), SUMMARY_LEAVES, SUMMARY_BYTES)
+        missing = sorted(self.unmanaged_candidates)
+        listed = list(bounded(((name, True) for name in missing), SUMMARY_LEAVES, NAMES_BYTES))
+        out: dict[str, Any] = {"count": len(order), "states": self.states(), "leaves": shown,
+                               "notShown": len(order) - len(shown), "withoutCredentials": listed,
+                               "withoutCredentialsNotShown": len(missing) - len(listed)}
         if self.credentials.errors:
-            out["credentialErrors"] = dict(self.credentials.errors)
+            out["credentialErrors"] = {k: v[:ERROR_CHARS] for k, v in self.credentials.errors.items()}
         return out
 
     def managed_macs(self) -> list[str]:

@@ -24,7 +24,7 @@ from leafguard.hub.alerts import AlertBatcher, AlertMessage
 from leafguard.hub.leaf_clients import LeafClients
 from leafguard.hub.outbox import Pending
 from leafguard.hub.transport import EdgeTransport
-from leafguard.hub.twin import DesiredChange, MissedDesiredPatchError, ModuleDesired, nulls_as_off
+from leafguard.hub.twin import DesiredChange, MissedDesiredPatchError, ModuleDesired, bounded, nulls_as_off
 from leafguard.observe.model import LeafView
 
 log = logging.getLogger("leafguard.hub")
@@ -32,6 +32,8 @@ log = logging.getLogger("leafguard.hub")
 INVENTORY_REFRESH_S = 2.0
 """How often the managed leaves' inventories are recomputed (each link reports it at most once a minute)."""
 UNMANAGED_LISTED = 50
+UNMANAGED_BYTES = 8 * 1024
+"""The unmanaged leaves' list in the gateway twin's health section (see ``leaf_clients.SUMMARY_BYTES``)."""
 
 
 def _iso(ts: float) -> str:
@@ -243,15 +245,16 @@ class EdgeAgentOutput:
         first ones by name with MAC, vendor and last seen, and how many are not shown (bounded for the 32 KB)."""
         assert self.leaves is not None
         names = sorted(a.identity for a in self.fleet.agents() if not self.leaves.manages(a.identity))
-        shown = names[:UNMANAGED_LISTED]
         views = {self.fleet.identity_for(v.mac): v for v in self._views()} if self._views is not None else {}
-        first: dict[str, dict[str, str]] = {}
-        for name in shown:
+
+        def entry(name: str) -> dict[str, str]:
             view = views.get(name)
-            mac = self.fleet.mac_of(name) or ""
-            first[name] = {"mac": mac} if view is None else {
+            return {"mac": self.fleet.mac_of(name) or ""} if view is None else {
                 "mac": view.mac, "vendor": view.vendor or "", "lastSeen": _iso(view.last_seen)}
-        return {"count": len(names), "first": first, "notShown": max(0, len(names) - UNMANAGED_LISTED)}
+
+        # Lazily: only the entries that fit are built.
+        first = bounded(((name, entry(name)) for name in names), UNMANAGED_LISTED, UNMANAGED_BYTES)
+        return {"count": len(names), "first": first, "notShown": len(names) - len(first)}
 
 
     def _apply(self, change: DesiredChange, now: float) -> list[tuple[str, ConfigOutcome]]:

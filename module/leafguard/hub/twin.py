@@ -16,7 +16,7 @@ like a twin patch). Reported shape::
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +131,21 @@ def without_nulls(value: Any) -> Any:
 
 
 OFF = "off"
+
+
+def bounded(entries: Iterable[tuple[str, Any]], max_entries: int, max_bytes: int) -> dict[str, Any]:
+    """The first entries, in the order given, while there are at most ``max_entries`` and they take at most
+    ``max_bytes`` by the hub's size rule: a summary in the reported properties that a long list, or long names
+    (128 characters for a device id), cannot push past the twin's 32 KB."""
+    out: dict[str, Any] = {}
+    used = 0
+    for key, value in entries:
+        cost = len(key.encode()) + twin_size(value)
+        if len(out) >= max_entries or used + cost > max_bytes:
+            break
+        out[key] = value
+        used += cost
+    return out
 
 
 def nulls_as_off(value: Any) -> Any:
