@@ -9,6 +9,8 @@ from one group key. ``leafguard run`` replays the capture in edge mode, as a rea
 gives every leaf its device id (module identity, the default). Measured:
 
 * **synced**: from the process start until every leaf's twin holds its reported configuration and inventory;
+* **gateway patch → applied**: the same through the gateway's module twin, for the capture's unmanaged leaves
+  (``leaves.<identity>``, ``--gateway-patches`` of them, one at a time);
 * **patch → applied**: a desired patch on a leaf's own twin (``maxMessageSizeInBytes``, a new value each time,
   ``--patches`` of them spread round-robin over the leaves, ``--in-flight`` at a time) until the reported
   configuration of that twin shows it, as the emulator sees it (polled every 5 ms);
@@ -41,6 +43,7 @@ from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
 from leafguard.capture.pcapfile import read_batches
 from leafguard.hub.credentials import derive_device_key
 from leafguard.observe.analyzer import Analyzer
+from leafguard.observe.model import identity_for_mac
 from leafguard.observe.settings import AnalyzerSettings
 from testkit.gen_capture import ensure_capture
 from tests.hub_emulator import HubEmulator, Identity
@@ -52,14 +55,14 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def leaf_macs(capture: Path, count: int) -> list[str]:
-    """The leaves of the capture (what LeafGuard will see), the first ``count`` in MAC order."""
+    """The leaves of the capture (what LeafGuard will see), at least ``count``, in MAC order."""
     analyzer = Analyzer(AnalyzerSettings())
     for batch in read_batches(capture):
         analyzer.feed(batch)
     macs = sorted(v.mac for v in analyzer.leaf_views() if v.ips)
     if len(macs) < count:
         raise SystemExit(f"the capture has {len(macs)} leaves, fewer than {count}")
-    return macs[:count]
+    return macs
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -126,7 +129,8 @@ class Run:
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     capture = ensure_capture(args.frames, leaves=args.leaves + 20)
-    macs = leaf_macs(capture, args.leaves)
+    every = leaf_macs(capture, args.leaves)
+    macs, others = every[: args.leaves], every[args.leaves :]
     report: dict[str, Any] = {"leaves": args.leaves, "frames": args.frames, "patches": args.patches,
                               "in_flight": args.in_flight}
     async with HubEmulator.start(thread=True) as hub:
@@ -162,8 +166,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             report["connected"] = run.health().get("managedLeaves", {}).get("states", {})
 
             latencies = await patch_latencies(hub, list(twins.values()), args.patches, args.in_flight)
-            report["patch_ms"] = {"p50": pct(latencies, 50), "p99": pct(latencies, 99), "max": max(latencies),
-                                  "mean": statistics.fmean(latencies), "count": len(latencies)}
+            report["patch_ms"] = summary(latencies)
+            # The unmanaged leaves (the capture's others) are tuned through the gateway's module twin.
+            # Those the gateway's twin has room for (the 32 KB holds a few dozen configurations beside its health).
+            held = hub.twin(module)["reported"].get("leaves", {})
+            unmanaged = [i for i in (identity_for_mac(m) for m in others) if i in held][:5]
+            report["unmanaged_in_gateway_twin"] = f"{len(held)} of {len(others)}"
+            gateway = await gateway_latencies(hub, module, unmanaged, args.gateway_patches)
+            report["gateway_patch_ms"] = summary(gateway)
 
             # Quiet: every patch applied and reported; the inventories' first minute is over, so what follows
             # is the steady state (only the health section once a minute, and inventories that changed).
@@ -210,18 +220,44 @@ async def patch_latencies(hub: HubEmulator, twins: list[Identity], patches: int,
     return out
 
 
+async def gateway_latencies(hub: HubEmulator, module: Identity, identities: list[str], patches: int) -> list[float]:
+    """A module-twin patch of one unmanaged leaf's entry (``leaves.<identity>``) → the gateway's reported
+    ``leaves.<identity>`` shows it, in ms; one at a time (each is a patch of the same twin)."""
+    out: list[float] = []
+    for k in range(patches):
+        identity = identities[k % len(identities)]
+        value = 8192 + 4096 * (1 + k // len(identities))
+
+        def applied(identity: str = identity, value: int = value) -> bool:
+            entry = hub.twin(module)["reported"].get("leaves", {}).get(identity, {})
+            return bool(entry.get(CFG, {}).get("maxMessageSizeInBytes") == {"value": value})
+
+        t0 = time.monotonic()
+        await hub.set_desired(module, {"leaves": {identity: {CFG: {"maxMessageSizeInBytes": {"value": value}}}}})
+        await until(applied, 30)
+        out.append((time.monotonic() - t0) * 1e3)
+    return out
+
+
+def summary(latencies: list[float]) -> dict[str, float]:
+    return {"p50": pct(latencies, 50), "p99": pct(latencies, 99), "max": max(latencies),
+            "mean": statistics.fmean(latencies), "count": len(latencies)}
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
 
 
 def markdown(r: dict[str, Any]) -> str:
-    b, m, p = r["baseline"], r["managed"], r["patch_ms"]
+    b, m, p, g = r["baseline"], r["managed"], r["patch_ms"], r["gateway_patch_ms"]
     rows = [
         ("all twins synced (process start → every leaf twin has configuration + inventory)",
          f"{r['synced_s']:.1f} s", "≤ 30 s"),
         (f"desired patch → reported, p50 / p99 / max ({p['count']} patches, {r['in_flight']} in flight)",
          f"{p['p50']:.0f} / {p['p99']:.0f} / {p['max']:.0f} ms", "p99 ≤ 1 s"),
+        (f"module twin patch of an unmanaged leaf → gateway's reported, p50 / p99 / max ({g['count']}, one at a time)",
+         f"{g['p50']:.0f} / {g['p99']:.0f} / {g['max']:.0f} ms", "≤ 1 s"),
         ("RSS now / peak", f"{m['VmRSS'] / 1024:.0f} / {m['VmHWM'] / 1024:.0f} MB "
          f"(no managed leaf: {b['VmRSS'] / 1024:.0f} MB)", "≤ 400 MB"),
         ("threads", f"{m['Threads']} (no managed leaf: {b['Threads']})", ""),
@@ -242,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=20_000)
     ap.add_argument("--patches", type=int, default=200)
     ap.add_argument("--in-flight", type=int, default=10)
+    ap.add_argument("--gateway-patches", type=int, default=40)
     ap.add_argument("--idle-s", type=float, default=10.0)
     ap.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
     args = ap.parse_args(argv)
