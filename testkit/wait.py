@@ -8,14 +8,25 @@ from collections.abc import Callable
 from typing import Any
 
 
-async def until(predicate: Callable[[], Any], *, interval_s: float = 0.05, timeout_s: float | None = None) -> Any:
-    """Poll ``predicate`` on the loop until it returns something truthy (a coroutine's result counts) and return
-    that. Bound the wait with ``timeout_s`` (then an AssertionError) or with ``asyncio.timeout`` around the call."""
+async def until(
+    predicate: Callable[[], Any],
+    *,
+    interval_s: float = 0.05,
+    timeout_s: float | None = None,
+    ignoring: tuple[type[Exception], ...] = (),
+) -> Any:
+    """Poll ``predicate`` on the loop until it returns something truthy (a coroutine's result counts: pass
+    ``lambda: asyncio.to_thread(blocking)`` for a blocking check) and return that. An exception of ``ignoring``
+    counts as not yet (a server not listening yet). Bound the wait with ``timeout_s`` (then an AssertionError) or
+    with ``asyncio.timeout`` around the call."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        got = predicate()
-        if asyncio.iscoroutine(got):
-            got = await got
+        try:
+            got = predicate()
+            if asyncio.iscoroutine(got):
+                got = await got
+        except ignoring:
+            got = None
         if got:
             return got
         if deadline is not None and time.monotonic() > deadline:

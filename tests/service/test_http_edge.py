@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from leafguard.demo import demo_capture
+from testkit.wait import until
 from tests.hub_emulator import HubEmulator
 from tests.service.helpers import BASE_LABELS, free_port, http_get
 from tests.service.helpers import metric_value as value
@@ -30,14 +31,8 @@ async def hub() -> AsyncIterator[HubEmulator]:
 
 
 async def poll(what: Callable[[], Any], interval_s: float = 0.1) -> Any:
-    while True:
-        try:
-            got = await asyncio.to_thread(what)
-        except OSError:
-            got = None
-        if got:
-            return got
-        await asyncio.sleep(interval_s)
+    """`until` for a blocking HTTP check: run in a thread, a refused connection counts as not yet."""
+    return await until(lambda: asyncio.to_thread(what), interval_s=interval_s, ignoring=(OSError,))
 
 
 async def test_edge_metrics_carry_the_iot_edge_labels_and_healthz_fails_while_the_hub_is_down(
@@ -61,7 +56,8 @@ async def test_edge_metrics_carry_the_iot_edge_labels_and_healthz_fails_while_th
             await poll(lambda: (r := health())[0] == 200 and r[1].get("uplink") == "connected")
             # The demo's two cleartext logins go out as alerts (batched) at once; security messages only at the end.
             families = await poll(lambda: (f := parse(http_get(metrics)[1].decode()))
-                                  and value(f, "leafguard_uplink_messages_sent_total") >= 1 and f)
+                                  and value(f, "leafguard_uplink_messages_sent_total") >= 1
+                                  and value(f, "leafguard_uplink_queue_messages") == 0 and f)
             labels = {(s.labels["iothub"], s.labels["edge_device"], s.labels["module_name"])
                       for f in families.values() for s in f.samples}
             assert labels == {(hub.hub_hostname, "edge1", "leafguard")}
