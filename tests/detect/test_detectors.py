@@ -256,3 +256,23 @@ def test_baseline_findings_do_not_depend_on_batches_or_paths() -> None:
         for lo in range(0, len(raw), 7):
             an.feed(FrameBatch.from_frames(1, raw[lo : lo + 7]))
         assert an.alerts() == whole
+
+
+def test_equal_time_evidence_is_consumed_in_one_order_however_it_was_collected() -> None:
+    """Typed evidence sorts by time, then kind, then fields: two MACs claiming one address at the same packet time
+    give the same finding in either collection order."""
+    from leafguard.detect.detectors import Detectors
+    from leafguard.detect.evidence import AddressSeen, SynSent
+
+    ip = bytes([10, 0, 0, 7])
+    a, b = bytes.fromhex("020000000001"), bytes.fromhex("020000000002")
+    found = []
+    for batch in (
+        [AddressSeen(5.0, ip, b), SynSent(5.0, ip, ip, 80, None), AddressSeen(5.0, ip, a)],
+        [AddressSeen(5.0, ip, a), AddressSeen(5.0, ip, b), SynSent(5.0, ip, ip, 80, None)],
+    ):
+        d = Detectors()
+        d.process([AddressSeen(1.0, ip, a), *batch])
+        found.append([(x.type, x.mac) for x in d.alerts])
+    assert found[0] == found[1]
+    assert found[0] == [("address_conflict", "02:00:00:00:00:02")]

@@ -10,6 +10,7 @@ import pytest
 from leafguard.agent.config import AgentConfig
 from leafguard.agent.fleet import Fleet
 from leafguard.detect import detectors as det
+from leafguard.detect import evidence as ev
 from leafguard.service.state import MAGIC, StateKeeper, StateSettings, decode_state, encode_state
 from tests.agent.helpers import T0, login
 
@@ -20,12 +21,12 @@ def learned_detectors() -> det.Detectors:
     d = det.Detectors(learning_period_s=60.0)
     d.learning_started = T0
     d.process([
-        (T0 + 1, det.NEW_LEAF, (A, "10.0.0.1", "")),
-        (T0 + 2, det.NEW_LEAF, (B, "10.0.0.2", "")),
-        (T0 + 3, det.CONVERSATION, (A, bytes([10, 0, 0, 9]), 502, "tcp")),
-        (T0 + 4, det.SERVICE, (B, "tcp", 80)),
-        (T0 + 5, det.LOGIN, (A, "telnet", bytes([10, 0, 0, 5]), bytes([10, 0, 0, 1]), 23, "root", "Success")),
-        (T0 + 6, det.DHCP_SERVER, (B, bytes([10, 0, 0, 2]))),
+        ev.NewLeaf(T0 + 1, A, "10.0.0.1", ""),
+        ev.NewLeaf(T0 + 2, B, "10.0.0.2", ""),
+        ev.ConversationOpened(T0 + 3, A, bytes([10, 0, 0, 9]), 502, "tcp"),
+        ev.ServiceOffered(T0 + 4, B, "tcp", 80),
+        ev.LoginResult(T0 + 5, A, "telnet", bytes([10, 0, 0, 5]), bytes([10, 0, 0, 1]), 23, "root", "Success"),
+        ev.DhcpServerReply(T0 + 6, B, bytes([10, 0, 0, 2])),
     ])
     return d
 
@@ -38,12 +39,12 @@ def after_restart(d: det.Detectors, learning_started: float | None) -> list[str]
     d.forward = []
     t = T0 + 600
     d.process([
-        (t, det.NEW_LEAF, (A, "10.0.0.1", "")),
-        (t + 1, det.NEW_LEAF, (B, "10.0.0.2", "")),
-        (t + 2, det.NEW_LEAF, (C, "10.0.0.3", "")),
-        (t + 3, det.CONVERSATION, (A, bytes([10, 0, 0, 9]), 502, "tcp")),
-        (t + 4, det.CONVERSATION, (A, bytes([10, 0, 0, 66]), 22, "tcp")),
-        (t + 5, det.LOGIN, (A, "telnet", bytes([10, 0, 0, 5]), bytes([10, 0, 0, 1]), 23, "root", "Success")),
+        ev.NewLeaf(t, A, "10.0.0.1", ""),
+        ev.NewLeaf(t + 1, B, "10.0.0.2", ""),
+        ev.NewLeaf(t + 2, C, "10.0.0.3", ""),
+        ev.ConversationOpened(t + 3, A, bytes([10, 0, 0, 9]), 502, "tcp"),
+        ev.ConversationOpened(t + 4, A, bytes([10, 0, 0, 66]), 22, "tcp"),
+        ev.LoginResult(t + 5, A, "telnet", bytes([10, 0, 0, 5]), bytes([10, 0, 0, 1]), 23, "root", "Success"),
     ])
     return sorted(a.type for a in d.forward)
 
@@ -162,7 +163,7 @@ async def test_a_periodic_save_with_nothing_new_is_skipped(tmp_path: Path) -> No
     assert (keeper.saves, keeper.skipped_saves) == (1, 1)
     fleet.observe(login(T0 + 31))
     assert await keeper.save_async(60.0, clock=T0 + 60)
-    detectors.process([(T0 + 61, det.DHCP_SERVER, (A, bytes([10, 0, 0, 1])))])
+    detectors.process([ev.DhcpServerReply(T0 + 61, A, bytes([10, 0, 0, 1]))])
     assert await keeper.save_async(90.0, clock=T0 + 90)
     assert (keeper.saves, keeper.skipped_saves) == (3, 1)
 

@@ -1,7 +1,8 @@
 """Detectors over time-ordered evidence; pure, bounded, with packet time as the clock.
 
-The observation core records *evidence* while it walks a batch and counts in bulk (a TCP connection attempt,
-an address seen from a MAC for the first time, a DHCP server's reply, a login outcome). The order in which the
+The observation core records *evidence* (`detect.evidence`: a typed record per kind) while it walks a batch
+and counts in bulk (a TCP connection attempt, an address seen from a MAC for the first time, a DHCP server's
+reply, a login outcome). The order in which the
 two halves of the core meet the evidence is not the capture order, so the detectors only see it at the end of
 each batch, sorted by packet time: their findings do not depend on how frames were split into batches or paths.
 
@@ -16,8 +17,23 @@ from __future__ import annotations
 import socket
 import uuid
 from dataclasses import dataclass, field
-from operator import itemgetter
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Literal
+
+from leafguard.detect.evidence import (
+    AddressSeen,
+    ArpAsk,
+    ArpClaim,
+    ConversationOpened,
+    DhcpServerReply,
+    Evidence,
+    FloodSeen,
+    LeafSilent,
+    LoginResult,
+    NewLeaf,
+    ServiceOffered,
+    SynSent,
+)
 
 if TYPE_CHECKING:
     from leafguard.detect.muting import Muting
@@ -75,22 +91,6 @@ class Alert:
         }
 
 
-# Evidence kinds, recorded as (ts, kind, payload) tuples.
-SYN = 0  # (src_ip, dst_ip, dst_port, src_mac)
-BIND = 1  # (ip, mac): a leaf-side address seen from a MAC for the first time
-DHCP_SERVER = 2  # (server_mac, server_ip)
-LOGIN = 3  # (leaf_mac or None, protocol, client_ip, server_ip, server_port, user or "", result)
-ARP_CLAIM = 4  # (ip, mac): an ARP packet in which ``mac`` announces ``ip`` as its own
-ARP_ASK = 5  # (ip, mac): an ARP request in which ``mac`` asks who has ``ip``
-NEW_LEAF = 6  # (mac, ips as text, vendor or ""): a leaf seen for the first time (ts: its first frame)
-CONVERSATION = 7  # (leaf_mac, peer_ip, peer_port, protocol): a leaf opened a conversation (with learning only)
-SERVICE = 8  # (leaf_mac, protocol, port): a leaf offers a service for the first time (with learning only)
-SILENT = 9  # (leaf_mac, last_seen, silent_after_s): a leaf sent nothing for that long (ts: last_seen + it)
-FLOOD = 10  # (leaf_mac, frames, window_start, window_s, rate_per_s, "sent" | "received"): in one window
-
-Evidence = tuple[float, int, tuple[Any, ...]]
-
-
 class _Window:
     """Distinct items seen for one key within a window, with the time each was first seen."""
 
@@ -145,27 +145,28 @@ class Detectors:
         """Consume one batch's evidence (any order: it is sorted here)."""
         _order(evidence)
         self.changes += 1
-        for ts, kind, data in evidence:
-            if kind == SYN:
-                self._syn(ts, *data)
-            elif kind == BIND:
-                self._bind(ts, *data)
-            elif kind == DHCP_SERVER:
-                self._dhcp(ts, *data)
-            elif kind == LOGIN:
-                self._login(ts, *data)
-            elif kind in (ARP_CLAIM, ARP_ASK):
-                self._arp(ts, data[0], data[1], kind == ARP_CLAIM)
-            elif kind == NEW_LEAF:
-                self._new_leaf(ts, *data)
-            elif kind == CONVERSATION:
-                self._conversation(ts, *data)
-            elif kind == SERVICE:
-                self._service(ts, *data)
-            elif kind == SILENT:
-                self._silent(ts, *data)
-            elif kind == FLOOD:
-                self._flood(ts, *data)
+        for e in evidence:
+            match e:
+                case SynSent():
+                    self._syn(e.ts, e.src_ip, e.dst_ip, e.dst_port, e.src_mac)
+                case AddressSeen():
+                    self._bind(e.ts, e.ip, e.mac)
+                case DhcpServerReply():
+                    self._dhcp(e.ts, e.server_mac, e.server_ip)
+                case LoginResult():
+                    self._login(e.ts, e.leaf_mac, e.protocol, e.client_ip, e.server_ip, e.server_port, e.user, e.result)
+                case ArpClaim() | ArpAsk():
+                    self._arp(e.ts, e.ip, e.mac, isinstance(e, ArpClaim))
+                case NewLeaf():
+                    self._new_leaf(e.ts, e.mac, e.ips, e.vendor)
+                case ConversationOpened():
+                    self._conversation(e.ts, e.leaf_mac, e.peer_ip, e.peer_port, e.protocol)
+                case ServiceOffered():
+                    self._service(e.ts, e.leaf_mac, e.protocol, e.port)
+                case LeafSilent():
+                    self._silent(e.ts, e.leaf_mac, e.last_seen, e.silent_after_s)
+                case FloodSeen():
+                    self._flood(e.ts, e.leaf_mac, e.frames, e.window_start, e.window_s, e.rate_per_s, e.direction)
 
     def raise_alert(self, alert: Alert) -> None:
         """Keep a finding, unless a mute rule drops it or the list is full (both counted)."""
@@ -503,9 +504,9 @@ def _dec(value: Any) -> Any:
 
 
 def _order(evidence: list[Evidence]) -> None:
-    """Sort by packet time, then kind, then payload: equal-time evidence is consumed in the same order however
-    it was collected. Ties are rare, so the payload (None as b"", so that every position compares) is only
-    looked at inside runs of equal (time, kind)."""
+    """Sort by packet time, then kind, then the other fields: equal-time evidence is consumed in the same order
+    however it was collected. Ties are rare, so the fields (None as b"", so that every position compares) are
+    only looked at inside runs of equal (time, kind)."""
     evidence.sort(key=_time_and_kind)
     keys = list(map(_time_and_kind, evidence))
     if len(set(keys)) == len(keys):
@@ -518,8 +519,8 @@ def _order(evidence: list[Evidence]) -> None:
             start = i
 
 
-_time_and_kind = itemgetter(0, 1)
+_time_and_kind = attrgetter("ts", "rank")
 
 
 def _payload(e: Evidence) -> tuple[Any, ...]:
-    return tuple(b"" if v is None else v for v in e[2])
+    return tuple(b"" if (v := getattr(e, name)) is None else v for name in e.__slots__ if name != "ts")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from leafguard.decode.frames import (
 )
 from leafguard.detect import detectors as det
 from leafguard.detect.attacks import AttackDetectors
+from leafguard.detect.evidence import Evidence, FloodSeen, LeafSilent
 from leafguard.detect.floods import FLOOD_WINDOW_S, FloodTracker
 from leafguard.detect.sends import SendLog
 from leafguard.detect.silence import SilenceTracker
@@ -55,7 +56,7 @@ class Analyzer:
         """``observations=False`` when nobody consumes them (a report-only run): they are then not built."""
         self.settings = settings or AnalyzerSettings()
         self.stats = CaptureStats()
-        self._evidence: list[det.Evidence] = []
+        self._evidence: list[Evidence] = []
         """The batch's evidence for the detectors (the inventory adds to it too); emptied after every batch."""
         self.inventory = LeafInventory(self.settings, self.stats, self._evidence)
         self.discovery = Discovery(self.inventory, self._evidence)
@@ -247,18 +248,22 @@ class Analyzer:
             self._silent_leaves(self.silence.silent_now(self.stats.last_ts, final=True))
             self._hand_over()
 
-    def _floods(self, floods: FloodTracker, found: list[tuple[int, float, float]], direction: str) -> None:
+    def _floods(
+        self, floods: FloodTracker, found: list[tuple[int, float, float]], direction: Literal["sent", "received"]
+    ) -> None:
         for mac_i, ts, window_start in found:
             if (mac := self.inventory.leaf_of(mac_i)) is not None:
-                found_flood = (mac, floods.threshold, window_start, FLOOD_WINDOW_S, floods.rate_per_s, direction)
-                self._evidence.append((ts, det.FLOOD, found_flood))
+                found_flood = FloodSeen(
+                    ts, mac, floods.threshold, window_start, FLOOD_WINDOW_S, floods.rate_per_s, direction
+                )
+                self._evidence.append(found_flood)
 
     def _silent_leaves(self, found: list[tuple[int, float]]) -> None:
         assert self.silence is not None
         after = self.silence.silent_after_s
         for mac_i, start in found:
             if (mac := self.inventory.leaf_of(mac_i)) is not None:
-                self._evidence.append((start + after, det.SILENT, (mac, start, after)))
+                self._evidence.append(LeafSilent(start + after, mac, start, after))
 
     def frame(self, p: Packet, data: bytes, ts: float, wirelen: int, *, macs_counted: bool = False) -> Flow | None:
         """Account for one decoded frame (its bytes are ``data``, the batch buffer); ``macs_counted``: its MAC

@@ -17,7 +17,7 @@ from typing import Any
 from leafguard.decode import deep
 from leafguard.decode.frames import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Packet
 from leafguard.decode.login import LOGIN_PORTS, LoginOutcome, LoginTracker
-from leafguard.detect import detectors as det
+from leafguard.detect.evidence import ConversationOpened, Evidence, LoginResult, SynSent
 from leafguard.observe.addresses import ip_text, mac_text
 from leafguard.observe.discovery import PORTS as DISCOVERY_PORTS
 from leafguard.observe.discovery import Discovery
@@ -125,7 +125,7 @@ class ConversationTable:
         stats: CaptureStats,
         inventory: LeafInventory,
         discovery: Discovery,
-        evidence: list[det.Evidence],
+        evidence: list[Evidence],
         observations: ObservationLog,
     ) -> None:
         self.settings = settings
@@ -235,7 +235,7 @@ class ConversationTable:
         if proto == PROTO_TCP:
             flow.state = "S0" if flags & TCP_SYN and not flags & TCP_ACK else "EST" if responder_first else "OTHER"
             if flow.state == "S0":
-                self._evidence.append((ts, det.SYN, (sip, dip, dport, smac)))
+                self._evidence.append(SynSent(ts, sip, dip, dport, smac))
             proto_name = LOGIN_PORTS.get(flow.b_port)
             if proto_name is not None:
                 flow.login = LoginTracker(proto_name)
@@ -246,7 +246,7 @@ class ConversationTable:
             leaf = self._inventory.leaf_mac_for(flow.a_ip, flow.a_mac)
             if leaf is not None:
                 protocol = "tcp" if proto == PROTO_TCP else "udp"
-                self._evidence.append((ts, det.CONVERSATION, (leaf, flow.b_ip, flow.b_port, protocol)))
+                self._evidence.append(ConversationOpened(ts, leaf, flow.b_ip, flow.b_port, protocol))
         if len(sip) == 4:
             if nkey is None:
                 lo = int.from_bytes(key[1], "big")
@@ -290,10 +290,8 @@ class ConversationTable:
             inv = self._inventory
             leaf = inv.leaf_mac_for(flow.a_ip, flow.a_mac) or inv.leaf_mac_for(flow.b_ip, flow.b_mac)
             self._evidence.append(
-                (
-                    ts,
-                    det.LOGIN,
-                    (leaf, login.protocol, flow.a_ip, flow.b_ip, flow.b_port, outcome.user or "", outcome.result),
+                LoginResult(
+                    ts, leaf, login.protocol, flow.a_ip, flow.b_ip, flow.b_port, outcome.user or "", outcome.result
                 )
             )
         if login.finished or flow.login_budget <= 0:

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from leafguard.decode import deep
-from leafguard.detect import detectors as det
+from leafguard.detect.evidence import DhcpServerReply, Evidence
 from leafguard.observe.addresses import ZERO_V4
 from leafguard.observe.inventory import LeafInventory
 from leafguard.observe.state import MacState
@@ -54,7 +54,7 @@ def selected_many(arr: npt.NDArray[np.uint8], sport: _I64, dport: _I64, pay_off:
 class Discovery:
     """Interprets discovery datagrams into the inventory (names, services, DHCP fingerprints, addresses)."""
 
-    def __init__(self, inventory: LeafInventory, evidence: list[det.Evidence]) -> None:
+    def __init__(self, inventory: LeafInventory, evidence: list[Evidence]) -> None:
         self._inventory = inventory
         self._evidence = evidence
         self._dns_cache: dict[bytes, deep.Dns | None] = {}
@@ -113,7 +113,7 @@ class Discovery:
         # reply rule cannot see it: a BOOTREPLY from port 67 is the evidence.
         if d.op == 2 and sport == 67 and inv.is_leaf_ip(src_ip):
             inv.add_service(src, "udp", 67, ts)
-            self._evidence.append((ts, det.DHCP_SERVER, (src.mac, src_ip)))
+            self._evidence.append(DhcpServerReply(ts, src.mac, src_ip))
 
     def _dns(self, sport: int, dport: int, payload: bytes, src: MacState, ts: float) -> None:
         m = self._parsed_dns(payload)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 
 from leafguard.decode.frames import ETH_ARP, Packet
-from leafguard.detect import detectors as det
+from leafguard.detect.evidence import AddressSeen, ArpAsk, ArpClaim, Evidence, NewLeaf, ServiceOffered
 from leafguard.observe.addresses import ULA, ZERO_V4, ZERO_V6, ip_sort_key, ip_text, is_unicast_mac, mac_text
 from leafguard.observe.eviction import EvictionQueue
 from leafguard.observe.oui import vendor_of
@@ -47,7 +47,7 @@ def gateway_set(gateway_macs: frozenset[str]) -> frozenset[bytes]:
 class LeafInventory:
     """The MAC table and the leaf rules."""
 
-    def __init__(self, settings: AnalyzerSettings, stats: CaptureStats, evidence: list[det.Evidence]) -> None:
+    def __init__(self, settings: AnalyzerSettings, stats: CaptureStats, evidence: list[Evidence]) -> None:
         self.settings = settings
         self._stats = stats
         self._evidence = evidence
@@ -114,9 +114,9 @@ class LeafInventory:
                     # A probe (sender 0.0.0.0, RFC 5227) and an announcement (sender == target) are a host
                     # checking and claiming its own address: neither asks for somebody else's.
                     if own != ZERO_V4:
-                        self._evidence.append((ts, det.ARP_CLAIM, (own, src.mac)))
+                        self._evidence.append(ArpClaim(ts, own, src.mac))
                         if p.arp_op == 1 and p.arp_tpa is not None and p.arp_tpa != own:
-                            self._evidence.append((ts, det.ARP_ASK, (p.arp_tpa, src.mac)))
+                            self._evidence.append(ArpAsk(ts, p.arp_tpa, src.mac))
             elif p.src_ip is not None:
                 own = p.src_ip
             if own is not None:
@@ -219,7 +219,7 @@ class LeafInventory:
         if key not in st.services and len(st.services) < self.settings.max_services_per_leaf:
             st.services[key] = None
             if self.learning:
-                self._evidence.append((ts, det.SERVICE, (st.mac, proto, port)))
+                self._evidence.append(ServiceOffered(ts, st.mac, proto, port))
 
     def saw_address(self, ip: bytes, mac: bytes, ts: float) -> None:
         """A leaf-side address was the source of a frame from ``mac`` (per batch, the earliest time counts)."""
@@ -242,8 +242,8 @@ class LeafInventory:
                     self._announced.clear()  # bounded: a MAC forgotten here is only announced again
                 self._announced.add(mac)
                 ips = ",".join(sorted((ip_text(ip) for ip in st.ips), key=ip_sort_key))
-                evidence.append((st.first_seen, det.NEW_LEAF, (mac, ips, vendor_of(mac_text(mac)) or "")))
+                evidence.append(NewLeaf(st.first_seen, mac, ips, vendor_of(mac_text(mac)) or ""))
             self._touched.clear()
-        evidence.extend((ts, det.BIND, (ip, mac)) for (ip, mac), ts in self._pairs.items())
+        evidence.extend(AddressSeen(ts, ip, mac) for (ip, mac), ts in self._pairs.items())
         self._pairs = {}
 
