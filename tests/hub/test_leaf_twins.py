@@ -156,6 +156,7 @@ async def test_managed_leaves_have_their_own_twin_and_messages(hub: HubEmulator,
                 assert doc[CFG]["maxMessageSizeInBytes"] == {"value": 204800}
                 assert twin_size(doc) <= SECTION_LIMIT_BYTES
             assert plant.reported(plant.plc)["leafguard"]["vendor"] == "Siemens AG"
+            assert plant.reported(plant.plc)["leafguard"]["configuredIp"] == "192.168.50.12"
             # The gateway's twin no longer carries the managed leaves; it lists what is unmanaged.
             gateway_leaves = plant.reported(plant.module).get("leaves", {})
             assert not {"plc1", "lamp", "sensor"} & set(gateway_leaves)

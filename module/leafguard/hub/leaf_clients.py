@@ -110,6 +110,10 @@ class LeafClients:
         """Every managed leaf of the current leaf map has its link (a message built now goes the right way)."""
         return self._settled_generation == self._entries_generation
 
+    def entry(self, identity: str) -> LeafEntry | None:
+        """The leaf map's entry of a managed candidate (its ``ip``, for the inventory)."""
+        return self._entries.get(identity)
+
     def manages(self, identity: str) -> bool:
         return identity in self.links
 

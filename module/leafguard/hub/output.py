@@ -218,6 +218,10 @@ class EdgeAgentOutput:
             if self.leaves.manages(identity):
                 own = [a for a in alerts if a.get("mac") == view.mac][-10:]
                 out[identity] = leaf_inventory(view, own, self.fleet.agent(identity))
+                entry = self.leaves.entry(identity)
+                if entry is not None and entry.ip is not None:
+                    # The address the operator gave in the leaf map, beside those seen (a mismatch is telling).
+                    out[identity]["configuredIp"] = entry.ip
         return out
 
     def health(self) -> dict[str, Any]:
