@@ -154,7 +154,7 @@ class Detectors:
                 case DhcpServerReply():
                     self._dhcp(e.ts, e.server_mac, e.server_ip)
                 case LoginResult():
-                    self._login(e.ts, e.leaf_mac, e.protocol, e.client_ip, e.server_ip, e.server_port, e.user, e.result)
+                    self._login(e)
                 case ArpClaim() | ArpAsk():
                     self._arp(e.ts, e.ip, e.mac, isinstance(e, ArpClaim))
                 case NewLeaf():
@@ -166,7 +166,7 @@ class Detectors:
                 case LeafSilent():
                     self._silent(e.ts, e.leaf_mac, e.last_seen, e.silent_after_s)
                 case FloodSeen():
-                    self._flood(e.ts, e.leaf_mac, e.frames, e.window_start, e.window_s, e.rate_per_s, e.direction)
+                    self._flood(e)
 
     def raise_alert(self, alert: Alert) -> None:
         """Keep a finding, unless a mute rule drops it or the list is full (both counted)."""
@@ -377,9 +377,9 @@ class Detectors:
             )
         )  # fmt: skip
 
-    def _flood(
-        self, ts: float, mac: bytes, frames: int, window_start: float, window_s: float, rate: float, direction: str
-    ) -> None:
+    def _flood(self, e: FloodSeen) -> None:
+        ts, mac, frames, direction = e.ts, e.leaf_mac, e.frames, e.direction
+        window_start, window_s, rate = e.window_start, e.window_s, e.rate_per_s
         self.raise_alert(
             Alert(
                 "flood", "high", ts, _mac(mac),
@@ -405,10 +405,10 @@ class Detectors:
                 )
             )  # fmt: skip
 
-    def _login(
-        self, ts: float, mac: bytes | None, protocol: str, client: bytes, server: bytes, port: int,
-        user: str | None, result: str,
-    ) -> None:  # fmt: skip
+    def _login(self, e: LoginResult) -> None:
+        ts, mac, protocol, client, server, port = e.ts, e.leaf_mac, e.protocol, e.client_ip, e.server_ip, e.server_port
+        user: str | None = e.user
+        result = e.result
         key = (mac, protocol, server, port)
         last = self._cleartext.get(key)
         if last is None or ts - last > BINDING_MEMORY_S:
