@@ -5,11 +5,10 @@ from __future__ import annotations
 from leafguard.decode.frames import TCP_ACK, TCP_RST, TCP_SYN
 from leafguard.decode.login import LoginTracker
 
-TCP_STATES = ("S0", "REJ", "EST", "CLOSED", "OTHER")
-
 
 def tcp_next_state(state: str, forward: bool, flags: int) -> str:
-    """A conversation's TCP state after a segment with SYN, FIN or RST from ``a`` (``forward``) or ``b``."""
+    """A conversation's TCP state (``S0``, ``REJ``, ``EST``, ``CLOSED`` or ``OTHER``) after a segment with SYN,
+    FIN or RST from ``a`` (``forward``) or ``b``."""
     if flags & TCP_SYN:
         if flags & TCP_ACK:
             if not forward and state in ("S0", "REJ"):
