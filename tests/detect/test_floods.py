@@ -92,3 +92,35 @@ def test_detection_settings_change_while_running_and_a_bad_change_changes_nothin
     assert [(a["type"], a["evidence"]["frames"]) for a in an.alerts()] == [("flood", 200)]
     an.set_detection(flood_rate_per_s=None)
     assert an.floods is None and an.sends is None and an.receives is None
+
+
+def test_a_mac_flood_past_the_cap_does_not_walk_the_trackers_tables() -> None:
+    """New MACs past the trackers' cap forget the oldest in O(1) (#12 defect 6's pathology: a dict's
+    ``next(iter())`` first skips every slot deleted since its last resize, so each new MAC of a flood paid for all
+    those forgotten before it). Counted, not timed: no iteration over a table starts while the batches go in."""
+    from collections import OrderedDict
+
+    from leafguard.detect.silence import SilenceTracker
+
+    walks = 0
+
+    class Counting(OrderedDict[int, Any]):
+        def __iter__(self) -> Any:
+            nonlocal walks
+            walks += 1
+            return super().__iter__()
+
+    floods = FloodTracker(5.0, max_macs=50)
+    silence = SilenceTracker(60.0, 50)
+    floods._windows = Counting()
+    silence._last = Counting()
+    log = SendLog()
+    for k in range(20):
+        for i in range(100):  # 100 new MACs per batch, 2,000 in all: 40 times the cap
+            log.sent((0x020000000000 + k * 100 + i).to_bytes(6, "big"), 1000.0 + k + i / 1000)
+        sends = log.take()
+        assert sends is not None
+        floods.batch(sends)
+        silence.batch(sends)
+    assert walks == 0
+    assert len(floods._windows) == len(silence._last) == 50

@@ -8,6 +8,8 @@ flood that lasts raises one finding every five minutes, not one per window.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 from leafguard.detect.sends import Sends
@@ -24,8 +26,9 @@ class FloodTracker:
         self.threshold = max(1, int(np.ceil(rate_per_s * FLOOD_WINDOW_S)))
         """Frames in one window that make a flood."""
         self._max_macs = max_macs
-        self._windows: dict[int, tuple[int, int]] = {}
-        """MAC -> (its latest window, frames in it so far)."""
+        self._windows: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        """MAC -> (its latest window, frames in it so far), oldest first: the oldest goes when full (an OrderedDict,
+        whose oldest entry is found in O(1); a dict's ``next(iter())`` first skips every slot deleted before)."""
         self._alerted: dict[int, float] = {}
 
     def batch(self, sends: Sends) -> list[tuple[int, float, float]]:
@@ -40,8 +43,7 @@ class FloodTracker:
         for mac, w, at, n in groups:
             current = windows.get(mac)
             if current is None and len(windows) >= self._max_macs:
-                forgotten = next(iter(windows))
-                del windows[forgotten]
+                forgotten, _ = windows.popitem(last=False)
                 self._alerted.pop(forgotten, None)
             before = 0
             if current is not None:

@@ -10,6 +10,8 @@ looked for at most once per second of packet time, and once more at the end of t
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 from leafguard.detect.sends import Sends
@@ -23,7 +25,9 @@ class SilenceTracker:
     def __init__(self, silent_after_s: float, max_macs: int) -> None:
         self.silent_after_s = silent_after_s
         self._max_macs = max_macs
-        self._last: dict[int, float] = {}
+        self._last: OrderedDict[int, float] = OrderedDict()
+        """MAC -> the last time it sent, oldest entry first: the oldest goes when full (in O(1), unlike a dict's
+        ``next(iter())``, which first skips every slot deleted before)."""
         self._reported: dict[int, float] = {}
         """MAC -> the start of the last silence found for it."""
         self._checked_at: float | None = None
@@ -46,8 +50,7 @@ class SilenceTracker:
                 last[mac] = max(newest, before)
                 continue
             if len(last) >= self._max_macs:
-                forgotten = next(iter(last))
-                del last[forgotten]
+                forgotten, _ = last.popitem(last=False)
                 self._reported.pop(forgotten, None)
             last[mac] = newest
         found.sort()  # per MAC in time order: a gap from an earlier batch comes before those inside this one
