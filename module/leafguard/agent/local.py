@@ -345,6 +345,13 @@ class LocalAgentOutput:
         self._sync_twins()
         return applied
 
+    def module_desired(self) -> None:
+        """Local mode has no module twin: the gateway settings come from ``DIR/gateway.json``."""
+        return
+
+    def publish_gateway_status(self, status: Mapping[str, Any]) -> None:
+        """Nothing to publish: ``stats.json`` carries the gateway status locally."""
+
     def close(self, now: float | None) -> None:
         """The shutdown flush (when the clock ever started), then close the message file."""
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -173,6 +173,15 @@ class EdgeAgentOutput:
     def flush_due_alerts(self, mono: float) -> None:
         """Every service tick: alerts that waited long enough go out (``mono``: monotonic seconds)."""
         self.transport.submit(self.alerts.due(mono))
+
+    def module_desired(self) -> ModuleDesired:
+        """The module twin's desired document: the gateway settings in edge mode."""
+        return self.desired
+
+    def publish_gateway_status(self, status: Mapping[str, Any]) -> None:
+        """The gateway settings in force and their errors, into the health section, reported soon."""
+        self.gateway_status.update(status)
+        self.transport.refresh_health()
 
     def close(self, now: float | None) -> None:
         """The final flush of every agent into the outboxes (the transports' shutdown sends it)."""

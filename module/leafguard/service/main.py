@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import uvloop
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
     from leafguard.hub.methods import MethodDispatcher
     from leafguard.hub.output import EdgeAgentOutput
     from leafguard.hub.transport import EdgeTransport
+    from leafguard.hub.twin import ModuleDesired
 
 log = logging.getLogger("leafguard.service")
 
@@ -102,6 +104,12 @@ class AgentOutput(Protocol):
     def tick(self, now: float, views: ViewsProvider | None = None) -> None: ...
 
     def poll_desired(self, now: float) -> list[tuple[str, ConfigOutcome]]: ...
+
+    def module_desired(self) -> ModuleDesired | None:
+        """The module twin's desired document (edge mode); None where the settings come from ``gateway.json``."""
+
+    def publish_gateway_status(self, status: Mapping[str, Any]) -> None:
+        """The gateway settings in force and their errors, wherever this output reports them."""
 
     def close(self, now: float | None) -> None: ...
 
@@ -534,7 +542,7 @@ class Service:
                 if not changed:
                     return
             else:
-                desired = getattr(self.out, "desired", None)
+                desired = self.out.module_desired()
                 if desired is not None and self.restored is not None and desired.version is None and not desired.doc:
                     return  # the twin has not come yet: the settings restored with the state stay in force
                 doc = dict(desired.doc) if desired is not None else {}
@@ -628,16 +636,13 @@ class Service:
         self._publish_gateway_status()
 
     def _publish_gateway_status(self) -> None:
-        if hasattr(self.out, "gateway_status"):
-            self.out.gateway_status.update(
-                captureFilter=dict(self.capture_filter),
-                leafMap=dict(self.leaf_map_status),
-                detection=dict(self.detection_status),
-                triage=self.triage.status(self.analyzer.now or time.time()),
-                settings=self._settings_status(),
-            )
-        if self.transport is not None:
-            self.transport.refresh_health()
+        self.out.publish_gateway_status({
+            "captureFilter": dict(self.capture_filter),
+            "leafMap": dict(self.leaf_map_status),
+            "detection": dict(self.detection_status),
+            "triage": self.triage.status(self.analyzer.now or time.time()),
+            "settings": self._settings_status(),
+        })  # fmt: skip
 
     def _settings_status(self) -> dict[str, Any]:
         return {name: dict(status) for name, status in self.section_status.items()} | {
