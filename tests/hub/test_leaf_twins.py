@@ -50,6 +50,8 @@ class Plant:
         lamp_key = derive_device_key(GROUP_KEY, "lamp")
         self.lamp = hub.add_device("lamp", parent=self.edge, primary_key=lamp_key)
         self.lamp_sec = hub.add_module(self.lamp, SEC, primary_key=lamp_key)
+        lamp2_key = derive_device_key(GROUP_KEY, "lamp2")  # the lamp's device id once renamed
+        hub.add_module(hub.add_device("lamp2", parent=self.edge, primary_key=lamp2_key), SEC, primary_key=lamp2_key)
         self.sensor = hub.add_device("sensor", parent=self.edge)
         self.sensor_sec = hub.add_module(self.sensor, SEC)
         hub.scope_to(self.edge)
@@ -209,9 +211,10 @@ async def test_managed_leaves_have_their_own_twin_and_messages(hub: HubEmulator,
 
 async def test_auth_failure_refused_modules_live_add_and_hub_restart(hub: HubEmulator, tmp_path: Path) -> None:
     """A wrong key ends in auth_failed while the others run; refused module identities are reported as refused
-    while the device-mode leaf works; a leaf added to the leaf map connects without a restart, one removed
-    disconnects; after the hub restarts every client reconnects; stopped while the hub is down, every message
-    queued for a leaf is sent once the hub is back within the shutdown deadline."""
+    while the device-mode leaf works; a leaf added to the leaf map connects without a restart, one renamed
+    reconnects as its new identity, one removed disconnects; after the hub restarts every client reconnects;
+    stopped while the hub is down, every message queued for a leaf is sent once the hub is back within the
+    shutdown deadline."""
     plant = Plant(hub, tmp_path)
     plant.secrets.write_text(json.dumps({"plc1": plant.plc.primary_key,
                                          "sensor": base64.b64encode(b"wrong" * 8).decode()}))
@@ -239,10 +242,15 @@ async def test_auth_failure_refused_modules_live_add_and_hub_restart(hub: HubEmu
             await until(lambda: hub.stats.connects >= connects + 4 and set(plant.states().values()) == {"connected"})
             await until(lambda: {c.client_id for c in hub.connections()} >= {
                 "edge1/leafguard", "plc1", "lamp/azureiotsecurity", "sensor/azureiotsecurity"})
+            # Renamed in the leaf map: the old identity's client goes, the new one's connects.
+            await hub.set_desired(plant.module, {"leafMap": {LAMP: {"deviceId": "lamp2"}}})
+            await until(lambda: plant.states().get("lamp2") == "connected" and "lamp" not in plant.states())
+            await until(lambda: "lamp/azureiotsecurity" not in {c.client_id for c in hub.connections()}
+                        and "lamp2/azureiotsecurity" in {c.client_id for c in hub.connections()})
             # Removed from the leaf map: its client disconnects, its messages go back to the gateway's path.
             await hub.set_desired(plant.module, {"leafMap": {LAMP: None}})
-            await until(lambda: "lamp" not in plant.states())
-            await until(lambda: "lamp/azureiotsecurity" not in {c.client_id for c in hub.connections()})
+            await until(lambda: "lamp2" not in plant.states())
+            await until(lambda: "lamp2/azureiotsecurity" not in {c.client_id for c in hub.connections()})
             assert plant.states() == {"plc1": "connected", "sensor": "connected"}
             # The hub goes down again and the service is stopped meanwhile: the final flush queues every leaf's
             # messages while nobody can send; the hub is back before the shutdown deadline and nothing is lost.
