@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import socket
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Literal
@@ -114,16 +115,18 @@ class Detectors:
         self.forward: list[Alert] | None = None
         """A service that sends alerts upstream sets a list here and drains it after every batch: every finding
         is appended, retained or not, so the stream is not capped (only the retained list is)."""
-        self._ports: dict[tuple[bytes, bytes], _Window] = {}
-        self._hosts: dict[tuple[bytes, int], _Window] = {}
-        self._bindings: dict[bytes, dict[bytes, float]] = {}
+        # The capped tables forget their oldest entry when full: OrderedDicts, whose oldest entry is found in O(1)
+        # (a dict's next(iter()) first skips every slot deleted since its last resize; issue #12 defect 6).
+        self._ports: OrderedDict[tuple[bytes, bytes], _Window] = OrderedDict()
+        self._hosts: OrderedDict[tuple[bytes, int], _Window] = OrderedDict()
+        self._bindings: OrderedDict[bytes, dict[bytes, float]] = OrderedDict()
         """Address -> the MACs that held it, with the last time each did (at most 8 per address)."""
         self._dhcp_servers: dict[bytes, bytes] = {}
         self._rogue_reported: set[bytes] = set()
-        self._login_failures: dict[tuple[bytes, bytes, int], _Window] = {}
-        self._cleartext: dict[tuple[Any, ...], float] = {}
-        self._claims: dict[bytes, dict[bytes, float]] = {}
-        self._asks: dict[bytes, dict[bytes, float]] = {}
+        self._login_failures: OrderedDict[tuple[bytes, bytes, int], _Window] = OrderedDict()
+        self._cleartext: OrderedDict[tuple[Any, ...], float] = OrderedDict()
+        self._claims: OrderedDict[bytes, dict[bytes, float]] = OrderedDict()
+        self._asks: OrderedDict[bytes, dict[bytes, float]] = OrderedDict()
         self._claims_reported: set[tuple[bytes, bytes]] = set()
         self.suppressed_alerts = 0
         # Learned baselines (with a learning period): the leaves seen during it, and what each did then.
@@ -131,7 +134,7 @@ class Detectors:
         self._peers: dict[bytes, set[tuple[bytes, int, str]]] = {}
         self._unbounded: set[bytes] = set()
         self._services: dict[bytes, set[tuple[str, int]]] = {}
-        self._peer_alerts: dict[bytes, _Window] = {}
+        self._peer_alerts: OrderedDict[bytes, _Window] = OrderedDict()
         self._new_reported: set[bytes] = set()
         """Leaves already announced as ``new_device`` (saved with the state: a restart does not announce them again)."""
         self.changes = 0
@@ -185,15 +188,17 @@ class Detectors:
             self._unbounded.discard(mac)
         self._peer_alerts.clear()
 
-    def _window(self, table: dict[Any, _Window], key: Any, ts: float) -> _Window:
+    def _window(self, table: OrderedDict[Any, _Window], key: Any, ts: float) -> _Window:
         w = table.get(key)
         if w is None or ts - w.start > self.thresholds.scan_window_s:
             if w is None and len(table) >= MAX_TRACKED:
-                table.pop(next(iter(table)))
+                table.popitem(last=False)
             w = table[key] = _Window(ts)
         return w
 
-    def _crossed(self, table: dict[Any, _Window], key: Any, item: Any, ts: float, threshold: int) -> _Window | None:
+    def _crossed(
+        self, table: OrderedDict[Any, _Window], key: Any, item: Any, ts: float, threshold: int
+    ) -> _Window | None:
         """Count a distinct ``item`` for ``key``; the window, the first time it reaches ``threshold``."""
         w = table.get(key)
         if w is None or ts - w.start > self.thresholds.scan_window_s:
@@ -233,7 +238,7 @@ class Detectors:
         held = self._bindings.get(ip)
         if held is None:
             if len(self._bindings) >= MAX_TRACKED:
-                self._bindings.pop(next(iter(self._bindings)))
+                self._bindings.popitem(last=False)
             held = self._bindings[ip] = {}
         last = held.get(mac)
         if last is None or ts - last > BINDING_MEMORY_S:
@@ -251,11 +256,13 @@ class Detectors:
             held[mac] = ts if last is None else max(last, ts)
 
     @staticmethod
-    def _remember(table: dict[bytes, dict[bytes, float]], mac: bytes, ip: bytes, ts: float) -> dict[bytes, float]:
+    def _remember(
+        table: OrderedDict[bytes, dict[bytes, float]], mac: bytes, ip: bytes, ts: float
+    ) -> dict[bytes, float]:
         seen = table.get(mac)
         if seen is None:
             if len(table) >= MAX_TRACKED:
-                table.pop(next(iter(table)))
+                table.popitem(last=False)
             seen = table[mac] = {}
         if ip in seen or len(seen) < 64:
             seen[ip] = ts
@@ -409,7 +416,7 @@ class Detectors:
         last = self._cleartext.get(key)
         if last is None or ts - last > BINDING_MEMORY_S:
             if last is None and len(self._cleartext) >= MAX_TRACKED:
-                self._cleartext.pop(next(iter(self._cleartext)))
+                self._cleartext.popitem(last=False)
             self._cleartext[key] = ts
             self.raise_alert(
                 Alert(
@@ -473,7 +480,7 @@ class Detectors:
         self._baseline, self._unbounded, self._new_reported = baseline, unbounded, new_reported
         self._peers = peers
         self._services = services
-        self._cleartext, self._dhcp_servers, self._rogue_reported = cleartext, dhcp, rogue
+        self._cleartext, self._dhcp_servers, self._rogue_reported = OrderedDict(cleartext), dhcp, rogue
         self._claims_reported = claims
 
 
