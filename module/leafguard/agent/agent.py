@@ -12,7 +12,12 @@ Schedule (all timers start when the agent is created, at its first ``now``):
 * a message is built when ``highPriorityMessageFrequency`` has elapsed since the previous high send (main queue
   High, padding Low), when ``lowPriorityMessageFrequency`` has elapsed since the previous low send (main Low,
   padding High), and, repeatedly, while the cache holds more than one message's worth (main High if it has events,
-  else Low). A timed send happens only if the operational or the main queue holds something.
+  else Low). A timed send happens only if the operational or the main queue holds something;
+* while the uplink is down or behind (``tick(hold=True)``) the timed sends wait: events stay in the cache and only
+  full messages are built; when the hold ends after a timed send came due, everything queued goes at once.
+
+:meth:`LeafAgent.export_state` and :meth:`LeafAgent.restore_state` carry all of this across a restart
+(`leafguard.service.state`).
 
 :meth:`LeafAgent.tick` costs two comparisons when nothing is due.
 """
