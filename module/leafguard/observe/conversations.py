@@ -9,7 +9,7 @@ per-frame path with `segment`, the bulk step (`observe.fastpath`) with `create`,
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from operator import attrgetter
 from typing import Any
@@ -139,8 +139,10 @@ class ConversationTable:
         """The IPv4 conversations again, keyed as the bulk step groups frames (see `fastpath.plan_batch`)."""
         self.order: EvictionQueue[Flow] = EvictionQueue(_flow_last_seen, _flow_first_seen)
         """The order in which the table gives up entries when full (`observe.eviction`)."""
-        self._frags: dict[tuple[bytes, bytes, int, int], tuple[FlowKey, bool]] = {}
-        self._frag_pending: dict[tuple[bytes, bytes, int, int], list[Any]] = {}
+        # Fragment tables forget their oldest entry when full, in O(1) (a dict's next(iter()) is not: it first skips
+        # every slot deleted since its last resize).
+        self._frags: OrderedDict[tuple[bytes, bytes, int, int], tuple[FlowKey, bool]] = OrderedDict()
+        self._frag_pending: OrderedDict[tuple[bytes, bytes, int, int], list[Any]] = OrderedDict()
 
     def segment(self, p: Packet, data: bytes, ts: float, wirelen: int, src: MacState | None) -> Flow | None:
         """Account for one decoded TCP or UDP segment (or IP fragment) of a conversation; the conversation, when
@@ -158,7 +160,7 @@ class ConversationTable:
                 pending = self._frag_pending.get(fid)
                 if pending is None:
                     if len(self._frag_pending) >= self.settings.max_fragments:
-                        self._frag_pending.pop(next(iter(self._frag_pending)))
+                        self._frag_pending.popitem(last=False)
                     pending = self._frag_pending[fid] = [0, 0, ts]
                 pending[0] += 1
                 pending[1] += wirelen
@@ -186,7 +188,7 @@ class ConversationTable:
         if p.fragment:
             fid = (sip, dip, proto, p.frag_id)
             if len(self._frags) >= self.settings.max_fragments:
-                self._frags.pop(next(iter(self._frags)))
+                self._frags.popitem(last=False)
             self._frags[fid] = (key, forward)
             early = self._frag_pending.pop(fid, None)
             if early is not None:
