@@ -1,7 +1,7 @@
 """The order in which a capped table gives up entries, at a cost per eviction that does not depend on its size.
 
 The conversation and MAC tables are plain dicts, for lookup speed. Their eviction order lives beside them in two
-`deque`\\ s of their entries: taking the oldest entry of a dict itself (``next(iter(d))``) looks cheap but is not in
+deques of their entries: taking the oldest entry of a dict itself (``next(iter(d))``) looks cheap but is not in
 CPython, where a dict keeps the slots of deleted entries until it is resized and iteration starts by skipping all
 of them: with entries evicted from the front, every eviction walks past every one evicted before it (hundreds of
 thousands once a burst of new conversations fills a 200,000-entry table; issue #12, defect 6).
