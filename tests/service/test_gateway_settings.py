@@ -153,7 +153,9 @@ def test_detection_section_parsing() -> None:
         "flood_rate_per_s": None,
     }
     assert parse_detection(None) == {}
-    for bad in ({"silentAfter": 5}, {"silentAfterS": "5"}, {"floodRatePerS": True}, [1]):
+    # The module twin's way to turn one off: a null in a desired patch deletes the key (which keeps the value).
+    assert parse_detection({"silentAfterS": "off"}) == {"silent_after_s": None}
+    for bad in ({"silentAfter": 5}, {"silentAfterS": "5"}, {"floodRatePerS": True}, {"silentAfterS": "Off"}, [1]):
         with pytest.raises(ConfigurationError):
             parse_detection(bad)
 

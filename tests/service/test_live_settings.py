@@ -283,6 +283,7 @@ async def test_edge_mode_takes_the_settings_from_the_module_twin() -> None:
             "uplink": {"maxBytes": 300_000},
             "intervals": {"reportedIntervalS": 0.5, "writeIntervalS": 1},
             "network": {"leafNets": ["10.0.0.0/8"]},
+            "detection": {"silentAfterS": 60},
             "leafmap": {},
         })  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
@@ -309,9 +310,12 @@ async def test_edge_mode_takes_the_settings_from_the_module_twin() -> None:
                 assert "intervals.writeIntervalS applies in local mode" in settings()["intervals"]["error"]
 
                 # Desired patches merge: a null deletes a key.
-                await hub.set_desired(
-                    module, {"intervals": {"writeIntervalS": None}, "uplink": {"maxBytes": 10}, "leafmap": None}
-                )
+                assert health()["detection"]["silentAfterS"] == 60
+                await hub.set_desired(module, {
+                    "intervals": {"writeIntervalS": None}, "uplink": {"maxBytes": 10}, "leafmap": None,
+                    "detection": {"silentAfterS": "off"},  # a null would delete the key: the value would stay
+                })  # fmt: skip
+                await until(lambda: health()["detection"].get("silentAfterS") == "off")
                 await until(lambda: settings()["intervals"].get("reportedIntervalS") == 0.5
                             and "error" not in settings()["intervals"])
                 await until(lambda: "uplink.maxBytes" in settings()["uplink"].get("error", ""))

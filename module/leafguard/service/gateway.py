@@ -13,7 +13,8 @@ Edge mode reads them from the module twin; local mode from ``DIR/gateway.json`` 
 * ``leafMap``: ``{"<MAC>": "<identity>"}``, the twin identities of known leaves (a leaf it does not name keeps
   the identity derived from its MAC), or ``{"<MAC>": {"deviceId": …, "identity": "module"|"device", "ip": …}}``
   for a managed leaf (``leafguard.hub.leaves``); an invalid map is reported and the map in force stays;
-* ``detection``: ``learningPeriodS``, ``silentAfterS``, ``floodRatePerS`` (a number, or null to turn it off),
+* ``detection``: ``learningPeriodS``, ``silentAfterS``, ``floodRatePerS`` (a number, or ``"off"`` to turn it
+  off; null too in ``gateway.json``, but in a twin patch a null deletes the key, which keeps the value),
   and the thresholds of `leafguard.detect.thresholds` (``portScanPorts``, ``udpReplyTimeoutS``...: numbers);
   keys it leaves out keep their value.
 
@@ -209,12 +210,14 @@ def parse_detection(section: object) -> dict[str, float | None]:
     if not isinstance(section, dict):
         raise ConfigurationError("detection must be an object")
     out: dict[str, float | None] = {}
-    for key, value in section.items():
+    for key, given in section.items():
         field = DETECTION_KEYS.get(key)
         if field is None:
             raise ConfigurationError(f"detection.{key} is not a setting ({', '.join(DETECTION_KEYS)} are)")
+        # "off" is the twin's way: there a null in a desired patch deletes the key instead.
+        value = None if given == "off" else given
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ConfigurationError(f"detection.{key} must be a number, or null to turn it off")
+            raise ConfigurationError(f'detection.{key} must be a number, or "off" to turn it off')
         out[field] = None if value is None else float(value)
     return out
 
