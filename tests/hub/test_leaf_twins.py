@@ -7,8 +7,10 @@ import asyncio
 import base64
 import json
 import re
+import shutil
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import pytest
 from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
 from leafguard.demo import demo_capture
 from leafguard.hub.credentials import derive_device_key
+from leafguard.hub.spool import Spool, SpoolSettings
 from leafguard.observe.model import identity_for_mac
 from testkit.wait import until
 from tests.agent.schema import errors
@@ -272,3 +275,47 @@ async def test_auth_failure_refused_modules_live_add_and_hub_restart(hub: HubEmu
     for key in plant.keys:
         assert key not in log and key not in out.decode()
     assert_no_key(plant, hub, tmp_path)
+
+
+async def test_a_managed_leafs_waiting_messages_survive_kill_9_in_its_own_spool(hub: HubEmulator,
+                                                                                tmp_path: Path) -> None:
+    """#11 point 1 for managed leaves: with a data directory each managed leaf's outbox is journalled in its own
+    spool (``DATA_DIR/leaves/<device id>/``). plc1's acknowledgements stall, the flush method queues its
+    messages, the module is killed with SIGKILL; after a restart with the same data directory, every message
+    that was waiting arrives over plc1's own identity, with the message id it had, beside the new run's."""
+    plant = Plant(hub, tmp_path)
+    await hub.set_desired(plant.module, {"leafMap": plant.leaf_map()})
+    leaf_dir = plant.data_dir / "leaves" / "plc1"
+    hub.stall_pubacks(plant.plc)
+    proc = await start(plant)
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: plant.states().get("plc1") == "connected")
+            flushed = await hub.invoke_method(plant.module, "flush", {"waitS": 1})
+            assert flushed.status == 200 and flushed.payload["sent"] is False, flushed
+            waiting = await until(lambda: spooled(leaf_dir, tmp_path / f"copy{time.monotonic_ns()}"))
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert hub.messages("plc1") == [], "nothing of plc1's was stored before the kill"
+    hub.release_pubacks()  # what the killed connection had in flight was never stored (as on IoT Hub)
+
+    proc = await start(plant)
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: set(waiting) <= {m.message_id for m in hub.messages("plc1")})
+    finally:
+        await stop(proc)
+    received = hub.messages("plc1")
+    assert all(m.is_security_message for m in received)
+    assert {m.message_id for m in received} >= set(waiting) and len(waiting) >= 1
+
+
+def spooled(directory: Path, scratch: Path) -> list[str]:
+    """The message ids waiting in a spool (read from a copy: opening a spool compacts it)."""
+    if not (directory / "spool").is_dir():
+        return []
+    shutil.copytree(directory, scratch)
+    spool, recovery = Spool.open(SpoolSettings(scratch))
+    spool.close(0.0)
+    return [m.message_id for m in recovery.messages]

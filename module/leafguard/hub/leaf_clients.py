@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -39,6 +41,7 @@ from leafguard.hub.leaves import LeafEntry
 from leafguard.hub.link import Backoff
 from leafguard.hub.outbox import Pending
 from leafguard.hub.settings import EdgeSettings
+from leafguard.hub.spool import SpoolSettings
 from leafguard.hub.twin import bounded
 from leafguard.service.snapshot import LeafConnection
 
@@ -47,6 +50,8 @@ log = logging.getLogger("leafguard.hub.leaf")
 CREDENTIALS_POLL_S = 2.0
 LEAF_STOP_DEADLINE_S = 5.0
 """A leaf removed from the leaf map (or re-keyed) gets this long to send what it has queued."""
+LEAVES_DIR = "leaves"
+"""Where the managed leaves' own spools live in the data directory, a folder per device id."""
 CA_TIMEOUT_S = 15.0
 SUMMARY_LEAVES = 50
 """Managed leaves listed by name in the gateway's reported summary; the rest are counted."""
@@ -76,8 +81,12 @@ class LeafClients:
     def __init__(self, edge: EdgeSettings, *, on_desired: DesiredHandler,
                  on_dropped: Callable[[Pending], None] | None = None,
                  client_factory: ClientFactory = default_client_factory,
-                 ca_loader: Callable[[EdgeSettings], str] = workload_trust_bundle) -> None:
+                 ca_loader: Callable[[EdgeSettings], str] = workload_trust_bundle,
+                 spool: SpoolSettings | None = None) -> None:
+        """``spool``: the data directory's spool settings; each managed leaf then has its own spool under
+        ``DATA_DIR/leaves/<device id>/`` with the leaf outbox's budget."""
         self.edge = edge
+        self._spool = spool
         self.settings = edge.leaves
         self.credentials = LeafCredentials(self.settings.secrets_path, self.settings.group_key_path)
         self.on_desired = on_desired
@@ -97,6 +106,13 @@ class LeafClients:
         """The leaf map generation the links were last reconciled with (or could not be: no CA)."""
         self.unmanaged_candidates: list[str] = []
         """Object entries without credentials: listed for the operator (they stay on the gateway's path)."""
+
+    def _leaf_spool(self, device_id: str) -> SpoolSettings | None:
+        if self._spool is None:
+            return None
+        # Device ids may hold characters a file name should not ('%', '*', '?'...): quoted, one folder each.
+        folder = self._spool.directory / LEAVES_DIR / urllib.parse.quote(device_id, safe="")
+        return dataclasses.replace(self._spool, directory=folder, max_bytes=self.settings.outbox_max_bytes)
 
     # -- the service side ------------------------------------------------------------------------------------
 
@@ -257,7 +273,8 @@ class LeafClients:
             if device_id in self.links or device_id in self._stopping_links:
                 continue  # a replacement waits until the old link has let go of the identity
             link = LeafLink(target, self._ca_pem, self.settings, on_desired=self.on_desired,
-                            on_dropped=self.on_dropped, client_factory=self._factory)
+                            on_dropped=self.on_dropped, client_factory=self._factory,
+                            spool=self._leaf_spool(device_id))
             self.links[device_id] = link
             log.info("leaf %s: managed (%s twin, key from the %s)", target.identity, target.mode.value,
                      target.credential.source)

@@ -57,6 +57,7 @@ from leafguard.hub.leaves import SECURITY_MODULE_ID, IdentityMode
 from leafguard.hub.link import Backoff
 from leafguard.hub.outbox import Outbox, Pending
 from leafguard.hub.settings import LeafClientSettings
+from leafguard.hub.spool import Spool, SpoolSettings
 from leafguard.hub.twin import MissedDesiredPatchError, ModuleDesired, merge_patch, twin_size, without_nulls
 
 log = logging.getLogger("leafguard.hub.leaf")
@@ -156,7 +157,9 @@ class LeafLink:
 
     def __init__(self, target: LeafTarget, ca_pem: str, settings: LeafClientSettings, *,
                  on_desired: DesiredHandler, on_dropped: Callable[[Pending], None] | None = None,
-                 client_factory: ClientFactory = default_client_factory) -> None:
+                 client_factory: ClientFactory = default_client_factory, spool: SpoolSettings | None = None) -> None:
+        """``spool``: this leaf's own spool in the data directory (its waiting messages survive a restart);
+        None: they are held in memory only."""
         self.target = target
         self.settings = settings
         self._ca_pem = ca_pem
@@ -165,7 +168,8 @@ class LeafLink:
         self.on_dropped = on_dropped
         self.state = LeafState.CONNECTING
         self.stats = LeafLinkStats()
-        self.outbox = Outbox(settings.outbox_max_bytes)
+        self.spool: Spool | None = None
+        self.outbox = self._open_outbox(spool)
         self.desired = ModuleDesired()
         self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
         self._client: Any = None
@@ -192,6 +196,22 @@ class LeafLink:
         """List entries left out of the last inventory for the 32 KB budget, by list name."""
         self._done = asyncio.Event()
 
+    def _open_outbox(self, spool: SpoolSettings | None) -> Outbox:
+        if spool is None:
+            return Outbox(self.settings.outbox_max_bytes)
+        try:
+            self.spool, recovery = Spool.open(spool)
+        except OSError as exc:
+            # One leaf's unwritable folder must not stop the others: this leaf queues in memory, and says so.
+            log.error("leaf %s: spool in %s: %s; its messages are held in memory only",
+                      self.target.identity, spool.spool_dir, exc.strerror or exc)
+            return Outbox(self.settings.outbox_max_bytes)
+        outbox = Outbox(spool.max_bytes, self.spool)
+        outbox.recover(recovery)
+        if len(outbox):
+            log.info("leaf %s: %d messages to send from the last run", self.target.identity, len(outbox))
+        return outbox
+
     # -- the service side (on the loop) ----------------------------------------------------------------------
 
     @property
@@ -200,11 +220,13 @@ class LeafLink:
 
     def submit(self, messages: Iterable[OutgoingMessage]) -> None:
         for message in messages:
-            if not self._accepting:
+            if not self._accepting and self.spool is None:
                 self._dropped(self.outbox.reject(message))
                 continue
+            # With a spool, late messages still go into it: the next run sends them.
             for dropped in self.outbox.put(message):
                 self._dropped(dropped)
+        self.outbox.commit(time.monotonic())
         self._kick.set()
 
     def report(self, config: dict[str, Any] | None = None, inventory: dict[str, Any] | None = None) -> None:
@@ -268,7 +290,8 @@ class LeafLink:
     async def shutdown(self, deadline_s: float) -> None:
         """Stop accepting, send what is queued (and the last reported patch) until the deadline, close the client.
 
-        Messages still queued at the deadline are lost and counted as dropped."""
+        Messages still queued at the deadline stay in the leaf's spool for the next run, or without one are lost
+        and counted as dropped."""
         self._accepting = False
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(deadline_s):
@@ -286,6 +309,12 @@ class LeafLink:
                 async with asyncio.timeout(max(1.0, deadline_s)):
                     await self._done.wait()
         self.outbox.release_in_flight()
+        if self.spool is not None:
+            if len(self.outbox):
+                log.info("leaf %s: %d messages stay in its spool for the next run", self.target.identity,
+                         len(self.outbox))
+            self.spool.close(time.monotonic())
+            return
         while (entry := self.outbox.next_to_send()) is not None:
             self.outbox.fail(entry)
             self._dropped(entry)
@@ -393,7 +422,7 @@ class LeafLink:
         self._kick.set()
 
     async def _send(self, entry: Pending) -> None:
-        assert entry.message is not None, "a leaf's outbox has no spool: its messages stay in memory"
+        assert entry.message is not None, "next_to_send loads a spooled message"
         msg = entry.message.to_sdk_message()
         msg.message_id = entry.message_id
         try:
@@ -412,6 +441,7 @@ class LeafLink:
             self._break(f"send failed: {exc!r}")
         else:
             self.outbox.ack(entry)
+            self.outbox.commit(time.monotonic())
 
     # -- twin ------------------------------------------------------------------------------------------------
 

@@ -134,7 +134,8 @@ class Service:
                 from leafguard.hub.leaf_clients import LeafClients
 
                 # Managed leaves (their own identity and twin); EdgeAgentOutput takes their callbacks.
-                self.leaves = LeafClients(settings.edge, on_desired=lambda _identity, _doc: None)
+                self.leaves = LeafClients(settings.edge, on_desired=lambda _identity, _doc: None,
+                                          spool=settings.spool)
             self.out = self.edge_out = EdgeAgentOutput(self.transport, self.fleet, self.leaves)
             self.analyzer.detectors.forward = []
             self._serve_methods(self.transport)
