@@ -15,12 +15,11 @@ in force (`detect.muting`) and the cap on kept alerts.
 from __future__ import annotations
 
 import socket
-import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
+from leafguard.detect.alerts import ALERT_SCHEMA_VERSION, Alert, Severity
 from leafguard.detect.evidence import (
     AddressSeen,
     ArpAsk,
@@ -35,15 +34,12 @@ from leafguard.detect.evidence import (
     ServiceOffered,
     SynSent,
 )
+from leafguard.detect.muting import Muting
+from leafguard.detect.thresholds import Thresholds
 
-if TYPE_CHECKING:
-    from leafguard.detect.muting import Muting
-    from leafguard.detect.thresholds import Thresholds
-
-ALERT_SCHEMA_VERSION = "1.2"
-_NAMESPACE = uuid.UUID("7d6c1b8e-4f0a-4b8e-9a55-2c1d5e3f6a01")
-
-Severity = Literal["low", "medium", "high"]
+# Alert lives in detect.alerts (detect.muting needs it, and the detectors need the mute rules); it is still
+# importable from here.
+__all__ = ["ALERT_SCHEMA_VERSION", "MAX_ALERTS", "Alert", "Detectors", "Severity"]
 
 BINDING_MEMORY_S = 3600.0
 MAX_TRACKED = 2048
@@ -64,30 +60,6 @@ def _mac(raw: bytes) -> str:
     return raw.hex(":")
 
 
-@dataclass(frozen=True, slots=True)
-class Alert:
-    type: str
-    severity: Severity
-    ts: float
-    mac: str | None
-    """The leaf the finding is about (the scanner, the new claimant of an address), when it has a MAC."""
-    summary: str
-    evidence: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        key = f"{self.type}|{self.ts:.6f}|{self.mac}|{sorted(self.evidence.items())}"
-        return {
-            "schema_version": ALERT_SCHEMA_VERSION,
-            "id": str(uuid.uuid5(_NAMESPACE, key)),
-            "type": self.type,
-            "severity": self.severity,
-            "ts": self.ts,
-            "mac": self.mac,
-            "summary": self.summary,
-            "evidence": self.evidence,
-        }
-
-
 class _Window:
     """Distinct items seen for one key within a window, with the time each was first seen."""
 
@@ -101,9 +73,6 @@ class _Window:
 
 class Detectors:
     def __init__(self, learning_period_s: float | None = None, thresholds: Thresholds | None = None) -> None:
-        from leafguard.detect.muting import Muting
-        from leafguard.detect.thresholds import Thresholds
-
         self.thresholds = thresholds or Thresholds()
         self.muting: Muting = Muting()
         self.learning_period_s = learning_period_s

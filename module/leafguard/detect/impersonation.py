@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from leafguard.detect.detectors import Alert
+from leafguard.detect.alerts import Alert
 from leafguard.detect.probes import ArpFrame, Neighbor, NextHop
 from leafguard.detect.scans import Sink, ip_text, mac_text
 from leafguard.detect.thresholds import Thresholds

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from leafguard.detect.detectors import Alert
+from leafguard.detect.alerts import Alert
 from leafguard.errors import ConfigurationError
 
 ALERT_TYPES = frozenset(

@@ -18,7 +18,7 @@ import socket
 from collections import OrderedDict
 from collections.abc import Callable
 
-from leafguard.detect.detectors import Alert
+from leafguard.detect.alerts import Alert
 from leafguard.detect.probes import ArpFrame, EchoRequest, PortUnreachable, TcpControl, UdpFirst
 from leafguard.detect.thresholds import Thresholds
 from leafguard.detect.windows import DistinctCounter
