@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from testkit.netns import Netns
+
+
+def run_capturing(ns: Netns, interface: str, out: Path, log: Path,
+                  env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``leafguard run`` capturing ``interface`` inside ``ns``, in local mode into ``out`` (its files rewritten every
+    0.2 s), its log into ``log``; ``env`` adds to this process's environment."""
+    with log.open("wb") as fh:
+        return ns.popen(
+            sys.executable, "-m", "leafguard", "run", "--interface", interface, "--local-dir", str(out),
+            "--write-interval", "0.2", stderr=fh, env=os.environ | dict(env or {}),
+        )  # fmt: skip
 
 
 def read_json(path: Path) -> Any:

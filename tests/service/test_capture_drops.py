@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import pytest
 from leafguard.demo import demo_capture
 from testkit.netns import Lab, needs_root
 from testkit.wait import wait_for
-from tests.service.helpers import read_stats
+from tests.service.helpers import read_stats, run_capturing
 
 pytestmark = [
     needs_root,
@@ -37,11 +36,7 @@ def _run(lab: Lab, tmp_path: Path) -> None:
     gw = lab.netns("gw")
     lab.veth(gen, "gen0", gw, "gw0")
     out = tmp_path / "out"
-    with (tmp_path / "leafguard.log").open("wb") as log:
-        proc = gw.popen(
-            sys.executable, "-m", "leafguard", "run", "--interface", "gw0", "--local-dir", str(out),
-            "--write-interval", "0.2", stderr=log,
-        )  # fmt: skip
+    proc = run_capturing(gw, "gw0", out, tmp_path / "leafguard.log")
     wait_for(lambda: read_stats(out)["interfaces"]["gw0"]["state"] == "running")
     demo = str(demo_capture())
     gen.run("tcpreplay", "-q", "-i", "gen0", "--topspeed", demo)

@@ -20,7 +20,7 @@ from leafguard.errors import ConfigurationError
 from leafguard.service.gateway import CaptureSection, apply_capture_section, parse_detection, parse_leaf_map
 from testkit.netns import Lab, Netns, needs_root
 from testkit.wait import wait_for
-from tests.service.helpers import read_stats
+from tests.service.helpers import read_stats, run_capturing
 
 SEND = """
 import sys
@@ -53,11 +53,7 @@ def test_filter_changes_live_and_a_bad_one_keeps_the_old(tmp_path: Path) -> None
         lab.veth(gen, "gen0", gw, "gw0")
         out = tmp_path / "out"
         out.mkdir()
-        with (tmp_path / "leafguard.log").open("wb") as log:
-            proc = gw.popen(
-                sys.executable, "-m", "leafguard", "run", "--interface", "gw0", "--local-dir", str(out),
-                "--write-interval", "0.2", stderr=log,
-            )  # fmt: skip
+        proc = run_capturing(gw, "gw0", out, tmp_path / "leafguard.log")
         wait_for(lambda: read_stats(out)["interfaces"]["gw0"]["state"] == "running")
 
         _set(out, {"extraFilter": "tcp port"})  # does not compile

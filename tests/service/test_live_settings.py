@@ -28,7 +28,7 @@ from leafguard.service.gateway import (
 )
 from testkit.netns import Lab, Netns, needs_root
 from testkit.wait import until, wait_for
-from tests.service.helpers import read_json, read_stats
+from tests.service.helpers import read_json, read_stats, run_capturing
 
 IFF_PROMISC = 0x100
 FAST_POLL = {"LEAFGUARD_SETTINGS_POLL_S": "0.1"}
@@ -124,11 +124,7 @@ def test_interfaces_and_promiscuous_mode_change_live(tmp_path: Path) -> None:
         lab.veth(gen, "gen1", gw, "gw1")
         out = tmp_path / "out"
         out.mkdir()
-        with (tmp_path / "leafguard.log").open("wb") as log:
-            proc = gw.popen(
-                sys.executable, "-m", "leafguard", "run", "--interface", "gw0", "--local-dir", str(out),
-                "--write-interval", "0.2", stderr=log, env=os.environ | FAST_POLL,
-            )  # fmt: skip
+        proc = run_capturing(gw, "gw0", out, tmp_path / "leafguard.log", FAST_POLL)
         try:
             wait_for(lambda: read_stats(out)["interfaces"]["gw0"]["state"] == "running")
             assert _promiscuous(gw, "gw0") and not _promiscuous(gw, "gw1")
@@ -178,10 +174,7 @@ def test_gateway_macs_and_leaf_nets_change_live(tmp_path: Path) -> None:
         lab.veth(gen, "gen0", gw, "gw0")
         out = tmp_path / "out"
         out.mkdir()
-        proc = gw.popen(
-            sys.executable, "-m", "leafguard", "run", "--interface", "gw0", "--local-dir", str(out),
-            "--write-interval", "0.2", stderr=subprocess.DEVNULL, env=os.environ | FAST_POLL,
-        )  # fmt: skip
+        proc = run_capturing(gw, "gw0", out, tmp_path / "leafguard.log", FAST_POLL)
 
         def leaves() -> set[str]:
             return {leaf["mac"] for leaf in read_json(out / "leaves.json")["leaves"]}
