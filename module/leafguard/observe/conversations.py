@@ -228,6 +228,12 @@ class ConversationTable:
         IPv4 key as `flows4` has it, when the caller has it already)."""
         if len(self.flows) >= self.settings.max_flows:
             self._evict(ts)
+        # The MACs as the inventory holds them, when it does: one bytes object per MAC, not two per conversation.
+        macs = self._inventory.macs
+        if smac is not None and (st := macs.get(smac)) is not None:
+            smac = st.mac
+        if dmac is not None and (st := macs.get(dmac)) is not None:
+            dmac = st.mac
         responder_first = proto == PROTO_TCP and flags & TCP_SYN and flags & TCP_ACK
         if responder_first:
             # Capture started between SYN and SYN-ACK: the SYN-ACK's receiver is the initiator.
