@@ -34,6 +34,9 @@ MAX_PENDING_OBSERVATIONS = 100_000
 FlowKey = tuple[int, bytes, int, bytes, int]
 """The protocol, then the lower (address, port) endpoint, then the other."""
 
+_PORT_NUMBERS = list(range(65536))
+"""Every port number as one int object (2 MB once), shared by the conversations that use it."""
+
 _flow_first_seen = attrgetter("first")
 _flow_last_seen = attrgetter("last")
 
@@ -228,6 +231,9 @@ class ConversationTable:
         IPv4 key as `flows4` has it, when the caller has it already)."""
         if len(self.flows) >= self.settings.max_flows:
             self._evict(ts)
+        # Ports above 256 are an int object each: one shared object per port number instead of two per conversation.
+        sport, dport = _PORT_NUMBERS[sport], _PORT_NUMBERS[dport]
+        key = (key[0], key[1], _PORT_NUMBERS[key[2]], key[3], _PORT_NUMBERS[key[4]])
         # The MACs as the inventory holds them, when it does: one bytes object per MAC, not two per conversation.
         macs = self._inventory.macs
         if smac is not None and (st := macs.get(smac)) is not None:
