@@ -34,6 +34,8 @@ MAX_PENDING_OBSERVATIONS = 100_000
 FlowKey = tuple[int, bytes, int, bytes, int]
 """The protocol, then the lower (address, port) endpoint, then the other."""
 
+ADDRESS_CACHE = 65_536
+"""Addresses kept to be shared by the conversations that use them; a scan of random addresses only refills it."""
 _PORT_NUMBERS = list(range(65536))
 """Every port number as one int object (2 MB once), shared by the conversations that use it."""
 
@@ -144,6 +146,9 @@ class ConversationTable:
         """The order in which the table gives up entries when full (`observe.eviction`)."""
         # Fragment tables forget their oldest entry when full, in O(1) (a dict's next(iter()) is not: it first skips
         # every slot deleted since its last resize).
+        self._addresses: dict[bytes, bytes] = {}
+        """Addresses seen in new conversations, each as one bytes object the conversations share (bounded)."""
+        self._address_cap = min(ADDRESS_CACHE, settings.max_flows)
         self._frags: OrderedDict[tuple[bytes, bytes, int, int], tuple[FlowKey, bool]] = OrderedDict()
         self._frag_pending: OrderedDict[tuple[bytes, bytes, int, int], list[Any]] = OrderedDict()
 
@@ -233,7 +238,14 @@ class ConversationTable:
             self._evict(ts)
         # Ports above 256 are an int object each: one shared object per port number instead of two per conversation.
         sport, dport = _PORT_NUMBERS[sport], _PORT_NUMBERS[dport]
-        key = (key[0], key[1], _PORT_NUMBERS[key[2]], key[3], _PORT_NUMBERS[key[4]])
+        # Likewise the addresses: a leaf's, or a server's, recurs in many conversations.
+        addresses = self._addresses
+        if len(addresses) >= self._address_cap:
+            addresses.clear()
+        sip = addresses.setdefault(sip, sip)
+        dip = addresses.setdefault(dip, dip)
+        lo_ip, hi_ip = (sip, dip) if key[1] == sip else (dip, sip)
+        key = (key[0], lo_ip, _PORT_NUMBERS[key[2]], hi_ip, _PORT_NUMBERS[key[4]])
         # The MACs as the inventory holds them, when it does: one bytes object per MAC, not two per conversation.
         macs = self._inventory.macs
         if smac is not None and (st := macs.get(smac)) is not None:
