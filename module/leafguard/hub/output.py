@@ -178,10 +178,12 @@ class EdgeAgentOutput:
         """The module twin's desired document: the gateway settings in edge mode."""
         return self.desired
 
-    def publish_gateway_status(self, status: Mapping[str, Any]) -> None:
-        """The gateway settings in force and their errors, into the health section, reported soon."""
+    def publish_gateway_status(self, status: Mapping[str, Any], *, refresh: bool = True) -> None:
+        """The gateway settings in force and their errors, into the health section, reported soon (``refresh``)
+        or with the next health report."""
         self.gateway_status.update(status)
-        self.transport.refresh_health()
+        if refresh:
+            self.transport.refresh_health()
 
     def close(self, now: float | None) -> None:
         """The final flush of every agent into the outboxes (the transports' shutdown sends it)."""

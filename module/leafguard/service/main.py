@@ -26,23 +26,18 @@ import dataclasses
 import logging
 import signal
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
 from leafguard import __version__
-from leafguard.agent.config import ConfigOutcome
-from leafguard.agent.fleet import ViewsProvider
-from leafguard.agent.local import AnalyzerLike, LocalAgentOutput, make_fleet
+from leafguard.agent.local import make_fleet
 from leafguard.capture.batch import FrameBatch
 from leafguard.capture.caps import CAP_NET_RAW, raise_permitted
 from leafguard.capture.live import interface_macs
 from leafguard.detect.thresholds import THRESHOLD_KEYS
 from leafguard.documents import check_document
 from leafguard.errors import CaptureError, ConfigurationError, LeafGuardError
-from leafguard.hub.outbox import Outbox
-from leafguard.hub.spool import Spool
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
 from leafguard.service.files import write_json_atomic
@@ -59,10 +54,10 @@ from leafguard.service.gateway import (
     parse_leaf_entries,
     unknown_keys,
 )
+from leafguard.service.outputs import EdgeOutput, LocalOutput, ServiceOutput
 from leafguard.service.settings import ServiceSettings
 from leafguard.service.snapshot import (
     DownTracker,
-    ManagedLeavesSource,
     MetricLabels,
     ServiceSnapshot,
     build_snapshot,
@@ -70,14 +65,13 @@ from leafguard.service.snapshot import (
     interfaces_of,
     uplink_up,
 )
-from leafguard.service.state import Restored, StateKeeper, StateSettings, reconcile
+from leafguard.service.state import Restored, StateKeeper, StateSettings
 from leafguard.service.triage import Triage
 
 if TYPE_CHECKING:
+    from leafguard.hub.leaf_clients import LeafClients
     from leafguard.hub.methods import MethodDispatcher
-    from leafguard.hub.output import EdgeAgentOutput
     from leafguard.hub.transport import EdgeTransport
-    from leafguard.hub.twin import ModuleDesired
 
 log = logging.getLogger("leafguard.service")
 
@@ -96,59 +90,26 @@ def run_service(args: argparse.Namespace) -> int:
         return runner.run(Service(settings).run())
 
 
-class AgentOutput(Protocol):
-    """Where the agents' messages and twins go: ``LocalAgentOutput`` (a folder) or ``EdgeAgentOutput`` (the hub)."""
-
-    def after_batch(self, analyzer: AnalyzerLike) -> None: ...
-
-    def tick(self, now: float, views: ViewsProvider | None = None) -> None: ...
-
-    def poll_desired(self, now: float) -> list[tuple[str, ConfigOutcome]]: ...
-
-    def module_desired(self) -> ModuleDesired | None:
-        """The module twin's desired document (edge mode); None where the settings come from ``gateway.json``."""
-
-    def publish_gateway_status(self, status: Mapping[str, Any]) -> None:
-        """The gateway settings in force and their errors, wherever this output reports them."""
-
-    def close(self, now: float | None) -> None: ...
-
-
 class Service:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.analyzer = Analyzer(settings.analyzer)
         self.fleet = make_fleet()
-        self.out: AgentOutput
-        self.transport: EdgeTransport | None = None
-        self.leaves: LeafClients | None = None
-        self.spool: Spool | None = None
-        self.edge_out: EdgeAgentOutput | None = None
+        self.out: ServiceOutput
         self.methods: MethodDispatcher | None = None
         if settings.edge is not None:
-            from leafguard.hub.output import EdgeAgentOutput
-            from leafguard.hub.transport import EdgeTransport
-
-            self.transport = EdgeTransport(settings.edge, outbox=self._open_outbox(settings))
-            if settings.edge.leaves.configured:
-                from leafguard.hub.leaf_clients import LeafClients
-
-                # Managed leaves (their own identity and twin); EdgeAgentOutput takes their callbacks.
-                self.leaves = LeafClients(settings.edge, on_desired=lambda _identity, _doc: None,
-                                          spool=settings.spool)
-            self.out = self.edge_out = EdgeAgentOutput(self.transport, self.fleet, self.leaves)
+            edge = EdgeOutput.open(settings, self.fleet)
+            self.out = edge
             self.analyzer.detectors.forward = []
-            self._serve_methods(self.transport)
+            self._serve_methods(edge.transport, edge.leaves)
         else:
             assert settings.local_dir is not None
-            self.out = LocalAgentOutput(settings.local_dir, self.fleet)
+            self.out = LocalOutput(settings.local_dir, self.fleet)
         self.capture: Any = None
         self.queue: asyncio.Queue[FrameBatch] = asyncio.Queue(REPLAY_QUEUE_BATCHES)
         self.stopping = asyncio.Event()
         self.started_at = time.time()
         self.labels = MetricLabels.from_env()
-        self.managed_leaves: ManagedLeavesSource | None = self.leaves
-        """Managed leaves and their own hub connections: whoever creates their clients sets this."""
         self._capture_down = DownTracker(time.monotonic())
         self._uplink_down = DownTracker(time.monotonic())
         self.batches = 0
@@ -226,22 +187,8 @@ class Service:
             return
         self.state = StateKeeper(state_settings, self.fleet, self.analyzer.detectors)
         restored = self.restored = self.state.load(time.time())
-        if isinstance(self.out, LocalAgentOutput):
-            writer = self.out.messages
-            writer.cut_torn_tail()
-            if restored is not None and restored.messages_offset is not None:
-                replay = restored.replay
-                if replay is not None and settings.pcap is not None and replay.same_file(settings.pcap):
-                    # The same capture again: back to where the state was saved, and resume the replay there.
-                    log.info("state: resuming the replay of %s after %d frames; %d lines after them rewritten",
-                             settings.pcap, replay.frames, writer.rollback(restored.messages_offset))
-                    self.replay_frames = replay.frames
-                else:
-                    reconcile(restored, self.fleet, writer, restored.messages_offset)
-        elif restored is not None and self.transport is not None:
-            reconcile(restored, self.fleet, self.transport.outbox, restored.spool_next_seq)
-        if self.edge_out is not None:
-            self.edge_out.gateway_status["state"] = self.state.status()
+        self.replay_frames = self.out.restore(restored, settings.pcap)
+        self._publish_state()
 
     def _clock(self) -> float | None:
         """The service's clock: wall-clock time live, packet time of a replay (a restored one before any frame)."""
@@ -268,41 +215,15 @@ class Service:
         pcap = self.settings.pcap
         return {
             "clock": self._clock(),
-            "spool_next_seq": self.transport.outbox.next_seq if self.transport is not None else None,
-            "messages_offset": self.out.messages.offset if isinstance(self.out, LocalAgentOutput) else None,
+            **self.out.position(),
             "replay": ReplayPosition.of(pcap, self.replay_frames) if pcap is not None and not self.settings.live
             else None,
         }
 
     def _publish_state(self) -> None:
-        if self.edge_out is not None and self.state is not None:
-            self.edge_out.gateway_status["state"] = self.state.status()
-
-    def _open_outbox(self, settings: ServiceSettings) -> Outbox:
-        """The uplink's outbox: journalled in the data directory's spool (replayed now), or in memory."""
-        assert settings.edge is not None
-        if settings.spool is None:
-            log.info("no data directory (--data-dir / LEAFGUARD_DATA_DIR): queued data is held in memory only")
-            return Outbox(settings.edge.outbox_max_bytes)
-        try:
-            self.spool, recovery = Spool.open(settings.spool)
-        except OSError as exc:
-            raise ConfigurationError(
-                f"data directory {settings.spool.directory}: {exc.strerror or exc} (check the volume and its owner)"
-            ) from exc
-        outbox = Outbox(settings.spool.max_bytes, self.spool)
-        outbox.recover(recovery)
-        log.info(
-            "spool in %s: %d messages (%d bytes) to send from the last run, replayed in %.2f s%s",
-            settings.spool.spool_dir,
-            len(outbox),
-            outbox.bytes,
-            recovery.duration_s,
-            f"; {recovery.corrupt_records} corrupt and {recovery.torn_records} torn records skipped"
-            if recovery.corrupt_records or recovery.torn_records
-            else "",
-        )
-        return outbox
+        if self.state is not None:
+            # With the next health report: a save is no change of state worth a patch of its own.
+            self.out.publish_gateway_status({"state": self.state.status()}, refresh=False)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -326,10 +247,7 @@ class Service:
                     "pipeline": tg.create_task(self._pipeline(), name="leafguard.pipeline"),
                     "periodic": tg.create_task(self._periodic(), name="leafguard.periodic"),
                 }
-                if self.transport is not None:
-                    tasks["hub"] = tg.create_task(self.transport.run(), name="leafguard.hub")
-                if self.leaves is not None:
-                    tasks["leaves"] = tg.create_task(self.leaves.run(), name="leafguard.leaves")
+                tasks["output"] = tg.create_task(self.out.run(), name="leafguard.output")
                 http = await self._start_http()
                 await self.stopping.wait()
                 log.info("stopping")
@@ -343,13 +261,12 @@ class Service:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
         log.info("stopped cleanly after %d batches", self.batches)
-        if self.transport is not None:
-            up = self.transport.counters()
+        if (up := self.out.uplink_counters()) is not None:
             log.info("uplink: %d messages sent (%d bytes), %d dropped, %d still queued",
                      up["sent"], up["sent_bytes"], up["dropped"], up["queued"])
         return 0
 
-    def _serve_methods(self, transport: EdgeTransport) -> None:
+    def _serve_methods(self, transport: EdgeTransport, leaves: LeafClients | None) -> None:
         """Direct methods on the module (edge mode), answered from the service's parts."""
         from leafguard.hub.methods import MethodDispatcher
         from leafguard.service.control import DetectionControl, ServiceControl
@@ -363,8 +280,8 @@ class Service:
             transport=transport,
             snapshot=self.snapshot,
             clock=clock,
-            managed_macs=lambda: self.managed_leaves.managed_macs() if self.managed_leaves is not None else (),
-            leaves=self.leaves,
+            managed_macs=lambda: leaves.managed_macs() if leaves is not None else (),
+            leaves=leaves,
         )
         self.methods = MethodDispatcher(control, DetectionControl(self.analyzer, clock))
         transport.method_handler = self.methods.handle
@@ -386,7 +303,7 @@ class Service:
         """The statistics of this moment, for ``/metrics``, ``/healthz`` and the ``getStats`` method."""
         mono = time.monotonic()
         interfaces = interfaces_of(self.capture) if self.capture is not None else None
-        counters = self.transport.counters() if self.transport is not None else None
+        counters = self.out.uplink_counters()
         return build_snapshot(
             version=__version__,
             started_at=self.started_at,
@@ -399,7 +316,7 @@ class Service:
             capture_down_for_s=self._capture_down.update(capture_up(interfaces), mono) if interfaces else None,
             uplink=counters,
             uplink_down_for_s=self._uplink_down.update(uplink_up(counters), mono) if counters else None,
-            managed_leaves=self.managed_leaves,
+            managed_leaves=self.out.managed_leaves,
             method_calls=self.methods.calls if self.methods is not None else None,
         )
 
@@ -408,8 +325,8 @@ class Service:
         mono = time.monotonic()
         if self.capture is not None:
             self._capture_down.update(capture_up(interfaces_of(self.capture)), mono)
-        if self.transport is not None:
-            self._uplink_down.update(uplink_up(self.transport.counters()), mono)
+        if (counters := self.out.uplink_counters()) is not None:
+            self._uplink_down.update(uplink_up(counters), mono)
 
     async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         deadline = self.settings.shutdown_deadline_s
@@ -426,18 +343,9 @@ class Service:
         # Drops seen since the last tick still reach the agents' final statistics.
         self._report_capture_drops(time.time())
         self.out.close(self._clock())
-        if self.transport is not None:
-            # Flush the outbox against the deadline, then close the client; its task ends with it.
-            # The gateway's outbox and every managed leaf's are flushed at once, against the same deadline.
-            flushes = [self.transport.shutdown(deadline)]
-            if self.leaves is not None:
-                flushes.append(self.leaves.shutdown(deadline))
-            await asyncio.gather(*flushes)
-            await tasks["hub"]
-            if self.leaves is not None:
-                await tasks["leaves"]
-            if self.spool is not None:
-                self.spool.close(time.monotonic())
+        # Send what is queued against the deadline, then close the connections; the output's task ends with them.
+        await self.out.shutdown(deadline)
+        await tasks["output"]
         # Last, so that it records the output as the final flush left it (the agents' caches are empty now).
         self._save_state(time.monotonic())
         self._write_files()
@@ -482,10 +390,10 @@ class Service:
         self.out.after_batch(self.analyzer)
         self.batches += 1
         fresh = self.analyzer.detectors.forward
-        if fresh and self.edge_out is not None:
+        if fresh:
             # Drained every batch: memory holds one batch's findings, the stream upstream has no cap.
             self.analyzer.detectors.forward = []
-            self.edge_out.submit_alerts([a.to_json() for a in fresh], time.monotonic())
+            self.out.submit_alerts([a.to_json() for a in fresh], time.monotonic())
 
     async def _periodic(self) -> None:
         s = self.settings
@@ -494,20 +402,13 @@ class Service:
             mono = time.monotonic()
             now = time.time()
             self._track_outages()
-            if self.transport is not None:
-                # The spool's fsync interval runs on this clock too (a quiet uplink still gets its fsync).
-                self.transport.outbox.commit(mono)
-            if self.edge_out is not None:
-                self.edge_out.flush_due_alerts(mono)
+            self.out.housekeeping(mono, None if s.live else self._clock())
             if s.live:
                 self.out.tick(now, self.analyzer.leaf_views)
                 self._report_capture_drops(now)
-            elif self.edge_out is not None and (clock := self._clock()) is not None:
-                # A replay's agents tick with its batches; this tick lets held messages go when the link is back.
-                self.edge_out.tick(clock)
             if self.state is not None and self.state.due(mono):
                 await self._save_state_in_thread(mono)
-            arrived = self.transport.desired_arrived if self.transport is not None else None
+            arrived = self.out.desired_arrived
             if mono >= next_poll or (arrived is not None and arrived.is_set()):
                 if arrived is not None:
                     arrived.clear()
@@ -584,8 +485,7 @@ class Service:
             else:
                 mapping = {mac: entry.device_id for mac, entry in entries.items()}
                 self.fleet.set_leaf_map(mapping, now)
-                if self.leaves is not None:
-                    self.leaves.set_entries(entries)
+                self.out.set_leaf_entries(entries)
                 self.leaf_map_status.update(leaves=len(mapping), error=None)
         self._publish_gateway_status()
 
@@ -600,7 +500,7 @@ class Service:
             self.settings_warnings = warnings
             if warnings:
                 log.warning("gateway settings: nothing reads %s", ", ".join(warnings))
-        transport = self.transport
+        transport = self.out.uplink()
         for name, status in self.section_status.items():
             section = doc.get(name)
             if section == self._sections[name]:
@@ -694,8 +594,8 @@ class Service:
             "capture": report_capture,
             "agents": dataclasses.asdict(self.fleet.stats()) | {"leaves": len(self.fleet.agents())},
         }
-        if self.transport is not None:
-            out["uplink"] = self.transport.counters()
+        if (uplink := self.out.uplink_counters()) is not None:
+            out["uplink"] = uplink
         if self.state is not None:
             out["state"] = self.state.status()
         if self.capture is not None:
