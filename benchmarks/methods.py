@@ -19,7 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from leafguard import __version__
-from leafguard.agent.local import SecurityMessagePump, make_fleet
+from leafguard.agent.fleet import make_fleet
+from leafguard.agent.pump import SecurityMessagePump
 from leafguard.capture.pcapfile import read_batches
 from leafguard.hub.methods import MethodDispatcher
 from leafguard.hub.settings import EdgeSettings

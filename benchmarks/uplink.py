@@ -28,8 +28,8 @@ from typing import cast
 
 import orjson
 
-from leafguard.agent.local import write_security_messages
 from leafguard.agent.messages import OutgoingMessage
+from leafguard.agent.offline import write_security_messages
 from leafguard.demo import demo_capture
 from leafguard.hub.link import LinkState
 from leafguard.hub.outbox import Outbox

@@ -22,7 +22,7 @@ BATCH_FRAMES = 16384
 """Frames per batch for `analyze`: fewer per-batch steps than 8192, measured faster; 32768 was slower again."""
 
 if TYPE_CHECKING:
-    from leafguard.agent.local import OfflineMessageWriter
+    from leafguard.agent.offline import OfflineMessageWriter
     from leafguard.capture.batch import FrameBatch
     from leafguard.capture.forked import ForkedReader
     from leafguard.observe.analyzer import Analyzer
@@ -197,7 +197,7 @@ def _analyze_into(
     )
     writer = None
     if messages_path is not None:
-        from leafguard.agent.local import OfflineMessageWriter
+        from leafguard.agent.offline import OfflineMessageWriter
 
         writer = OfflineMessageWriter(Path(messages_path), args.agent_config)
     progress = _Progress(captures) if sys.stderr.isatty() else None

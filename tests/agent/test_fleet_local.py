@@ -12,15 +12,9 @@ from leafguard.agent.agent import LeafAgent
 from leafguard.agent.aggregation import ConnectionAggregator
 from leafguard.agent.config import CONFIG_OBJECT_NAME, AgentConfig, Priority
 from leafguard.agent.events import agent_id
-from leafguard.agent.fleet import Fleet
-from leafguard.agent.local import (
-    DesiredDir,
-    JsonlMessageWriter,
-    OfflineMessageWriter,
-    TwinsDirWriter,
-    apply_desired_changes,
-    load_agent_config_file,
-)
+from leafguard.agent.fleet import Fleet, load_agent_config_file
+from leafguard.agent.local import DesiredDir, JsonlMessageWriter, TwinsDirWriter, apply_desired_changes
+from leafguard.agent.offline import OfflineMessageWriter
 from leafguard.errors import ConfigurationError
 from leafguard.observe.model import ConnectionSeen, LeafView, LoginSeen
 from tests.agent.helpers import MAC, T0, conn, events, login, view

@@ -53,7 +53,7 @@ PCAPS = shared_pcaps()
 @pytest.mark.parametrize("pcap", PCAPS, ids=[p.name for p in PCAPS])
 @pytest.mark.parametrize("variant", ["defaults", "small-aggregation-off"])
 def test_every_message_of_every_capture_validates(pcap: Path, variant: str, tmp_path: Path) -> None:
-    from leafguard.agent.local import write_security_messages
+    from leafguard.agent.offline import write_security_messages
 
     config = None
     if variant != "defaults":

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from leafguard.agent.local import make_fleet
+from leafguard.agent.fleet import make_fleet
 from leafguard.detect.detectors import MAX_ALERTS, Alert, Detectors
 from leafguard.hub.alerts import AlertBatcher
 from leafguard.hub.output import EdgeAgentOutput

@@ -162,7 +162,7 @@ def test_edge_settings_from_env() -> None:
 
 
 def test_outbox_drops_are_reported_to_the_leaf_agent_as_send_failures() -> None:
-    from leafguard.agent.local import make_fleet
+    from leafguard.agent.fleet import make_fleet
     from leafguard.hub.output import EdgeAgentOutput
     from leafguard.hub.transport import EdgeTransport
     from leafguard.observe.model import identity_for_mac

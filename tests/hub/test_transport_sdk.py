@@ -19,8 +19,9 @@ import orjson
 import pytest
 
 from leafguard.agent.config import CONFIG_OBJECT_NAME as CFG
-from leafguard.agent.local import make_fleet, write_security_messages
+from leafguard.agent.fleet import make_fleet
 from leafguard.agent.messages import OutgoingMessage
+from leafguard.agent.offline import write_security_messages
 from leafguard.demo import demo_capture
 from leafguard.hub.link import LinkState
 from leafguard.hub.output import EdgeAgentOutput

@@ -12,6 +12,7 @@ The number of agents is bounded (``max_leaves``); observations of leaves beyond 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from leafguard import __version__
@@ -19,6 +20,8 @@ from leafguard.agent.agent import AgentStats, LeafAgent
 from leafguard.agent.config import AgentConfig, ConfigOutcome
 from leafguard.agent.messages import OutgoingMessage
 from leafguard.agent.queues import QueueTotals
+from leafguard.documents import read_document
+from leafguard.errors import ConfigurationError
 from leafguard.observe.model import ConnectionSeen, LeafView, LoginSeen, identity_for_mac
 
 DEFAULT_MAX_LEAVES = 10_000
@@ -279,3 +282,22 @@ class Fleet:
             if agent is not None:
                 removed += agent.forget_events(ids)
         return removed
+
+
+def load_agent_config_file(path: Path | str) -> dict[str, Any]:
+    """The desired document in an ``--agent-config`` file; raises ConfigurationError if unreadable or not
+    JSON.
+
+    The file has the desired-properties shape: ``{"ms_iotn:urn_azureiot_Security_SecurityAgentConfiguration":
+    {"maxMessageSizeInBytes": {"value": 65536}, …}}``. Its *content* is validated per leaf, like a twin.
+    """
+    doc = read_document(Path(path))
+    if not isinstance(doc, dict):
+        raise ConfigurationError(f"{path}: expected a JSON object in the desired-properties shape")
+    return doc
+
+
+def make_fleet(agent_config_path: Path | str | None = None, leaf_map: Mapping[str, str] | None = None) -> Fleet:
+    """A fleet with default configuration, or with ``--agent-config`` applied to every leaf."""
+    desired = load_agent_config_file(agent_config_path) if agent_config_path is not None else None
+    return Fleet(AgentConfig(), leaf_map, default_desired=desired)

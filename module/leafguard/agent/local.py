@@ -18,20 +18,20 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Protocol, Self
+from typing import IO, Any, Self
 
 import orjson
 
-from leafguard.agent.config import AgentConfig, ConfigOutcome
+from leafguard.agent.config import ConfigOutcome
 from leafguard.agent.fleet import Fleet, ViewsProvider
 from leafguard.agent.messages import OutgoingMessage
-from leafguard.documents import MAX_DOCUMENT_BYTES, check_document, read_document
+from leafguard.agent.pump import AnalyzerLike, SecurityMessagePump
+from leafguard.documents import MAX_DOCUMENT_BYTES, check_document
 from leafguard.errors import ConfigurationError
-from leafguard.observe.model import ConnectionSeen, LeafView, LoginSeen
 
 MESSAGES_FILE = "messages.jsonl"
 TWINS_DIR = "twins"
@@ -245,73 +245,6 @@ def apply_desired_changes(
     return out
 
 
-def load_agent_config_file(path: Path | str) -> dict[str, Any]:
-    """The desired document in an ``--agent-config`` file; raises ConfigurationError if unreadable or not
-    JSON.
-
-    The file has the desired-properties shape: ``{"ms_iotn:urn_azureiot_Security_SecurityAgentConfiguration":
-    {"maxMessageSizeInBytes": {"value": 65536}, …}}``. Its *content* is validated per leaf, like a twin.
-    """
-    doc = read_document(Path(path))
-    if not isinstance(doc, dict):
-        raise ConfigurationError(f"{path}: expected a JSON object in the desired-properties shape")
-    return doc
-
-
-# -- offline runs ------------------------------------------------------------------------------------------
-
-
-class AnalyzerLike(Protocol):
-    """What the pump needs from ``leafguard.observe.analyzer.Analyzer``."""
-
-    def drain_observations(self) -> list[ConnectionSeen | LoginSeen]: ...
-
-    def leaf_views(self) -> list[LeafView]: ...
-
-    @property
-    def now(self) -> float | None: ...
-
-
-class SecurityMessagePump:
-    """Feeds an analyzer's observations to a fleet after each batch and hands the due messages to a sink."""
-
-    def __init__(
-        self, fleet: Fleet, sink: Callable[[list[OutgoingMessage]], None], hold: Callable[[], bool] | None = None
-    ) -> None:
-        self.fleet = fleet
-        self.sink = sink
-        self.hold = hold
-        """Whether the output is down or behind now (the agents then hold their timed sends); None: never."""
-        self.messages = 0
-
-    def after_batch(self, analyzer: AnalyzerLike) -> None:
-        """Call after every ``analyzer.feed(batch)``: observations in packet order, then one tick."""
-        for obs in analyzer.drain_observations():
-            self.fleet.observe(obs)
-        now = analyzer.now
-        if now is not None:
-            hold = self.hold is not None and self.hold()
-            self._emit(self.fleet.tick(now, analyzer.leaf_views, hold=hold))
-
-    def finish(self, analyzer: AnalyzerLike) -> None:
-        """At the end of the run: the last observations, a last tick, then the final flush of every agent."""
-        self.after_batch(analyzer)
-        now = analyzer.now
-        if now is not None:
-            self._emit(self.fleet.shutdown(now))
-
-    def _emit(self, msgs: list[OutgoingMessage]) -> None:
-        if msgs:
-            self.messages += len(msgs)
-            self.sink(msgs)
-
-
-def make_fleet(agent_config_path: Path | str | None = None, leaf_map: Mapping[str, str] | None = None) -> Fleet:
-    """A fleet with default configuration, or with ``--agent-config`` applied to every leaf."""
-    desired = load_agent_config_file(agent_config_path) if agent_config_path is not None else None
-    return Fleet(AgentConfig(), leaf_map, default_desired=desired)
-
-
 class LocalAgentOutput:
     """Everything ``leafguard run`` in local mode needs from the agent side, over one folder ``DIR``.
 
@@ -368,56 +301,3 @@ class LocalAgentOutput:
             self.twins.write(identity, reported)
 
 
-class OfflineMessageWriter:
-    """``leafguard analyze --security-messages FILE [--agent-config FILE]``: the messages of a capture run.
-
-    Call :meth:`step` after every ``analyzer.feed(batch)`` and :meth:`finish` once at the end (it runs the final
-    flush and closes the file). The file is truncated when the writer is created.
-    """
-
-    def __init__(
-        self,
-        out_path: Path | str,
-        agent_config_path: Path | str | None = None,
-        leaf_map: Mapping[str, str] | None = None,
-    ) -> None:
-        self.fleet = make_fleet(agent_config_path, leaf_map)
-        self._writer = JsonlMessageWriter(out_path, append=False)
-        self._pump = SecurityMessagePump(self.fleet, self._writer.write)
-
-    @property
-    def lines(self) -> int:
-        return self._writer.lines
-
-    def step(self, analyzer: AnalyzerLike) -> None:
-        self._pump.after_batch(analyzer)
-
-    def finish(self, analyzer: AnalyzerLike) -> None:
-        try:
-            self._pump.finish(analyzer)
-        finally:
-            self._writer.close()
-
-
-def write_security_messages(
-    captures: Iterable[Path | str],
-    out_path: Path | str,
-    agent_config_path: Path | str | None = None,
-    leaf_map: Mapping[str, str] | None = None,
-) -> int:
-    """Run the observation core over capture files and write every message the run would send (JSONL).
-
-    The clock is packet time; the run ends with the final flush. Returns the number of messages written.
-    Raises ConfigurationError for an unreadable ``--agent-config`` file, CaptureFileError for a bad capture.
-    """
-    from leafguard.capture.pcapfile import read_batches
-    from leafguard.observe.analyzer import Analyzer
-
-    writer = OfflineMessageWriter(out_path, agent_config_path, leaf_map)
-    analyzer = Analyzer()
-    for path in captures:
-        for batch in read_batches(path):
-            analyzer.feed(batch)
-            writer.step(analyzer)
-    writer.finish(analyzer)
-    return writer.lines

@@ -18,8 +18,8 @@ from leafguard import __version__
 from leafguard.agent.agent import LeafAgent
 from leafguard.agent.config import ConfigOutcome, merge_desired_patch
 from leafguard.agent.fleet import Fleet, ViewsProvider
-from leafguard.agent.local import AnalyzerLike, SecurityMessagePump
 from leafguard.agent.messages import OutgoingMessage
+from leafguard.agent.pump import AnalyzerLike, SecurityMessagePump
 from leafguard.hub.alerts import AlertBatcher, AlertMessage
 from leafguard.hub.leaf_clients import LeafClients
 from leafguard.hub.outbox import Pending

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import uvloop
 
 from leafguard import __version__
-from leafguard.agent.local import make_fleet
+from leafguard.agent.fleet import make_fleet
 from leafguard.capture.batch import FrameBatch
 from leafguard.capture.caps import CAP_NET_RAW, raise_permitted
 from leafguard.capture.live import interface_macs

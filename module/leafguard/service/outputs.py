@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from leafguard.agent.config import ConfigOutcome
 from leafguard.agent.fleet import Fleet, ViewsProvider
-from leafguard.agent.local import AnalyzerLike, LocalAgentOutput
+from leafguard.agent.local import LocalAgentOutput
+from leafguard.agent.pump import AnalyzerLike
 from leafguard.errors import ConfigurationError
 from leafguard.hub.leaves import LeafEntry
 from leafguard.hub.outbox import Outbox
