@@ -34,9 +34,9 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from azure.iot.device.aio import IoTHubDeviceClient, IoTHubModuleClient
 from azure.iot.device.common.transport_exceptions import ProtocolClientError
@@ -56,22 +56,18 @@ from leafguard.hub.credentials import LeafCredential, Secret, connection_string_
 from leafguard.hub.leaves import SECURITY_MODULE_ID, IdentityMode
 from leafguard.hub.link import Backoff
 from leafguard.hub.outbox import Outbox, Pending
+from leafguard.hub.sdk_calls import SDK_ERRORS, SDK_RECONNECT_GRACE_S, STABLE_CONNECTION_S, SdkCalls
 from leafguard.hub.settings import LeafClientSettings
 from leafguard.hub.spool import Spool, SpoolSettings
 from leafguard.hub.twin import MissedDesiredPatchError, ModuleDesired, merge_patch, twin_size, without_nulls
 
 log = logging.getLogger("leafguard.hub.leaf")
-T = TypeVar("T")
 
-SDK_ERRORS = (ClientError, OperationCancelled, OperationTimeout)
 INVENTORY = "leafguard"
 """The reported key of the leaf's passive inventory."""
 MANAGED_KEYS = (CONFIG_OBJECT_NAME, INVENTORY)
 REPORTED_BUDGET_BYTES = 30 * 1024
 """The leaf twin's reported section is limited to 32 KB by the hub; we keep a 2 KB margin."""
-SDK_RECONNECT_GRACE_S = 3.0
-"""A disconnect the SDK reports may be its own SAS renewal (DISCONNECT + CONNECT): lost only if it lasts."""
-STABLE_CONNECTION_S = 10.0
 
 
 class LeafState(enum.Enum):
@@ -181,7 +177,7 @@ class LeafLink:
         self._broken: str | None = None
         self._resync = False
         self._loss_timer: asyncio.TimerHandle | None = None
-        self._abandoned: set[asyncio.Task[Any]] = set()
+        self._sdk = SdkCalls(f"leafguard.leaf[{target.device_id}]", f"leaf {target.identity}")
         self._connected_at = 0.0
         self._ever_connected = False
         self._want_config: dict[str, Any] | None = None
@@ -345,16 +341,16 @@ class LeafLink:
         s = self.settings
         try:
             if self._client is None:
-                self._client = await self._bounded(
+                self._client = await self._sdk.call(
                     asyncio.to_thread(self._factory, self.target, self._ca_pem, s), s.connect_timeout_s, "create")
                 # A client-event handler, not a receive handler: assigning it does not connect.
                 self._client.on_connection_state_change = self._sdk_state_changed
             client = self._client
-            await self._bounded(client.connect(), s.connect_timeout_s, "connect")
-            twin = await self._bounded(client.get_twin(), s.twin_timeout_s, "get_twin")
+            await self._sdk.call(client.connect(), s.connect_timeout_s, "connect")
+            twin = await self._sdk.call(client.get_twin(), s.twin_timeout_s, "get_twin")
             self._on_twin(twin)
             # Assigning the receive handler subscribes, synchronously (iothub-protocol.md §1.4).
-            await self._bounded(asyncio.to_thread(setattr, client, "on_twin_desired_properties_patch_received",
+            await self._sdk.call(asyncio.to_thread(setattr, client, "on_twin_desired_properties_patch_received",
                                                   self._sdk_desired_patch), s.twin_timeout_s, "subscribe")
         except CredentialError as exc:
             self.stats.auth_failures += 1
@@ -391,7 +387,7 @@ class LeafLink:
             if self._resync:
                 self._resync = False
                 try:
-                    self._on_twin(await self._bounded(self._client.get_twin(), self.settings.twin_timeout_s,
+                    self._on_twin(await self._sdk.call(self._client.get_twin(), self.settings.twin_timeout_s,
                                                       "get_twin"))
                 except (TimeoutError, *SDK_ERRORS) as exc:
                     self._break(f"twin GET failed: {exc!r}")
@@ -426,7 +422,7 @@ class LeafLink:
         msg = entry.message.to_sdk_message()
         msg.message_id = entry.message_id
         try:
-            await self._bounded(self._client.send_message(msg), self.settings.send_timeout_s, "send")
+            await self._sdk.call(self._client.send_message(msg), self.settings.send_timeout_s, "send")
         except TimeoutError:
             self.stats.send_timeouts += 1
             self.outbox.release_in_flight()
@@ -507,7 +503,7 @@ class LeafLink:
         if not body:
             return
         try:
-            await self._bounded(self._client.patch_twin_reported_properties(body), self.settings.twin_timeout_s,
+            await self._sdk.call(self._client.patch_twin_reported_properties(body), self.settings.twin_timeout_s,
                                 "patch_reported")
         except (TimeoutError, *SDK_ERRORS) as exc:
             self.stats.reported_failures += 1
@@ -559,27 +555,11 @@ class LeafLink:
 
     # -- SDK calls, bounded ------------------------------------------------------------------------------------
 
-    async def _bounded(self, call: Coroutine[Any, Any, T], timeout_s: float, name: str) -> T:
-        """Await an SDK call for at most ``timeout_s``; a call we stop waiting for is kept until it settles."""
-        task = asyncio.get_running_loop().create_task(call, name=f"leafguard.leaf[{self.device_id}].{name}")
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await asyncio.shield(task)
-        finally:
-            if not task.done():
-                self._abandoned.add(task)
-                task.add_done_callback(self._settled)
-
-    def _settled(self, task: asyncio.Task[Any]) -> None:
-        self._abandoned.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.debug("leaf %s: abandoned SDK call ended with %r", self.device_id, task.exception())
-
     async def _disconnect_quietly(self) -> None:
         if self._client is None:
             return
         try:
-            await self._bounded(self._client.disconnect(), self.settings.connect_timeout_s, "disconnect")
+            await self._sdk.call(self._client.disconnect(), self.settings.connect_timeout_s, "disconnect")
         except (TimeoutError, *SDK_ERRORS) as exc:
             log.debug("leaf %s: disconnect after a broken link: %r", self.device_id, exc)
 
@@ -587,15 +567,7 @@ class LeafLink:
         client, self._client = self._client, None
         if client is None:
             return
-        try:
-            async with asyncio.timeout(timeout_s):
-                await client.shutdown()
-                if self._abandoned:
-                    await asyncio.wait(set(self._abandoned))
-        except (TimeoutError, *SDK_ERRORS) as exc:
-            log.warning("leaf %s: closing the client: %r", self.device_id, exc)
-        for task in list(self._abandoned):
-            task.cancel()
+        await self._sdk.shut_down(client, timeout_s)
 
     def _dropped(self, entry: Pending) -> None:
         if self.on_dropped is not None:

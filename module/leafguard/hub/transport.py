@@ -48,20 +48,18 @@ import enum
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from azure.iot.device import MethodResponse
 from azure.iot.device.aio import IoTHubModuleClient
 from azure.iot.device.exceptions import (
-    ClientError,
     ConnectionDroppedError,
     ConnectionFailedError,
     NoConnectionError,
     OperationCancelled,
-    OperationTimeout,
     ServiceError,
 )
 
@@ -69,24 +67,16 @@ from leafguard.agent.messages import OutgoingMessage
 from leafguard.hub.link import Backoff, LinkState
 from leafguard.hub.methods import MethodResult
 from leafguard.hub.outbox import Outbox, Pending
+from leafguard.hub.sdk_calls import SDK_ERRORS, SDK_RECONNECT_GRACE_S, STABLE_CONNECTION_S, SdkCalls
 from leafguard.hub.settings import EdgeSettings
 from leafguard.hub.sockopt import enable_tcp_nodelay
 from leafguard.hub.twin import ReportedPatch, ReportedState, twin_size
 
 log = logging.getLogger("leafguard.hub")
-T = TypeVar("T")
-
-SDK_ERRORS = (ClientError, OperationCancelled, OperationTimeout)
-"""What azure-iot-device raises for a failed operation (the last two are not ClientErrors)."""
 
 LEAF_IDENTITY_PROPERTY = "leafIdentity"
 TWIN_RETRY_S = 5.0
 """After a failed twin request (GET or reported patch): the pause before the next try (IoT Hub throttles twins)."""
-STABLE_CONNECTION_S = 10.0
-"""A connection that lasted this long resets the backoff when it breaks; a shorter one backs off first."""
-SDK_RECONNECT_GRACE_S = 3.0
-"""How long a disconnect the SDK reports may last before we call the link lost: the SDK renews its SAS token
-(every ~58 min by default) with a DISCONNECT and a CONNECT of its own, which is not an outage."""
 
 
 MethodHandler = Callable[[str, object], Awaitable[MethodResult]]
@@ -191,7 +181,7 @@ class EdgeTransport:
         self._closing = asyncio.Event()
         self._stopped = asyncio.Event()
         self._send_scopes: set[asyncio.Timeout] = set()
-        self._abandoned: set[asyncio.Task[Any]] = set()
+        self._sdk = SdkCalls("leafguard.hub", "hub")
         """Sends we stopped waiting for (timeout, broken link); the SDK still owns their PUBLISH."""
         self._epoch = 0
         """Counts successful connects; the twin task fetches the twin once per epoch."""
@@ -391,19 +381,10 @@ class EdgeTransport:
             with contextlib.suppress(TimeoutError, OSError, *SDK_ERRORS):
                 async with asyncio.timeout(timeout_s):
                     client = await asyncio.shield(creating)
-            self._abandon(creating)
+            self._sdk.keep(creating)
         if client is None:
             return
-        try:
-            async with asyncio.timeout(timeout_s):
-                await client.shutdown()
-                # Shutting down settles every PUBLISH the SDK still held (cancelled): let those tasks end.
-                if self._abandoned:
-                    await asyncio.wait(set(self._abandoned))
-        except (TimeoutError, *SDK_ERRORS) as exc:
-            log.warning("closing the hub client: %r", exc)
-        for send in list(self._abandoned):
-            send.cancel()
+        await self._sdk.shut_down(client, timeout_s)
 
     # -- supervisor ------------------------------------------------------------------------------------------
 
@@ -489,19 +470,6 @@ class EdgeTransport:
         self._set_state(LinkState.CONNECTED)
         self._report_wake.set()
 
-    async def _sdk_call(self, call: Coroutine[Any, Any, T], timeout_s: float, name: str) -> T:
-        """Await an SDK call (or a thread) for at most ``timeout_s``, never cancelling it.
-
-        The SDK resolves its own futures from its threads and logs an error when one was cancelled under it; a
-        call we stop waiting for is kept (``_abandoned``) until the SDK settles it.
-        """
-        task = asyncio.get_running_loop().create_task(call, name=f"leafguard.hub.{name}")
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await asyncio.shield(task)
-        finally:
-            self._abandon(task)
-
     async def _create_client(self) -> Any:
         """The one client, created once. A creation that outlives a connect attempt is awaited again by the next
         one, never started twice: two clients of one identity would keep kicking each other off the hub."""
@@ -529,12 +497,12 @@ class EdgeTransport:
     async def _connect(self) -> None:
         s = self.settings
         client = await self._create_client()
-        await self._sdk_call(client.connect(), s.connect_timeout_s, "connect")
+        await self._sdk.call(client.connect(), s.connect_timeout_s, "connect")
         try:
             # Assigning a receive handler subscribes, synchronously; re-assigning it once subscribed is a no-op,
             # and after a failed subscription it tries again.
             handler = self._sdk_desired_patch
-            await self._sdk_call(
+            await self._sdk.call(
                 asyncio.to_thread(setattr, client, "on_twin_desired_properties_patch_received", handler),
                 s.twin_timeout_s,
                 "subscribe_desired",
@@ -544,7 +512,7 @@ class EdgeTransport:
             log.warning("subscribing to desired-properties patches timed out; relying on twin GETs")
         if self.method_handler is not None:
             try:
-                await self._sdk_call(
+                await self._sdk.call(
                     asyncio.to_thread(setattr, client, "on_method_request_received", self._sdk_method_request),
                     s.twin_timeout_s,
                     "subscribe_methods",
@@ -557,7 +525,7 @@ class EdgeTransport:
         if client is None:
             return
         try:
-            await self._sdk_call(client.disconnect(), self.settings.connect_timeout_s, "disconnect")
+            await self._sdk.call(client.disconnect(), self.settings.connect_timeout_s, "disconnect")
         except (TimeoutError, *SDK_ERRORS) as exc:
             log.debug("disconnect after a broken link: %r", exc)
 
@@ -680,21 +648,8 @@ class EdgeTransport:
         else:
             self.outbox.ack(entry)
         finally:
-            self._abandon(send)
+            self._sdk.keep(send)
             self._after_send()
-
-    def _abandon(self, send: asyncio.Task[Any]) -> None:
-        """Keep a send we stopped waiting for until the SDK settles it (ack, or cancelled by a disconnect)."""
-        if send.done():
-            self._settled(send)
-            return
-        self._abandoned.add(send)
-        send.add_done_callback(self._settled)
-
-    def _settled(self, send: asyncio.Task[Any]) -> None:
-        self._abandoned.discard(send)
-        if not send.cancelled() and send.exception() is not None:
-            log.debug("abandoned send ended with %r", send.exception())
 
     def _dropped(self, entry: Pending) -> None:
         if self.on_dropped is not None:
@@ -738,7 +693,7 @@ class EdgeTransport:
             return
         response = MethodResponse.create_from_method_request(request, result.status, result.payload)
         try:
-            await self._sdk_call(client.send_method_response(response), self.settings.twin_timeout_s, "method_response")
+            await self._sdk.call(client.send_method_response(response), self.settings.twin_timeout_s, "method_response")
         except (TimeoutError, *SDK_ERRORS) as exc:
             # The caller gets IoT Hub's timeout (504) instead; nothing else depends on this response.
             self.stats.method_response_failures += 1
@@ -755,7 +710,7 @@ class EdgeTransport:
             try:
                 if self._twin_epoch != self._epoch or self._resync:
                     epoch, self._resync = self._epoch, False
-                    twin = await self._sdk_call(client.get_twin(), self.settings.twin_timeout_s, "get_twin")
+                    twin = await self._sdk.call(client.get_twin(), self.settings.twin_timeout_s, "get_twin")
                     self._twin_epoch = epoch
                     desired = twin.get("desired") if isinstance(twin, dict) else None
                     if isinstance(desired, dict):
@@ -804,7 +759,7 @@ class EdgeTransport:
                 self._last_health = now  # built and found unchanged: due again in a minute, not at once
             return
         try:
-            await self._sdk_call(
+            await self._sdk.call(
                 self._client.patch_twin_reported_properties(patch.body), self.settings.twin_timeout_s, "patch_reported"
             )
         except (TimeoutError, *SDK_ERRORS) as exc:
