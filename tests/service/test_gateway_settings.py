@@ -17,7 +17,13 @@ import pytest
 from leafguard.demo import demo_capture
 from leafguard.detect.thresholds import THRESHOLD_KEYS, Thresholds
 from leafguard.errors import ConfigurationError
-from leafguard.service.gateway import CaptureSection, apply_capture_section, parse_detection, parse_leaf_map
+from leafguard.service.gateway import (
+    CaptureDefaults,
+    CaptureSection,
+    apply_capture_section,
+    parse_detection,
+    parse_leaf_map,
+)
 from testkit.netns import Lab, Netns, needs_root
 from testkit.wait import wait_for
 from tests.service.helpers import read_stats, run_capturing
@@ -254,9 +260,10 @@ def test_documents_past_their_caps_are_rejected_and_the_old_settings_stay(tmp_pa
 def test_a_capture_section_that_sets_nothing_clears_its_error() -> None:
     """Issue #12 defect 3 in edge mode: after a bad capture section, ``"capture": null`` is not an error."""
     status: dict[str, object] = {"extraFilter": "", "error": None}
-    apply_capture_section(None, {"extraFilter": 5}, status)
+    replay = CaptureDefaults("", (), promiscuous=True)
+    apply_capture_section(None, {"extraFilter": 5}, status, replay)
     assert "must be a string" in str(status["error"])
-    apply_capture_section(None, None, status)
+    apply_capture_section(None, None, status, replay)
     assert status == {"extraFilter": "", "error": None}
 
 

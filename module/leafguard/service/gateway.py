@@ -297,7 +297,7 @@ def apply_capture_section(
     capture: LiveCaptureLike | None,
     section: object,
     status: dict[str, Any],
-    defaults: CaptureDefaults | None = None,
+    defaults: CaptureDefaults,
 ) -> None:
     """Apply a capture section to a live capture (``capture`` is None in a replay: nothing to change there).
 
@@ -313,8 +313,6 @@ def apply_capture_section(
                 raise ConfigurationError(f"capture.{key} applies to live capture only (this run replays a file)")
             status["error"] = None  # nothing to change, and nothing wrong
             return
-        if defaults is None:
-            defaults = CaptureDefaults(status["extraFilter"], tuple(status["interfaces"]), status["promiscuous"])
         expr = defaults.extra_filter if parsed.extra_filter is None else parsed.extra_filter
         interfaces = defaults.interfaces if parsed.interfaces is None else parsed.interfaces
         promiscuous = defaults.promiscuous if parsed.promiscuous is None else parsed.promiscuous
