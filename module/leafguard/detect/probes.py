@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +34,7 @@ from leafguard.decode.frames import (
     Packet,
     decode,
 )
+from leafguard.observe.fastpath import Classified
 from leafguard.observe.settings import Network
 
 _U8 = npt.NDArray[np.uint8]
@@ -55,9 +56,12 @@ WEB_PORTS = frozenset(WEB_PORTS_LIST)
 HOP_BUCKET_S = 1.0
 """A (leaf, next hop) pair makes one record per second of packet time in which it is used."""
 
+# The records are named tuples, immutable and typed like the frozen dataclasses of the rest of the core, because
+# they are made by the hundred thousand (one per TCP control segment): a tuple costs a quarter of a frozen
+# dataclass's construction (about 0.2 against 0.8 us), which sets every field through object.__setattr__.
 
-@dataclass(frozen=True, slots=True)
-class TcpControl:
+
+class TcpControl(NamedTuple):
     """A TCP segment with SYN, FIN or RST, or without ACK."""
 
     ts: float
@@ -69,8 +73,7 @@ class TcpControl:
     flags: int
 
 
-@dataclass(frozen=True, slots=True)
-class UdpFirst:
+class UdpFirst(NamedTuple):
     """The first datagram from one address and port to another (the first of its conversation in this direction)."""
 
     ts: float
@@ -83,16 +86,14 @@ class UdpFirst:
     """The other direction was seen before: this datagram answers (or continues) a conversation."""
 
 
-@dataclass(frozen=True, slots=True)
-class EchoRequest:
+class EchoRequest(NamedTuple):
     ts: float
     src_mac: bytes | None
     src: bytes
     dst: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class PortUnreachable:
+class PortUnreachable(NamedTuple):
     """An ICMP (or ICMPv6) port unreachable, with the UDP datagram it answers (from its quoted headers)."""
 
     ts: float
@@ -101,8 +102,7 @@ class PortUnreachable:
     dport: int
 
 
-@dataclass(frozen=True, slots=True)
-class ArpFrame:
+class ArpFrame(NamedTuple):
     ts: float
     src_mac: bytes
     op: int
@@ -111,8 +111,7 @@ class ArpFrame:
     target_ip: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Neighbor:
+class Neighbor(NamedTuple):
     """An IPv6 neighbour solicitation (``advert`` False) or advertisement, with the binding it states."""
 
     ts: float
@@ -125,8 +124,7 @@ class Neighbor:
     override: bool
 
 
-@dataclass(frozen=True, slots=True)
-class NextHop:
+class NextHop(NamedTuple):
     """A leaf-side source sending to a destination beyond the leaf side through the MAC ``hop`` (its gateway)."""
 
     ts: float
@@ -148,8 +146,54 @@ def _firsts(k1: _I64, k2: _I64) -> _I64:
     return np.sort(order[start])
 
 
-def _first(event: tuple[int, Record | None]) -> int:
-    return event[0]
+def _control(flags: _U8, web: _B) -> _B:
+    """What the TCP rules read (`scans`, `bruteforce`) of TCP segments with these flags (``web``: to or from a
+    web port): segments without ACK (SYNs, RSTs without ACK, scan probes), and SYN-ACKs and FINs off the web
+    ports. A RST with ACK (a closed port's answer) and the SYN-ACKs and FINs of web traffic, the bulk of the
+    control segments, are left out."""
+    read: _B = ((flags & TCP_ACK) == 0) | (((flags & (TCP_SYN | 0x01)) != 0) & ~web)
+    return read
+
+
+class _Picks:
+    """One batch's records so far with the frame index of each (``at``, one array per step), and the UDP
+    datagrams and leaf-side sources that are yet to be checked against what was seen before."""
+
+    __slots__ = ("arr", "at", "data", "h_at", "h_dmac", "h_smac", "off", "recs", "stamps", "u_at", "u_fields")
+
+    def __init__(self, batch: FrameBatch) -> None:
+        self.data = batch.data
+        self.arr = np.frombuffer(batch.data, dtype=np.uint8)
+        self.off = np.asarray(batch.offsets, dtype=np.int64)
+        self.stamps = np.asarray(batch.timestamps, dtype=np.float64)
+        self.recs: list[Record] = []
+        self.at: list[_I64] = []
+        self.u_at: list[_I64] = []
+        self.u_fields: list[tuple[_I64, _I64, _I64, _I64]] = []
+        self.h_at: list[_I64] = []
+        self.h_smac: list[_I64] = []
+        self.h_dmac: list[_I64] = []
+
+    def tcp(self, at: _I64, h: _I64, l4: _I64) -> None:
+        """Control segments (frames ``at``, IPv4 header at ``h + 14``, TCP header at ``l4``) as records."""
+        data, arr = self.data, self.arr
+        self.at.append(at)
+        self.recs += [
+            TcpControl(t, data[m + 6 : m + 12], data[a + 26 : a + 30], sp, data[a + 30 : a + 34], dp, f)
+            for t, m, a, sp, dp, f in zip(
+                self.stamps[at].tolist(), self.off[at].tolist(), h.tolist(), _u16(arr, l4).tolist(),
+                _u16(arr, l4 + 2).tolist(), arr[l4 + 13].tolist(), strict=True,
+            )
+        ]  # fmt: skip
+
+    def udp(self, at: _I64, sip: _I64, dip: _I64, sport: _I64, dport: _I64) -> None:
+        self.u_at.append(at)
+        self.u_fields.append((sip, dip, sport, dport))
+
+    def hop(self, at: _I64, smac: _I64, dmac: _I64) -> None:
+        self.h_at.append(at)
+        self.h_smac.append(smac)
+        self.h_dmac.append(dmac)
 
 
 _PRIVATE_V4: tuple[ipaddress.IPv4Network, ...] = (
@@ -196,32 +240,51 @@ class Picker:
         v4 = tuple(n for n in leaf_nets if isinstance(n, ipaddress.IPv4Network))
         self._leaf_v4 = v4 if leaf_nets else _PRIVATE_V4
 
-    def records(self, batch: FrameBatch) -> Iterator[Record]:
+    def records(self, batch: FrameBatch) -> list[Record]:
+        """The batch's records, in capture order (records of one frame in the order the rules read them)."""
         n = len(batch)
         if not n:
-            return
+            return []
         data = batch.data
         ts = batch.timestamps
         if batch.linktype != LINKTYPE_ETHERNET:
+            out: list[Record] = []
             for i in range(n):
-                yield from self._decoded(decode(data, batch.offsets[i], batch.caplens[i], batch.linktype), data, ts[i])
-            return
-        events = self._pick(batch)
-        events.sort(key=_first)
-        for i, record in events:
-            if record is not None:
-                yield record
-            else:
-                yield from self._decoded(decode(data, batch.offsets[i], batch.caplens[i], batch.linktype), data, ts[i])
+                out += self._decoded(decode(data, batch.offsets[i], batch.caplens[i], batch.linktype), data, ts[i])
+            return out
+        return self._pick(batch)
 
-    def _pick(self, batch: FrameBatch) -> list[tuple[int, Record | None]]:
-        """(frame index, record) for every frame the rules read; None where the frame is to be decoded (ARP,
-        ICMP, IPv6, encapsulations): plain IPv4 TCP and UDP records are made here from the gathered fields."""
+    def _pick(self, batch: FrameBatch) -> list[Record]:
+        """Every record of an Ethernet batch. The frames the reader's classification holds (plain IPv4 TCP and UDP,
+        `fastpath.Classified`) are picked from its arrays; the others have their headers gathered here."""
+        pre = batch.prepared if isinstance(batch.prepared, Classified) else None
+        picks = _Picks(batch)
+        if pre is None:
+            self._gathered(batch, np.arange(len(batch), dtype=np.int64), picks)
+        else:
+            rest = np.ones(len(batch), dtype=bool)
+            rest[pre.cand] = False
+            self._gathered(batch, np.flatnonzero(rest), picks)
+            self._classified(batch, pre, picks)
+        self._udp_firsts(picks)
+        self._next_hops(picks)
+        # Records of one frame keep the order of the lists: decoded, TCP, UDP, next hop.
+        at = np.concatenate(picks.at) if picks.at else np.empty(0, dtype=np.int64)
+        assert at.size == len(picks.recs), "one frame index per record"
+        recs = picks.recs
+        return [recs[k] for k in np.argsort(at, kind="stable").tolist()]
+
+    def _gathered(self, batch: FrameBatch, idx: _I64, picks: _Picks) -> None:
+        """The frames ``idx`` (in order), with their headers gathered from the batch buffer: ARP, ICMP, IPv6 and
+        encapsulations are decoded frame by frame, plain IPv4 TCP control segments become records here, and UDP
+        datagrams and leaf-side sources are handed on to the steps that remember what is not new."""
+        if not idx.size:
+            return
         data = batch.data
         arr = np.frombuffer(data, dtype=np.uint8)
-        off = np.asarray(batch.offsets, dtype=np.int64)
-        cap = np.asarray(batch.caplens, dtype=np.int64)
-        stamps = np.asarray(batch.timestamps, dtype=np.float64)
+        off = np.asarray(batch.offsets, dtype=np.int64)[idx]
+        cap = np.asarray(batch.caplens, dtype=np.int64)[idx]
+        stamps = np.asarray(batch.timestamps, dtype=np.float64)[idx]
         ok = cap >= 14
         o = np.where(ok, off, 0)
         tagged = ok & (arr[o + 12] == 0x81) & (arr[o + 13] == 0x00) & (cap >= 18)
@@ -245,14 +308,8 @@ class Picker:
         flags = arr[np.where(tcp, l4 + 13, 0)]
         sport = _u16(arr, l4)
         dport = _u16(arr, l4 + 2)
-        # What the TCP rules read (`scans`, `bruteforce`): segments without ACK (SYNs, RSTs without ACK, scan
-        # probes), and SYN-ACKs and FINs off the web ports. A RST with ACK (a closed port's answer) and the
-        # SYN-ACKs and FINs of web traffic, the bulk of the control segments, are left out.
         web = np.isin(sport, WEB_PORTS_LIST) | np.isin(dport, WEB_PORTS_LIST)
-        control = tcp & (
-            ((flags & TCP_ACK) == 0)
-            | (((flags & (TCP_SYN | 0x01)) != 0) & ~web)
-        )  # fmt: skip
+        control = tcp & _control(flags, web)
         # IPv6: the next header of the fixed header; extension headers are left to the decoder.
         hv6 = np.where(v6, h, 0)
         nh = arr[hv6 + 20]
@@ -261,72 +318,153 @@ class Picker:
             (nh == PROTO_ICMPV6) | (nh == PROTO_UDP) | (nh == 0) | (nh == 43) | (nh == 44) | (nh == 60)
             | ((nh == PROTO_TCP) & (((flags6 & 0x07) != 0) | ((flags6 & TCP_ACK) == 0)))
         )  # fmt: skip
-        events: list[tuple[int, Record | None]] = [
-            (i, None) for i in np.flatnonzero(arp | odd | icmp | v6_pick).tolist()
+        # ICMP: echo requests whose message is captured (4 bytes at least) become records here, other messages
+        # but unreachables make none; the rest (unreachables, odd headers) goes to the decoder.
+        total = _u16(arr, hv + 16)
+        plain_icmp = icmp & (ihl >= 20) & (total >= ihl) & (np.minimum(total, hcap - 14) - ihl >= 4)
+        kind = arr[np.where(plain_icmp, l4, 0)]
+        echo = plain_icmp & (kind == ICMP_ECHO_REQUEST)
+        quiet = plain_icmp & (kind != ICMP_ECHO_REQUEST) & (kind != ICMP_UNREACHABLE)
+        # ARP for IPv4 over Ethernet with its addresses captured: a record each; any other ARP frame none.
+        arp_rec = arp & (hcap >= 14 + 28)
+        ha = np.where(arp_rec, h, 0)
+        arp_rec &= (_u32(arr, ha + 14) == 0x00010800) & (arr[ha + 18] == 6) & (arr[ha + 19] == 4)
+        dec_at: list[int] = []
+        caplens = batch.caplens
+        for i in idx[odd | (icmp & ~echo & ~quiet) | v6_pick].tolist():
+            p = decode(data, batch.offsets[i], caplens[i], LINKTYPE_ETHERNET)
+            for r in self._decoded(p, data, batch.timestamps[i]):
+                dec_at.append(i)
+                picks.recs.append(r)
+        picks.at.append(np.asarray(dec_at, dtype=np.int64))
+        rows = np.flatnonzero(echo)
+        picks.at.append(idx[rows])
+        picks.recs += [
+            EchoRequest(t, data[m + 6 : m + 12], data[a + 26 : a + 30], data[a + 30 : a + 34])
+            for t, m, a in zip(stamps[rows].tolist(), o[rows].tolist(), hv[rows].tolist(), strict=True)
         ]
+        rows = np.flatnonzero(arp_rec)
+        picks.at.append(idx[rows])
+        picks.recs += [
+            ArpFrame(t, data[m + 6 : m + 12], op, data[a + 22 : a + 28], data[a + 28 : a + 32], data[a + 38 : a + 42])
+            for t, m, a, op in zip(
+                stamps[rows].tolist(), o[rows].tolist(), h[rows].tolist(), _u16(arr, h[rows] + 20).tolist(), strict=True
+            )
+        ]
+        rows = np.flatnonzero(control)
+        picks.tcp(idx[rows], hv[rows], l4[rows])
         sip = _u32(arr, hv + 26)
         dip = _u32(arr, hv + 30)
-
-        rows = np.flatnonzero(control)
-        if rows.size:
-            at = hv[rows]
-            mo = o[rows]
-            for i, t, m, a, sp, dp, f in zip(
-                rows.tolist(), stamps[rows].tolist(), mo.tolist(), at.tolist(), sport[rows].tolist(),
-                dport[rows].tolist(), flags[rows].tolist(), strict=True,
-            ):  # fmt: skip
-                events.append(
-                    (i, TcpControl(t, data[m + 6 : m + 12], data[a + 26 : a + 30], sp, data[a + 30 : a + 34], dp, f))
-                )
-
-        # Datagrams of the services that make most of a segment's new UDP conversations (DNS, NTP, DHCP, mDNS,
-        # SSDP) are left out: a probe to one of these ports is one port less in a scan's count.
         common = np.isin(sport, COMMON_UDP_LIST) | np.isin(dport, COMMON_UDP_LIST)
         udp = np.flatnonzero(has_ports & (proto == PROTO_UDP) & ~common)
-        if udp.size:
-            s_ip, d_ip, sp_, dp_ = sip[udp], dip[udp], sport[udp], dport[udp]
-            first = _firsts((s_ip << 32) | d_ip, (sp_ << 16) | dp_)
-            seen = self._udp_seen
-            for j in first.tolist():
-                a, b, c, d = int(s_ip[j]), int(d_ip[j]), int(sp_[j]), int(dp_[j])
-                key = ((a << 32) | b, (c << 16) | d)
-                if key in seen:
-                    continue
-                if len(seen) >= self._max_keys:
-                    seen.popitem(last=False)
-                seen[key] = None
-                i = int(udp[j])
-                m = int(o[i])
-                answers = ((b << 32) | a, (d << 16) | c) in seen
-                events.append(
-                    (i, UdpFirst(float(stamps[i]), data[m + 6 : m + 12], a.to_bytes(4, "big"), c, b.to_bytes(4, "big"),
-                                 d, answers))
-                )  # fmt: skip
+        picks.udp(idx[udp], sip[udp], dip[udp], sport[udp], dport[udp])
+        rows = np.flatnonzero(v4 & self._remote(sip, dip))
+        picks.hop(idx[rows], _u48(arr, o[rows] + 6), _u48(arr, o[rows]))
 
-        # Leaf-side sources to destinations beyond the leaf side (not multicast, not broadcast).
-        remote = v4 & _in_nets(sip, self._leaf_v4) & ~_in_nets(dip, self._leaf_v4)
-        remote &= ((dip >> 28) != 0xE) & (dip != 0xFFFFFFFF) & (dip != 0) & ((dip >> 24) != 127)
-        rows = np.flatnonzero(remote)
+    def _classified(self, batch: FrameBatch, pre: Classified, picks: _Picks) -> None:
+        """The plain IPv4 TCP and UDP frames of the reader's classification: their flags, MACs, times and
+        conversations are read from its arrays, addresses and ports per conversation where that is enough."""
+        arr = np.frombuffer(batch.data, dtype=np.uint8)
+        cand, h, flags, tcp = pre.cand, pre.h, pre.flags, pre.tcp
+        # Ports only where the rule depends on them: TCP segments with an ACK and SYN or FIN (the web check).
+        noack = tcp & ((flags & TCP_ACK) == 0)
+        synfin = np.flatnonzero(tcp & ~noack & ((flags & (TCP_SYN | 0x01)) != 0))
+        hs = h[synfin]
+        web = np.isin(_u16(arr, hs + 34), WEB_PORTS_LIST) | np.isin(_u16(arr, hs + 36), WEB_PORTS_LIST)
+        control = noack
+        control[synfin[~web]] = True
+        rows = np.flatnonzero(control)
+        picks.tcp(cand[rows], h[rows], h[rows] + 34)
+        # Each conversation's addresses and ports from its key (`Classified.k1`, `k2`), then per frame by
+        # direction (``src_lo``: the source is the lower end).
+        k1 = np.asarray(pre.k1, dtype=np.int64)
+        k2 = np.asarray(pre.k2, dtype=np.int64)
+        ip_lo, ip_hi = (k1 >> 32) & 0xFFFFFFFF, k1 & 0xFFFFFFFF
+        port_lo, port_hi = (k2 >> 24) & 0xFFFF, (k2 >> 8) & 0xFFFF
+        inv, lo = pre.inv, pre.src_lo
+        udp = ~tcp
+        u_common = np.isin(port_lo, COMMON_UDP_LIST) | np.isin(port_hi, COMMON_UDP_LIST)
+        rows = np.flatnonzero(udp & ~u_common[inv])
         if rows.size:
-            smac = _u48(arr, o[rows] + 6)
-            dmac = _u48(arr, o[rows])
-            unicast = (dmac >> 40) & 1 == 0
-            rows, smac, dmac = rows[unicast], smac[unicast], dmac[unicast]
-            bucket = np.floor(stamps[rows] / HOP_BUCKET_S).astype(np.int64)
-            first = _firsts(smac, (dmac << 16) ^ bucket)
-            seen_h = self._hops_seen
-            for j in first.tolist():
-                key = (int(smac[j]), int(dmac[j]))
-                b = int(bucket[j])
-                last = seen_h.get(key)
-                if last is not None and last >= b:
-                    continue
-                if last is None and len(seen_h) >= self._max_keys:
-                    seen_h.popitem(last=False)
-                seen_h[key] = b
-                i = int(rows[j])
-                events.append((i, NextHop(float(stamps[i]), key[0].to_bytes(6, "big"), key[1].to_bytes(6, "big"))))
-        return events
+            u, s_lo = inv[rows], lo[rows]
+            a, b = ip_lo[u], ip_hi[u]
+            c, d = port_lo[u], port_hi[u]
+            picks.udp(cand[rows], np.where(s_lo, a, b), np.where(s_lo, b, a), np.where(s_lo, c, d),
+                      np.where(s_lo, d, c))  # fmt: skip
+        # Leaf-side sources to destinations beyond: decided per conversation, for either direction.
+        remote_ab = self._remote(ip_lo, ip_hi)
+        remote_ba = self._remote(ip_hi, ip_lo)
+        rows = np.flatnonzero(np.where(lo, remote_ab[inv], remote_ba[inv]))
+        picks.hop(cand[rows], pre.smac[rows], pre.dmac[rows])
+
+    def _remote(self, sip: _I64, dip: _I64) -> _B:
+        """Leaf-side sources to destinations beyond the leaf side (not multicast, not broadcast)."""
+        remote = _in_nets(sip, self._leaf_v4) & ~_in_nets(dip, self._leaf_v4)
+        remote &= ((dip >> 28) != 0xE) & (dip != 0xFFFFFFFF) & (dip != 0) & ((dip >> 24) != 127)
+        return remote
+
+    def _udp_firsts(self, picks: _Picks) -> None:
+        """A record for the first datagram of each UDP conversation (and direction) of the whole capture."""
+        # Datagrams of the services that make most of a segment's new UDP conversations (DNS, NTP, DHCP, mDNS,
+        # SSDP) are left out before: a probe to one of these ports is one port less in a scan's count.
+        if not picks.u_at:
+            return
+        at = np.concatenate(picks.u_at)
+        s_ip, d_ip, sp_, dp_ = (np.concatenate(c) for c in zip(*picks.u_fields, strict=True))
+        order = np.argsort(at, kind="stable")
+        at, s_ip, d_ip, sp_, dp_ = at[order], s_ip[order], d_ip[order], sp_[order], dp_[order]
+        first = _firsts((s_ip << 32) | d_ip, (sp_ << 16) | dp_)
+        at = at[first]
+        data, off, stamps = picks.data, picks.off, picks.stamps
+        seen = self._udp_seen
+        rec_at: list[int] = []
+        recs = picks.recs
+        for i, m, t, a, b, c, d in zip(
+            at.tolist(), off[at].tolist(), stamps[at].tolist(), s_ip[first].tolist(), d_ip[first].tolist(),
+            sp_[first].tolist(), dp_[first].tolist(), strict=True,
+        ):  # fmt: skip
+            key = ((a << 32) | b, (c << 16) | d)
+            if key in seen:
+                continue
+            if len(seen) >= self._max_keys:
+                seen.popitem(last=False)
+            seen[key] = None
+            answers = ((b << 32) | a, (d << 16) | c) in seen
+            rec_at.append(i)
+            recs.append(UdpFirst(t, data[m + 6 : m + 12], a.to_bytes(4, "big"), c, b.to_bytes(4, "big"), d, answers))
+        picks.at.append(np.asarray(rec_at, dtype=np.int64))
+
+    def _next_hops(self, picks: _Picks) -> None:
+        """A record per (leaf, next hop) and second of packet time in which the pair is used."""
+        if not picks.h_at:
+            return
+        at = np.concatenate(picks.h_at)
+        smac, dmac = np.concatenate(picks.h_smac), np.concatenate(picks.h_dmac)
+        order = np.argsort(at, kind="stable")
+        at, smac, dmac = at[order], smac[order], dmac[order]
+        unicast = (dmac >> 40) & 1 == 0
+        at, smac, dmac = at[unicast], smac[unicast], dmac[unicast]
+        stamps = picks.stamps
+        bucket = np.floor(stamps[at] / HOP_BUCKET_S).astype(np.int64)
+        first = _firsts(smac, (dmac << 16) ^ bucket)
+        at = at[first]
+        seen_h = self._hops_seen
+        rec_at: list[int] = []
+        recs = picks.recs
+        for i, t, sm, dm, b in zip(
+            at.tolist(), stamps[at].tolist(), smac[first].tolist(), dmac[first].tolist(), bucket[first].tolist(),
+            strict=True,
+        ):  # fmt: skip
+            key = (sm, dm)
+            last = seen_h.get(key)
+            if last is not None and last >= b:
+                continue
+            if last is None and len(seen_h) >= self._max_keys:
+                seen_h.popitem(last=False)
+            seen_h[key] = b
+            rec_at.append(i)
+            recs.append(NextHop(t, sm.to_bytes(6, "big"), dm.to_bytes(6, "big")))
+        picks.at.append(np.asarray(rec_at, dtype=np.int64))
 
     def _decoded(self, p: Packet, data: bytes, ts: float) -> Iterator[Record]:
         if p.ethertype == ETH_ARP:
