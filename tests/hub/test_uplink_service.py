@@ -60,8 +60,11 @@ def security_events(hub: HubEmulator) -> list[bytes]:
     return sorted(out)
 
 
+@pytest.mark.parametrize("last_save", ["after the replay", "before the first frame"])
 async def test_refused_from_the_start_kill_9_after_the_replay_and_a_restart_lose_no_event(
-        hub: HubEmulator, tmp_path: Path) -> None:
+        hub: HubEmulator, tmp_path: Path, last_save: str) -> None:
+    """With the last state saved after the replay, or only before its first frame (a long interval: everything
+    the agents hold is in the journal alone), the restart sends every event of the uninterrupted run."""
     module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
     capture = steady_capture(tmp_path / "steady.pcap", minutes=10)
 
@@ -77,11 +80,14 @@ async def test_refused_from_the_start_kill_9_after_the_replay_and_a_restart_lose
 
     hub.refuse_connections()
     data_dir = tmp_path / "data"
-    first = await start(hub, module, capture, data_dir, "0")
+    journal_only = last_save == "before the first frame"
+    interval = {"LEAFGUARD_STATE_INTERVAL_S": "3600"} if journal_only else {}
+    first = await start(hub, module, capture, data_dir, "0", **interval)
     try:
         async with asyncio.timeout(LIMIT_S):
             await until(lambda: first.saw("replay finished"))
-            await asyncio.sleep(1.0)  # a state save after the last frame
+            if not journal_only:
+                await asyncio.sleep(1.0)  # a state save after the last frame
     finally:
         await kill(first)
     assert not hub.messages(MODULE)
@@ -97,6 +103,7 @@ async def test_refused_from_the_start_kill_9_after_the_replay_and_a_restart_lose
     finally:
         await stop(second)
     assert security_events(hub) == reference, "event for event, Ids included"
+    assert second.saw("inputs of the journal applied again") == journal_only
 
 
 FAST_AGENTS = {

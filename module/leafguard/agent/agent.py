@@ -165,6 +165,11 @@ class LeafAgent:
             self._report_issues(outcome.issues, now)
         return outcome
 
+    def use_config(self, config: AgentConfig, now: float) -> None:
+        """Put ``config`` in force as it is (a restored agent's: the one it had, whatever documents led to it)."""
+        if config != self._config:
+            self._set_config(config, now)
+
     def _report_issues(self, issues: tuple[ConfigIssue, ...], now: float) -> None:
         event = ev.configuration_error(issues, now)
         if event is not None:
@@ -210,6 +215,7 @@ class LeafAgent:
         released = self._held and not hold
         if hold != self._held:
             self._held = hold
+            self._totals.changes += 1
             self._schedule()
         if not released and now < self._next_due and self._queues.total_bytes <= self._size_threshold:
             return []
@@ -290,6 +296,7 @@ class LeafAgent:
             "interval": [self._interval_sent, self._interval_under_4kb, self._interval_failed,
                          self._interval_capture_drops],
             "aggOverflowReported": self._agg_overflow_reported,
+            "held": self._held,
             "queues": self._queues.export_state(),
             "aggregation": self._agg.export_state(),
         }
@@ -308,6 +315,8 @@ class LeafAgent:
         self._last_snapshot = float(last_snapshot) if last_snapshot is not None else None
         self._interval_sent, self._interval_under_4kb, self._interval_failed, self._interval_capture_drops = interval
         self._agg_overflow_reported = int(state["aggOverflowReported"])
+        # Whether the uplink held the sends decides what the next tick releases (an older state has no key).
+        self._held = bool(state.get("held", False))
         self._totals.changes += 1
         self._queues.resize(self._config.max_local_cache_size_bytes, self._builder.max_event_bytes)
         self._next_due = now

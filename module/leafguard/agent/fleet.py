@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 from leafguard import __version__
+from leafguard.agent import journal as j
 from leafguard.agent.agent import AgentStats, LeafAgent
-from leafguard.agent.config import AgentConfig, ConfigOutcome
+from leafguard.agent.config import CONFIG_OBJECT_NAME, AgentConfig, ConfigOutcome
+from leafguard.agent.events import Severity
 from leafguard.agent.messages import OutgoingMessage
 from leafguard.agent.queues import QueueTotals
 from leafguard.documents import read_document
@@ -28,6 +30,12 @@ DEFAULT_MAX_LEAVES = 10_000
 
 ViewsProvider = Callable[[], Iterable[LeafView]]
 """Returns the current inventory snapshots (e.g. ``Analyzer.leaf_views``); called only when needed."""
+
+
+class JournalSink(Protocol):
+    """Where the fleet records its inputs as they come (see `leafguard.agent.journal`)."""
+
+    def record(self, op: j.FleetOp) -> None: ...
 
 
 class Fleet:
@@ -71,6 +79,8 @@ class Fleet:
         """Agents continued from a saved state at start-up."""
         self.restore_failures = 0
         """Agents whose saved state did not fit (started afresh)."""
+        self.journal: JournalSink | None = None
+        """Every input that changes an agent is recorded here first (None: nothing is journalled)."""
 
     # -- identities ----------------------------------------------------------------------------------------
 
@@ -89,18 +99,23 @@ class Fleet:
 
     def set_leaf_map(self, leaf_map: Mapping[str, str], now: float) -> None:
         """Replace the leaf map; agents of leaves it renames continue under their new identity."""
+        if self.journal is not None:
+            self.journal.record(j.LeafMapSet(dict(leaf_map), now))
         self._leaf_map = {mac.lower(): ident for mac, ident in leaf_map.items()}
         self.totals.changes += 1
-        for mac, agent in self._agents.items():
-            ident = self.identity_for(mac)
-            if ident != agent.identity:
+        renamed = [(mac, agent, ident) for mac, agent in self._agents.items()
+                   if (ident := self.identity_for(mac)) != agent.identity]
+        # Every old name goes before any new one is taken: one leaf may take the name another gives up.
+        for mac, agent, _ident in renamed:
+            if self._by_identity.get(agent.identity) == mac:
                 del self._by_identity[agent.identity]
-                self._retired.add(agent.identity)
-                agent.rename(ident)
-                self._by_identity[ident] = mac
-                self._reported_dirty.add(ident)
-                if ident in self._desired:
-                    agent.apply_desired(self._desired[ident], now)
+            self._retired.add(agent.identity)
+        for mac, agent, ident in renamed:
+            agent.rename(ident)
+            self._by_identity[ident] = mac
+            self._reported_dirty.add(ident)
+            if ident in self._desired:
+                agent.apply_desired(self._desired[ident], now)
 
     def agent(self, identity: str) -> LeafAgent | None:
         mac = self._by_identity.get(identity)
@@ -132,6 +147,8 @@ class Fleet:
     # -- inputs --------------------------------------------------------------------------------------------
 
     def observe(self, obs: ConnectionSeen | LoginSeen) -> None:
+        if self.journal is not None:
+            self.journal.record(j.Observed(obs))
         agent = self.ensure(obs.leaf_mac, obs.ts)
         if agent is None:
             self.refused_observations += 1
@@ -146,6 +163,8 @@ class Fleet:
         Returns the outcome whose ``reported`` is what to write to that leaf's reported properties. For a
         leaf not seen yet, the outcome is computed against the default configuration.
         """
+        if self.journal is not None:
+            self.journal.record(j.DesiredApplied(identity, desired, now))
         self._desired[identity] = desired
         self._reported_dirty.add(identity)
         self.totals.changes += 1
@@ -195,8 +214,11 @@ class Fleet:
         if views is not None and (discover or any(a.needs_view(now) for a in self._agents.values())):
             by_mac = {v.mac.lower(): v for v in views()}
             self._last_discovery = now
+            self.totals.changes += 1
             for mac in by_mac:
                 self.ensure(mac, now)
+        if self.journal is not None:
+            self.journal.record(self._tick_record(now, hold, by_mac))
         out: list[OutgoingMessage] = []
         min_due = float("inf")
         for mac, agent in self._agents.items():
@@ -207,12 +229,68 @@ class Fleet:
         self._min_due = min_due
         return out
 
+    def _tick_record(self, now: float, hold: bool, by_mac: Mapping[str, LeafView] | None) -> j.Ticked:
+        """What a replay of this tick needs: the leaves its views named and the views the agents will read."""
+        if by_mac is None:
+            return j.Ticked(now, hold, None, ())
+        used = tuple(v for mac, v in by_mac.items() if (a := self._agents.get(mac)) is not None and a.needs_view(now))
+        return j.Ticked(now, hold, tuple(by_mac), used)
+
     def shutdown(self, now: float) -> list[OutgoingMessage]:
         """The final flush of every agent (see :meth:`LeafAgent.shutdown`)."""
+        if self.journal is not None:
+            self.journal.record(j.ShutDown(now))
         out: list[OutgoingMessage] = []
         for agent in self._agents.values():
             out.extend(agent.shutdown(now))
         return out
+
+    # -- inputs that reach agents outside the clock -----------------------------------------------------------
+
+    def set_default_desired(self, desired: object) -> None:
+        """The desired document of leaves that have none of their own (applied when such a leaf shows up)."""
+        if self.journal is not None:
+            self.journal.record(j.DefaultDesiredSet(desired))
+        self.default_desired = desired
+        self.totals.changes += 1
+
+    def record_send_failures(self, identity: str, count: int) -> bool:
+        """Messages of ``identity`` the uplink dropped (its next MessageStatistics ``TotalFailed``); False when no
+        agent has that identity."""
+        agent = self.agent(identity)
+        if agent is None:
+            return False
+        if self.journal is not None:
+            self.journal.record(j.SendFailures(identity, count))
+        agent.record_send_failures(count)
+        return True
+
+    def record_capture_drops(self, frames: int) -> None:
+        """Frames the capture lost before analysis, for every agent (see :meth:`LeafAgent.record_capture_drops`)."""
+        if self.journal is not None:
+            self.journal.record(j.CaptureDrops(frames))
+        for agent in self._agents.values():
+            agent.record_capture_drops(frames)
+
+    def diagnostic(self, severity: Severity, message: str, now: float) -> None:
+        """A Diagnostic event in every agent."""
+        if self.journal is not None:
+            self.journal.record(j.Diagnosed(severity, message, now))
+        for agent in self._agents.values():
+            agent.diagnostic(severity, message, now)
+
+    def macs(self) -> list[str]:
+        """The MACs that have an agent, in the order the agents were created."""
+        return list(self._agents)
+
+    def flush_leaf(self, mac: str, now: float) -> list[OutgoingMessage]:
+        """Everything one agent holds, in messages now (the ``flush`` method; see :meth:`LeafAgent.flush`)."""
+        agent = self._agents.get(mac)
+        if agent is None:
+            return []
+        if self.journal is not None:
+            self.journal.record(j.Flushed(mac, now))
+        return agent.flush(now)
 
     def stats(self) -> AgentStats:
         """The sum of every agent's counters."""
@@ -238,8 +316,17 @@ class Fleet:
             "refusedObservations": self.refused_observations,
             "totals": {name.name: [c.generated, c.sent, c.dropped] for name, c in self.totals.by_queue.items()},
             "messages": self.totals.messages,
+            "lastDiscovery": self._last_discovery,
             "agents": {mac: agent.export_state() for mac, agent in self._agents.items()},
+            **self._export_configs(),
         }
+
+    def _export_configs(self) -> dict[str, Any]:
+        """The configuration each agent has (it may differ from what its documents give now: a rename keeps the
+        configuration, a rejected document keeps the one before), as a table of the distinct ones."""
+        index: dict[AgentConfig, int] = {}
+        of_agent = {mac: index.setdefault(agent.config, len(index)) for mac, agent in self._agents.items()}
+        return {"configs": [c.reported_section() for c in index], "agentConfigs": of_agent}
 
     def restore_state(self, state: dict[str, Any], now: float) -> None:
         """Continue from :meth:`export_state` of an earlier run (before any input). An agent whose state does not
@@ -250,15 +337,15 @@ class Fleet:
         totals = {name: [int(v) for v in state["totals"][name.name]] for name in self.totals.by_queue}
         agents = dict(state["agents"])
         refused, messages = int(state["refusedObservations"]), int(state["messages"])
+        last_discovery = state.get("lastDiscovery")
+        configs = [_config_from(section) for section in state.get("configs", [])]
+        config_of = {str(k): configs[int(v)] for k, v in dict(state.get("agentConfigs", {})).items()}
         self._leaf_map = leaf_map
         self._desired = desired
         if self.default_desired is None:
             self.default_desired = state["defaultDesired"]
         self.refused_observations = refused
-        for name, (generated, sent, dropped) in totals.items():
-            c = self.totals.by_queue[name]
-            c.generated, c.sent, c.dropped = generated, sent, dropped
-        self.totals.messages = messages
+        self._last_discovery = float(last_discovery) if last_discovery is not None else None
         for mac, saved in agents.items():
             agent = self.ensure(str(mac), now)
             if agent is None:
@@ -266,22 +353,100 @@ class Fleet:
             try:
                 if not isinstance(saved, dict):
                     raise TypeError("agent state must be an object")
+                if (config := config_of.get(str(mac))) is not None:
+                    agent.use_config(config, now)
                 agent.restore_state(saved, now)
             except (KeyError, TypeError, ValueError, AttributeError):
                 self.restore_failures += 1
                 continue
             self.restored_agents += 1
+        # Last: creating the agents above counts (their configuration's events) in the totals they replace.
+        for name, (generated, sent, dropped) in totals.items():
+            c = self.totals.by_queue[name]
+            c.generated, c.sent, c.dropped = generated, sent, dropped
+        self.totals.messages = messages
         self._min_due = float("-inf")
 
     def forget_events(self, ids_by_identity: Mapping[str, set[str]]) -> int:
         """Events that reached the output after the state was saved leave the restored caches (see
         :meth:`LeafAgent.forget_events`); returns how many."""
+        if self.journal is not None and ids_by_identity:
+            self.journal.record(j.Forgotten({k: tuple(v) for k, v in ids_by_identity.items()}))
         removed = 0
         for identity, ids in ids_by_identity.items():
             agent = self.agent(identity)
             if agent is not None:
                 removed += agent.forget_events(ids)
         return removed
+
+
+    def replay(self, ops: Iterable[j.FleetOp]) -> float | None:
+        """Apply journalled inputs again, in order, after :meth:`restore_state` (nothing is journalled meanwhile;
+        the messages they build are discarded: they reached the output before). Returns the latest clock among
+        them (None: none had one). Raises :class:`~leafguard.agent.journal.JournalError` where the inputs no
+        longer lead where they led; what came before stays applied."""
+        journal, self.journal = self.journal, None
+        clock: float | None = None
+        try:
+            for op in ops:
+                self._apply(op)
+                now = op.clock
+                if now is not None:
+                    clock = now if clock is None else max(clock, now)
+        finally:
+            self.journal = journal
+        return clock
+
+    def _apply(self, op: j.FleetOp) -> None:
+        """One input again, through the method that took it the first time."""
+        match op:
+            case j.Observed(obs=obs):
+                self.observe(obs)
+            case j.Ticked():
+                self._replay_tick(op)
+            case j.ShutDown(now=now):
+                self.shutdown(now)
+            case j.DesiredApplied(identity=identity, desired=desired, now=now):
+                self.apply_desired(identity, desired, now)
+            case j.DefaultDesiredSet(desired=desired):
+                self.set_default_desired(desired)
+            case j.LeafMapSet(leaf_map=leaf_map, now=now):
+                self.set_leaf_map(leaf_map, now)
+            case j.SendFailures(identity=identity, count=count):
+                if not self.record_send_failures(identity, count):
+                    raise j.JournalError(f"journal: no agent {identity!r} for its send failures")
+            case j.CaptureDrops(frames=frames):
+                self.record_capture_drops(frames)
+            case j.Diagnosed(severity=severity, message=message, now=now):
+                self.diagnostic(cast(Severity, severity), message, now)
+            case j.Flushed(mac=mac, now=now):
+                self.flush_leaf(mac, now)
+            case j.Forgotten(ids=ids):
+                self.forget_events({k: set(v) for k, v in ids.items()})
+
+    def _replay_tick(self, op: j.Ticked) -> None:
+        asked: list[bool] = []
+        provider: ViewsProvider | None = None
+        if op.discovered is not None:
+            used = {v.mac.lower(): v for v in op.views}
+
+            def recorded() -> list[LeafView]:
+                asked.append(True)
+                return [used.get(mac) or j.placeholder_view(mac) for mac in op.discovered or ()]
+
+            provider = recorded
+        # A tick that did not ask for views gets none: no agent of it needed one, nor its discovery.
+        self.tick(op.now, provider, hold=op.hold)
+        if op.discovered is not None and not asked:
+            raise j.JournalError(f"journal: the tick at {op.now!r} no longer asks for the inventory")
+
+
+def _config_from(section: object) -> AgentConfig:
+    """A saved configuration (its reported section, which reads back as a desired one)."""
+    outcome = AgentConfig().apply_desired({CONFIG_OBJECT_NAME: section})
+    if not outcome.accepted:
+        raise ValueError("a saved agent configuration does not read back")
+    return outcome.config
 
 
 def load_agent_config_file(path: Path | str) -> dict[str, Any]:

@@ -275,7 +275,7 @@ class EdgeAgentOutput:
     def _apply(self, change: DesiredChange, now: float) -> list[tuple[str, ConfigOutcome]]:
         targets = set(change.leaves)
         if change.default_changed:
-            self.fleet.default_desired = self.desired.default_document()
+            self.fleet.set_default_desired(self.desired.default_document())
             targets |= {agent.identity for agent in self.fleet.agents()}
             targets |= set(self.desired.leaf_identities())
             targets |= set(self.leaf_desired)
@@ -291,11 +291,8 @@ class EdgeAgentOutput:
 
     def _on_leaf_dropped(self, entry: Pending) -> None:
         """A managed leaf's own outbox dropped a message (not spooled): straight to its agent."""
-        agent = self.fleet.agent(entry.identity)
-        if agent is None:
+        if not self.fleet.record_send_failures(entry.identity, 1):
             self.leaf_unattributed_drops += 1
-        else:
-            agent.record_send_failures(1)
 
     @property
     def unattributed_drops(self) -> int:
@@ -304,11 +301,9 @@ class EdgeAgentOutput:
 
     def _hand_drops(self, identity: str) -> None:
         """Drops of a leaf go to its agent (its next MessageStatistics ``TotalFailed``), marked so in the spool."""
-        agent = self.fleet.agent(identity)
         count = self._unhanded.get(identity, 0)
-        if agent is None or not count:
+        if not count or not self.fleet.record_send_failures(identity, count):
             return
-        agent.record_send_failures(count)
         del self._unhanded[identity]
         spool = self.transport.outbox.spool
         if spool is not None:

@@ -75,6 +75,10 @@ class Kind(enum.IntEnum):
     DROP = ord("D")
     REJECT = ord("X")
     REPORTED = ord("R")
+    JOURNAL_START = ord("S")
+    """The first record of a journal segment (`leafguard.service.journal`), not of the spool."""
+    JOURNAL_INPUT = ord("J")
+    """One input of the fleet in a journal segment."""
 
 
 class FsyncPolicy(enum.Enum):

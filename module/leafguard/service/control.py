@@ -106,10 +106,10 @@ class ServiceControl:
         count = 0
         now = self._clock()
         slice_ends = time.monotonic() + FLUSH_SLICE_S
-        for agent in self.fleet.agents():
+        for mac in self.fleet.macs():
             if now is None:
                 break
-            messages = agent.flush(now)
+            messages = self.fleet.flush_leaf(mac, now)
             count += len(messages)
             self.transport.submit(self.leaves.submit(messages) if self.leaves is not None else messages)
             if time.monotonic() >= slice_ends:

@@ -38,6 +38,7 @@ from leafguard.capture.live import interface_macs
 from leafguard.detect.thresholds import THRESHOLD_KEYS
 from leafguard.documents import check_document
 from leafguard.errors import CaptureError, ConfigurationError, LeafGuardError
+from leafguard.hub.spool import FsyncPolicy
 from leafguard.observe.analyzer import Analyzer
 from leafguard.observe.settings import AnalyzerSettings
 from leafguard.service.files import write_json_atomic
@@ -185,9 +186,25 @@ class Service:
         state_settings = StateSettings.from_env(directory, os.environ)
         if state_settings is None:
             return
-        self.state = StateKeeper(state_settings, self.fleet, self.analyzer.detectors)
-        restored = self.restored = self.state.load(time.time())
-        self.replay_frames = self.out.restore(restored, settings.pcap)
+        spool = settings.spool
+        # The journal is as durable as the spool beside it (local mode: the spool's default policy).
+        state = self.state = StateKeeper(
+            state_settings, self.fleet, self.analyzer.detectors,
+            fsync=spool.fsync if spool is not None else FsyncPolicy.INTERVAL,
+            fsync_interval_s=spool.fsync_interval_s if spool is not None else 1.0)
+        restored = state.load(time.time())
+        self.replay_frames = self.out.resume(restored, settings.pcap)
+        if self.replay_frames:
+            state.discard_journal()  # the resumed replay takes those inputs in again
+        else:
+            restored = state.replay_journal(restored)
+        self.restored = restored
+        state.start_journal(restored)
+        if restored is not None and not self.replay_frames:
+            self.out.reconcile(restored)
+        if state.journal_replayed or (state.journal_read is not None and state.journal_read.error):
+            # The state now holds what the journal had: saved at once, so the journal starts again from it.
+            self._save_state(time.monotonic())
         self._publish_state()
 
     def _clock(self) -> float | None:
@@ -348,6 +365,8 @@ class Service:
         await tasks["output"]
         # Last, so that it records the output as the final flush left it (the agents' caches are empty now).
         self._save_state(time.monotonic())
+        if self.state is not None:
+            self.state.close()
         self._write_files()
 
     async def _source(self) -> None:
@@ -394,6 +413,8 @@ class Service:
             # Drained every batch: memory holds one batch's findings, the stream upstream has no cap.
             self.analyzer.detectors.forward = []
             self.out.submit_alerts([a.to_json() for a in fresh], time.monotonic())
+        if self.state is not None:
+            self.state.commit_journal(time.monotonic())
 
     async def _periodic(self) -> None:
         s = self.settings
@@ -406,8 +427,10 @@ class Service:
             if s.live:
                 self.out.tick(now, self.analyzer.leaf_views)
                 self._report_capture_drops(now)
-            if self.state is not None and self.state.due(mono):
-                await self._save_state_in_thread(mono)
+            if self.state is not None:
+                self.state.commit_journal(mono)
+                if self.state.due(mono):
+                    await self._save_state_in_thread(mono)
             arrived = self.out.desired_arrived
             if mono >= next_poll or (arrived is not None and arrived.is_set()):
                 if arrived is not None:
@@ -561,9 +584,7 @@ class Service:
         if delta <= 0:
             return
         self._drops_counted = total
-        agents = self.fleet.agents()
-        for agent in agents:
-            agent.record_capture_drops(delta)
+        self.fleet.record_capture_drops(delta)
         if now - self._last_drop_report < self.settings.drop_report_interval_s:
             return
         detail = ", ".join(
@@ -571,8 +592,7 @@ class Service:
         )
         message = f"capture dropped {total - self._drops_reported} frames since the last report ({detail})"
         log.warning(message)
-        for agent in agents:
-            agent.diagnostic("Warning", message, now)
+        self.fleet.diagnostic("Warning", message, now)
         self._drops_reported = total
         self._last_drop_report = now
 

@@ -4,7 +4,7 @@
 The service calls the same methods in either mode and never asks which one it has: the security messages and twins
 of the agents (``after_batch``, ``tick``, ``poll_desired``, ``close``), LeafGuard's alerts (``submit_alerts``),
 the gateway settings' document and status, the uplink's lifecycle (``run``, ``shutdown``), and what the saved state
-needs to know about the output (``restore``, ``position``).
+needs to know about the output (``resume``, ``reconcile``, ``position``).
 """
 
 from __future__ import annotations
@@ -82,9 +82,13 @@ class ServiceOutput(Protocol):
     def close(self, now: float | None) -> None:
         """The agents' final flush."""
 
-    def restore(self, restored: Restored | None, pcap: Path | None) -> int:
-        """Reconcile a restored state with what reached the output after it was saved; returns the frames of
-        ``pcap`` to skip (a local replay of the same file resumes where the state was saved)."""
+    def resume(self, restored: Restored | None, pcap: Path | None) -> int:
+        """Where a replay of ``pcap`` resumes after a restored state: the frames to skip (a local replay of the same
+        file goes back to where the state was saved: the output is cut back to it); 0: from its start."""
+
+    def reconcile(self, restored: Restored) -> int:
+        """Events that reached the output after the state was saved leave the restored caches; returns how
+        many."""
 
     def position(self) -> dict[str, int | None]:
         """Where the output stands now, for the saved state (``StateKeeper.save`` keywords)."""
@@ -142,7 +146,7 @@ class LocalOutput:
     def close(self, now: float | None) -> None:
         self.agents.close(now)
 
-    def restore(self, restored: Restored | None, pcap: Path | None) -> int:
+    def resume(self, restored: Restored | None, pcap: Path | None) -> int:
         writer = self.agents.messages
         writer.cut_torn_tail()
         if restored is None or restored.messages_offset is None:
@@ -153,8 +157,10 @@ class LocalOutput:
             log.info("state: resuming the replay of %s after %d frames; %d lines after them rewritten",
                      pcap, replay.frames, writer.rollback(restored.messages_offset))
             return replay.frames
-        reconcile(restored, self.fleet, writer, restored.messages_offset)
         return 0
+
+    def reconcile(self, restored: Restored) -> int:
+        return reconcile(restored, self.fleet, self.agents.messages, restored.messages_offset)
 
     def position(self) -> dict[str, int | None]:
         return {"messages_offset": self.agents.messages.offset}
@@ -252,10 +258,11 @@ class EdgeOutput:
     def close(self, now: float | None) -> None:
         self.agents.close(now)
 
-    def restore(self, restored: Restored | None, pcap: Path | None) -> int:
-        if restored is not None:
-            reconcile(restored, self.fleet, self.transport.outbox, restored.spool_next_seq)
+    def resume(self, restored: Restored | None, pcap: Path | None) -> int:
         return 0
+
+    def reconcile(self, restored: Restored) -> int:
+        return reconcile(restored, self.fleet, self.transport.outbox, restored.spool_next_seq)
 
     def position(self) -> dict[str, int | None]:
         return {"spool_next_seq": self.transport.outbox.next_seq}

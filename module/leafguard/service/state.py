@@ -27,8 +27,12 @@ Between two saves, the output moves on. On restore, what reached the output afte
   after the frames analysed by then: nothing is repeated, nothing lost (the flow table starts afresh, so a
   conversation spanning the cut is seen again from its next frame).
 
-Events that entered an agent's cache after the last save and had not reached the output when the process was
-killed are lost (at most one interval's worth, with kill -9 or a power cut only; a graceful stop saves last).
+What the agents took in after the last save is in the event journal beside this file
+(`leafguard.service.journal`): a restart loads the state, applies the journal's inputs again (the agents are pure,
+so their caches, aggregation windows, counters and timers come back as the killed process had them), then
+reconciles with the output as above. A replay of the same file in local mode resumes from the state instead (it
+analyses those frames again) and deletes the journal. After a restart that applied a journal, the state is saved
+at once, so the journal starts again from it.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -50,9 +54,12 @@ from typing import Any, Protocol, TypeVar
 import orjson
 
 from leafguard import __version__
+from leafguard.agent import journal as j
 from leafguard.agent.fleet import Fleet
 from leafguard.agent.queues import RawEvents
 from leafguard.errors import ConfigurationError
+from leafguard.hub.spool import FsyncPolicy
+from leafguard.service.journal import JOURNAL_DIR, EventJournal, JournalRead
 
 log = logging.getLogger("leafguard.state")
 T = TypeVar("T")
@@ -198,6 +205,8 @@ class Restored:
     replay: ReplayPosition | None = None
     agents: int = 0
     saved_at: float | None = None
+    generation: int | None = None
+    """The saved state's generation (None: no state file was loaded, the journal alone restored the agents)."""
 
 
 class StateKeeper:
@@ -205,8 +214,14 @@ class StateKeeper:
 
     Single-threaded: call it on the loop. ``status`` goes to stats.json and the health section."""
 
-    def __init__(self, settings: StateSettings, fleet: Fleet, detectors: DetectorsLike) -> None:
+    def __init__(self, settings: StateSettings, fleet: Fleet, detectors: DetectorsLike, *,
+                 fsync: FsyncPolicy = FsyncPolicy.INTERVAL, fsync_interval_s: float = 1.0) -> None:
         self.settings = settings
+        self.journal = EventJournal(settings.directory / JOURNAL_DIR, fsync, fsync_interval_s)
+        self.journal_read: JournalRead | None = None
+        """What the restart found in the journal (None: not read)."""
+        self.journal_replayed = 0
+        """Inputs of the journal applied again at start-up."""
         self.fleet = fleet
         self.detectors = detectors
         self.saves = 0
@@ -237,6 +252,13 @@ class StateKeeper:
             "saveFailures": self.save_failures,
             "lastSaveSeconds": round(self.last_save_s, 4),
             "error": self.error,
+            "journal": {
+                "replayedInputs": self.journal_replayed,
+                "inputs": self.journal.inputs,
+                "segmentBytes": self.journal.segment_bytes,
+                "writeFailures": self.journal.write_failures,
+                "error": self.journal.error or (self.journal_read.error if self.journal_read is not None else None),
+            },
         }
 
     # -- start-up ------------------------------------------------------------------------------------------
@@ -264,6 +286,7 @@ class StateKeeper:
                 messages_offset=_opt_int(doc.get("messagesOffset")),
                 replay=_replay(doc.get("replay")),
                 saved_at=float(doc.get("savedAt", 0.0)),
+                generation=int(doc.get("generation", 0)),
             )
             when = restored.clock if restored.clock is not None else now
             self.detectors.restore_state(detectors)
@@ -276,9 +299,55 @@ class StateKeeper:
             return None
         restored.agents = self.fleet.restored_agents
         self.restored = restored
+        self._generation = restored.generation or 0
         log.info("state restored from %s: %d agents (%d started afresh), saved %s", path, restored.agents,
                  self.fleet.restore_failures, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(restored.saved_at)))
         return restored
+
+    def replay_journal(self, restored: Restored | None) -> Restored | None:
+        """Apply the journal's inputs after the loaded state (or, with none, a journal that starts from an empty
+        fleet); returns the restore with its clock moved to the latest input (a new one when only the journal
+        restored the agents). A journal that stops early is reported: what came before it stays applied."""
+        generation = restored.generation if restored is not None else None
+        found = self.journal_read = self.journal.read(generation)
+        replayed = 0
+        clock: float | None = None
+        error = found.error
+        try:
+            clock = self.fleet.replay(_counted(found.ops, self))
+        except j.JournalError as exc:
+            error = str(exc)
+        replayed = self.journal_replayed
+        if error is not None:
+            found.error = error
+            log.warning("state: journal: %s (%d inputs applied)", error, replayed)
+        if replayed:
+            log.info("state: %d inputs of the journal applied again (%d segments)", replayed, found.segments)
+            if restored is None:
+                restored = self.restored = Restored(agents=len(self.fleet.agents()))
+            if clock is not None and (restored.clock is None or clock > restored.clock):
+                restored.clock = clock
+        return restored
+
+    def start_journal(self, restored: Restored | None) -> None:
+        """Journal the fleet's inputs from now on, in a segment after every one there is."""
+        segment = max([self._generation, *self.journal.segments()]) + 1
+        self._generation = segment
+        after = restored.generation if restored is not None and restored.generation is not None else 0
+        self.journal.start(segment, after)
+        self.fleet.journal = self.journal
+
+    def discard_journal(self) -> None:
+        """The journal describes inputs the service takes in again (a replay resumed at the state): delete it."""
+        self.journal.delete_all()
+
+    def commit_journal(self, mono: float) -> None:
+        """Write the inputs journalled since the last commit (after every batch of frames and service tick)."""
+        self.journal.commit(mono)
+
+    def close(self) -> None:
+        self.fleet.journal = None
+        self.journal.close()
 
     def _ignore(self, problem: str) -> None:
         self.error = f"state file {self.settings.path} ignored, starting fresh: {problem}"
@@ -290,7 +359,7 @@ class StateKeeper:
     # -- saving --------------------------------------------------------------------------------------------
 
     def due(self, mono: float) -> bool:
-        return mono >= self._next_save
+        return mono >= self._next_save or self.journal.save_wanted()
 
     def save(self, mono: float, *, clock: float | None, spool_next_seq: int | None = None,
              messages_offset: int | None = None, replay: ReplayPosition | None = None) -> bool:
@@ -324,6 +393,9 @@ class StateKeeper:
         self._next_save = mono + self.settings.interval_s
         self._taken = time.perf_counter()
         self._generation += 1
+        if self.fleet.journal is not None:
+            # The inputs after this state go to a segment of their own, deleted with the state it continues.
+            self.journal.start(self._generation, self._generation)
         return {
             "generation": self._generation,
             "clock": clock,
@@ -346,6 +418,7 @@ class StateKeeper:
             except OSError as exc:
                 return self._failed(exc)
             self._written = doc["generation"]
+            self.journal.drop_before(doc["generation"])
         self.saves += 1
         self.last_save_s = time.perf_counter() - self._taken
         return True
@@ -355,6 +428,12 @@ class StateKeeper:
         self.error = f"cannot save the state in {self.settings.path}: {exc.strerror or exc}"
         log.warning("%s", self.error)
         return False
+
+
+def _counted(ops: Iterable[j.FleetOp], keeper: StateKeeper) -> Iterator[j.FleetOp]:
+    for op in ops:
+        yield op
+        keeper.journal_replayed += 1
 
 
 def _without_gc(build: Callable[[], T]) -> T:
