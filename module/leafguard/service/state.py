@@ -310,7 +310,10 @@ class StateKeeper:
         restored the agents). A journal that stops early is reported: what came before it stays applied."""
         generation = restored.generation if restored is not None else None
         found = self.journal_read = self.journal.read(generation)
-        replayed = 0
+        if found.error is not None and not found.ops:
+            # Nothing of it applies (its state is gone, or its first record is damaged): it would stand in front
+            # of the journal this run writes.
+            self.journal.delete_all()
         clock: float | None = None
         error = found.error
         try:
