@@ -105,6 +105,10 @@ def test_metrics_of_a_replay_parse_and_match_the_service_files(tmp_path: Path) -
     for p in priorities:  # the agents' rule holds queue by queue
         assert per["generated"][p] == per["sent"][p] + per["dropped"][p] + per["pending"][p]
     assert stats["agents"]["generated"] > 0
+    # The folder is the data directory: the state's saves and journal are counted.
+    assert value(families, "leafguard_state_saves_total") >= 1
+    assert 0 < value(families, "leafguard_state_journal_inputs_total") <= stats["state"]["journal"]["inputs"]
+    assert value(families, "leafguard_state_problem") == 0 and stats["state"]["journal"]["error"] is None
 
     alerts = Counter(a["type"] for a in read_json(tmp_path / "alerts.json")["alerts"])
     got_alerts = {s.labels["type"]: s.value for s in samples(families, "leafguard_alerts") if s.name.endswith("_total")}

@@ -335,6 +335,7 @@ class Service:
             uplink_down_for_s=self._uplink_down.update(uplink_up(counters), mono) if counters else None,
             managed_leaves=self.out.managed_leaves,
             method_calls=self.methods.calls if self.methods is not None else None,
+            state=self.state.snapshot() if self.state is not None else None,
         )
 
     def _track_outages(self) -> None:

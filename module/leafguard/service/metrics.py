@@ -175,6 +175,24 @@ def families(snap: ServiceSnapshot) -> list[Family]:
                 tuple(Sample((("method", m.method), ("status", str(m.status))), m.count) for m in snap.methods),
             )
         )
+    # the saved state and its journal
+    state = snap.state
+    if state is not None:
+        for name, kind, help_text, value in (
+            ("leafguard_state_saves", "counter", "State saves written.", state.saves),
+            ("leafguard_state_save_failures", "counter", "State saves that failed.", state.save_failures),
+            ("leafguard_state_last_save_seconds", "gauge", "Time the last state save took.", state.last_save_s),
+            ("leafguard_state_restored_agents", "gauge", "Agents restored from the saved state at start-up.",
+             state.restored_agents),
+            ("leafguard_state_journal_inputs", "counter", "Agent inputs journalled.", state.journal_inputs),
+            ("leafguard_state_journal_replayed_inputs", "gauge", "Journalled inputs applied again at start-up.",
+             state.journal_replayed),
+            ("leafguard_state_journal_write_failures", "counter", "Journal writes that failed.",
+             state.journal_write_failures),
+            ("leafguard_state_problem", "gauge", "1 when a state file or journal was ignored or damaged, or a save "
+             "failed (stats: state.error, state.journal.error).", state.problem),
+        ):
+            out.append(_one(name, kind, help_text, value))
     # alerts
     out += [
         Family(

@@ -209,6 +209,24 @@ class MethodCount:
 
 
 @dataclass(frozen=True, slots=True)
+class StateSnapshot:
+    """The saved state and its journal (with a data directory)."""
+
+    saves: int
+    save_failures: int
+    skipped_saves: int
+    last_save_s: float
+    restored_agents: int
+    journal_inputs: int
+    """Inputs journalled by this process."""
+    journal_replayed: int
+    """Inputs of the journal applied again at start-up."""
+    journal_write_failures: int
+    problem: bool
+    """A state file or journal was ignored or damaged, or a save failed (``error`` in stats says which)."""
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceSnapshot:
     version: str
     started_at: float
@@ -223,6 +241,8 @@ class ServiceSnapshot:
     """None in local mode (no hub)."""
     methods: tuple[MethodCount, ...] = ()
     """Direct-method calls answered, by method and status (edge mode)."""
+    state: StateSnapshot | None = None
+    """None without a data directory."""
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON (``getStats``): the same fields, nested, tuples as lists."""
@@ -300,6 +320,7 @@ def build_snapshot(
     uplink_down_for_s: float | None,
     managed_leaves: ManagedLeavesSource | None,
     method_calls: Mapping[tuple[str, int], int] | None = None,
+    state: StateSnapshot | None = None,
 ) -> ServiceSnapshot:
     """One consistent snapshot; ``interfaces`` is None for a replay, ``uplink`` (transport counters) locally."""
     st = analyzer.stats
@@ -355,6 +376,7 @@ def build_snapshot(
         ),
         uplink=_uplink(uplink, uplink_down_for_s) if uplink is not None else None,
         methods=tuple(MethodCount(m, status, n) for (m, status), n in sorted((method_calls or {}).items())),
+        state=state,
     )
 
 

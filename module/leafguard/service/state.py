@@ -60,6 +60,7 @@ from leafguard.agent.queues import RawEvents
 from leafguard.errors import ConfigurationError
 from leafguard.hub.spool import FsyncPolicy
 from leafguard.service.journal import JOURNAL_DIR, EventJournal, JournalRead
+from leafguard.service.snapshot import StateSnapshot
 
 log = logging.getLogger("leafguard.state")
 T = TypeVar("T")
@@ -260,6 +261,15 @@ class StateKeeper:
                 "error": self.journal.error or (self.journal_read.error if self.journal_read is not None else None),
             },
         }
+
+    def snapshot(self) -> StateSnapshot:
+        journal_error = self.journal.error or (self.journal_read.error if self.journal_read is not None else None)
+        return StateSnapshot(
+            saves=self.saves, save_failures=self.save_failures, skipped_saves=self.skipped_saves,
+            last_save_s=self.last_save_s, restored_agents=self.restored.agents if self.restored is not None else 0,
+            journal_inputs=self.journal.inputs, journal_replayed=self.journal_replayed,
+            journal_write_failures=self.journal.write_failures,
+            problem=self.error is not None or journal_error is not None)
 
     # -- start-up ------------------------------------------------------------------------------------------
 
