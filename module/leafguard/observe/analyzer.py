@@ -33,13 +33,13 @@ from leafguard.detect.thresholds import Thresholds
 from leafguard.errors import ConfigurationError
 from leafguard.observe import fastpath
 from leafguard.observe.addresses import is_unicast_mac, mac_text
-from leafguard.observe.conversations import ConversationTable, ObservationLog
+from leafguard.observe.conversations import ConversationTable, FlowKey, ObservationLog
 from leafguard.observe.discovery import Discovery
 from leafguard.observe.inventory import LeafInventory
 from leafguard.observe.model import LeafView, Observation
 from leafguard.observe.report import capture_json, conversation_rows, leaf_json, leaf_view
 from leafguard.observe.settings import AnalyzerSettings, Network
-from leafguard.observe.state import CaptureStats, Flow, MacState
+from leafguard.observe.state import CaptureStats, MacState
 
 LOGIN_BUDGET_BYTES = 8192
 """Payload bytes of a login-port conversation inspected before it joins the fast path."""
@@ -118,12 +118,8 @@ class Analyzer:
         fastpath.create_new(self.conversations, batch, plan)
         # Walk, in order, what the plan left to the per-frame path. A frame of a conversation that settles during
         # the walk (nothing left to inspect but deep datagrams) is deferred to the bulk step from then on.
-        frame_key = plan.frame_key
-        settled = plan.settled
-        known = plan.known
-        bare = plan.bare
-        deep = plan.deep
-        uflows = plan.uflows
+        frame_key, settled, known, bare, deep = plan.frame_key, plan.settled, plan.known, plan.bare, plan.deep
+        rows, gens, logins = plan.rows, plan.gens, self.conversations.logins
         deferred: list[int] = []
         for i in plan.walk:
             u = frame_key[i]
@@ -136,13 +132,14 @@ class Analyzer:
                     deferred.append(i)
                     continue
             # A candidate's MACs and source address are counted in bulk with the rest of the batch.
-            flow = self.frame(
+            row = self.frame(
                 decode(data, offsets[i], caplens[i], linktype), data, ts[i], wirelens[i], macs_counted=u >= 0
             )
-            if u >= 0 and flow is not None:
+            if u >= 0 and row is not None:
                 known[u] = True
-                uflows[u] = flow
-                if not flow.slow:
+                rows[u] = row
+                gens[u] = self.conversations.generation(row)
+                if row not in logins:
                     settled[u] = True
         self._log_bulk_sends(plan.pre)
         fastpath.count_settled(self.inventory, self.conversations, batch, plan, deferred)
@@ -265,9 +262,9 @@ class Analyzer:
             if (mac := self.inventory.leaf_of(mac_i)) is not None:
                 self._evidence.append(LeafSilent(start + after, mac, start, after))
 
-    def frame(self, p: Packet, data: bytes, ts: float, wirelen: int, *, macs_counted: bool = False) -> Flow | None:
+    def frame(self, p: Packet, data: bytes, ts: float, wirelen: int, *, macs_counted: bool = False) -> int | None:
         """Account for one decoded frame (its bytes are ``data``, the batch buffer); ``macs_counted``: its MAC
-        counters and source address are taken care of by the bulk step."""
+        counters and source address are taken care of by the bulk step. The row of its conversation, if any."""
         if p.truncated:
             self.stats.truncated += 1
         elif p.malformed:
@@ -295,8 +292,8 @@ class Analyzer:
     # ----------------------------------------------------------------------------------------- output
 
     @property
-    def flows(self) -> dict[tuple[int, bytes, int, bytes, int], Flow]:
-        """The conversation table (`conversations`')."""
+    def flows(self) -> dict[FlowKey, int]:
+        """The conversation table's index, key -> row (`conversations`')."""
         return self.conversations.flows
 
     @property
@@ -315,7 +312,7 @@ class Analyzer:
 
     def iter_conversations(self) -> Iterator[dict[str, Any]]:
         """Conversations in report order (first seen, then 5-tuple), built one at a time."""
-        return conversation_rows(self.flows.values())
+        return conversation_rows(self.conversations.records())
 
     def capture_report(self) -> dict[str, Any]:
         d = self.detectors

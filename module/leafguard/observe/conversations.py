@@ -1,18 +1,29 @@
 """The conversation table: TCP and UDP conversations, IP fragments, TCP control, and what a conversation's first
 segments reveal (services, TLS ClientHellos, login exchanges); and the observations made of them.
 
-One table (5-tuple -> `Flow`), capped (`observe.eviction` chooses what a full table gives up), indexed a second
-time by the IPv4 key the bulk step groups frames by (`flows4`). Both halves of the core go through it: the
-per-frame path with `segment`, the bulk step (`observe.fastpath`) with `create`, `tcp_control`, `apply_hello`,
-`first_reply` and `follow_login`, so a conversation changes the same way whichever path its frames take.
+The table is columnar: a conversation is a *row*, a slot in preallocated numpy columns (packets and bytes each way,
+first and last packet time, TCP state, a few flags, the two MACs), found through one dict from its key to its row
+(`flows`). An IPv4 conversation's key is one int that packs its protocol, addresses and ports (the bulk step's
+grouping key, `fastpath.classify`), so a row costs no Python object but that int, the row number and the dict
+entry; other conversations (IPv6) are keyed by a tuple. The bulk step adds a batch's counters to the columns with
+numpy (`count_settled`); the per-frame path reads and writes single cells through memoryviews. Python objects
+exist only where a conversation needs per-frame attention: the login exchange being followed (`logins`).
+`Flow` records are made from the columns for the report and the observations.
+
+The table is capped (`observe.eviction` chooses what a full table gives up; its queues hold row numbers). Both
+halves of the core go through it: the per-frame path with `segment`, the bulk step (`observe.fastpath`) with
+`create`, `control`, `apply_hello`, `first_reply` and `follow_login`, so a conversation changes the same way
+whichever path its frames take.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from operator import attrgetter
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
 
 from leafguard.decode import deep
 from leafguard.decode.frames import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Packet
@@ -25,22 +36,45 @@ from leafguard.observe.eviction import EvictionQueue
 from leafguard.observe.inventory import LeafInventory
 from leafguard.observe.model import ConnectionSeen, Direction, LoginSeen, Observation
 from leafguard.observe.settings import AnalyzerSettings
-from leafguard.observe.state import CaptureStats, Flow, MacState, tcp_next_state
+from leafguard.observe.state import NEXT_STATE, STATE_CODE, TCP_STATES, CaptureStats, Flow, MacState
 
 LOGIN_BUDGET_BYTES = 8192
 """Payload bytes of a login-port conversation inspected before it joins the fast path."""
 MAX_PENDING_OBSERVATIONS = 100_000
 
-FlowKey = tuple[int, bytes, int, bytes, int]
-"""The protocol, then the lower (address, port) endpoint, then the other."""
+FlowKey = int | tuple[int, bytes, int, bytes, int]
+"""IPv4: `v4_key` of the lower (address, port) endpoint, the other and the protocol; otherwise the protocol, then
+the lower (address, port) endpoint, then the other."""
+
+B_SEEN = 1
+"""The responder has sent (UDP): its first datagram was looked at."""
+HELLO_CHECKED = 2
+"""The initiator's first payload was looked at for a TLS ClientHello."""
+A_IS_LO = 4
+"""Side ``a`` is the lower (address, port) endpoint of the key."""
+NO_MAC = -1
+"""A MAC column's value for a frame without MACs (link types other than Ethernet)."""
 
 ADDRESS_CACHE = 65_536
 """Addresses kept to be shared by the conversations that use them; a scan of random addresses only refills it."""
-_PORT_NUMBERS = list(range(65536))
-"""Every port number as one int object (2 MB once), shared by the conversations that use it."""
 
-_flow_first_seen = attrgetter("first")
-_flow_last_seen = attrgetter("last")
+T = TypeVar("T")
+
+
+class Cells(Protocol, Generic[T]):
+    """Single cells of a column (a memoryview of it: item access at the cost of a list's, not numpy's)."""
+
+    def __getitem__(self, row: int, /) -> T: ...
+    def __setitem__(self, row: int, value: T, /) -> None: ...
+
+
+def _cells(column: npt.NDArray[Any]) -> Any:
+    return column.data
+
+
+def v4_key(lo_ip: int, hi_ip: int, lo_port: int, hi_port: int, proto: int) -> int:
+    """An IPv4 conversation's key: ``k1 << 40 | k2`` of the bulk step's grouping key (`fastpath.classify`)."""
+    return (((lo_ip << 32) | hi_ip) << 40) | (lo_port << 24) | (hi_port << 8) | proto
 
 
 def _obs_time(obs: Observation) -> float:
@@ -121,8 +155,19 @@ class ObservationLog:
         return out
 
 
+class _Login:
+    """A login exchange being followed on a conversation: the one per-conversation Python object the table keeps
+    (`LOGIN_BUDGET_BYTES` of payload at most)."""
+
+    __slots__ = ("budget", "tracker")
+
+    def __init__(self, tracker: LoginTracker) -> None:
+        self.tracker = tracker
+        self.budget = LOGIN_BUDGET_BYTES
+
+
 class ConversationTable:
-    """The conversations, their fragments and TCP state."""
+    """The conversations (rows of columns), their fragments and TCP state."""
 
     def __init__(
         self,
@@ -139,60 +184,138 @@ class ConversationTable:
         self._discovery = discovery
         self._evidence = evidence
         self._observations = observations
-        self.flows: dict[FlowKey, Flow] = {}
-        self.flows4: dict[tuple[int, int], Flow] = {}
-        """The IPv4 conversations again, keyed as the bulk step groups frames (see `fastpath.plan_batch`)."""
-        self.order: EvictionQueue[Flow] = EvictionQueue(_flow_last_seen, _flow_first_seen)
-        """The order in which the table gives up entries when full (`observe.eviction`)."""
+        self.flows: dict[FlowKey, int] = {}
+        """Key -> row."""
+        self.keys: list[FlowKey | None] = []
+        """Row -> key (None: a free row)."""
+        self._free: list[int] = []
+        """Rows given up by evicted conversations, reused first (so the columns' touched pages stay few)."""
+        self.logins: dict[int, _Login] = {}
+        """Rows whose login exchange is being followed: their frames need the per-frame path (or the bulk step's
+        segment-by-segment replay); every other conversation is *settled*."""
+        # The columns, one slot per row, allocated for the cap at once: np.zeros takes zeroed pages from the
+        # kernel, which become resident only when a row on them is first used.
+        cap = settings.max_flows
+        self.packets_ab = np.zeros(cap, dtype=np.int64)
+        self.packets_ba = np.zeros(cap, dtype=np.int64)
+        self.bytes_ab = np.zeros(cap, dtype=np.int64)
+        self.bytes_ba = np.zeros(cap, dtype=np.int64)
+        self.first = np.zeros(cap, dtype=np.float64)
+        self.last = np.zeros(cap, dtype=np.float64)
+        self.a_mac = np.zeros(cap, dtype=np.int64)
+        self.b_mac = np.zeros(cap, dtype=np.int64)
+        self.state = np.zeros(cap, dtype=np.uint8)
+        """`state.TCP_STATES` codes (0: UDP)."""
+        self.bits = np.zeros(cap, dtype=np.uint8)
+        """`B_SEEN`, `HELLO_CHECKED`, `A_IS_LO`."""
+        self.gen = np.zeros(cap, dtype=np.uint32)
+        """How many times the row was given up: a plan that looked a conversation up knows whether its row is still
+        that conversation's when it counts (`fastpath.count_settled`)."""
+        # Single cells, for the per-frame path: a memoryview's item access costs what a list's does.
+        self._pk_ab: Cells[int] = _cells(self.packets_ab)
+        self._pk_ba: Cells[int] = _cells(self.packets_ba)
+        self._by_ab: Cells[int] = _cells(self.bytes_ab)
+        self._by_ba: Cells[int] = _cells(self.bytes_ba)
+        self._first: Cells[float] = _cells(self.first)
+        self._last: Cells[float] = _cells(self.last)
+        self._a_mac: Cells[int] = _cells(self.a_mac)
+        self._b_mac: Cells[int] = _cells(self.b_mac)
+        self.state_cells: Cells[int] = _cells(self.state)
+        """`state`'s cells (the bulk step replays TCP control segments through them)."""
+        self._bits: Cells[int] = _cells(self.bits)
+        self._gen: Cells[int] = _cells(self.gen)
+        self.order: EvictionQueue[int] = EvictionQueue(self._last.__getitem__, self._first.__getitem__)
+        """The order in which the table gives up rows when full (`observe.eviction`)."""
+        self._addresses: dict[bytes, bytes] = {}
+        """IPv6 addresses in new conversations' keys, each as one bytes object the keys share (bounded)."""
+        self._address_cap = min(ADDRESS_CACHE, settings.max_flows)
         # Fragment tables forget their oldest entry when full, in O(1) (a dict's next(iter()) is not: it first skips
         # every slot deleted since its last resize).
-        self._addresses: dict[bytes, bytes] = {}
-        """Addresses seen in new conversations, each as one bytes object the conversations share (bounded)."""
-        self._address_cap = min(ADDRESS_CACHE, settings.max_flows)
         self._frags: OrderedDict[tuple[bytes, bytes, int, int], tuple[FlowKey, bool]] = OrderedDict()
         self._frag_pending: OrderedDict[tuple[bytes, bytes, int, int], list[Any]] = OrderedDict()
 
-    def segment(self, p: Packet, data: bytes, ts: float, wirelen: int, src: MacState | None) -> Flow | None:
-        """Account for one decoded TCP or UDP segment (or IP fragment) of a conversation; the conversation, when
-        the frame names one."""
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    # ----------------------------------------------------------------------------------------- rows
+
+    def key(self, proto: int, sip: bytes, sport: int, dip: bytes, dport: int, src_lo: bool) -> FlowKey:
+        """The key of a conversation seen on a frame from ``sip:sport`` to ``dip:dport`` (``src_lo``: the source
+        is the lower endpoint, ``(sip, sport) <= (dip, dport)``)."""
+        if src_lo:
+            if len(sip) == 4:
+                return (int.from_bytes(sip + dip, "big") << 40) | (sport << 24) | (dport << 8) | proto
+            return (proto, sip, sport, dip, dport)
+        if len(sip) == 4:
+            return (int.from_bytes(dip + sip, "big") << 40) | (dport << 24) | (sport << 8) | proto
+        return (proto, dip, dport, sip, sport)
+
+    def endpoints(self, row: int) -> tuple[int, bytes, int, bytes, int]:
+        """A row's protocol, side ``a``'s address and port, side ``b``'s."""
+        key = self.keys[row]
+        assert key is not None
+        if isinstance(key, int):
+            ips = (key >> 40).to_bytes(8, "big")
+            proto, lo_ip, hi_ip = key & 0xFF, ips[:4], ips[4:]
+            lo_port, hi_port = (key >> 24) & 0xFFFF, (key >> 8) & 0xFFFF
+        else:
+            proto, lo_ip, lo_port, hi_ip, hi_port = key
+        if self._bits[row] & A_IS_LO:
+            return proto, lo_ip, lo_port, hi_ip, hi_port
+        return proto, hi_ip, hi_port, lo_ip, lo_port
+
+    def record(self, row: int) -> Flow:
+        """The conversation in a row, as a `Flow`."""
+        proto, a_ip, a_port, b_ip, b_port = self.endpoints(row)
+        a_mac, b_mac = self._a_mac[row], self._b_mac[row]
+        return Flow(
+            proto, a_ip, a_port, b_ip, b_port,
+            a_mac.to_bytes(6, "big") if a_mac != NO_MAC else None,
+            b_mac.to_bytes(6, "big") if b_mac != NO_MAC else None,
+            self._pk_ab[row], self._by_ab[row], self._pk_ba[row], self._by_ba[row],
+            self._first[row], self._last[row], TCP_STATES[self.state_cells[row]],
+        )  # fmt: skip
+
+    def records(self) -> list[Flow]:
+        """Every conversation, as `Flow`s (in no particular order)."""
+        return [self.record(row) for row in self.flows.values()]
+
+    def _count(self, row: int, forward: bool, packets: int, nbytes: int, last: float) -> None:
+        """Add frames sent by ``a`` (``forward``) or by ``b``."""
+        if forward:
+            self._pk_ab[row] += packets
+            self._by_ab[row] += nbytes
+        else:
+            self._pk_ba[row] += packets
+            self._by_ba[row] += nbytes
+        self._last[row] = max(self._last[row], last)
+
+    # ----------------------------------------------------------------------------------------- frames
+
+    def segment(self, p: Packet, data: bytes, ts: float, wirelen: int, src: MacState | None) -> int | None:
+        """Account for one decoded TCP or UDP segment (or IP fragment) of a conversation; the conversation's row,
+        when the frame names one."""
         proto = p.proto
         if proto not in (PROTO_TCP, PROTO_UDP):
             return None
         assert p.src_ip is not None
         assert p.dst_ip is not None
         if p.fragment and not p.frag_first:
-            fid = (p.src_ip, p.dst_ip, proto, p.frag_id)
-            got = self._frags.get(fid)
-            if got is None:
-                # A fragment ahead of the one with the transport header: held until that one names the flow.
-                pending = self._frag_pending.get(fid)
-                if pending is None:
-                    if len(self._frag_pending) >= self.settings.max_fragments:
-                        self._frag_pending.popitem(last=False)
-                    pending = self._frag_pending[fid] = [0, 0, ts]
-                pending[0] += 1
-                pending[1] += wirelen
-                pending[2] = max(pending[2], ts)
-                return None
-            fkey, forward = got
-            frag_flow = self.flows.get(fkey)
-            if frag_flow is None:
-                return None
-            frag_flow.count(forward, 1, wirelen, ts)
+            self._later_fragment((p.src_ip, p.dst_ip, proto, p.frag_id), ts, wirelen)
             return None
         if p.sport < 0:
             return None
         sip, sport, dip, dport = p.src_ip, p.sport, p.dst_ip, p.dport
-        if (sip, sport) <= (dip, dport):
-            key = (proto, sip, sport, dip, dport)
-        else:
-            key = (proto, dip, dport, sip, sport)
-        flow = self.flows.get(key)
+        src_lo = (sip, sport) <= (dip, dport)
+        key = self.key(proto, sip, sport, dip, dport, src_lo)
+        row = self.flows.get(key)
         flags = p.tcp_flags
-        if flow is None:
-            flow = self._new_flow(key, p, ts)
-        forward = flow.a_ip == sip and flow.a_port == sport
-        flow.count(forward, 1, wirelen, ts)
+        if row is None:
+            row = self.create(
+                key, proto, sip, sport, dip, dport, p.src_mac, p.dst_mac, flags, ts, src_lo=src_lo
+            )
+        forward = src_lo == bool(self._bits[row] & A_IS_LO)
+        self._count(row, forward, 1, wirelen, ts)
         if p.fragment:
             fid = (sip, dip, proto, p.frag_id)
             if len(self._frags) >= self.settings.max_fragments:
@@ -200,27 +323,46 @@ class ConversationTable:
             self._frags[fid] = (key, forward)
             early = self._frag_pending.pop(fid, None)
             if early is not None:
-                flow.count(forward, early[0], early[1], early[2])
+                self._count(row, forward, early[0], early[1], early[2])
         if proto == PROTO_TCP:
-            self._tcp(flow, forward, flags, p, data, ts, src)
+            if flags & (TCP_SYN | TCP_FIN | TCP_RST):
+                self.control(row, forward, flags, src, sip, sport, ts)
+            if p.payload_len:
+                payload = data[p.payload_off : p.payload_off + p.payload_len]
+                if forward and not self._bits[row] & HELLO_CHECKED:
+                    self.inspect_hello(row, src, payload)
+                if row in self.logins:
+                    self.follow_login(row, forward, payload, ts)
         else:
-            if not forward and not flow.b_seen:
-                self.first_reply(flow, src, sip, ts)
+            if not forward and not self._bits[row] & B_SEEN:
+                self.first_reply(row, src, sip, ts)
             if p.payload_len and (sport in DISCOVERY_PORTS or dport in DISCOVERY_PORTS) and src is not None:
                 payload = data[p.payload_off : p.payload_off + p.payload_len]
                 self._discovery.datagram(sport, dport, sip, payload, src, ts)
-        return flow
+        return row
 
-    def _new_flow(self, key: tuple[int, bytes, int, bytes, int], p: Packet, ts: float) -> Flow:
-        assert p.src_ip is not None
-        assert p.dst_ip is not None
-        return self.create(
-            key, p.proto, p.src_ip, p.sport, p.dst_ip, p.dport, p.src_mac, p.dst_mac, p.tcp_flags, ts
-        )
+    def _later_fragment(self, fid: tuple[bytes, bytes, int, int], ts: float, wirelen: int) -> None:
+        """A fragment after the first: counted for the conversation its first fragment named."""
+        got = self._frags.get(fid)
+        if got is None:
+            # A fragment ahead of the one with the transport header: held until that one names the flow.
+            pending = self._frag_pending.get(fid)
+            if pending is None:
+                if len(self._frag_pending) >= self.settings.max_fragments:
+                    self._frag_pending.popitem(last=False)
+                pending = self._frag_pending[fid] = [0, 0, ts]
+            pending[0] += 1
+            pending[1] += wirelen
+            pending[2] = max(pending[2], ts)
+            return
+        fkey, forward = got
+        row = self.flows.get(fkey)
+        if row is not None:
+            self._count(row, forward, 1, wirelen, ts)
 
     def create(
         self,
-        key: tuple[int, bytes, int, bytes, int],
+        key: FlowKey,
         proto: int,
         sip: bytes,
         sport: int,
@@ -230,104 +372,102 @@ class ConversationTable:
         dmac: bytes | None,
         flags: int,
         ts: float,
-        nkey: tuple[int, int] | None = None,
-    ) -> Flow:
-        """A conversation seen for the first time, on a frame from ``sip:sport`` to ``dip:dport`` (``nkey``: the
-        IPv4 key as `flows4` has it, when the caller has it already)."""
+        *,
+        src_lo: bool,
+    ) -> int:
+        """A conversation seen for the first time, on a frame from ``sip:sport`` to ``dip:dport`` with the key
+        `key` makes of them; its row."""
         if len(self.flows) >= self.settings.max_flows:
             self._evict(ts)
-        # Ports above 256 are an int object each: one shared object per port number instead of two per conversation.
-        sport, dport = _PORT_NUMBERS[sport], _PORT_NUMBERS[dport]
-        # Likewise the addresses: a leaf's, or a server's, recurs in many conversations.
-        addresses = self._addresses
-        if len(addresses) >= self._address_cap:
-            addresses.clear()
-        sip = addresses.setdefault(sip, sip)
-        dip = addresses.setdefault(dip, dip)
-        lo_ip, hi_ip = (sip, dip) if key[1] == sip else (dip, sip)
-        key = (key[0], lo_ip, _PORT_NUMBERS[key[2]], hi_ip, _PORT_NUMBERS[key[4]])
-        # The MACs as the inventory holds them, when it does: one bytes object per MAC, not two per conversation.
-        macs = self._inventory.macs
-        if smac is not None and (st := macs.get(smac)) is not None:
-            smac = st.mac
-        if dmac is not None and (st := macs.get(dmac)) is not None:
-            dmac = st.mac
+        if not isinstance(key, int):
+            # An IPv6 key holds its addresses: a leaf's, or a server's, recurs in many conversations.
+            addresses = self._addresses
+            if len(addresses) >= self._address_cap:
+                addresses.clear()
+            sip = addresses.setdefault(sip, sip)
+            dip = addresses.setdefault(dip, dip)
+            key = (proto, sip, sport, dip, dport) if src_lo else (proto, dip, dport, sip, sport)
         responder_first = proto == PROTO_TCP and flags & TCP_SYN and flags & TCP_ACK
         if responder_first:
             # Capture started between SYN and SYN-ACK: the SYN-ACK's receiver is the initiator.
-            flow = Flow(proto, dip, dport, sip, sport, dmac, smac, ts)
+            a_ip, a_port, b_ip, b_port, a_mac, b_mac = dip, dport, sip, sport, dmac, smac
         else:
-            flow = Flow(proto, sip, sport, dip, dport, smac, dmac, ts)
+            a_ip, a_port, b_ip, b_port, a_mac, b_mac = sip, sport, dip, dport, smac, dmac
+        free = self._free
+        if free:
+            row = free.pop()
+            self.keys[row] = key
+        else:
+            row = len(self.keys)
+            self.keys.append(key)
+        self._pk_ab[row] = self._pk_ba[row] = self._by_ab[row] = self._by_ba[row] = 0
+        self._first[row] = self._last[row] = ts
+        self._a_mac[row] = int.from_bytes(a_mac, "big") if a_mac is not None else NO_MAC
+        self._b_mac[row] = int.from_bytes(b_mac, "big") if b_mac is not None else NO_MAC
+        self._bits[row] = A_IS_LO if (a_ip, a_port) <= (b_ip, b_port) else 0
         if proto == PROTO_TCP:
-            flow.state = "S0" if flags & TCP_SYN and not flags & TCP_ACK else "EST" if responder_first else "OTHER"
-            if flow.state == "S0":
-                self._evidence.append(SynSent(ts, sip, dip, dport, smac))
-            proto_name = LOGIN_PORTS.get(flow.b_port)
+            state = "S0" if flags & TCP_SYN and not flags & TCP_ACK else "EST" if responder_first else "OTHER"
+            self.state_cells[row] = STATE_CODE[state]
+            if state == "S0":
+                self._evidence.append(SynSent(ts, sip, dip, dport, self._inventory_mac(smac)))
+            proto_name = LOGIN_PORTS.get(b_port)
             if proto_name is not None:
-                flow.login = LoginTracker(proto_name)
-                flow.login_budget = LOGIN_BUDGET_BYTES
-        flow.slow = flow.login is not None
-        flow.a_is_lo = flow.a_ip == key[1] and flow.a_port == key[2]
+                self.logins[row] = _Login(LoginTracker(proto_name))
+        else:
+            self.state_cells[row] = 0
         if self._inventory.learning:
-            leaf = self._inventory.leaf_mac_for(flow.a_ip, flow.a_mac)
+            leaf = self._inventory.leaf_mac_for(a_ip, a_mac)
             if leaf is not None:
                 protocol = "tcp" if proto == PROTO_TCP else "udp"
-                self._evidence.append(ConversationOpened(ts, leaf, flow.b_ip, flow.b_port, protocol))
-        if len(sip) == 4:
-            if nkey is None:
-                lo = int.from_bytes(key[1], "big")
-                hi = int.from_bytes(key[3], "big")
-                nkey = ((lo << 32) | hi, (key[2] << 24) | (key[4] << 8) | proto)
-            flow.nkey = nkey
-            self.flows4[nkey] = flow
-        self.flows[key] = flow
-        self.order.admit(flow)
+                self._evidence.append(ConversationOpened(ts, leaf, b_ip, b_port, protocol))
+        self.flows[key] = row
+        self.order.admit(row)
         if self._observations.enabled:
-            self._observations.connection(flow, ts)
-        return flow
+            self._observations.connection(self.record(row), ts)
+        return row
+
+    def _inventory_mac(self, mac: bytes | None) -> bytes | None:
+        """The MAC as the inventory holds it, when it does (one bytes object per MAC in the evidence)."""
+        if mac is not None and (st := self._inventory.macs.get(mac)) is not None:
+            return st.mac
+        return mac
 
     def _evict(self, now: float) -> None:
-        f = self.order.victim(now, self.settings.idle_flow_s)
-        del self.flows[f.key()]
-        if f.nkey is not None:
-            self.flows4.pop(f.nkey, None)
+        row = self.order.victim(now, self.settings.idle_flow_s)
+        key = self.keys[row]
+        assert key is not None
+        del self.flows[key]
+        self.keys[row] = None
+        self.logins.pop(row, None)
+        self._gen[row] = (self._gen[row] + 1) & 0xFFFFFFFF
+        self._free.append(row)
         self.stats.evicted_flows += 1
 
-    def _tcp(
-        self, flow: Flow, forward: bool, flags: int, p: Packet, data: bytes, ts: float, src: MacState | None
-    ) -> None:
-        if flags & (TCP_SYN | TCP_FIN | TCP_RST):
-            self.tcp_control(flow, forward, flags, src, p.src_ip, p.sport, ts)
-        if p.payload_len:
-            payload = data[p.payload_off : p.payload_off + p.payload_len]
-            if forward and not flow.hello_checked:
-                self.inspect_hello(flow, src, payload)
-            if flow.login is not None:
-                self.follow_login(flow, forward, payload, ts)
-        flow.slow = flow.login is not None
+    def follow_login(self, row: int, forward: bool, payload: bytes, ts: float) -> None:
+        """Feed one segment's payload to the conversation's login tracker (it has one)."""
+        followed = self.logins[row]
+        login = followed.tracker
+        followed.budget -= len(payload)
+        outcomes = login.feed(forward, payload)
+        if outcomes:
+            flow = self.record(row)
+            for outcome in outcomes:
+                self._observations.login(flow, login.protocol, outcome, ts)
+                inv = self._inventory
+                leaf = inv.leaf_mac_for(flow.a_ip, flow.a_mac) or inv.leaf_mac_for(flow.b_ip, flow.b_mac)
+                self._evidence.append(
+                    LoginResult(
+                        ts, leaf, login.protocol, flow.a_ip, flow.b_ip, flow.b_port, outcome.user or "",
+                        outcome.result,
+                    )
+                )  # fmt: skip
+        if login.finished or followed.budget <= 0:
+            # Nothing more to follow: release the tracker's buffers; the conversation is settled.
+            del self.logins[row]
 
-    def follow_login(self, flow: Flow, forward: bool, payload: bytes, ts: float) -> None:
-        """Feed one segment's payload to the conversation's login tracker (it is not None)."""
-        login = flow.login
-        assert login is not None
-        flow.login_budget -= len(payload)
-        for outcome in login.feed(forward, payload):
-            self._observations.login(flow, login.protocol, outcome, ts)
-            inv = self._inventory
-            leaf = inv.leaf_mac_for(flow.a_ip, flow.a_mac) or inv.leaf_mac_for(flow.b_ip, flow.b_mac)
-            self._evidence.append(
-                LoginResult(
-                    ts, leaf, login.protocol, flow.a_ip, flow.b_ip, flow.b_port, outcome.user or "", outcome.result
-                )
-            )
-        if login.finished or flow.login_budget <= 0:
-            # Nothing more to follow: release the tracker's buffers.
-            flow.login = None
-            flow.login_budget = 0
-
-    def tcp_control(
+    def control(
         self,
-        flow: Flow,
+        row: int,
         forward: bool,
         flags: int,
         src: MacState | None,
@@ -336,8 +476,8 @@ class ConversationTable:
         ts: float,
     ) -> None:
         """The state change a SYN, FIN or RST makes (and the service a SYN-ACK reveals)."""
-        assert flow.state is not None
-        flow.state = tcp_next_state(flow.state, forward, flags)
+        st = self.state_cells
+        st[row] = NEXT_STATE[(st[row] << 9) | (forward << 8) | flags]
         # A router forwarding a remote server's answer is not offering that service.
         if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) and not forward:
             self.syn_ack_service(src, src_ip, sport, ts)
@@ -347,22 +487,35 @@ class ConversationTable:
         if src is not None and src_ip is not None and self._inventory.is_leaf_ip(src_ip):
             self._inventory.add_service(src, "tcp", sport, ts)
 
-    def inspect_hello(self, flow: Flow, src: MacState | None, payload: bytes) -> None:
+    def inspect_hello(self, row: int, src: MacState | None, payload: bytes) -> None:
         """The initiator's first payload: a TLS ClientHello names the server (SNI) and the offered versions."""
-        self.apply_hello(flow, src, deep.tls_client_hello(payload) if src is not None else None)
+        self.apply_hello(row, src, deep.tls_client_hello(payload) if src is not None else None)
 
-    def apply_hello(self, flow: Flow, src: MacState | None, hello: deep.ClientHello | None) -> None:
+    def apply_hello(self, row: int, src: MacState | None, hello: deep.ClientHello | None) -> None:
         """`inspect_hello` with the payload already parsed (``None``: it is not a ClientHello)."""
-        flow.hello_checked = True
+        self._bits[row] |= HELLO_CHECKED
         if src is not None and hello is not None:
             if hello.sni:
                 self._inventory.add_name(src.tls_sni, hello.sni)
             for v in hello.versions:
                 src.tls_versions[v] = None
 
-    def first_reply(self, flow: Flow, src: MacState | None, sender_ip: bytes, ts: float) -> None:
+    def generation(self, row: int) -> int:
+        """How many times ``row`` was given up so far (see `gen`)."""
+        return int(self._gen[row])
+
+    def hello_checked(self, row: int) -> bool:
+        return bool(self._bits[row] & HELLO_CHECKED)
+
+    def b_seen(self, row: int) -> bool:
+        return bool(self._bits[row] & B_SEEN)
+
+    def first_reply(self, row: int, src: MacState | None, sender_ip: bytes, ts: float) -> None:
         """The responder's first UDP datagram: its port is a service, unless the flow was first seen mid-way
         (a well-known port talking to an ephemeral one: the "responder" is really the client)."""
-        flow.b_seen = True
-        if src is not None and not (flow.a_port < 1024 <= flow.b_port) and self._inventory.is_leaf_ip(sender_ip):
-            self._inventory.add_service(src, "udp", flow.b_port, ts)
+        self._bits[row] |= B_SEEN
+        if src is None:
+            return
+        _, _, a_port, _, b_port = self.endpoints(row)
+        if not (a_port < 1024 <= b_port) and self._inventory.is_leaf_ip(sender_ip):
+            self._inventory.add_service(src, "udp", b_port, ts)

@@ -28,7 +28,7 @@ when they are drained.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -36,14 +36,14 @@ import numpy.typing as npt
 from leafguard.capture.batch import FrameBatch
 from leafguard.decode.deep import ClientHello, tls_client_hello
 from leafguard.decode.frames import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
+from leafguard.observe.conversations import A_IS_LO
 from leafguard.observe.discovery import selected_many
 from leafguard.observe.inventory import MacTotals
-from leafguard.observe.state import tcp_next_state
+from leafguard.observe.state import NEXT_STATE
 
 if TYPE_CHECKING:
     from leafguard.observe.conversations import ConversationTable
     from leafguard.observe.inventory import LeafInventory
-    from leafguard.observe.state import Flow
 
 _U8 = npt.NDArray[np.uint8]
 _I64 = npt.NDArray[np.int64]
@@ -70,7 +70,7 @@ class Plan:
     candidate position to its frame index in the batch. Lists indexed by ``u`` have one entry per conversation.
     """
 
-    __slots__ = ("bare", "bulk_new", "deep", "early", "frame_key", "known", "pre", "settled", "uflows", "walk")
+    __slots__ = ("bare", "bulk_new", "deep", "early", "frame_key", "gens", "known", "pre", "rows", "settled", "walk")
 
     def __init__(self, pre: Classified) -> None:
         self.pre = pre
@@ -86,7 +86,11 @@ class Plan:
         self.early: _I64 = np.empty(0, dtype=np.int64)
         """Candidate frames counted in bulk without being walked."""
         # Per conversation.
-        self.uflows: list[Flow | None] = []
+        self.rows: list[int] = []
+        """Its row in the conversation table, or -1 (not known yet)."""
+        self.gens: list[int] = []
+        """The row's generation when the plan took it (`ConversationTable.gen`): a row given up during the batch
+        (its conversation evicted by a new one) has another by the time the batch is counted."""
         self.known: list[bool] = []
         """The conversation exists (it did at the start of the batch, or the walk created it)."""
         self.settled: list[bool] = []
@@ -122,9 +126,8 @@ class Classified:
     """The candidate's conversation number (0..nu-1, in order of first appearance)."""
     first: _I64
     """Per conversation: the candidate position of its first frame."""
-    k1: list[int]
-    k2: list[int]
-    """Per conversation: its key, as `Analyzer.flows4` has it."""
+    keys: list[int]
+    """Per conversation: its key in the conversation table (`conversations.v4_key`)."""
     src_lo: _B
     o: _I64
     """Where the frame starts (its MACs)."""
@@ -241,8 +244,7 @@ def classify(batch: FrameBatch) -> Classified | None:
         cand=cand,
         inv=inv,
         first=first,
-        k1=k1[first].tolist(),
-        k2=k2[first].tolist(),
+        keys=[(a << 40) | b for a, b in zip(k1[first].view(np.uint64).tolist(), k2[first].tolist(), strict=True)],
         src_lo=src_lo,
         o=o,
         h=hc,
@@ -278,12 +280,23 @@ def plan_batch(table: ConversationTable, batch: FrameBatch) -> Plan | None:
     bare = pre.bare
 
     plan = Plan(pre)
-    flows4 = table.flows4
-    for key in zip(pre.k1, pre.k2, strict=True):
-        flow = flows4.get(key)
-        plan.uflows.append(flow)
-        plan.known.append(flow is not None)
-        plan.settled.append(flow is not None and not flow.slow)
+    flows = table.flows
+    logins = table.logins
+    gen = table.gen
+    rows = plan.rows
+    known = plan.known
+    settled = plan.settled
+    for key in pre.keys:
+        row = flows.get(key)
+        if row is None:
+            rows.append(-1)
+            known.append(False)
+            settled.append(False)
+        else:
+            rows.append(row)
+            known.append(True)
+            settled.append(row not in logins)
+    plan.gens = gen[np.asarray(rows, dtype=np.int64)].tolist() if rows else []
     known0 = np.asarray(plan.known, dtype=bool)
     settled0 = np.asarray(plan.settled, dtype=bool)
 
@@ -316,7 +329,8 @@ def plan_batch(table: ConversationTable, batch: FrameBatch) -> Plan | None:
 def count_settled(
     inventory: LeafInventory, table: ConversationTable, batch: FrameBatch, plan: Plan, deferred: list[int]
 ) -> None:
-    """Account for every frame the walk did not (the analyzer has logged their send times)."""
+    """Account for every frame the walk did not (the analyzer has logged their send times): the conversations'
+    counters are added to the table's columns per batch, with no Python work per conversation."""
     data = batch.data
     pre = plan.pre
     # Every candidate and plain IPv4 frame's MAC counters and source address.
@@ -327,56 +341,53 @@ def count_settled(
     idx.sort()
     pos = np.searchsorted(pre.cand, idx)
     inv = pre.inv[pos]
-    nu = len(plan.uflows)
+    nu = len(plan.rows)
     present = np.unique(inv)
-    uflows = plan.uflows
-    flows = cast("list[Flow]", [uflows[u] for u in present.tolist()])
+    rows = np.asarray(plan.rows, dtype=np.int64)[present]
+    # A conversation evicted during the batch (by one created after the plan looked it up) has lost its row: its
+    # frames here are not counted anywhere, as they were not when a conversation was an object.
+    live = table.gen[rows] == np.asarray(plan.gens, dtype=np.uint32)[present]
+    alive = np.zeros(nu, dtype=bool)
+    alive[present] = live
     a_is_lo = np.zeros(nu, dtype=bool)
-    a_is_lo[present] = [f.a_is_lo for f in flows]
+    a_is_lo[present] = (table.bits[rows] & A_IS_LO) != 0
     fwd = pre.src_lo[pos] == a_is_lo[inv]
     wl = pre.wl[pos]
     ts = pre.ts[pos]
     inv_ab = inv[fwd]
     inv_ba = inv[~fwd]
-    pk_ab = np.bincount(inv_ab, minlength=nu)[present].tolist()
-    by_ab = np.bincount(inv_ab, weights=wl[fwd], minlength=nu)[present].astype(np.int64).tolist()
-    pk_ba = np.bincount(inv_ba, minlength=nu)[present].tolist()
-    by_ba = np.bincount(inv_ba, weights=wl[~fwd], minlength=nu)[present].astype(np.int64).tolist()
+    at = present[live]
+    rows = rows[live]
+    # Each live row once (a row is one conversation's): plain fancy-indexed adds, no ufunc.at.
+    table.packets_ab[rows] += np.bincount(inv_ab, minlength=nu)[at]
+    table.bytes_ab[rows] += np.bincount(inv_ab, weights=wl[fwd], minlength=nu)[at].astype(np.int64)
+    table.packets_ba[rows] += np.bincount(inv_ba, minlength=nu)[at]
+    table.bytes_ba[rows] += np.bincount(inv_ba, weights=wl[~fwd], minlength=nu)[at].astype(np.int64)
     last = np.full(nu, -np.inf)
     np.maximum.at(last, inv, ts)
-    for flow, p_ab, b_ab, p_ba, b_ba, t_last in zip(
-        flows, pk_ab, by_ab, pk_ba, by_ba, last[present].tolist(), strict=True
-    ):
-        flow.packets_ab += p_ab
-        flow.bytes_ab += b_ab
-        flow.packets_ba += p_ba
-        flow.bytes_ba += b_ba
-        flow.last = max(flow.last, t_last)
-    _control(inventory, table, data, plan, pos, inv, fwd)
-    _first_of_flow(inventory, table, data, plan, pos, inv, fwd)
-    _logins(table, data, plan, pos, inv, fwd, present)
+    table.last[rows] = np.maximum(table.last[rows], last[at])
+    ok = alive[inv]
+    _control(inventory, table, data, plan, pos, inv, fwd, ok)
+    _first_of_flow(inventory, table, data, plan, pos, inv, fwd, ok)
+    _logins(table, data, plan, pos, inv, fwd, at)
 
 
 def _logins(table: ConversationTable, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B, present: _I64) -> None:
     """Follow the login exchanges of conversations that were counted in bulk, segment by segment, in order."""
-    following = [u for u in present.tolist() if (f := plan.uflows[u]) is not None and f.login is not None]
+    rows = plan.rows
+    logins = table.logins
+    following = [u for u in present.tolist() if rows[u] in logins]
     if not following:
         return
     pre = plan.pre
     sel = np.flatnonzero(np.isin(inv, following) & (pre.pay_len[pos] > 0))
-    uflows = plan.uflows
     for k, u, forward in zip(sel.tolist(), inv[sel].tolist(), fwd[sel].tolist(), strict=True):
-        flow = uflows[u]
-        assert flow is not None
-        if flow.login is None:
+        row = rows[u]
+        if row not in logins:
             continue
         j = int(pos[k])
         start = int(pre.pay_off[j])
-        table.follow_login(flow, forward, data[start : start + int(pre.pay_len[j])], float(pre.ts[j]))
-    for u in following:
-        flow = uflows[u]
-        assert flow is not None
-        flow.slow = flow.login is not None
+        table.follow_login(row, forward, data[start : start + int(pre.pay_len[j])], float(pre.ts[j]))
 
 
 def create_new(table: ConversationTable, batch: FrameBatch, plan: Plan) -> None:
@@ -388,8 +399,9 @@ def create_new(table: ConversationTable, batch: FrameBatch, plan: Plan) -> None:
     data = batch.data
     pre = plan.pre
     firsts = pre.first[plan.bulk_new]
-    k1, k2 = pre.k1, pre.k2
-    uflows = plan.uflows
+    keys = pre.keys
+    rows = plan.rows
+    gens = plan.gens
     for u, at, h, flags, ts, lo in zip(
         plan.bulk_new, pre.o[firsts].tolist(), pre.h[firsts].tolist(), pre.flags[firsts].tolist(),
         pre.ts[firsts].tolist(), pre.src_lo[firsts].tolist(), strict=True,
@@ -399,28 +411,36 @@ def create_new(table: ConversationTable, batch: FrameBatch, plan: Plan) -> None:
         dip = data[h + 30 : h + 34]
         sport = (data[h + 34] << 8) | data[h + 35]
         dport = (data[h + 36] << 8) | data[h + 37]
-        key = (proto, sip, sport, dip, dport) if lo else (proto, dip, dport, sip, sport)
-        uflows[u] = table.create(
-            key, proto, sip, sport, dip, dport, data[at + 6 : at + 12], data[at : at + 6], flags, ts, (k1[u], k2[u])
+        row = table.create(
+            keys[u], proto, sip, sport, dip, dport, data[at + 6 : at + 12], data[at : at + 6], flags, ts, src_lo=lo
         )
+        rows[u] = row
+        gens[u] = table.generation(row)
 
 
 def _control(
-    inventory: LeafInventory, table: ConversationTable, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B
+    inventory: LeafInventory,
+    table: ConversationTable,
+    data: bytes,
+    plan: Plan,
+    pos: _I64,
+    inv: _I64,
+    fwd: _B,
+    alive: _B,
 ) -> None:
     """Replay the bulk-counted SYN/FIN/RST segments' state changes, in batch order (``pos`` is sorted)."""
     pre = plan.pre
-    sel = np.flatnonzero((pre.flags[pos] & (TCP_SYN | TCP_FIN | TCP_RST)) != 0)
+    sel = np.flatnonzero(((pre.flags[pos] & (TCP_SYN | TCP_FIN | TCP_RST)) != 0) & alive)
     if not sel.size:
         return
-    uflows = plan.uflows
+    rows = plan.rows
+    state = table.state_cells
     for j, u, forward, flags, ts in zip(
         pos[sel].tolist(), inv[sel].tolist(), fwd[sel].tolist(), pre.flags[pos[sel]].tolist(),
         pre.ts[pos[sel]].tolist(), strict=True,
     ):  # fmt: skip
-        flow = uflows[u]
-        assert flow is not None and flow.state is not None
-        flow.state = tcp_next_state(flow.state, forward, flags)
+        row = rows[u]
+        state[row] = NEXT_STATE[(state[row] << 9) | (forward << 8) | flags]
         if flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) and not forward:  # may reveal a service
             at, h = int(pre.o[j]), int(pre.h[j])
             src = inventory.macs.get(data[at + 6 : at + 12])
@@ -428,7 +448,14 @@ def _control(
 
 
 def _first_of_flow(
-    inventory: LeafInventory, table: ConversationTable, data: bytes, plan: Plan, pos: _I64, inv: _I64, fwd: _B
+    inventory: LeafInventory,
+    table: ConversationTable,
+    data: bytes,
+    plan: Plan,
+    pos: _I64,
+    inv: _I64,
+    fwd: _B,
+    alive: _B,
 ) -> None:
     """What the per-frame path does on a conversation's first payload from ``a`` (a TLS ClientHello is looked
     for) and on the first UDP datagram from ``b`` (the responder's port is a service): here once per conversation,
@@ -437,22 +464,22 @@ def _first_of_flow(
     has_pay = pre.pay_len[pos] > 0
     tcp = pre.tcp[pos]
     hellos = pre.hellos
-    for mask, tls in ((fwd & has_pay & tcp, True), (~fwd & ~tcp, False)):
+    rows = plan.rows
+    for mask, tls in ((fwd & has_pay & tcp & alive, True), (~fwd & ~tcp & alive, False)):
         sel = np.flatnonzero(mask)
         if not sel.size:
             continue
         users, first = np.unique(inv[sel], return_index=True)
         for u, j in zip(users.tolist(), pos[sel[first]].tolist(), strict=True):
-            flow = plan.uflows[u]
-            assert flow is not None
+            row = rows[u]
             at = int(pre.o[j])
             if tls:
-                if not flow.hello_checked:
-                    table.apply_hello(flow, inventory.macs.get(data[at + 6 : at + 12]), hellos.get(j))
-            elif not flow.b_seen:
+                if not table.hello_checked(row):
+                    table.apply_hello(row, inventory.macs.get(data[at + 6 : at + 12]), hellos.get(j))
+            elif not table.b_seen(row):
                 h = int(pre.h[j])
                 src = inventory.macs.get(data[at + 6 : at + 12])
-                table.first_reply(flow, src, data[h + 26 : h + 30], float(pre.ts[j]))
+                table.first_reply(row, src, data[h + 26 : h + 30], float(pre.ts[j]))
 
 
 def _sorted_groups(keys: _I64) -> tuple[_I64, _I64, _I64]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from leafguard.decode.frames import TCP_ACK, TCP_RST, TCP_SYN
-from leafguard.decode.login import LoginTracker
 
 
 def tcp_next_state(state: str, forward: bool, flags: int) -> str:
@@ -82,84 +83,46 @@ class MacState:
         self.ssdp_usn: str | None = None
 
 
+TCP_STATES: tuple[str | None, ...] = (None, "S0", "REJ", "EST", "CLOSED", "OTHER")
+"""A conversation's TCP state as the conversation table stores it: the index of its name (0: a UDP conversation)."""
+STATE_CODE = {name: code for code, name in enumerate(TCP_STATES) if name is not None}
+
+
+def _next_codes() -> list[int]:
+    table = [0] * (len(TCP_STATES) << 9)
+    for code, name in enumerate(TCP_STATES):
+        if name is None:
+            continue
+        for forward in (False, True):
+            for flags in range(256):
+                table[(code << 9) | (forward << 8) | flags] = STATE_CODE[tcp_next_state(name, forward, flags)]
+    return table
+
+
+NEXT_STATE = _next_codes()
+"""`tcp_next_state` by state code: ``NEXT_STATE[code << 9 | forward << 8 | flags]`` (one list lookup per segment)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Flow:
-    """One TCP or UDP conversation. Side ``a`` initiated it (SYN sender, else first sender)."""
+    """One TCP or UDP conversation as the conversation table has it at one moment (the table keeps conversations
+    in columns, `observe.conversations`; this record is made for the report and the observations). Side ``a``
+    initiated it (SYN sender, else first sender)."""
 
-    __slots__ = (
-        "a_ip",
-        "a_is_lo",
-        "a_mac",
-        "a_port",
-        "b_ip",
-        "b_mac",
-        "b_port",
-        "b_seen",
-        "bytes_ab",
-        "bytes_ba",
-        "first",
-        "hello_checked",
-        "last",
-        "login",
-        "login_budget",
-        "nkey",
-        "packets_ab",
-        "packets_ba",
-        "proto",
-        "slow",
-        "state",
-    )
-
-    def __init__(
-        self,
-        proto: int,
-        a_ip: bytes,
-        a_port: int,
-        b_ip: bytes,
-        b_port: int,
-        a_mac: bytes | None,
-        b_mac: bytes | None,
-        ts: float,
-    ) -> None:
-        self.proto = proto
-        self.a_ip = a_ip
-        self.a_port = a_port
-        self.b_ip = b_ip
-        self.b_port = b_port
-        self.a_mac = a_mac
-        self.b_mac = b_mac
-        self.packets_ab = 0
-        self.bytes_ab = 0
-        self.packets_ba = 0
-        self.bytes_ba = 0
-        self.first = ts
-        self.last = ts
-        self.state: str | None = None
-        self.b_seen = False
-        self.hello_checked = False
-        self.login: LoginTracker | None = None
-        self.login_budget = 0
-        self.a_is_lo = True
-        """Side ``a`` is the lower (address, port) endpoint of the conversation's key."""
-        self.nkey: tuple[int, int] | None = None
-        """The IPv4 conversation key as two integers (the bulk step's index), or None for IPv6."""
-        self.slow = False
-        """Its frames need the per-frame path: a login exchange on it is being followed."""
-
-    def key(self) -> tuple[int, bytes, int, bytes, int]:
-        """Its key in the conversation table: the protocol, then the lower (address, port) endpoint first."""
-        if self.a_is_lo:
-            return (self.proto, self.a_ip, self.a_port, self.b_ip, self.b_port)
-        return (self.proto, self.b_ip, self.b_port, self.a_ip, self.a_port)
-
-    def count(self, forward: bool, packets: int, nbytes: int, last: float) -> None:
-        """Add frames sent by ``a`` (``forward``) or by ``b``."""
-        if forward:
-            self.packets_ab += packets
-            self.bytes_ab += nbytes
-        else:
-            self.packets_ba += packets
-            self.bytes_ba += nbytes
-        self.last = max(self.last, last)
+    proto: int
+    a_ip: bytes
+    a_port: int
+    b_ip: bytes
+    b_port: int
+    a_mac: bytes | None
+    b_mac: bytes | None
+    packets_ab: int
+    bytes_ab: int
+    packets_ba: int
+    bytes_ba: int
+    first: float
+    last: float
+    state: str | None
 
 
 class CaptureStats:
