@@ -150,6 +150,9 @@ def _feed(path: Path) -> tuple[float, int, int]:
     before = _rss_mb()
     for batch in read_batches(path):
         analyzer.feed(batch)
+        # As the service's message pump does after every batch: undrained, the observations would be a queue of
+        # up to 100,000 records (`conversations.MAX_PENDING_OBSERVATIONS`), not state kept per conversation.
+        analyzer.drain_observations()
     gc.collect()
     grown = _rss_mb() - before
     return grown, len(analyzer.flows), len(analyzer.leaves())

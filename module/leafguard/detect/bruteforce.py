@@ -13,19 +13,23 @@ are the ``brute_force`` rule's (it reads the login exchange itself).
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 
 from leafguard.detect.alerts import Alert
 from leafguard.detect.probes import WEB_PORTS, TcpControl
-from leafguard.detect.scans import Sink, ip_text, mac_text
+from leafguard.detect.scans import Sink, ip_text, mac_text, port_pair
 from leafguard.detect.thresholds import Thresholds
 from leafguard.detect.windows import DistinctCounter
 
+MAC_CACHE = 4096
+"""Client MACs kept to be shared by the connections that name them (cleared when full)."""
+
 
 class _Conn:
-    __slots__ = ("accepted", "mac", "start")
+    __slots__ = ("accepted", "key", "mac", "start")
 
-    def __init__(self, start: float, mac: bytes | None) -> None:
+    def __init__(self, key: int, start: float, mac: bytes | None) -> None:
+        self.key = key
         self.start = start
         self.mac = mac
         self.accepted = False
@@ -36,8 +40,12 @@ class ConnectionBruteForce:
         self.t = thresholds
         self._max = max_tracked
         self._sink = sink
-        self._open: OrderedDict[tuple[bytes, int, bytes, int], _Conn] = OrderedDict()
-        """Connections by (client, client port, server, server port), from their SYN until they end."""
+        self._open: dict[int, _Conn] = {}
+        """Connections by `port_pair` (client, client port, server, server port), from their SYN until they end."""
+        self._order: deque[_Conn] = deque()
+        """The connections in the order they opened, the oldest first (it goes when the table is full); those that
+        ended since are skipped then, and dropped whenever they outnumber the open ones."""
+        self._macs: dict[bytes, bytes] = {}
         self._short: DistinctCounter[tuple[bytes, bytes, int]] = DistinctCounter()
 
     def tcp(self, r: TcpControl) -> None:
@@ -45,12 +53,10 @@ class ConnectionBruteForce:
         if f & 0x02 and not f & 0x10:  # SYN: a client opens
             if r.dport in WEB_PORTS:
                 return
-            if len(self._open) >= self._max:
-                self._open.popitem(last=False)
-            self._open[(r.src, r.sport, r.dst, r.dport)] = _Conn(r.ts, r.src_mac)
+            self._opened(port_pair(r.src, r.sport, r.dst, r.dport), r.ts, r.src_mac)
             return
         if f & 0x12 == 0x12:  # SYN-ACK: the server accepts
-            conn = self._open.get((r.dst, r.dport, r.src, r.sport))
+            conn = self._open.get(port_pair(r.dst, r.dport, r.src, r.sport))
             if conn is not None:
                 conn.accepted = True
             return
@@ -58,14 +64,13 @@ class ConnectionBruteForce:
             return
         # FIN or RST, from either side, ends it; only a FIN ends a session that was held. A RST right after the
         # SYN-ACK is a SYN scan's answer to an open port, or a connection flood: neither is a login attempt.
-        key = (r.src, r.sport, r.dst, r.dport)
-        conn = self._open.pop(key, None)
+        client, cport, server, sport = r.src, r.sport, r.dst, r.dport
+        conn = self._open.pop(port_pair(client, cport, server, sport), None)
         if conn is None:
-            key = (r.dst, r.dport, r.src, r.sport)
-            conn = self._open.pop(key, None)
+            client, cport, server, sport = r.dst, r.dport, r.src, r.sport
+            conn = self._open.pop(port_pair(client, cport, server, sport), None)
         if conn is None or not conn.accepted or not f & 0x01 or r.ts - conn.start > self.t.short_connection_s:
             return
-        client, cport, server, sport = key
         t = self.t
         w = self._short.add((client, server, sport), cport, r.ts, t.brute_force_connections, t.brute_force_window_s)
         if w is None:
@@ -79,3 +84,25 @@ class ConnectionBruteForce:
                  "short_connection_s": t.short_connection_s, "first_ts": w.start},
             )
         )  # fmt: skip
+
+    def _opened(self, key: int, ts: float, mac: bytes | None) -> None:
+        """A client's SYN: the connection is tracked from now (a SYN again on an open one starts it afresh, in its
+        place in the order); when the table is full, the connection that opened first goes."""
+        table = self._open
+        if len(table) >= self._max:
+            order = self._order
+            while (oldest := order.popleft()) is not table.get(oldest.key):
+                pass  # it ended already
+            del table[oldest.key]
+        if mac is not None:
+            if len(self._macs) >= MAC_CACHE:
+                self._macs.clear()
+            mac = self._macs.setdefault(mac, mac)
+        conn = table.get(key)
+        if conn is not None:
+            conn.start, conn.mac, conn.accepted = ts, mac, False
+            return
+        conn = table[key] = _Conn(key, ts, mac)
+        self._order.append(conn)
+        if len(self._order) > 2 * len(table) + 1024:
+            self._order = deque(c for c in self._order if table.get(c.key) is c)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import socket
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from leafguard.detect.alerts import Alert
@@ -35,6 +35,13 @@ def ip_text(raw: bytes) -> str:
 
 def mac_text(raw: bytes | None) -> str | None:
     return raw.hex(":") if raw is not None else None
+
+
+def port_pair(src: bytes, sport: int, dst: bytes, dport: int) -> int:
+    """(source, source port, destination, destination port) as one int, for tables of many of them: one object
+    of 40 bytes instead of a tuple, two address slices and two port ints (the leading 1 keeps IPv4 and IPv6
+    pairs apart)."""
+    return (int.from_bytes(b"\x01" + src + dst, "big") << 32) | (sport << 16) | dport
 
 
 def _multicast(ip: bytes) -> bool:
@@ -60,8 +67,11 @@ class Scans:
         self._udp: DistinctCounter[tuple[bytes, bytes]] = DistinctCounter()
         self._icmp: DistinctCounter[bytes] = DistinctCounter()
         self._arp: DistinctCounter[bytes] = DistinctCounter()
-        self._syns: OrderedDict[tuple[bytes, int, bytes, int], None] = OrderedDict()
-        """Port pairs whose SYN was seen (either direction is looked up): a RST there is a connection's."""
+        self._syns: dict[int, None] = {}
+        """Port pairs (`port_pair`) whose SYN was seen (either direction is looked up): a RST there is a
+        connection's."""
+        self._syn_order: deque[int] = deque()
+        """The same pairs, oldest first: the oldest goes when full (nothing else leaves, so the two stay in step)."""
         self._pending: OrderedDict[tuple[bytes, bytes, int], tuple[float, bytes | None]] = OrderedDict()
         """UDP datagrams that opened a conversation and have no answer yet (in time order), with their MAC."""
         self.deadline = math.inf
@@ -74,16 +84,21 @@ class Scans:
     def tcp(self, r: TcpControl) -> None:
         f = r.flags
         if f & 0x02:  # SYN: a connection (or a SYN scan, which port_scan counts)
-            if len(self._syns) >= self._max:
-                self._syns.popitem(last=False)
-            self._syns[(r.src, r.sport, r.dst, r.dport)] = None
+            syns = self._syns
+            if len(syns) >= self._max:
+                del syns[self._syn_order.popleft()]
+            pair = port_pair(r.src, r.sport, r.dst, r.dport)
+            if pair not in syns:
+                syns[pair] = None
+                self._syn_order.append(pair)
             return
         if not f & (0x10 | 0x04):  # no ACK, no RST (and no SYN): NULL, FIN, Xmas...
             self._remember_mac(r.src, r.src_mac)
             self._stealth_probe(r.src, r.dst, r.dport, r.ts, _flag_name(f))
         elif f & 0x04 and not f & 0x10:
             # A RST without ACK answers a segment that carried an ACK and belongs to no connection.
-            if (r.dst, r.dport, r.src, r.sport) in self._syns or (r.src, r.sport, r.dst, r.dport) in self._syns:
+            syns = self._syns
+            if port_pair(r.dst, r.dport, r.src, r.sport) in syns or port_pair(r.src, r.sport, r.dst, r.dport) in syns:
                 return
             self._stealth_probe(r.dst, r.src, r.sport, r.ts, "ACK answered by RST")
 
