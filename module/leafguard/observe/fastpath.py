@@ -126,8 +126,12 @@ class Classified:
     """The candidate's conversation number (0..nu-1, in order of first appearance)."""
     first: _I64
     """Per conversation: the candidate position of its first frame."""
+    k1: _I64
+    k2: _I64
+    """Per conversation: its addresses (``lo << 32 | hi``, wrapping around int64) and its ports and protocol
+    (``lo << 24 | hi << 8 | proto``), as `classify` grouped the frames."""
     keys: list[int]
-    """Per conversation: its key in the conversation table (`conversations.v4_key`)."""
+    """Per conversation: its key in the conversation table (`conversations.v4_key`: ``k1 << 40 | k2``)."""
     src_lo: _B
     o: _I64
     """Where the frame starts (its MACs)."""
@@ -244,6 +248,8 @@ def classify(batch: FrameBatch) -> Classified | None:
         cand=cand,
         inv=inv,
         first=first,
+        k1=k1[first],
+        k2=k2[first],
         keys=[(a << 40) | b for a, b in zip(k1[first].view(np.uint64).tolist(), k2[first].tolist(), strict=True)],
         src_lo=src_lo,
         o=o,
