@@ -9,9 +9,10 @@ and tcpdump, memory per tracked conversation and per leaf, and time per frame an
   system CPU of the best run.
 * **Memory at scale**: captures of ``--leaves`` leaves, one with a single UDP exchange per leaf and one with
   ``--per-leaf`` TCP conversations per leaf kept open (handshake and one data segment, no teardown, all within a
-  minute, so nothing is idle enough to evict); fed to an `Analyzer` in this process, RSS measured before and
-  after. The difference between the two captures is the conversations; the first, less its conversations, is
-  the leaves.
+  minute, so nothing is idle enough to evict); each fed to an `Analyzer` in a fresh process (its observations
+  drained after every batch, as the service's pump does), RSS measured before and after, once with the image's
+  allocator setting (`IMAGE_ENV`) and once with glibc's defaults. The difference between the two captures is the
+  conversations; the first, less its conversations, is the leaves.
 * **Steady state at the caps**: a capture with ``--past-caps`` times the MAC cap of leaves and that many times
   the conversation cap of conversations, fed in slices; time per frame and RSS of each slice, before and after
   the tables filled.
@@ -158,25 +159,32 @@ def _feed(path: Path) -> tuple[float, int, int]:
     return grown, len(analyzer.flows), len(analyzer.leaves())
 
 
+IMAGE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+"""The allocator setting of the module's image (Dockerfile.*): glibc's mmap threshold fixed at its default."""
+
+
 def memory_at_scale(leaves: int, per_leaf: int) -> None:
     one = _cached(f"{leaves}l_1udp", _one_exchange(leaves))
     many = _cached(f"{leaves}l_{per_leaf}tcp", _open_conversations(leaves, per_leaf))
-    # Each capture in its own process: the allocator keeps what a previous run freed.
-    rows = [_subprocess_feed(p) for p in (one, many)]
-    (a_mb, a_conv, a_leaves), (b_mb, b_conv, b_leaves) = rows
-    per_conv = (b_mb - a_mb) * 2**20 / max(1, b_conv - a_conv)
-    per_leaf_b = (a_mb * 2**20 - a_conv * per_conv) / max(1, a_leaves)
     print(f"\nmemory at scale ({leaves:,} leaves; RSS growth of the analyzer in a fresh process):")
-    print(f"  {a_leaves:,} leaves, {a_conv:,} conversations: +{a_mb:.1f} MB")
-    print(f"  {b_leaves:,} leaves, {b_conv:,} conversations: +{b_mb:.1f} MB")
-    print(f"  per conversation {per_conv:.0f} B (target <= 200 B), per leaf {per_leaf_b:.0f} B (target <= 2 KB)")
+    for label, env in (("as the image runs it (MALLOC_MMAP_THRESHOLD_=131072)", IMAGE_ENV), ("glibc defaults", {})):
+        # Each capture in its own process: the allocator keeps what a previous run freed.
+        rows = [_subprocess_feed(p, env) for p in (one, many)]
+        (a_mb, a_conv, a_leaves), (b_mb, b_conv, b_leaves) = rows
+        per_conv = (b_mb - a_mb) * 2**20 / max(1, b_conv - a_conv)
+        per_leaf_b = (a_mb * 2**20 - a_conv * per_conv) / max(1, a_leaves)
+        print(f" {label}:")
+        print(f"  {a_leaves:,} leaves, {a_conv:,} conversations: +{a_mb:.1f} MB")
+        print(f"  {b_leaves:,} leaves, {b_conv:,} conversations: +{b_mb:.1f} MB")
+        print(f"  per conversation {per_conv:.0f} B (target <= 200 B), per leaf {per_leaf_b:.0f} B (target <= 2 KB)")
 
 
-def _subprocess_feed(path: Path) -> tuple[float, int, int]:
+def _subprocess_feed(path: Path, env: dict[str, str]) -> tuple[float, int, int]:
     code = f"from benchmarks.footprint import _feed; from pathlib import Path; print(*_feed(Path({str(path)!r})))"
     root = Path(__file__).resolve().parent.parent
+    base = {k: v for k, v in os.environ.items() if k not in IMAGE_ENV}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
-                         env=os.environ | {"PYTHONPATH": os.pathsep.join([str(root / "module"), str(root)])})
+                         env=base | env | {"PYTHONPATH": os.pathsep.join([str(root / "module"), str(root)])})
     mb, conv, leaves = out.stdout.split()
     return float(mb), int(conv), int(leaves)
 
