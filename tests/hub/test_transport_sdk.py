@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from leafguard.demo import demo_capture
 from leafguard.hub.link import LinkState
 from leafguard.hub.output import EdgeAgentOutput
 from leafguard.hub.settings import EdgeSettings
+from leafguard.hub.sockopt import paho_client
 from leafguard.hub.transport import EdgeTransport
 from leafguard.observe.analyzer import Analyzer
 from testkit.wait import until
@@ -166,6 +168,31 @@ async def test_dropped_connection_mid_stream_loses_nothing(hub: HubEmulator, mod
         await until(lambda: len(distinct_ids(hub)) == 150 and not len(transport.outbox))
     assert transport.stats.reconnects >= 1 and transport.outbox.stats.dropped == 0
     assert len(hub.messages(MODULE)) >= 150  # duplicates allowed (at-least-once), none missing
+
+
+async def test_a_client_whose_network_thread_died_is_replaced_and_nothing_is_lost(
+        hub: HubEmulator, module: Identity, demo_messages: list[OutgoingMessage]) -> None:
+    """azure-iot-sdk-python#989: a TLS write that races the socket's close kills paho's network thread with an
+    SSLEOFError; the SDK client still says it is connected and never disconnects or connects again. The PUBACKs
+    that stop coming break the link, the disconnect that never completes gets the client replaced, and every
+    message arrives."""
+    transport = EdgeTransport(settings(send_timeout_s=2.0))
+    batch = many(demo_messages, 60)
+    async with asyncio.timeout(LIMIT_S), running(transport):
+        await until(lambda: transport.state is LinkState.CONNECTED)
+        hub.delay_pubacks(0.01)
+        paho = paho_client(transport._client)
+        assert paho is not None
+
+        def eof(_buf: bytes) -> int:
+            raise ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+
+        transport.submit(batch[:10])
+        await until(lambda: len(distinct_ids(hub)) == 10)
+        paho._sock_send = eof  # the next write in paho's thread raises, as the race does
+        transport.submit(batch[10:])
+        await until(lambda: len(distinct_ids(hub)) == 60 and not len(transport.outbox))
+    assert transport.stats.clients_replaced == 1 and transport.outbox.stats.dropped == 0
 
 
 async def test_refused_connections_back_off_then_recover(hub: HubEmulator, module: Identity,

@@ -56,7 +56,13 @@ from leafguard.hub.credentials import LeafCredential, Secret, connection_string_
 from leafguard.hub.leaves import SECURITY_MODULE_ID, IdentityMode
 from leafguard.hub.link import Backoff
 from leafguard.hub.outbox import Outbox, Pending
-from leafguard.hub.sdk_calls import SDK_ERRORS, SDK_RECONNECT_GRACE_S, STABLE_CONNECTION_S, SdkCalls
+from leafguard.hub.sdk_calls import (
+    BROKEN_DISCONNECT_S,
+    SDK_ERRORS,
+    SDK_RECONNECT_GRACE_S,
+    STABLE_CONNECTION_S,
+    SdkCalls,
+)
 from leafguard.hub.settings import LeafClientSettings
 from leafguard.hub.spool import Spool, SpoolSettings
 from leafguard.hub.twin import MissedDesiredPatchError, ModuleDesired, merge_patch, twin_size, without_nulls
@@ -559,8 +565,14 @@ class LeafLink:
         if self._client is None:
             return
         try:
-            await self._sdk.call(self._client.disconnect(), self.settings.connect_timeout_s, "disconnect")
-        except (TimeoutError, *SDK_ERRORS) as exc:
+            await self._sdk.call(self._client.disconnect(), min(self.settings.connect_timeout_s, BROKEN_DISCONNECT_S),
+                                 "disconnect")
+        except TimeoutError:
+            # Wedged (its network thread died): the next attempt creates a new client.
+            log.warning("leaf %s: its client did not disconnect within %g s; replacing it", self.device_id,
+                        BROKEN_DISCONNECT_S)
+            await self._close_client(BROKEN_DISCONNECT_S)
+        except SDK_ERRORS as exc:
             log.debug("leaf %s: disconnect after a broken link: %r", self.device_id, exc)
 
     async def _close_client(self, timeout_s: float) -> None:

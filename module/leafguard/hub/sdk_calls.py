@@ -26,6 +26,11 @@ SDK_RECONNECT_GRACE_S = 3.0
 """How long a disconnect the SDK reports may last before we call the link lost: the SDK renews its SAS token
 (every ~58 min by default) with a DISCONNECT and a CONNECT of its own, which is not an outage."""
 
+BROKEN_DISCONNECT_S = 5.0
+"""How long the disconnect after a broken link may take before the client is replaced by a new one: a client whose
+paho network thread died of an exception (a TLS write racing the socket's close, azure-iot-sdk-python#989) still
+says it is connected, never completes a disconnect and never connects again."""
+
 
 class SdkCalls:
     """The SDK calls of one client: bounded, never cancelled, the abandoned ones kept until they settle."""

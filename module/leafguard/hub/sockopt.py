@@ -24,15 +24,22 @@ def _set_nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
         log.debug("TCP_NODELAY not set: %r", exc)
 
 
-def enable_tcp_nodelay(sdk_client: Any) -> bool:
-    """Hook every MQTT socket the client opens; returns whether the hook is in place."""
+def paho_client(sdk_client: Any) -> Any:
+    """The paho client under an SDK client's pipeline (None: the SDK's internals changed)."""
     stage = getattr(getattr(getattr(sdk_client, "_mqtt_pipeline", None), "_pipeline", None), "next", None)
     while stage is not None:
-        transport = getattr(stage, "transport", None)
-        paho = getattr(transport, "_mqtt_client", None)
+        paho = getattr(getattr(stage, "transport", None), "_mqtt_client", None)
         if paho is not None and hasattr(paho, "on_socket_open"):
-            paho.on_socket_open = _set_nodelay
-            return True
+            return paho
         stage = getattr(stage, "next", None)
+    return None
+
+
+def enable_tcp_nodelay(sdk_client: Any) -> bool:
+    """Hook every MQTT socket the client opens; returns whether the hook is in place."""
+    paho = paho_client(sdk_client)
+    if paho is not None:
+        paho.on_socket_open = _set_nodelay
+        return True
     log.warning("cannot set TCP_NODELAY on the MQTT socket (SDK internals changed): large messages are slower")
     return False

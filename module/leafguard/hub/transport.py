@@ -67,7 +67,13 @@ from leafguard.agent.messages import OutgoingMessage
 from leafguard.hub.link import Backoff, LinkState
 from leafguard.hub.methods import MethodResult
 from leafguard.hub.outbox import Outbox, Pending
-from leafguard.hub.sdk_calls import SDK_ERRORS, SDK_RECONNECT_GRACE_S, STABLE_CONNECTION_S, SdkCalls
+from leafguard.hub.sdk_calls import (
+    BROKEN_DISCONNECT_S,
+    SDK_ERRORS,
+    SDK_RECONNECT_GRACE_S,
+    STABLE_CONNECTION_S,
+    SdkCalls,
+)
 from leafguard.hub.settings import EdgeSettings
 from leafguard.hub.sockopt import enable_tcp_nodelay
 from leafguard.hub.twin import ReportedPatch, ReportedState, twin_size
@@ -102,6 +108,8 @@ class DesiredUpdate:
 class TransportStats:
     connects: int = 0
     reconnects: int = 0
+    clients_replaced: int = 0
+    """SDK clients given up because they could not even disconnect (see ``BROKEN_DISCONNECT_S``)."""
     send_timeouts: int = 0
     send_errors: int = 0
     desired_updates: int = 0
@@ -525,8 +533,15 @@ class EdgeTransport:
         if client is None:
             return
         try:
-            await self._sdk.call(client.disconnect(), self.settings.connect_timeout_s, "disconnect")
-        except (TimeoutError, *SDK_ERRORS) as exc:
+            await self._sdk.call(client.disconnect(), min(self.settings.connect_timeout_s, BROKEN_DISCONNECT_S),
+                                 "disconnect")
+        except TimeoutError:
+            # A client that cannot even disconnect is wedged (its network thread died): a new one connects.
+            log.warning("the hub client did not disconnect within %g s; replacing it", BROKEN_DISCONNECT_S)
+            self.stats.clients_replaced += 1
+            self._client = None
+            await self._sdk.shut_down(client, BROKEN_DISCONNECT_S)
+        except SDK_ERRORS as exc:
             log.debug("disconnect after a broken link: %r", exc)
 
     # -- SDK threads → our loop --------------------------------------------------------------------------------
