@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,57 @@ async def test_refused_from_the_start_kill_9_after_the_replay_and_a_restart_lose
         await stop(second)
     assert security_events(hub) == reference, "event for event, Ids included"
     assert second.saw("inputs of the journal applied again") == journal_only
+
+
+def all_events(hub: HubEmulator) -> list[dict[str, Any]]:
+    """Every event of the security messages received, each message once (a re-sent one has the same id)."""
+    bodies = {str(m.message_id): orjson.loads(m.body) for m in hub.messages(MODULE)}
+    return [e for b in bodies.values() if isinstance(b, dict) and "Events" in b for e in b["Events"]]
+
+
+async def test_kill_9_mid_replay_and_a_restart_on_the_same_capture_resume_after_the_journal(
+        hub: HubEmulator, tmp_path: Path) -> None:
+    """Edge mode cannot take back what it sent, so a restart on the same capture resumes after the frames the
+    journal's inputs came from: no event twice, every login and connection of the uninterrupted run."""
+    module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
+    capture = steady_capture(tmp_path / "steady.pcap", minutes=10)
+    clean = await start(hub, module, capture, tmp_path / "clean", "0")
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: clean.saw("replay finished"))
+    finally:
+        await stop(clean)
+    reference = all_events(hub)
+    hub.clear_messages()
+
+    data_dir = tmp_path / "data"
+    first = await start(hub, module, capture, data_dir, "40", LEAFGUARD_STATE_INTERVAL_S="3600")
+    try:
+        await asyncio.sleep(6.0)  # 4 of the 10 minutes of packet time
+        assert not first.saw("replay finished")
+    finally:
+        await kill(first)
+    second = await start(hub, module, capture, data_dir, "0")
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: second.saw("replay finished"))
+    finally:
+        await stop(second)
+    assert second.saw("resuming the replay of")
+    got = all_events(hub)
+    ids = Counter(e["Id"] for e in got)
+    assert not [i for i, n in ids.items() if n > 1], "no event twice"
+
+    def logins(evs: list[dict[str, Any]]) -> list[bytes]:
+        return sorted(orjson.dumps([e["TimestampUTC"], e["Payload"]], option=orjson.OPT_SORT_KEYS)
+                      for e in evs if e["Name"] == "Login")
+
+    def connections(evs: list[dict[str, Any]]) -> set[tuple[str, ...]]:
+        return {(p["Direction"], p["LocalAddress"], p["RemoteAddress"], p["RemotePort"], p["Protocol"])
+                for e in evs if e["Name"] == "ConnectionCreate" for p in e["Payload"]}
+
+    assert logins(got) == logins(reference) and logins(reference)
+    assert connections(got) >= connections(reference)
 
 
 FAST_AGENTS = {

@@ -82,6 +82,25 @@ def test_a_damaged_record_stops_the_replay_there_and_is_reported(tmp_path: Path)
     assert "damaged" in status["error"] and "1 corrupt" in status["error"]
 
 
+def test_a_resumed_replay_leaves_out_the_inputs_of_a_batch_that_damage_cut_short(tmp_path: Path) -> None:
+    first = keeper(tmp_path)
+    first.start_journal(None)
+    for batch in range(3):
+        first.fleet.observe(conn(T0 + batch, remote_port=3000 + batch))
+        first.fleet.observe(conn(T0 + batch + 0.5, remote_port=4000 + batch))
+        first.commit_journal(float(batch), frames=100 * (batch + 1))
+    (segment,) = first.journal.segments()
+    path = tmp_path / "journal" / f"{segment:016d}.jnl"
+    data = path.read_bytes()
+    path.write_bytes(data[:-30])  # the last batch's second input and its mark, torn
+
+    found = EventJournal(tmp_path / "journal").read(None)
+    assert found.frames == 200 and found.ops_at_frames == 4 and len(found.ops) == 5 and found.torn == 1
+    second = keeper(tmp_path)
+    second.replay_journal(second.load(T0), resuming=True)
+    assert second.journal_replayed == 4, "the third batch's frames are analysed again: none of its inputs apply"
+
+
 def test_a_journal_whose_state_file_is_gone_is_ignored(tmp_path: Path) -> None:
     first = keeper(tmp_path)
     first.start_journal(first.load(T0))

@@ -79,6 +79,8 @@ class Kind(enum.IntEnum):
     """The first record of a journal segment (`leafguard.service.journal`), not of the spool."""
     JOURNAL_INPUT = ord("J")
     """One input of the fleet in a journal segment."""
+    JOURNAL_FRAMES = ord("F")
+    """In a journal segment: how many frames of the replayed capture the inputs before it came from."""
 
 
 class FsyncPolicy(enum.Enum):

@@ -7,7 +7,9 @@ the state, then applies the journal again.
 
 Layout: ``DATA_DIR/journal/NNNNNNNNNNNNNNNN.jnl``, one segment per saved state. Records are framed as the spool's are
 (`leafguard.hub.spool.frame`: magic, kind, length, CRC32): a ``S`` record first, naming the generation of the state
-the segment continues (0: a fleet that started empty), then one ``J`` record per input. Taking a state opens the
+the segment continues (0: a fleet that started empty), then one ``J`` record per input, and in a replay of a
+capture an ``F`` record after each batch's inputs with the frames analysed so far (where a restart of the same
+replay resumes). Taking a state opens the
 next segment; once that state is written, the older segments are deleted. Inputs are collected in memory and
 written with one ``write(2)`` per batch of frames and per service tick (:meth:`EventJournal.commit`), before the
 output's next step: a kill -9 loses at most the inputs of the batch being analysed when it came (whose frames die
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,7 @@ log = logging.getLogger("leafguard.state")
 
 JOURNAL_DIR = "journal"
 SUFFIX = ".jnl"
+_FRAMES = struct.Struct("<Q")
 SAVE_AFTER_BYTES = 8 * 1024 * 1024
 """A segment this large asks for a state save before the interval ends: a restart replays at most about this."""
 
@@ -51,6 +55,10 @@ class JournalRead:
     torn: int = 0
     error: str | None = None
     """Why the replay stopped early, or why the journal was ignored."""
+    frames: int | None = None
+    """Frames of a replayed capture that the inputs read came from (the last mark among them; None: none)."""
+    ops_at_frames: int = 0
+    """How many of ``ops`` came before that mark (a replay resumed at it applies only those after damage)."""
 
 
 class EventJournal:
@@ -108,7 +116,9 @@ class EventJournal:
                 out.error = "journal continues a saved state that is gone; ignored"
                 out.ops.clear()
                 break
-            ops, intact = _inputs(records)
+            ops, marked, intact = _inputs(records)
+            if marked is not None:
+                out.frames, out.ops_at_frames = marked[0], len(out.ops) + marked[1]
             out.ops.extend(ops)
             if not intact or found.corrupt or found.torn:
                 out.corrupt, out.torn = found.corrupt, found.torn
@@ -138,6 +148,11 @@ class EventJournal:
         """One input, in memory until the next :meth:`commit`."""
         self._buf += frame(Kind.JOURNAL_INPUT, j.encode(op))
         self.inputs += 1
+
+    def mark_frames(self, frames: int) -> None:
+        """The inputs recorded so far came from the first ``frames`` frames of the capture being replayed: a
+        restart of the same replay resumes after them."""
+        self._buf += frame(Kind.JOURNAL_FRAMES, _FRAMES.pack(frames))
 
     def commit(self, mono: float, *, sync: bool = False) -> None:
         """Write what was recorded (one ``write(2)``), and fsync as the policy says."""
@@ -199,17 +214,24 @@ class EventJournal:
         self._buf.clear()
 
 
-def _inputs(records: list[Record]) -> tuple[list[j.FleetOp], bool]:
+def _inputs(records: list[Record]) -> tuple[list[j.FleetOp], tuple[int, int] | None, bool]:
     """The inputs of one segment's records up to the first damage (a gap between records, where the scan skipped
-    a corrupt region, or an undecodable record); and whether there was none."""
+    a corrupt region, or an undecodable record); the last frames mark among them (frames, inputs before it); and
+    whether there was no damage."""
     ops: list[j.FleetOp] = []
+    frames: tuple[int, int] | None = None
     expected = records[0].offset + len(records[0].payload)
     for rec in records[1:]:
-        if rec.offset - FRAME_BYTES != expected or rec.kind != Kind.JOURNAL_INPUT:
-            return ops, False
-        try:
-            ops.append(j.decode(rec.payload))
-        except j.JournalError:
-            return ops, False
+        if rec.offset - FRAME_BYTES != expected:
+            return ops, frames, False
+        if rec.kind == Kind.JOURNAL_FRAMES and len(rec.payload) == _FRAMES.size:
+            frames = (_FRAMES.unpack(rec.payload)[0], len(ops))
+        elif rec.kind == Kind.JOURNAL_INPUT:
+            try:
+                ops.append(j.decode(rec.payload))
+            except j.JournalError:
+                return ops, frames, False
+        else:
+            return ops, frames, False
         expected = rec.offset + len(rec.payload)
-    return ops, True
+    return ops, frames, True

@@ -193,14 +193,24 @@ class Service:
             fsync=spool.fsync if spool is not None else FsyncPolicy.INTERVAL,
             fsync_interval_s=spool.fsync_interval_s if spool is not None else 1.0)
         restored = state.load(time.time())
-        self.replay_frames = self.out.resume(restored, settings.pcap)
-        if self.replay_frames:
+        self.replay_frames = rolled_back = self.out.resume(restored, settings.pcap)
+        if rolled_back:
             state.discard_journal()  # the resumed replay takes those inputs in again
         else:
-            restored = state.replay_journal(restored)
+            # The same capture again (edge mode: what was sent cannot be taken back): the agents as the journal
+            # left them, and the replay resumes after the frames its inputs came from.
+            same = (restored is not None and restored.replay is not None and settings.pcap is not None
+                    and not settings.live and restored.replay.same_file(settings.pcap))
+            restored = state.replay_journal(restored, resuming=same)
+            found = state.journal_read
+            if same and restored is not None and restored.replay is not None:
+                # No batch after the save: the state's own position.
+                marked = found.frames if found is not None else None
+                self.replay_frames = marked if marked is not None else restored.replay.frames
+                log.info("state: resuming the replay of %s after %d frames", settings.pcap, self.replay_frames)
         self.restored = restored
         state.start_journal(restored)
-        if restored is not None and not self.replay_frames:
+        if restored is not None and not rolled_back:
             self.out.reconcile(restored)
         if state.journal_replayed or (state.journal_read is not None and state.journal_read.error):
             # The state now holds what the journal had: saved at once, so the journal starts again from it.
@@ -415,7 +425,7 @@ class Service:
             self.analyzer.detectors.forward = []
             self.out.submit_alerts([a.to_json() for a in fresh], time.monotonic())
         if self.state is not None:
-            self.state.commit_journal(time.monotonic())
+            self.state.commit_journal(time.monotonic(), frames=None if self.settings.live else self.replay_frames)
 
     async def _periodic(self) -> None:
         s = self.settings

@@ -314,12 +314,17 @@ class StateKeeper:
                  self.fleet.restore_failures, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(restored.saved_at)))
         return restored
 
-    def replay_journal(self, restored: Restored | None) -> Restored | None:
+    def replay_journal(self, restored: Restored | None, *, resuming: bool = False) -> Restored | None:
         """Apply the journal's inputs after the loaded state (or, with none, a journal that starts from an empty
         fleet); returns the restore with its clock moved to the latest input (a new one when only the journal
-        restored the agents). A journal that stops early is reported: what came before it stays applied."""
+        restored the agents). A journal that stops early is reported: what came before it stays applied.
+
+        ``resuming``: the same capture is replayed again from ``journal_read.frames`` on, so inputs a damaged
+        record cut off in the middle of a batch are left out with the rest of that batch (its frames come again)."""
         generation = restored.generation if restored is not None else None
         found = self.journal_read = self.journal.read(generation)
+        if resuming and found.error is not None and found.frames is not None:
+            del found.ops[found.ops_at_frames :]
         if found.error is not None and not found.ops:
             # Nothing of it applies (its state is gone, or its first record is damaged): it would stand in front
             # of the journal this run writes.
@@ -354,8 +359,11 @@ class StateKeeper:
         """The journal describes inputs the service takes in again (a replay resumed at the state): delete it."""
         self.journal.delete_all()
 
-    def commit_journal(self, mono: float) -> None:
-        """Write the inputs journalled since the last commit (after every batch of frames and service tick)."""
+    def commit_journal(self, mono: float, *, frames: int | None = None) -> None:
+        """Write the inputs journalled since the last commit (after every batch of frames and service tick);
+        ``frames``: in a replay, how many frames of the capture those inputs came from."""
+        if frames is not None:
+            self.journal.mark_frames(frames)
         self.journal.commit(mono)
 
     def close(self) -> None:
