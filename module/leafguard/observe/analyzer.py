@@ -103,13 +103,18 @@ class Analyzer:
         if st.last_ts is None or hi > st.last_ts:
             st.last_ts = hi
         self.now = ts[-1]
-        self.attacks.feed(batch)
         data = batch.data
         offsets = batch.offsets
         caplens = batch.caplens
         wirelens = batch.wirelens
         linktype = batch.linktype
-        plan = fastpath.plan_batch(self.conversations, batch) if self._fast and n >= 64 and linktype == 1 else None
+        bulk = self._fast and n >= 64 and linktype == 1
+        if bulk and batch.prepared is None:
+            # Classified once for both readers of it, the attack rules and the plan (a file's reader process
+            # has done it already; live batches arrive without). On a copy: the caller's batch keeps nothing.
+            batch = dataclasses.replace(batch, prepared=fastpath.classify(batch))
+        self.attacks.feed(batch)
+        plan = fastpath.plan_batch(self.conversations, batch) if bulk else None
         if plan is None:
             for i in range(n):
                 self.frame(decode(data, offsets[i], caplens[i], linktype), data, ts[i], wirelens[i])
