@@ -397,18 +397,50 @@ def test_backoff_is_capped_and_jittered() -> None:
     assert b.next_delay() <= 0.5
 
 
-def _block(frames: list[tuple[bytes, int, int, int]]) -> tuple[bytes, int]:
-    """A TPACKET_V3 block as the kernel lays it out: (frame, status, vlan_tci, vlan_tpid) each."""
-    first, mac = 48, 68
+def _block(
+    frames: list[tuple[bytes, int, int, int]],
+    first: int = 48,
+    align: int = 16,
+    nsec: int = 250_000_000,
+    pads: list[int] | None = None,
+) -> tuple[bytes, int]:
+    """A TPACKET_V3 block as the kernel lays it out: (frame, status, vlan_tci, vlan_tpid) each; frame ``i`` is
+    stamped ``nsec * i`` nanoseconds after the first. The kernel puts the first frame at 48 and aligns each to 16
+    (``pads``: bytes added after each frame, which no kernel does)."""
+    mac = 68
     parts = [bytes(first)]
     for i, (raw, status, tci, tpid) in enumerate(frames):
-        total = (mac + len(raw) + 15) & ~15
+        total = (mac + len(raw) + align - 1) // align * align + (pads[i] if pads else 0)
+        sec, ns = divmod(250_000_000 + nsec * i, 1_000_000_000)
         hdr = _FRAME_HDR.pack(
-            total if i < len(frames) - 1 else 0, 1_700_000_000, 250_000_000, len(raw), len(raw) + 100,
+            total if i < len(frames) - 1 else 0, 1_700_000_000 + sec, ns, len(raw), len(raw) + 100,
             status, mac, mac + 14, 0, tci, tpid,
         )
         parts.append(hdr + bytes(mac - len(hdr)) + raw + bytes(total - mac - len(raw)))
     return b"".join(parts), first
+
+
+@pytest.mark.parametrize(("first", "align"), [(48, 16), (50, 1), (48, 6)])
+def test_block_parsing_follows_every_frame_whatever_the_alignment(first: int, align: int) -> None:
+    # The kernel's layout (48, 16) is walked a word at a time; any other falls back to unpacking each header.
+    raws = [BCAST + LEAF_MAC + b"\x08\x00" + bytes([i % 251]) * (i % 300) for i in range(2_000)]
+    data, first = _block([(raw, TP_STATUS_USER, 0, 0) for raw in raws], first=first, align=align, nsec=1_234_567)
+    batch = _parse_block(data, len(raws), first, "eth9")
+    assert [batch.frame(i) for i in range(len(batch))] == raws
+    assert list(batch.caplens) == [len(r) for r in raws]
+    assert list(batch.wirelens) == [len(r) + 100 for r in raws]
+    stamps = [1_700_000_000 + (250_000_000 + 1_234_567 * i) // 10**9 for i in range(len(raws))]
+    nanos = [(250_000_000 + 1_234_567 * i) % 10**9 for i in range(len(raws))]
+    assert list(batch.timestamps) == [s + ns * 1e-9 for s, ns in zip(stamps, nanos, strict=True)]
+
+
+def test_block_parsing_of_a_frame_off_the_alignment() -> None:
+    # The word-at-a-time walk finds the third frame off a word, so it would look for the fourth in the wrong
+    # place: the slow way is taken instead.
+    raws = [BCAST + LEAF_MAC + b"\x08\x00" + bytes(40 + i) for i in range(4)]
+    data, first = _block([(raw, TP_STATUS_USER, 0, 0) for raw in raws], pads=[0, 2, 0, 0])
+    batch = _parse_block(data, 4, first, "eth9")
+    assert batch.offsets[2] % 4 and [batch.frame(i) for i in range(4)] == raws
 
 
 def test_block_parsing_reinserts_stripped_vlan_tags() -> None:

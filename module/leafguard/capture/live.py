@@ -49,6 +49,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from leafguard.capture.batch import LINKTYPE_ETHERNET, FrameBatch
 from leafguard.capture.bpf import DEFAULT_INVENTORY_SNAPLEN, DEFAULT_SNAPLEN, BpfProgram, capture_program
 from leafguard.errors import CaptureError
@@ -86,6 +88,11 @@ _BLOCK_HDR = struct.Struct("=III")  # num_pkts, offset_to_first_pkt, blk_len at 
 # struct tpacket3_hdr up to hv1.tp_vlan_tpid: next_offset, sec, nsec, snaplen, len, status, mac, net,
 # rxhash, vlan_tci, vlan_tpid.
 _FRAME_HDR = struct.Struct("=IIIIIIHHIIH")
+_FRAME_HDR_BYTES = np.arange(_FRAME_HDR.size)
+_FRAME_HDR_DTYPE = np.dtype([("next", "=u4"), ("sec", "=u4"), ("nsec", "=u4"), ("snaplen", "=u4"), ("len", "=u4"),
+                    ("status", "=u4"), ("mac", "=u2"), ("net", "=u2"), ("rxhash", "=u4"), ("tci", "=u4"),
+                    ("tpid", "=u2")])  # fmt: skip
+"""The same header as a numpy record (packed, native byte order), for all frames of a block at once."""
 _TPACKET_REQ3 = struct.Struct("=IIIIIII")
 _TPACKET_STATS_V3 = struct.Struct("=III")
 _U32 = struct.Struct("=I")
@@ -365,27 +372,54 @@ class _Ring:
 
 
 def _parse_block(data: bytes, num: int, first: int, source: str) -> FrameBatch:
+    """The block's frames as a batch. The walk from frame to frame (each header says where the next one starts)
+    is the one step per frame in Python; the header fields are then gathered for all frames at once."""
+    starts = _frame_starts(data, num, first)
+    at = np.frombuffer(starts, dtype=np.int64)
+    h = np.frombuffer(data, dtype=np.uint8)[at[:, None] + _FRAME_HDR_BYTES].view(_FRAME_HDR_DTYPE).reshape(-1)
     # array.array rather than lists: the core's numpy fast path views them without a per-element conversion.
-    offsets = array("q")
-    caplens = array("q")
-    wirelens = array("q")
-    timestamps = array("d")
-    vlans: list[tuple[int, int, int]] = []  # (frame index, tpid, tci)
-    off = first
-    unpack = _FRAME_HDR.unpack_from
-    for i in range(num):
-        nxt, sec, nsec, snaplen, wirelen, status, mac, _net, _rxhash, tci, tpid = unpack(data, off)
-        offsets.append(off + mac)
-        caplens.append(snaplen)
-        wirelens.append(wirelen)
-        timestamps.append(sec + nsec * 1e-9)
-        if status & TP_STATUS_VLAN_VALID:
-            vlans.append((i, tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q, tci & 0xFFFF))
-        off += nxt
-    batch = FrameBatch(LINKTYPE_ETHERNET, data, offsets, caplens, wirelens, timestamps, source)
-    if vlans:
-        _reinsert_vlan_tags(batch, vlans)
+    batch = FrameBatch(
+        LINKTYPE_ETHERNET,
+        data,
+        array("q", (at + h["mac"]).tobytes()),
+        array("q", h["snaplen"].astype(np.int64).tobytes()),
+        array("q", h["len"].astype(np.int64).tobytes()),
+        array("d", (h["sec"].astype(np.float64) + h["nsec"].astype(np.float64) * 1e-9).tobytes()),
+        source,
+    )
+    status = h["status"]
+    tagged = np.flatnonzero(status & TP_STATUS_VLAN_VALID)
+    if tagged.size:
+        tpid = np.where(status[tagged] & TP_STATUS_VLAN_TPID_VALID, h["tpid"][tagged], ETH_P_8021Q)
+        tci = h["tci"][tagged] & 0xFFFF
+        _reinsert_vlan_tags(batch, list(zip(tagged.tolist(), tpid.tolist(), tci.tolist(), strict=True)))
     return batch
+
+
+def _frame_starts(data: bytes, num: int, first: int) -> array[int]:
+    """Where each of the block's ``num`` frame headers starts."""
+    starts = array("q")
+    append = starts.append
+    off = first
+    if not first & 3:
+        # The kernel aligns every frame to 16 bytes: the next-offset field is then a word of the block, and
+        # reading it as one is about three times as fast as unpacking it. A frame off the alignment (never seen)
+        # makes the walk start again the slow way.
+        words = memoryview(data)[: len(data) & ~3].cast("I")
+        with contextlib.suppress(IndexError):
+            for _ in range(num):
+                append(off)
+                off += words[off >> 2]
+            if not any(x & 3 for x in starts):
+                return starts
+        starts = array("q")
+        append = starts.append
+        off = first
+    unpack = _U32.unpack_from
+    for _ in range(num):
+        append(off)
+        off += unpack(data, off)[0]
+    return starts
 
 
 def _reinsert_vlan_tags(batch: FrameBatch, vlans: list[tuple[int, int, int]]) -> None:

@@ -103,18 +103,12 @@ class Analyzer:
         if st.last_ts is None or hi > st.last_ts:
             st.last_ts = hi
         self.now = ts[-1]
+        batch, plan = self._attacks_and_plan(batch)
         data = batch.data
         offsets = batch.offsets
         caplens = batch.caplens
         wirelens = batch.wirelens
         linktype = batch.linktype
-        bulk = self._fast and n >= 64 and linktype == 1
-        if bulk and batch.prepared is None:
-            # Classified once for both readers of it, the attack rules and the plan (a file's reader process
-            # has done it already; live batches arrive without). On a copy: the caller's batch keeps nothing.
-            batch = dataclasses.replace(batch, prepared=fastpath.classify(batch))
-        self.attacks.feed(batch)
-        plan = fastpath.plan_batch(self.conversations, batch) if bulk else None
         if plan is None:
             for i in range(n):
                 self.frame(decode(data, offsets[i], caplens[i], linktype), data, ts[i], wirelens[i])
@@ -149,6 +143,16 @@ class Analyzer:
         self._log_bulk_sends(plan.pre)
         fastpath.count_settled(self.inventory, self.conversations, batch, plan, deferred)
         self._detect()
+
+    def _attacks_and_plan(self, batch: FrameBatch) -> tuple[FrameBatch, fastpath.Plan | None]:
+        """The attack rules read the batch, then the bulk step plans it (None: every frame is walked). Both read
+        one classification of it: a file's reader process has made it; live batches arrive without, and are
+        classified here, on a copy (the caller's batch keeps nothing)."""
+        bulk = self._fast and len(batch) >= 64 and batch.linktype == 1
+        if bulk and batch.prepared is None:
+            batch = dataclasses.replace(batch, prepared=fastpath.classify(batch))
+        self.attacks.feed(batch)
+        return batch, fastpath.plan_batch(self.conversations, batch) if bulk else None
 
     def _log_bulk_sends(self, pre: fastpath.Classified) -> None:
         """The send (and receive) times of every frame the bulk step counts, for the trackers watching them."""
