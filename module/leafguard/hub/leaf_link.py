@@ -57,7 +57,6 @@ from leafguard.hub.leaves import SECURITY_MODULE_ID, IdentityMode
 from leafguard.hub.link import Backoff
 from leafguard.hub.outbox import Outbox, Pending
 from leafguard.hub.sdk_calls import (
-    BROKEN_DISCONNECT_S,
     SDK_ERRORS,
     SDK_RECONNECT_GRACE_S,
     STABLE_CONNECTION_S,
@@ -562,18 +561,12 @@ class LeafLink:
     # -- SDK calls, bounded ------------------------------------------------------------------------------------
 
     async def _disconnect_quietly(self) -> None:
-        if self._client is None:
+        client = self._client
+        if client is None:
             return
-        try:
-            await self._sdk.call(self._client.disconnect(), min(self.settings.connect_timeout_s, BROKEN_DISCONNECT_S),
-                                 "disconnect")
-        except TimeoutError:
-            # Wedged (its network thread died): the next attempt creates a new client.
-            log.warning("leaf %s: its client did not disconnect within %g s; replacing it", self.device_id,
-                        BROKEN_DISCONNECT_S)
-            await self._close_client(BROKEN_DISCONNECT_S)
-        except SDK_ERRORS as exc:
-            log.debug("leaf %s: disconnect after a broken link: %r", self.device_id, exc)
+        if not await self._sdk.disconnect_after_break(client, self.settings.connect_timeout_s) and (
+                self._client is client):
+            self._client = None  # wedged and shut down: the next attempt creates a new client
 
     async def _close_client(self, timeout_s: float) -> None:
         client, self._client = self._client, None

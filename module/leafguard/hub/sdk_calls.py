@@ -63,6 +63,19 @@ class SdkCalls:
         if not task.cancelled() and task.exception() is not None:
             log.debug("%s: abandoned SDK call ended with %r", self._what, task.exception())
 
+    async def disconnect_after_break(self, client: Any, timeout_s: float) -> bool:
+        """Disconnect ``client`` after its link broke, for at most ``min(timeout_s, BROKEN_DISCONNECT_S)``; False
+        when it could not (it is wedged) and was shut down instead: the caller creates a new client."""
+        try:
+            await self.call(client.disconnect(), min(timeout_s, BROKEN_DISCONNECT_S), "disconnect")
+        except TimeoutError:
+            log.warning("%s did not disconnect within %g s; replacing it", self._what, BROKEN_DISCONNECT_S)
+            await self.shut_down(client, BROKEN_DISCONNECT_S)
+            return False
+        except SDK_ERRORS as exc:
+            log.debug("%s: disconnect after a broken link: %r", self._what, exc)
+        return True
+
     async def shut_down(self, client: Any, timeout_s: float) -> None:
         """Shut ``client`` down within ``timeout_s``; shutting down settles every call the SDK still held
         (cancelled), so those end first; whatever is left then is cancelled."""

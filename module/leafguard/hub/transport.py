@@ -68,7 +68,6 @@ from leafguard.hub.link import Backoff, LinkState
 from leafguard.hub.methods import MethodResult
 from leafguard.hub.outbox import Outbox, Pending
 from leafguard.hub.sdk_calls import (
-    BROKEN_DISCONNECT_S,
     SDK_ERRORS,
     SDK_RECONNECT_GRACE_S,
     STABLE_CONNECTION_S,
@@ -532,17 +531,11 @@ class EdgeTransport:
         client = self._client
         if client is None:
             return
-        try:
-            await self._sdk.call(client.disconnect(), min(self.settings.connect_timeout_s, BROKEN_DISCONNECT_S),
-                                 "disconnect")
-        except TimeoutError:
-            # A client that cannot even disconnect is wedged (its network thread died): a new one connects.
-            log.warning("the hub client did not disconnect within %g s; replacing it", BROKEN_DISCONNECT_S)
+        if not await self._sdk.disconnect_after_break(client, self.settings.connect_timeout_s):
+            # Wedged (its network thread died) and shut down: the next attempt creates a new client.
             self.stats.clients_replaced += 1
-            self._client = None
-            await self._sdk.shut_down(client, BROKEN_DISCONNECT_S)
-        except SDK_ERRORS as exc:
-            log.debug("disconnect after a broken link: %r", exc)
+            if self._client is client:
+                self._client = None
 
     # -- SDK threads → our loop --------------------------------------------------------------------------------
 
@@ -624,11 +617,17 @@ class EdgeTransport:
         msg = entry.message.to_sdk_message()
         msg.message_id = entry.message_id
         msg.custom_properties[LEAF_IDENTITY_PROPERTY] = entry.message.identity
+        client = self._client
+        if client is None:
+            # The link broke and its wedged client was given up after this send was queued: it goes again later.
+            self.outbox.release(entry)
+            self._after_send()
+            return
         # The SDK completes its own future when the PUBACK (or the cancellation) comes, and logs an error if that
         # future was cancelled under it: so we stop waiting for a send (shield) rather than cancel it.
         send = asyncio.get_running_loop().create_task(
             # Alerts carry their own output; Defender security messages go to the configured one.
-            self._client.send_message_to_output(msg, getattr(entry.message, "output", self.settings.output_name)),
+            client.send_message_to_output(msg, getattr(entry.message, "output", self.settings.output_name)),
             name=f"leafguard.hub.publish[{entry.seq}]",
         )
         scope = asyncio.timeout(self.settings.send_timeout_s)
@@ -774,8 +773,11 @@ class EdgeTransport:
                 self._last_health = now  # built and found unchanged: due again in a minute, not at once
             return
         try:
+            client = self._client
+            if client is None:
+                raise NoConnectionError("the hub client is being replaced")
             await self._sdk.call(
-                self._client.patch_twin_reported_properties(patch.body), self.settings.twin_timeout_s, "patch_reported"
+                client.patch_twin_reported_properties(patch.body), self.settings.twin_timeout_s, "patch_reported"
             )
         except (TimeoutError, *SDK_ERRORS) as exc:
             self._health_wanted = self._health_wanted or health is not None
