@@ -33,7 +33,7 @@ from leafguard.detect.thresholds import Thresholds
 from leafguard.errors import ConfigurationError
 from leafguard.observe import fastpath
 from leafguard.observe.addresses import is_unicast_mac, mac_text
-from leafguard.observe.conversations import ConversationTable, FlowKey, ObservationLog
+from leafguard.observe.conversations import ConversationTable, ObservationLog
 from leafguard.observe.discovery import Discovery
 from leafguard.observe.inventory import LeafInventory
 from leafguard.observe.model import LeafView, Observation
@@ -301,9 +301,9 @@ class Analyzer:
     # ----------------------------------------------------------------------------------------- output
 
     @property
-    def flows(self) -> dict[FlowKey, int]:
-        """The conversation table's index, key -> row (`conversations`')."""
-        return self.conversations.flows
+    def flows(self) -> ConversationTable:
+        """The conversation table (`conversations`; its length is the number of conversations)."""
+        return self.conversations
 
     @property
     def macs(self) -> dict[bytes, MacState]:

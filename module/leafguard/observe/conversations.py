@@ -35,6 +35,7 @@ from leafguard.observe.discovery import Discovery
 from leafguard.observe.eviction import EvictionQueue
 from leafguard.observe.inventory import LeafInventory
 from leafguard.observe.model import ConnectionSeen, Direction, LoginSeen, Observation
+from leafguard.observe.rowindex import RowIndex
 from leafguard.observe.settings import AnalyzerSettings
 from leafguard.observe.state import NEXT_STATE, STATE_CODE, TCP_STATES, CaptureStats, Flow, MacState
 
@@ -42,9 +43,10 @@ LOGIN_BUDGET_BYTES = 8192
 """Payload bytes of a login-port conversation inspected before it joins the fast path."""
 MAX_PENDING_OBSERVATIONS = 100_000
 
-FlowKey = int | tuple[int, bytes, int, bytes, int]
-"""IPv4: `v4_key` of the lower (address, port) endpoint, the other and the protocol; otherwise the protocol, then
-the lower (address, port) endpoint, then the other."""
+FlowKey = tuple[int, int] | tuple[int, bytes, int, bytes, int]
+"""IPv4: ``(k1, k2)`` as `rowindex` has them (the addresses, lower first, as one unsigned 64-bit number; the ports,
+lower endpoint's first, and the protocol); otherwise the protocol, then the lower (address, port) endpoint, then
+the other."""
 
 B_SEEN = 1
 """The responder has sent (UDP): its first datagram was looked at."""
@@ -52,6 +54,10 @@ HELLO_CHECKED = 2
 """The initiator's first payload was looked at for a TLS ClientHello."""
 A_IS_LO = 4
 """Side ``a`` is the lower (address, port) endpoint of the key."""
+SLOW = 8
+"""A login exchange on it is being followed (`ConversationTable.logins`): its frames need the per-frame path."""
+NOT_V4 = 16
+"""Its key is a tuple (`ConversationTable.flows`), not IPv4 columns."""
 NO_MAC = -1
 """A MAC column's value for a frame without MACs (link types other than Ethernet)."""
 
@@ -70,11 +76,6 @@ class Cells(Protocol, Generic[T]):
 
 def _cells(column: npt.NDArray[Any]) -> Any:
     return column.data
-
-
-def v4_key(lo_ip: int, hi_ip: int, lo_port: int, hi_port: int, proto: int) -> int:
-    """An IPv4 conversation's key: ``k1 << 40 | k2`` of the bulk step's grouping key (`fastpath.classify`)."""
-    return (((lo_ip << 32) | hi_ip) << 40) | (lo_port << 24) | (hi_port << 8) | proto
 
 
 def _obs_time(obs: Observation) -> float:
@@ -185,9 +186,11 @@ class ConversationTable:
         self._evidence = evidence
         self._observations = observations
         self.flows: dict[FlowKey, int] = {}
-        """Key -> row."""
-        self.keys: list[FlowKey | None] = []
-        """Row -> key (None: a free row)."""
+        """Key -> row, of the conversations that are not IPv4 (IPv4 ones are in `index`)."""
+        self._other_keys: dict[int, FlowKey] = {}
+        """Row -> key, of the same."""
+        self._made = 0
+        """Rows used so far (free ones are reused first)."""
         self._free: list[int] = []
         """Rows given up by evicted conversations, reused first (so the columns' touched pages stay few)."""
         self.logins: dict[int, _Login] = {}
@@ -196,6 +199,11 @@ class ConversationTable:
         # The columns, one slot per row, allocated for the cap at once: np.zeros takes zeroed pages from the
         # kernel, which become resident only when a row on them is first used.
         cap = settings.max_flows
+        self.k1 = np.zeros(cap, dtype=np.uint64)
+        self.k2 = np.zeros(cap, dtype=np.int64)
+        """An IPv4 conversation's key (`FlowKey`)."""
+        self.index = RowIndex(self.k1, self.k2)
+        """IPv4 key -> row."""
         self.packets_ab = np.zeros(cap, dtype=np.int64)
         self.packets_ba = np.zeros(cap, dtype=np.int64)
         self.bytes_ab = np.zeros(cap, dtype=np.int64)
@@ -207,11 +215,25 @@ class ConversationTable:
         self.state = np.zeros(cap, dtype=np.uint8)
         """`state.TCP_STATES` codes (0: UDP)."""
         self.bits = np.zeros(cap, dtype=np.uint8)
-        """`B_SEEN`, `HELLO_CHECKED`, `A_IS_LO`."""
+        """`B_SEEN`, `HELLO_CHECKED`, `A_IS_LO`, `SLOW`, `NOT_V4`."""
         self.gen = np.zeros(cap, dtype=np.uint32)
         """How many times the row was given up: a plan that looked a conversation up knows whether its row is still
         that conversation's when it counts (`fastpath.count_settled`)."""
+        self._open_cells()
+        self.order: EvictionQueue[int] = EvictionQueue(self._last.__getitem__, self._first.__getitem__)
+        """The order in which the table gives up rows when full (`observe.eviction`)."""
+        self._addresses: dict[bytes, bytes] = {}
+        """IPv6 addresses in new conversations' keys, each as one bytes object the keys share (bounded)."""
+        self._address_cap = min(ADDRESS_CACHE, settings.max_flows)
+        # Fragment tables forget their oldest entry when full, in O(1) (a dict's next(iter()) is not: it first skips
+        # every slot deleted since its last resize).
+        self._frags: OrderedDict[tuple[bytes, bytes, int, int], tuple[FlowKey, bool]] = OrderedDict()
+        self._frag_pending: OrderedDict[tuple[bytes, bytes, int, int], list[Any]] = OrderedDict()
+
+    def _open_cells(self) -> None:
         # Single cells, for the per-frame path: a memoryview's item access costs what a list's does.
+        self._k1: Cells[int] = _cells(self.k1)
+        self._k2: Cells[int] = _cells(self.k2)
         self._pk_ab: Cells[int] = _cells(self.packets_ab)
         self._pk_ba: Cells[int] = _cells(self.packets_ba)
         self._by_ab: Cells[int] = _cells(self.bytes_ab)
@@ -224,18 +246,15 @@ class ConversationTable:
         """`state`'s cells (the bulk step replays TCP control segments through them)."""
         self._bits: Cells[int] = _cells(self.bits)
         self._gen: Cells[int] = _cells(self.gen)
-        self.order: EvictionQueue[int] = EvictionQueue(self._last.__getitem__, self._first.__getitem__)
-        """The order in which the table gives up rows when full (`observe.eviction`)."""
-        self._addresses: dict[bytes, bytes] = {}
-        """IPv6 addresses in new conversations' keys, each as one bytes object the keys share (bounded)."""
-        self._address_cap = min(ADDRESS_CACHE, settings.max_flows)
-        # Fragment tables forget their oldest entry when full, in O(1) (a dict's next(iter()) is not: it first skips
-        # every slot deleted since its last resize).
-        self._frags: OrderedDict[tuple[bytes, bytes, int, int], tuple[FlowKey, bool]] = OrderedDict()
-        self._frag_pending: OrderedDict[tuple[bytes, bytes, int, int], list[Any]] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self.flows)
+        return self.index.count + len(self.flows)
+
+    def get(self, key: FlowKey) -> int | None:
+        """The row of the conversation with this key, if there is one."""
+        if len(key) == 2:
+            return self.index.get(key[0], key[1])
+        return self.flows.get(key)
 
     # ----------------------------------------------------------------------------------------- rows
 
@@ -244,23 +263,21 @@ class ConversationTable:
         is the lower endpoint, ``(sip, sport) <= (dip, dport)``)."""
         if src_lo:
             if len(sip) == 4:
-                return (int.from_bytes(sip + dip, "big") << 40) | (sport << 24) | (dport << 8) | proto
+                return int.from_bytes(sip + dip, "big"), (sport << 24) | (dport << 8) | proto
             return (proto, sip, sport, dip, dport)
         if len(sip) == 4:
-            return (int.from_bytes(dip + sip, "big") << 40) | (dport << 24) | (sport << 8) | proto
+            return int.from_bytes(dip + sip, "big"), (dport << 24) | (sport << 8) | proto
         return (proto, dip, dport, sip, sport)
 
     def endpoints(self, row: int) -> tuple[int, bytes, int, bytes, int]:
         """A row's protocol, side ``a``'s address and port, side ``b``'s."""
-        key = self.keys[row]
-        assert key is not None
-        if isinstance(key, int):
-            ips = (key >> 40).to_bytes(8, "big")
-            proto, lo_ip, hi_ip = key & 0xFF, ips[:4], ips[4:]
-            lo_port, hi_port = (key >> 24) & 0xFFFF, (key >> 8) & 0xFFFF
+        bits = self._bits[row]
+        if bits & NOT_V4:
+            proto, lo_ip, lo_port, hi_ip, hi_port = self._other_keys[row]  # type: ignore[misc]
         else:
-            proto, lo_ip, lo_port, hi_ip, hi_port = key
-        if self._bits[row] & A_IS_LO:
+            ips, k2 = self._k1[row].to_bytes(8, "big"), self._k2[row]
+            proto, lo_ip, hi_ip, lo_port, hi_port = k2 & 0xFF, ips[:4], ips[4:], (k2 >> 24) & 0xFFFF, (k2 >> 8) & 0xFFFF
+        if bits & A_IS_LO:
             return proto, lo_ip, lo_port, hi_ip, hi_port
         return proto, hi_ip, hi_port, lo_ip, lo_port
 
@@ -278,7 +295,34 @@ class ConversationTable:
 
     def records(self) -> list[Flow]:
         """Every conversation, as `Flow`s (in no particular order)."""
-        return [self.record(row) for row in self.flows.values()]
+        out = [self.record(row) for row in self._other_keys]
+        rows = self.index.rows()
+        if not rows.size:
+            return out
+        # IPv4 rows column by column: the endpoints from the keys, side a first.
+        k1, k2 = self.k1[rows], self.k2[rows]
+        lo_ip, hi_ip = (k1 >> np.uint64(32)).astype(np.uint32), (k1 & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        lo_port, hi_port = (k2 >> 24) & 0xFFFF, (k2 >> 8) & 0xFFFF
+        a_lo = (self.bits[rows] & A_IS_LO) != 0
+        a_raw = np.where(a_lo, lo_ip, hi_ip).astype(">u4").tobytes()
+        b_raw = np.where(a_lo, hi_ip, lo_ip).astype(">u4").tobytes()
+        a_macs, b_macs = self.a_mac[rows].tolist(), self.b_mac[rows].tolist()
+        macs: dict[int, bytes | None] = {NO_MAC: None}
+        for m in (*a_macs, *b_macs):
+            if m not in macs:
+                macs[m] = m.to_bytes(6, "big")
+        states = TCP_STATES
+        out += [
+            Flow(proto, a_raw[4 * i : 4 * i + 4], a_port, b_raw[4 * i : 4 * i + 4], b_port, macs[am], macs[bm],
+                 pab, bab, pba, bba, first, last, states[st])
+            for i, (proto, a_port, b_port, am, bm, pab, bab, pba, bba, first, last, st) in enumerate(zip(
+                (k2 & 0xFF).tolist(), np.where(a_lo, lo_port, hi_port).tolist(),
+                np.where(a_lo, hi_port, lo_port).tolist(), a_macs, b_macs, self.packets_ab[rows].tolist(),
+                self.bytes_ab[rows].tolist(), self.packets_ba[rows].tolist(), self.bytes_ba[rows].tolist(),
+                self.first[rows].tolist(), self.last[rows].tolist(), self.state[rows].tolist(), strict=True,
+            ))
+        ]  # fmt: skip
+        return out
 
     def _count(self, row: int, forward: bool, packets: int, nbytes: int, last: float) -> None:
         """Add frames sent by ``a`` (``forward``) or by ``b``."""
@@ -308,7 +352,7 @@ class ConversationTable:
         sip, sport, dip, dport = p.src_ip, p.sport, p.dst_ip, p.dport
         src_lo = (sip, sport) <= (dip, dport)
         key = self.key(proto, sip, sport, dip, dport, src_lo)
-        row = self.flows.get(key)
+        row = self.get(key)
         flags = p.tcp_flags
         if row is None:
             row = self.create(
@@ -356,7 +400,7 @@ class ConversationTable:
             pending[2] = max(pending[2], ts)
             return
         fkey, forward = got
-        row = self.flows.get(fkey)
+        row = self.get(fkey)
         if row is not None:
             self._count(row, forward, 1, wirelen, ts)
 
@@ -377,9 +421,9 @@ class ConversationTable:
     ) -> int:
         """A conversation seen for the first time, on a frame from ``sip:sport`` to ``dip:dport`` with the key
         `key` makes of them; its row."""
-        if len(self.flows) >= self.settings.max_flows:
+        if self.index.count + len(self.flows) >= self.settings.max_flows:
             self._evict(ts)
-        if not isinstance(key, int):
+        if len(key) != 2:
             # An IPv6 key holds its addresses: a leaf's, or a server's, recurs in many conversations.
             addresses = self._addresses
             if len(addresses) >= self._address_cap:
@@ -393,18 +437,12 @@ class ConversationTable:
             a_ip, a_port, b_ip, b_port, a_mac, b_mac = dip, dport, sip, sport, dmac, smac
         else:
             a_ip, a_port, b_ip, b_port, a_mac, b_mac = sip, sport, dip, dport, smac, dmac
-        free = self._free
-        if free:
-            row = free.pop()
-            self.keys[row] = key
-        else:
-            row = len(self.keys)
-            self.keys.append(key)
+        row = self._take_row()
         self._pk_ab[row] = self._pk_ba[row] = self._by_ab[row] = self._by_ba[row] = 0
         self._first[row] = self._last[row] = ts
         self._a_mac[row] = int.from_bytes(a_mac, "big") if a_mac is not None else NO_MAC
         self._b_mac[row] = int.from_bytes(b_mac, "big") if b_mac is not None else NO_MAC
-        self._bits[row] = A_IS_LO if (a_ip, a_port) <= (b_ip, b_port) else 0
+        bits = A_IS_LO if (a_ip, a_port) <= (b_ip, b_port) else 0
         if proto == PROTO_TCP:
             state = "S0" if flags & TCP_SYN and not flags & TCP_ACK else "EST" if responder_first else "OTHER"
             self.state_cells[row] = STATE_CODE[state]
@@ -413,6 +451,7 @@ class ConversationTable:
             proto_name = LOGIN_PORTS.get(b_port)
             if proto_name is not None:
                 self.logins[row] = _Login(LoginTracker(proto_name))
+                bits |= SLOW
         else:
             self.state_cells[row] = 0
         if self._inventory.learning:
@@ -420,11 +459,25 @@ class ConversationTable:
             if leaf is not None:
                 protocol = "tcp" if proto == PROTO_TCP else "udp"
                 self._evidence.append(ConversationOpened(ts, leaf, b_ip, b_port, protocol))
-        self.flows[key] = row
+        if len(key) == 2:
+            k1, k2 = key
+            self._k1[row], self._k2[row] = k1, k2
+            self._bits[row] = bits
+            self.index.add(row, k1, k2)
+        else:
+            self._bits[row] = bits | NOT_V4
+            self.flows[key] = row
+            self._other_keys[row] = key
         self.order.admit(row)
         if self._observations.enabled:
             self._observations.connection(self.record(row), ts)
         return row
+
+    def _take_row(self) -> int:
+        if self._free:
+            return self._free.pop()
+        self._made += 1
+        return self._made - 1
 
     def _inventory_mac(self, mac: bytes | None) -> bytes | None:
         """The MAC as the inventory holds it, when it does (one bytes object per MAC in the evidence)."""
@@ -434,10 +487,10 @@ class ConversationTable:
 
     def _evict(self, now: float) -> None:
         row = self.order.victim(now, self.settings.idle_flow_s)
-        key = self.keys[row]
-        assert key is not None
-        del self.flows[key]
-        self.keys[row] = None
+        if self._bits[row] & NOT_V4:
+            del self.flows[self._other_keys.pop(row)]
+        else:
+            self.index.remove(row)
         self.logins.pop(row, None)
         self._gen[row] = (self._gen[row] + 1) & 0xFFFFFFFF
         self._free.append(row)
@@ -464,6 +517,7 @@ class ConversationTable:
         if login.finished or followed.budget <= 0:
             # Nothing more to follow: release the tracker's buffers; the conversation is settled.
             del self.logins[row]
+            self._bits[row] &= ~SLOW
 
     def control(
         self,

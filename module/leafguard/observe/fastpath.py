@@ -36,7 +36,7 @@ import numpy.typing as npt
 from leafguard.capture.batch import FrameBatch
 from leafguard.decode.deep import ClientHello, tls_client_hello
 from leafguard.decode.frames import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
-from leafguard.observe.conversations import A_IS_LO
+from leafguard.observe.conversations import A_IS_LO, SLOW
 from leafguard.observe.discovery import selected_many
 from leafguard.observe.inventory import MacTotals
 from leafguard.observe.state import NEXT_STATE
@@ -129,9 +129,8 @@ class Classified:
     k1: _I64
     k2: _I64
     """Per conversation: its addresses (``lo << 32 | hi``, wrapping around int64) and its ports and protocol
-    (``lo << 24 | hi << 8 | proto``), as `classify` grouped the frames."""
-    keys: list[int]
-    """Per conversation: its key in the conversation table (`conversations.v4_key`: ``k1 << 40 | k2``)."""
+    (``lo << 24 | hi << 8 | proto``), as `classify` grouped the frames: its key in the conversation table
+    (`conversations.FlowKey`, with ``k1`` read as unsigned)."""
     src_lo: _B
     o: _I64
     """Where the frame starts (its MACs)."""
@@ -250,7 +249,6 @@ def classify(batch: FrameBatch) -> Classified | None:
         first=first,
         k1=k1[first],
         k2=k2[first],
-        keys=[(a << 40) | b for a, b in zip(k1[first].view(np.uint64).tolist(), k2[first].tolist(), strict=True)],
         src_lo=src_lo,
         o=o,
         h=hc,
@@ -286,25 +284,13 @@ def plan_batch(table: ConversationTable, batch: FrameBatch) -> Plan | None:
     bare = pre.bare
 
     plan = Plan(pre)
-    flows = table.flows
-    logins = table.logins
-    gen = table.gen
-    rows = plan.rows
-    known = plan.known
-    settled = plan.settled
-    for key in pre.keys:
-        row = flows.get(key)
-        if row is None:
-            rows.append(-1)
-            known.append(False)
-            settled.append(False)
-        else:
-            rows.append(row)
-            known.append(True)
-            settled.append(row not in logins)
-    plan.gens = gen[np.asarray(rows, dtype=np.int64)].tolist() if rows else []
-    known0 = np.asarray(plan.known, dtype=bool)
-    settled0 = np.asarray(plan.settled, dtype=bool)
+    rows = table.index.get_many(pre.k1.view(np.uint64), pre.k2)
+    known0 = rows >= 0
+    settled0 = known0 & ((table.bits[rows] & SLOW) == 0)
+    plan.rows = rows.tolist()
+    plan.gens = table.gen[rows].tolist()
+    plan.known = known0.tolist()
+    plan.settled = settled0.tolist()
 
     # A conversation that starts here is created before the walk, and none of its frames is walked, when none
     # of them carries a datagram to decode (TCP login exchanges are followed in bulk, in order, too).
@@ -405,11 +391,12 @@ def create_new(table: ConversationTable, batch: FrameBatch, plan: Plan) -> None:
     data = batch.data
     pre = plan.pre
     firsts = pre.first[plan.bulk_new]
-    keys = pre.keys
+    k1 = pre.k1[plan.bulk_new].view(np.uint64).tolist()
+    k2 = pre.k2[plan.bulk_new].tolist()
     rows = plan.rows
     gens = plan.gens
-    for u, at, h, flags, ts, lo in zip(
-        plan.bulk_new, pre.o[firsts].tolist(), pre.h[firsts].tolist(), pre.flags[firsts].tolist(),
+    for u, key1, key2, at, h, flags, ts, lo in zip(
+        plan.bulk_new, k1, k2, pre.o[firsts].tolist(), pre.h[firsts].tolist(), pre.flags[firsts].tolist(),
         pre.ts[firsts].tolist(), pre.src_lo[firsts].tolist(), strict=True,
     ):  # fmt: skip
         proto = data[h + 23]
@@ -418,7 +405,7 @@ def create_new(table: ConversationTable, batch: FrameBatch, plan: Plan) -> None:
         sport = (data[h + 34] << 8) | data[h + 35]
         dport = (data[h + 36] << 8) | data[h + 37]
         row = table.create(
-            keys[u], proto, sip, sport, dip, dport, data[at + 6 : at + 12], data[at : at + 6], flags, ts, src_lo=lo
+            (key1, key2), proto, sip, sport, dip, dport, data[at + 6 : at + 12], data[at : at + 6], flags, ts, src_lo=lo
         )
         rows[u] = row
         gens[u] = table.generation(row)
