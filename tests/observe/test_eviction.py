@@ -158,3 +158,34 @@ def test_an_active_conversation_and_leaf_outlive_a_flood_past_the_caps(fast: boo
     assert len(seen) == 1  # so it was seen as new once
     assert an.leaf_report(LEAF[0]) is not None
     assert an.leaf_report(LEAF[0])["packets_out"] == 400  # type: ignore[index]
+
+
+def test_a_row_queue_behaves_as_a_deque_of_its_row_numbers() -> None:
+    """The conversation table's queues hold row numbers in a ring of machine ints; they must keep a deque's order
+    through growth, rotation and wrap-around."""
+    import random
+    from collections import deque
+
+    from leafguard.observe.eviction import RowQueue
+
+    rnd = random.Random(3)
+    ring, ref = RowQueue(), deque[int]()
+    for _ in range(20_000):
+        op = rnd.random()
+        if op < 0.45:
+            row = rnd.randrange(2**31)
+            ring.append(row)
+            ref.append(row)
+        elif op < 0.7 and ref:
+            assert ring.popleft() == ref.popleft()
+        elif op < 0.85:
+            ring.rotate(-1)
+            ref.rotate(-1)
+        else:
+            rows = [rnd.randrange(1000) for _ in range(rnd.randrange(4))]
+            ring.extend(rows)
+            ref.extend(rows)
+        assert len(ring) == len(ref)
+        if ref:
+            assert ring[0] == ref[0]
+    assert [ring.popleft() for _ in range(len(ref))] == list(ref)

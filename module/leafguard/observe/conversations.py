@@ -32,7 +32,7 @@ from leafguard.detect.evidence import ConversationOpened, Evidence, LoginResult,
 from leafguard.observe.addresses import ip_text, mac_text
 from leafguard.observe.discovery import PORTS as DISCOVERY_PORTS
 from leafguard.observe.discovery import Discovery
-from leafguard.observe.eviction import EvictionQueue
+from leafguard.observe.eviction import EvictionQueue, RowQueue
 from leafguard.observe.inventory import LeafInventory
 from leafguard.observe.model import ConnectionSeen, Direction, LoginSeen, Observation
 from leafguard.observe.rowindex import RowIndex
@@ -61,6 +61,9 @@ NOT_V4 = 16
 NO_MAC = -1
 """A MAC column's value for a frame without MACs (link types other than Ethernet)."""
 
+PORT_NUMBERS = list(range(65536))
+"""Every port number as one int object (2 MB once): the evidence the detectors keep (a SYN's port, in port-scan
+windows) shares them instead of holding a new int per conversation."""
 ADDRESS_CACHE = 65_536
 """Addresses kept to be shared by the conversations that use them; a scan of random addresses only refills it."""
 
@@ -220,7 +223,7 @@ class ConversationTable:
         """How many times the row was given up: a plan that looked a conversation up knows whether its row is still
         that conversation's when it counts (`fastpath.count_settled`)."""
         self._open_cells()
-        self.order: EvictionQueue[int] = EvictionQueue(self._last.__getitem__, self._first.__getitem__)
+        self.order: EvictionQueue[int] = EvictionQueue(self._last.__getitem__, self._first.__getitem__, RowQueue)
         """The order in which the table gives up rows when full (`observe.eviction`)."""
         self._addresses: dict[bytes, bytes] = {}
         """IPv6 addresses in new conversations' keys, each as one bytes object the keys share (bounded)."""
@@ -447,7 +450,7 @@ class ConversationTable:
             state = "S0" if flags & TCP_SYN and not flags & TCP_ACK else "EST" if responder_first else "OTHER"
             self.state_cells[row] = STATE_CODE[state]
             if state == "S0":
-                self._evidence.append(SynSent(ts, sip, dip, dport, self._inventory_mac(smac)))
+                self._evidence.append(SynSent(ts, sip, dip, PORT_NUMBERS[dport], self._inventory_mac(smac)))
             proto_name = LOGIN_PORTS.get(b_port)
             if proto_name is not None:
                 self.logins[row] = _Login(LoginTracker(proto_name))
@@ -458,7 +461,7 @@ class ConversationTable:
             leaf = self._inventory.leaf_mac_for(a_ip, a_mac)
             if leaf is not None:
                 protocol = "tcp" if proto == PROTO_TCP else "udp"
-                self._evidence.append(ConversationOpened(ts, leaf, b_ip, b_port, protocol))
+                self._evidence.append(ConversationOpened(ts, leaf, b_ip, PORT_NUMBERS[b_port], protocol))
         if len(key) == 2:
             k1, k2 = key
             self._k1[row], self._k2[row] = k1, k2

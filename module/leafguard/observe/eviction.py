@@ -29,9 +29,10 @@ once at most, at three on average per admission.
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Generic, Protocol, TypeVar
 
 V = TypeVar("V")
 
@@ -41,6 +42,66 @@ MAX_PROMOTED = 64
 """Probation entries promoted in one eviction, at most (each entry once in its life)."""
 
 
+class Queue(Protocol[V]):
+    """What the eviction order needs of a queue: `collections.deque`'s methods of these names."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int, /) -> V: ...
+    def append(self, entry: V, /) -> None: ...
+    def extend(self, entries: Iterable[V], /) -> None: ...
+    def popleft(self) -> V: ...
+    def rotate(self, n: int, /) -> None: ...
+
+
+class RowQueue:
+    """A queue of row numbers (ints below 2**31) in a ring of machine ints: 4 to 8 bytes an entry where a deque
+    holds an int object of 28 bytes (and 8 for its reference) per row number above 256."""
+
+    __slots__ = ("_head", "_mask", "_ring", "_size")
+
+    def __init__(self) -> None:
+        self._ring = array("i", bytes(4 * 16))
+        self._mask = 15
+        self._head = 0
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, i: int) -> int:
+        if i != 0 or not self._size:
+            raise IndexError("only the front of a RowQueue is read")
+        return self._ring[self._head]
+
+    def append(self, row: int) -> None:
+        if self._size > self._mask:
+            # Full: unroll into a ring twice the size.
+            ring, head = self._ring, self._head
+            self._ring = ring[head:] + ring[:head] + array("i", bytes(4 * len(ring)))
+            self._head = 0
+            self._mask = 2 * len(ring) - 1
+        self._ring[(self._head + self._size) & self._mask] = row
+        self._size += 1
+
+    def extend(self, rows: Iterable[int]) -> None:
+        for row in rows:
+            self.append(row)
+
+    def popleft(self) -> int:
+        if not self._size:
+            raise IndexError("pop from an empty RowQueue")
+        row = self._ring[self._head]
+        self._head = (self._head + 1) & self._mask
+        self._size -= 1
+        return row
+
+    def rotate(self, n: int) -> None:
+        if n != -1:
+            raise ValueError("a RowQueue rotates by -1 only (its front to its back)")
+        if self._size:
+            self.append(self.popleft())
+
+
 class EvictionQueue(Generic[V]):
     """The entries of one capped table. The table's owner calls `admit` for every entry it adds and removes entries
     only when `victim` names them, so the queues hold exactly the table's entries (the entries themselves, not their
@@ -48,12 +109,18 @@ class EvictionQueue(Generic[V]):
 
     __slots__ = ("_admitted", "_last_active", "_probation", "_protected", "looked_at")
 
-    def __init__(self, last_active: Callable[[V], float], admitted: Callable[[V], float]) -> None:
-        """``last_active``: when an entry was last active; ``admitted``: when it entered the table."""
+    def __init__(
+        self,
+        last_active: Callable[[V], float],
+        admitted: Callable[[V], float],
+        queue: Callable[[], Queue[V]] = deque,
+    ) -> None:
+        """``last_active``: when an entry was last active; ``admitted``: when it entered the table; ``queue``:
+        makes the two queues (`RowQueue` for a table whose entries are row numbers)."""
         self._last_active = last_active
         self._admitted = admitted
-        self._probation: deque[V] = deque()
-        self._protected: deque[V] = deque()
+        self._probation: Queue[V] = queue()
+        self._protected: Queue[V] = queue()
         self.looked_at = 0
         """Entries looked at by `victim`, in total."""
 
