@@ -25,7 +25,10 @@ if TYPE_CHECKING:
     from leafguard.agent.offline import OfflineMessageWriter
     from leafguard.capture.batch import FrameBatch
     from leafguard.capture.forked import ForkedReader
+    from leafguard.detect.alerts import Alert
+    from leafguard.detect.reader_rules import AttackRulesInReader
     from leafguard.observe.analyzer import Analyzer
+    from leafguard.observe.settings import AnalyzerSettings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -150,12 +153,30 @@ def _analyze(args: argparse.Namespace) -> int:
         from leafguard.capture.forked import start_reader, worth_forking
 
         if worth_forking(captures[0]):
-            readers[captures[0]] = start_reader(captures[0], batch_frames=BATCH_FRAMES, prepare=_classify)
+            # One file: its reader process runs the attack rules too (see `detect.reader_rules`).
+            rules = _attack_rules(args) if len(captures) == 1 else None
+            readers[captures[0]] = start_reader(
+                captures[0], batch_frames=BATCH_FRAMES, prepare=_classify, rules=rules
+            )
     try:
         return _analyze_captures(args, captures, readers)
     finally:
         for reader in readers.values():
             reader.close()
+
+
+def _settings(args: argparse.Namespace) -> AnalyzerSettings:
+    from leafguard.observe.settings import AnalyzerSettings
+
+    return AnalyzerSettings.from_cli(
+        args.leaf_net, args.gateway_mac, args.learning_period, args.silent_after, args.flood_rate
+    )
+
+
+def _attack_rules(args: argparse.Namespace) -> AttackRulesInReader:
+    from leafguard.detect.reader_rules import AttackRulesInReader
+
+    return AttackRulesInReader(_settings(args))
 
 
 def _classify(batch: FrameBatch) -> object:
@@ -187,14 +208,8 @@ def _analyze_into(
     args: argparse.Namespace, captures: list[str], readers: dict[str, ForkedReader], messages_path: str | None
 ) -> int:
     from leafguard.observe.analyzer import Analyzer
-    from leafguard.observe.settings import AnalyzerSettings
 
-    analyzer = Analyzer(
-        AnalyzerSettings.from_cli(
-            args.leaf_net, args.gateway_mac, args.learning_period, args.silent_after, args.flood_rate
-        ),
-        observations=messages_path is not None,
-    )
+    analyzer = Analyzer(_settings(args), observations=messages_path is not None)
     writer = None
     if messages_path is not None:
         from leafguard.agent.offline import OfflineMessageWriter
@@ -202,11 +217,12 @@ def _analyze_into(
         writer = OfflineMessageWriter(Path(messages_path), args.agent_config)
     progress = _Progress(captures) if sys.stderr.isatty() else None
     with _fewer_collections():
-        truncated_records = _feed(args, captures, readers, analyzer, writer, progress)
+        truncated_records, found_at_end = _feed(args, captures, readers, analyzer, writer, progress)
         if progress is not None:
             progress.done()
         if writer is not None:
             writer.finish(analyzer)
+        analyzer.take_findings(found_at_end)  # what the analyzer's own attack rules would find in `finish`
         analyzer.finish()
         report = analyzer.report(conversations=not args.json)
         report["capture"]["truncated"] += truncated_records
@@ -248,13 +264,15 @@ def _feed(
     analyzer: Analyzer,
     writer: OfflineMessageWriter | None,
     progress: _Progress | None,
-) -> int:
-    """Every capture through the analyzer; the records cut off at the end of files. ``readers``: reader
-    processes already started (more are started here, one file at a time, and closed by the caller)."""
+) -> tuple[int, list[Alert]]:
+    """Every capture through the analyzer; the records cut off at the end of files, and the findings at the end
+    of the input of attack rules run by a reader process. ``readers``: reader processes already started (more are
+    started here, one file at a time, and closed by the caller)."""
     from leafguard.capture.forked import start_reader, worth_forking
     from leafguard.capture.pcapfile import FileStats, read_batches
 
     truncated_records = 0
+    found_at_end: list[Alert] = []
     for path in captures:
         analyzer.add_file(path)
         fstats = FileStats(path)
@@ -269,11 +287,13 @@ def _feed(
                     writer.step(analyzer)
                 if progress is not None:
                     progress.update(path, analyzer.stats.packets)
+            if reader is not None and isinstance(reader.found_at_end, list):
+                found_at_end += reader.found_at_end
         finally:
             if reader is not None:
                 reader.close()
         truncated_records += fstats.truncated_records
-    return truncated_records
+    return truncated_records, found_at_end
 
 
 def _write_json(report: dict[str, Any], analyzer: Any, out: BinaryIO) -> None:

@@ -48,6 +48,9 @@ class FrameBatch:
     so that another process can read the same bytes); -1 otherwise."""
     prepared: object = None
     """What a reader process already computed for this batch (see `capture.forked`), or None."""
+    found: object = None
+    """What a reader process's stateful rules found in this batch (`forked.BatchRules`), or None when they did
+    not run there."""
 
     def __len__(self) -> int:
         return len(self.offsets)

@@ -29,7 +29,7 @@ import traceback
 from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from leafguard.capture.batch import FrameBatch
 from leafguard.errors import CaptureFileError
@@ -49,8 +49,19 @@ RECEIVED_AHEAD = 2
 """Batches (with their 8 MB chunk of frames) the parent may have received before the analysis takes them."""
 
 Prepare = Callable[[FrameBatch], object]
+
+
+class BatchRules(Protocol):
+    """Stateful work on every batch of the file, in order, done in the reader process after ``prepare`` (the batch
+    has its ``prepared`` result): what it returns for a batch lands in ``batch.found``, what `finish` returns at
+    the end of the file in `ForkedReader.found_at_end`."""
+
+    def __call__(self, batch: FrameBatch) -> object: ...
+
+    def finish(self) -> object: ...
+
 _Batch = tuple[str, int, int, int, "npt.NDArray[np.int64]", "npt.NDArray[np.int64]", "npt.NDArray[np.int64]",
-               "npt.NDArray[np.float64]", object]  # fmt: skip
+               "npt.NDArray[np.float64]", object, object]  # fmt: skip
 
 
 class ReaderProcessError(RuntimeError):
@@ -76,33 +87,38 @@ def read_batches_forked(
     batch_frames: int = 8192,
     stats: FileStats | None = None,
     prepare: Prepare | None = None,
+    rules: BatchRules | None = None,
 ) -> Iterator[FrameBatch]:
-    """`read_batches`, with the reading (and ``prepare``, whose result lands in ``batch.prepared``) done by a
-    forked child process."""
-    reader = start_reader(path, batch_frames=batch_frames, prepare=prepare)
+    """`read_batches`, with the reading (and ``prepare``, whose result lands in ``batch.prepared``, and ``rules``)
+    done by a forked child process."""
+    reader = start_reader(path, batch_frames=batch_frames, prepare=prepare, rules=rules)
     try:
         yield from reader.batches(stats)
     finally:
         reader.close()
 
 
-def start_reader(path: str | Path, *, batch_frames: int = 8192, prepare: Prepare | None = None) -> ForkedReader:
+def start_reader(
+    path: str | Path, *, batch_frames: int = 8192, prepare: Prepare | None = None, rules: BatchRules | None = None
+) -> ForkedReader:
     """Fork the reader now. This module imports neither numpy nor the file reader, so a caller can start the
-    child before its own heavy imports and let both processes import at once (``prepare`` may import what it
-    needs on its first call, in the child)."""
-    return ForkedReader(Path(path), batch_frames, prepare)
+    child before its own heavy imports and let both processes import at once (``prepare`` and ``rules`` may
+    import what they need on their first call, in the child)."""
+    return ForkedReader(Path(path), batch_frames, prepare, rules)
 
 
 class ForkedReader:
     """A running reader process, and the parent's end of it (a thread that receives its batches)."""
 
-    def __init__(self, path: Path, batch_frames: int, prepare: Prepare | None) -> None:
+    def __init__(self, path: Path, batch_frames: int, prepare: Prepare | None, rules: BatchRules | None) -> None:
         self.path = path
+        self.found_at_end: object = None
+        """What the ``rules`` returned at the end of the file (once `batches` is done)."""
         ctx = multiprocessing.get_context("fork")
         self._read_fd, write_fd = os.pipe()
         self._child = ctx.Process(
-            target=_child, args=(path, batch_frames, prepare, self._read_fd, write_fd), name="leafguard-reader",
-            daemon=True,
+            target=_child, args=(path, batch_frames, prepare, rules, (self._read_fd, write_fd)),
+            name="leafguard-reader", daemon=True,
         )  # fmt: skip
         self._child.start()
         os.close(write_fd)
@@ -119,8 +135,9 @@ class ForkedReader:
                 continue
             tag, value = item
             if tag == "end":
+                truncated, self.found_at_end = cast(tuple[int, object], value)
                 if stats is not None:
-                    stats.truncated_records += cast(int, value)
+                    stats.truncated_records += truncated
                 return
             if tag == "error":
                 raise CaptureFileError(cast(str, value))
@@ -192,7 +209,7 @@ class _Receiver:
                 if msg[0] != "batch":
                     self._put((cast(str, msg[0]), msg[1]))
                     return
-                _, linktype, data_at, data_len, offsets, caplens, wirelens, stamps, prepared = cast(_Batch, msg)
+                _, linktype, data_at, data_len, offsets, caplens, wirelens, stamps, prepared, found = cast(_Batch, msg)
                 if data_at != chunk_at or len(chunk) != data_len:
                     if fd < 0:
                         fd = _open(self._path)
@@ -210,6 +227,7 @@ class _Receiver:
                     source=str(self._path),
                     file_offset=data_at,
                     prepared=prepared,
+                    found=found,
                 )
                 self._put(batch)
         except BaseException as exc:  # raised again in the consuming thread
@@ -233,9 +251,12 @@ def _column(typecode: str, values: npt.NDArray[np.generic]) -> array[Any]:
     return out
 
 
-def _child(path: Path, batch_frames: int, prepare: Prepare | None, read_fd: int, write_fd: int) -> None:
+def _child(
+    path: Path, batch_frames: int, prepare: Prepare | None, rules: BatchRules | None, pipe: tuple[int, int]
+) -> None:
     from leafguard.capture.pcapfile import FileStats, read_batches
 
+    read_fd, write_fd = pipe
     os.close(read_fd)
     # Ctrl-C is the parent's to handle; it then stops this process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -250,14 +271,15 @@ def _child(path: Path, batch_frames: int, prepare: Prepare | None, read_fd: int,
         for b in read_batches(path, batch_frames=batch_frames, stats=st):
             if b.file_offset < 0:
                 raise AssertionError("a file reader's batch must say where its bytes are in the file")
+            b.prepared = prepare(b) if prepare is not None else None
             outbox.put(
                 (
                     "batch", b.linktype, b.file_offset, len(b.data), _np(b.offsets, "int64"),
                     _np(b.caplens, "int64"), _np(b.wirelens, "int64"), _np(b.timestamps, "float64"),
-                    prepare(b) if prepare is not None else None,
+                    b.prepared, rules(b) if rules is not None else None,
                 )
             )  # fmt: skip
-        outbox.put(("end", st.truncated_records))
+        outbox.put(("end", (st.truncated_records, rules.finish() if rules is not None else None)))
     except CaptureFileError as exc:
         outbox.put(("error", str(exc)))
     except BaseException:  # reported to the parent, which raises it

@@ -24,6 +24,7 @@ from leafguard.decode.frames import (
     decode,
 )
 from leafguard.detect import detectors as det
+from leafguard.detect.alerts import Alert
 from leafguard.detect.attacks import AttackDetectors
 from leafguard.detect.evidence import Evidence, FloodSeen, LeafSilent
 from leafguard.detect.floods import FLOOD_WINDOW_S, FloodTracker
@@ -151,8 +152,17 @@ class Analyzer:
         bulk = self._fast and len(batch) >= 64 and batch.linktype == 1
         if bulk and batch.prepared is None:
             batch = dataclasses.replace(batch, prepared=fastpath.classify(batch))
-        self.attacks.feed(batch)
+        if isinstance(batch.found, list):
+            self.take_findings(batch.found)  # the reader process ran the rules (`detect.reader_rules`)
+        else:
+            self.attacks.feed(batch)
         return batch, fastpath.plan_batch(self.conversations, batch) if bulk else None
+
+    def take_findings(self, alerts: list[Alert]) -> None:
+        """Findings of attack rules run elsewhere on this input, configured as this analyzer's own
+        (`detect.reader_rules`): raised as the rules raise theirs."""
+        for alert in alerts:
+            self.detectors.raise_alert(alert)
 
     def _log_bulk_sends(self, pre: fastpath.Classified) -> None:
         """The send (and receive) times of every frame the bulk step counts, for the trackers watching them."""
