@@ -131,6 +131,33 @@ def test_records_frame_like_the_spool_and_undecodable_inputs_stop_the_replay(tmp
     assert found.ops == [j.CaptureDrops(3)] and found.error is not None
 
 
+def test_a_stop_asked_for_while_the_journal_is_applied_is_a_clean_stop(tmp_path: Path) -> None:
+    """SIGTERM while start-up applies a long journal (after the state is restored, before the loop runs): the
+    service finishes starting, then stops cleanly (it used to die of the signal's default action)."""
+    first = keeper(tmp_path)
+    first.start_journal(first.load(T0))
+    assert first.save(0.0, clock=T0)
+    for i in range(60_000):
+        first.fleet.observe(conn(T0 + i * 0.01, mac=f"02:00:00:00:{i % 200 >> 8:02x}:{i % 200 & 255:02x}",
+                                 remote_port=1000 + i % 30_000))
+    first.commit_journal(1.0)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "leafguard", "run", "--local-dir", str(tmp_path), "--pcap",
+         str(empty_capture(tmp_path / "empty.pcap")), "--replay-speed", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "state restored" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    err = "".join(lines) + proc.communicate(timeout=60)[1]
+    assert proc.returncode == 0, err
+    assert "stop requested during start-up" in err and "stopped cleanly" in err
+    assert "inputs of the journal applied again" in err
+
+
 def local_run(folder: Path, capture: Path, **env: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "leafguard", "run", "--local-dir", str(folder), "--pcap", str(capture),

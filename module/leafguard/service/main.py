@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import uvloop
@@ -87,8 +88,14 @@ def run_service(args: argparse.Namespace) -> int:
     raise_permitted(CAP_NET_RAW)
     settings = ServiceSettings.from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Start-up (restoring the state and its journal, replaying the spool) can take seconds: a stop asked for
+    # meanwhile is kept and honoured once the loop runs, instead of killing the process half-way.
+    early: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: early.append(signum))
+    service = Service(settings)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(Service(settings).run())
+        return runner.run(service.run(early))
 
 
 class Service:
@@ -252,10 +259,14 @@ class Service:
             # With the next health report: a save is no change of state worth a patch of its own.
             self.out.publish_gateway_status({"state": self.state.status()}, refresh=False)
 
-    async def run(self) -> int:
+    async def run(self, early_signals: Sequence[int] = ()) -> int:
+        """Until SIGINT or SIGTERM (``early_signals``: those that came while the service was being set up)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stopping.set)
+        if early_signals:
+            log.info("stop requested during start-up (signal %d)", early_signals[0])
+            self.stopping.set()
         source = (
             "capture on " + ", ".join(self.settings.interfaces)
             if self.settings.live
