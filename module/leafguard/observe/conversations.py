@@ -1,19 +1,19 @@
 """The conversation table: TCP and UDP conversations, IP fragments, TCP control, and what a conversation's first
 segments reveal (services, TLS ClientHellos, login exchanges); and the observations made of them.
 
-The table is columnar: a conversation is a *row*, a slot in preallocated numpy columns (packets and bytes each way,
-first and last packet time, TCP state, a few flags, the two MACs), found through one dict from its key to its row
-(`flows`). An IPv4 conversation's key is one int that packs its protocol, addresses and ports (the bulk step's
-grouping key, `fastpath.classify`), so a row costs no Python object but that int, the row number and the dict
-entry; other conversations (IPv6) are keyed by a tuple. The bulk step adds a batch's counters to the columns with
-numpy (`count_settled`); the per-frame path reads and writes single cells through memoryviews. Python objects
-exist only where a conversation needs per-frame attention: the login exchange being followed (`logins`).
-`Flow` records are made from the columns for the report and the observations.
+The table is columnar: a conversation is a *row*, a slot in preallocated numpy columns (its IPv4 key, packets and
+bytes each way, first and last packet time, TCP state, a few flags, the two MACs). An IPv4 conversation is found
+by its key, the pair the bulk step groups frames by (`fastpath.classify`), in `observe.rowindex` (a table of row
+numbers: a batch's conversations are looked up at once); other conversations (IPv6, other link types) are keyed
+by a tuple in a dict (`flows`). So an IPv4 conversation costs no Python object at all. The bulk step adds a
+batch's counters to the columns with numpy (`fastpath.count_settled`); the per-frame path reads and writes single
+cells through memoryviews. Python objects exist only where a conversation needs per-frame attention: the login
+exchange being followed (`logins`). `Flow` records are made from the rows for the report and the observations.
 
-The table is capped (`observe.eviction` chooses what a full table gives up; its queues hold row numbers). Both
-halves of the core go through it: the per-frame path with `segment`, the bulk step (`observe.fastpath`) with
-`create`, `control`, `apply_hello`, `first_reply` and `follow_login`, so a conversation changes the same way
-whichever path its frames take.
+The table is capped (`observe.eviction` chooses what a full table gives up; its queues are rings of row
+numbers). Both halves of the core go through it: the per-frame path with `segment`, the bulk step
+(`observe.fastpath`) with `create`, `control`, `apply_hello`, `first_reply` and `follow_login`, so a
+conversation changes the same way whichever path its frames take.
 """
 
 from __future__ import annotations
