@@ -37,11 +37,17 @@ def mac_text(raw: bytes | None) -> str | None:
     return raw.hex(":") if raw is not None else None
 
 
+_V4 = 1 << 96
+"""Marks an IPv4 pair (its addresses take 64 bits; an IPv6 pair's, with the leading 1, 264)."""
+
+
 def port_pair(src: bytes, sport: int, dst: bytes, dport: int) -> int:
     """(source, source port, destination, destination port) as one int, for tables of many of them: one object
     of 40 bytes instead of a tuple, two address slices and two port ints (the leading 1 keeps IPv4 and IPv6
     pairs apart)."""
-    return (int.from_bytes(b"\x01" + src + dst, "big") << 32) | (sport << 16) | dport
+    return (int.from_bytes(b"\x01" + src + dst, "big") << 32) | (sport << 16) | dport if len(src) != 4 else (
+        (int.from_bytes(src + dst, "big") << 32) | (sport << 16) | dport | _V4
+    )
 
 
 def _multicast(ip: bytes) -> bool:

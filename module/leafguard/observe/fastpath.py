@@ -36,7 +36,7 @@ import numpy.typing as npt
 from leafguard.capture.batch import FrameBatch
 from leafguard.decode.deep import ClientHello, tls_client_hello
 from leafguard.decode.frames import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
-from leafguard.observe.conversations import A_IS_LO, SLOW
+from leafguard.observe.conversations import A_IS_LO, B_SEEN, HELLO_CHECKED, SLOW
 from leafguard.observe.discovery import selected_many
 from leafguard.observe.inventory import MacTotals
 from leafguard.observe.state import NEXT_STATE
@@ -458,7 +458,11 @@ def _first_of_flow(
     tcp = pre.tcp[pos]
     hellos = pre.hellos
     rows = plan.rows
-    for mask, tls in ((fwd & has_pay & tcp & alive, True), (~fwd & ~tcp & alive, False)):
+    # What each frame's conversation has had looked at already (the walk is over: nothing else changes it here).
+    bits = table.bits[np.asarray(rows, dtype=np.int64)[inv]]
+    unchecked = (bits & HELLO_CHECKED) == 0
+    unseen = (bits & B_SEEN) == 0
+    for mask, tls in ((fwd & has_pay & tcp & alive & unchecked, True), (~fwd & ~tcp & alive & unseen, False)):
         sel = np.flatnonzero(mask)
         if not sel.size:
             continue
@@ -467,9 +471,8 @@ def _first_of_flow(
             row = rows[u]
             at = int(pre.o[j])
             if tls:
-                if not table.hello_checked(row):
-                    table.apply_hello(row, inventory.macs.get(data[at + 6 : at + 12]), hellos.get(j))
-            elif not table.b_seen(row):
+                table.apply_hello(row, inventory.macs.get(data[at + 6 : at + 12]), hellos.get(j))
+            else:
                 h = int(pre.h[j])
                 src = inventory.macs.get(data[at + 6 : at + 12])
                 table.first_reply(row, src, data[h + 26 : h + 30], float(pre.ts[j]))

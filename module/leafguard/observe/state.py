@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from leafguard.decode.frames import TCP_ACK, TCP_RST, TCP_SYN
 
@@ -103,11 +103,11 @@ NEXT_STATE = _next_codes()
 """`tcp_next_state` by state code: ``NEXT_STATE[code << 9 | forward << 8 | flags]`` (one list lookup per segment)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Flow:
+class Flow(NamedTuple):
     """One TCP or UDP conversation as the conversation table has it at one moment (the table keeps conversations
     in columns, `observe.conversations`; this record is made for the report and the observations). Side ``a``
-    initiated it (SYN sender, else first sender)."""
+    initiated it (SYN sender, else first sender). A named tuple: the report makes one per conversation, and a
+    tuple is made several times faster than a frozen dataclass."""
 
     proto: int
     a_ip: bytes
