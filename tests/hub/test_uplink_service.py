@@ -50,6 +50,16 @@ async def kill(running: Running) -> None:
     await running.wait()
 
 
+async def run_through(hub: HubEmulator, module: Any, capture: Path, data_dir: Path) -> None:
+    """A fault-free run: the whole capture replayed, then a clean stop (its final flush sends the rest)."""
+    clean = await start(hub, module, capture, data_dir, "0")
+    try:
+        async with asyncio.timeout(LIMIT_S):
+            await until(lambda: clean.saw("replay finished"))
+    finally:
+        await stop(clean)
+
+
 def security_events(hub: HubEmulator) -> list[bytes]:
     """Every Security event the hub received (Defender's EventType), canonical JSON, sorted."""
     out: list[bytes] = []
@@ -69,12 +79,7 @@ async def test_refused_from_the_start_kill_9_after_the_replay_and_a_restart_lose
     module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
     capture = steady_capture(tmp_path / "steady.pcap", minutes=10)
 
-    clean = await start(hub, module, capture, tmp_path / "clean", "0")
-    try:
-        async with asyncio.timeout(LIMIT_S):
-            await until(lambda: clean.saw("replay finished"))
-    finally:
-        await stop(clean)
+    await run_through(hub, module, capture, tmp_path / "clean")
     reference = security_events(hub)
     assert len(reference) > 300
     hub.clear_messages()
@@ -119,12 +124,7 @@ async def test_kill_9_mid_replay_and_a_restart_on_the_same_capture_resume_after_
     journal's inputs came from: no event twice, every login and connection of the uninterrupted run."""
     module = hub.add_module(hub.add_device("edge1", edge=True), "leafguard")
     capture = steady_capture(tmp_path / "steady.pcap", minutes=10)
-    clean = await start(hub, module, capture, tmp_path / "clean", "0")
-    try:
-        async with asyncio.timeout(LIMIT_S):
-            await until(lambda: clean.saw("replay finished"))
-    finally:
-        await stop(clean)
+    await run_through(hub, module, capture, tmp_path / "clean")
     reference = all_events(hub)
     hub.clear_messages()
 

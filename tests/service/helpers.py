@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,22 @@ def run_capturing(ns: Netns, interface: str, out: Path, log: Path,
             sys.executable, "-m", "leafguard", "run", "--interface", interface, "--local-dir", str(out),
             "--write-interval", "0.2", stderr=fh, env=os.environ | dict(env or {}),
         )  # fmt: skip
+
+
+def replay_locally(folder: Path, capture: Path, *, speed: str = "0", **env: str) -> subprocess.Popen[bytes]:
+    """`leafguard run` replaying ``capture`` in local mode into ``folder`` (the data directory too)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "leafguard", "run", "--local-dir", str(folder), "--pcap", str(capture),
+         "--replay-speed", speed, "--write-interval", "0.3"],
+        env=os.environ | env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def stop_service(proc: subprocess.Popen[bytes]) -> str:
+    """SIGTERM, a clean exit within a minute; the service's log."""
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    return err.decode()
 
 
 def read_json(path: Path) -> Any:

@@ -3,7 +3,6 @@ state is gone ignored; and local mode through it: kill -9 long after the last sa
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from leafguard.service.state import StateKeeper, StateSettings
 from testkit.wait import wait_for
 from tests.agent.helpers import T0, conn
 from tests.hub.captures import empty_capture, steady_capture
-from tests.service.helpers import read_stats
+from tests.service.helpers import read_stats, replay_locally, stop_service
 
 
 def keeper(folder: Path) -> StateKeeper:
@@ -158,20 +157,6 @@ def test_a_stop_asked_for_while_the_journal_is_applied_is_a_clean_stop(tmp_path:
     assert "inputs of the journal applied again" in err
 
 
-def local_run(folder: Path, capture: Path, **env: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "leafguard", "run", "--local-dir", str(folder), "--pcap", str(capture),
-         "--replay-speed", "0", "--write-interval", "0.3"],
-        env=os.environ | env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> str:
-    proc.send_signal(signal.SIGTERM)
-    _out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err.decode()
-    return err.decode()
-
-
 def security_events(folder: Path) -> list[bytes]:
     out: list[bytes] = []
     for line in (folder / "messages.jsonl").read_bytes().splitlines():
@@ -185,15 +170,15 @@ def test_local_mode_kill_9_long_after_the_last_save_then_another_capture(tmp_pat
     and a restart on another (empty) capture: the messages hold every event of the uninterrupted run, once."""
     capture = steady_capture(tmp_path / "steady.pcap", minutes=10)
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
-    proc = local_run(clean, capture)
+    proc = replay_locally(clean, capture)
     try:
         wait_for(lambda: read_stats(clean)["replay_done"], 60)
     finally:
-        stop(proc)
+        stop_service(proc)
     reference = security_events(clean)
     assert len(reference) > 300
 
-    proc = local_run(crashed, capture, LEAFGUARD_STATE_INTERVAL_S="3600")
+    proc = replay_locally(crashed, capture, LEAFGUARD_STATE_INTERVAL_S="3600")
     try:
         wait_for(lambda: read_stats(crashed)["replay_done"], 60)
     finally:
@@ -202,10 +187,10 @@ def test_local_mode_kill_9_long_after_the_last_save_then_another_capture(tmp_pat
     before: Any = security_events(crashed) if (crashed / "messages.jsonl").exists() else []
     assert len(before) < len(reference), "events were still waiting in the agents"
     (crashed / "stats.json").unlink()  # it says the killed run's replay is done
-    proc = local_run(crashed, empty_capture(tmp_path / "empty.pcap"))
+    proc = replay_locally(crashed, empty_capture(tmp_path / "empty.pcap"))
     try:
         wait_for(lambda: read_stats(crashed)["replay_done"], 60)
     finally:
-        err = stop(proc)
+        err = stop_service(proc)
     assert security_events(crashed) == reference
     assert "inputs of the journal applied again" in err

@@ -3,7 +3,6 @@ folder continue where the saved state stood: no event twice, none of the uninter
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,22 +15,12 @@ import orjson
 
 from testkit.wait import wait_for
 from tests.hub.captures import steady_capture
-from tests.service.helpers import read_stats
+from tests.service.helpers import read_stats, replay_locally, stop_service
 
 
 def start(folder: Path, capture: Path, speed: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "leafguard", "run", "--local-dir", str(folder), "--pcap", str(capture),
-         "--replay-speed", speed, "--write-interval", "0.3"],
-        env=os.environ | {"LEAFGUARD_STATE_INTERVAL_S": "0.3"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return replay_locally(folder, capture, speed=speed, LEAFGUARD_STATE_INTERVAL_S="0.3")
 
-
-def stop(proc: subprocess.Popen[bytes]) -> str:
-    proc.send_signal(signal.SIGTERM)
-    _out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err.decode()
-    return err.decode()
 
 
 def events(folder: Path) -> list[dict[str, Any]]:
@@ -57,7 +46,7 @@ def test_kill_9_mid_replay_then_restart_with_the_same_folder(tmp_path: Path) -> 
     try:
         wait_for(lambda: read_stats(clean)["replay_done"], 60)
     finally:
-        stop(proc)
+        stop_service(proc)
     reference = events(clean)
 
     proc = start(crashed, capture, "30")  # 10 minutes of packet time in 20 s
@@ -74,7 +63,7 @@ def test_kill_9_mid_replay_then_restart_with_the_same_folder(tmp_path: Path) -> 
     try:
         wait_for(lambda: read_stats(crashed)["replay_done"], 60)
     finally:
-        err = stop(proc)
+        err = stop_service(proc)
     assert "state restored" in err and "resuming the replay" in err
     got = events(crashed)
     assert len(got) > before_restart > 0
@@ -99,7 +88,7 @@ def test_learned_baseline_survives_a_restart_without_a_new_device_storm(tmp_path
         try:
             wait_for(lambda: read_stats(folder)["replay_done"], 60)
         finally:
-            stop(proc)
+            stop_service(proc)
         leaves = {leaf["mac"] for leaf in orjson.loads((folder / "leaves.json").read_bytes())["leaves"]}
         return leaves, orjson.loads((folder / "alerts.json").read_bytes())["alerts"]
 

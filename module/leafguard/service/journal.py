@@ -114,7 +114,6 @@ class EventJournal:
                 break
             if n == 0 and generation is None and orjson.loads(records[0].payload).get("after") != 0:
                 out.error = "journal continues a saved state that is gone; ignored"
-                out.ops.clear()
                 break
             ops, marked, intact = _inputs(records)
             if marked is not None:

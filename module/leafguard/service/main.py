@@ -206,14 +206,13 @@ class Service:
         else:
             # The same capture again (edge mode: what was sent cannot be taken back): the agents as the journal
             # left them, and the replay resumes after the frames its inputs came from.
-            same = (restored is not None and restored.replay is not None and settings.pcap is not None
-                    and not settings.live and restored.replay.same_file(settings.pcap))
-            restored = state.replay_journal(restored, resuming=same)
+            saved = restored.replay_of(settings.pcap) if restored is not None else None
+            restored = state.replay_journal(restored, resuming=saved is not None)
             found = state.journal_read
-            if same and restored is not None and restored.replay is not None:
+            if saved is not None:
                 # No batch after the save: the state's own position.
                 marked = found.frames if found is not None else None
-                self.replay_frames = marked if marked is not None else restored.replay.frames
+                self.replay_frames = marked if marked is not None else saved.frames
                 log.info("state: resuming the replay of %s after %d frames", settings.pcap, self.replay_frames)
         self.restored = restored
         state.start_journal(restored)

@@ -151,8 +151,8 @@ class LocalOutput:
         writer.cut_torn_tail()
         if restored is None or restored.messages_offset is None:
             return 0
-        replay = restored.replay
-        if replay is not None and pcap is not None and replay.same_file(pcap):
+        replay = restored.replay_of(pcap)
+        if replay is not None:
             # The same capture again: back to where the state was saved, and resume the replay there.
             log.info("state: resuming the replay of %s after %d frames; %d lines after them rewritten",
                      pcap, replay.frames, writer.rollback(restored.messages_offset))

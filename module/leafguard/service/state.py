@@ -209,6 +209,11 @@ class Restored:
     generation: int | None = None
     """The saved state's generation (None: no state file was loaded, the journal alone restored the agents)."""
 
+    def replay_of(self, pcap: Path | None) -> ReplayPosition | None:
+        """Where the saved state's replay stood, when ``pcap`` is that same capture file (None otherwise)."""
+        replay = self.replay
+        return replay if replay is not None and pcap is not None and replay.same_file(pcap) else None
+
 
 class StateKeeper:
     """Loads the state at start-up, saves it at intervals and at shutdown; reports what happened.
@@ -258,12 +263,17 @@ class StateKeeper:
                 "inputs": self.journal.inputs,
                 "segmentBytes": self.journal.segment_bytes,
                 "writeFailures": self.journal.write_failures,
-                "error": self.journal.error or (self.journal_read.error if self.journal_read is not None else None),
+                "error": self.journal_error,
             },
         }
 
+    @property
+    def journal_error(self) -> str | None:
+        """The journal's last problem: a write that failed now, else what the restart found."""
+        return self.journal.error or (self.journal_read.error if self.journal_read is not None else None)
+
     def snapshot(self) -> StateSnapshot:
-        journal_error = self.journal.error or (self.journal_read.error if self.journal_read is not None else None)
+        journal_error = self.journal_error
         return StateSnapshot(
             saves=self.saves, save_failures=self.save_failures, skipped_saves=self.skipped_saves,
             last_save_s=self.last_save_s, restored_agents=self.restored.agents if self.restored is not None else 0,
