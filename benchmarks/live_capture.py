@@ -8,7 +8,9 @@ same interface at the same time, on the same two cores as the generator. For eac
 rate tcpreplay actually reached and, per consumer, the fraction of the frames the generator's interface sent
 that it captured (LeafGuard: captured *and* analysed), LeafGuard's kernel and queue drops, and the share of the
 wire bytes its snap lengths copied to user space, and LeafGuard's CPU time per frame processed: the whole
-process (``cpu µs``) and its capture thread alone (``ring µs``). CPU per frame does not depend on what else runs
+process (``cpu µs``) and its capture thread alone (``ring µs``), and the share of one core LeafGuard and tcpdump
+each used while the generator replayed (``lg cpu%``, ``td cpu%``; at a steady rate such as the default 10k
+frames/s, this is what a gateway pays for watching its leaves). CPU per frame does not depend on what else runs
 on the machine; the loss columns do. Nothing leaves the two namespaces.
 """
 
@@ -122,7 +124,7 @@ def synthetic_capture(path: Path, frames: int, leaves: int = 50, seed: int = 7, 
 
 HEADER = (
     f"{'rate':>8} {'achieved':>10} {'sent':>9} {'leafguard':>10} {'tcpdump':>9} {'k-drops':>8} {'q-drops':>8}"
-    f" {'copied':>7} {'cpu µs':>7} {'ring µs':>7}"
+    f" {'copied':>7} {'cpu µs':>7} {'ring µs':>7} {'lg cpu%':>7} {'td cpu%':>7}"
 )
 
 
@@ -141,6 +143,21 @@ class Result:
     """CPU time of this process (capture thread + loop + analyzer) while the rate was offered and drained."""
     thread_cpu_s: float
     """CPU time of the capture thread over its life."""
+    replay_cpu_s: float
+    """CPU time of this process while the generator replayed (``cpu_s`` less the drain)."""
+    tcpdump_cpu_s: float
+    """CPU time of tcpdump over the same interval."""
+    interval_s: float
+    """Wall time of the replay."""
+
+    @property
+    def cpu_share(self) -> float:
+        """LeafGuard's CPU over the interval, as a share of one core."""
+        return self.replay_cpu_s / self.interval_s if self.interval_s else 0.0
+
+    @property
+    def tcpdump_cpu_share(self) -> float:
+        return self.tcpdump_cpu_s / self.interval_s if self.interval_s else 0.0
 
     @property
     def achieved(self) -> float:
@@ -153,6 +170,7 @@ class Result:
             f"{self.kernel_drops:>8} {self.queue_drops:>8} {self.captured_bytes / max(1, self.wire_bytes):>7.1%}"
             f" {self.cpu_s / max(1, self.leafguard) * 1e6:>7.2f}"
             f" {self.thread_cpu_s / max(1, self.leafguard) * 1e6:>7.2f}"
+            f" {self.cpu_share:>7.1%} {self.tcpdump_cpu_share:>7.1%}"
         )
 
 
@@ -178,6 +196,13 @@ def stop_tcpdump(proc: subprocess.Popen[str]) -> int:
     err = proc.communicate(timeout=10)[1]
     m = re.search(r"(\d+) packets? captured", err)
     return int(m.group(1)) if m else 0
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of another process so far (its /proc stat: fields 14 and 15, in clock ticks)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def capture_thread_cpu(interface: str) -> float:
@@ -208,7 +233,7 @@ async def measure(gen: Netns, cap_ns: Netns, pcap: Path, rate: int, seconds: flo
         feeder = tg.create_task(feed(), name="feed")
         await until(lambda: cap.stats()["cap0"].state is InterfaceState.RUNNING, interval_s=0.02)
         before = tx_packets(gen)
-        cpu0 = time.process_time()
+        cpu0, td_cpu0, wall0 = time.process_time(), process_cpu(tcpdump.pid), time.perf_counter()
         limit = int(rate * seconds)
         replay = await asyncio.to_thread(
             gen.run,
@@ -222,6 +247,9 @@ async def measure(gen: Netns, cap_ns: Netns, pcap: Path, rate: int, seconds: flo
             str(pcap),
             timeout=seconds * 10 + 30,
         )
+        # The CPU shares are taken over the replay alone: at a rate the consumers keep up with, that is the steady cost.
+        lg_cpu, td_cpu = time.process_time() - cpu0, process_cpu(tcpdump.pid) - td_cpu0
+        interval = time.perf_counter() - wall0
         sent = tx_packets(gen) - before
         m_time = re.search(r"Actual: \d+ packets .* sent in ([\d.]+) seconds", replay.stdout)
         elapsed = float(m_time.group(1)) if m_time else 0.0
@@ -249,6 +277,9 @@ async def measure(gen: Netns, cap_ns: Netns, pcap: Path, rate: int, seconds: flo
         st.captured_bytes,
         cpu,
         thread_cpu,
+        lg_cpu,
+        td_cpu,
+        interval,
     )
 
 
@@ -298,6 +329,13 @@ def main() -> int:
     print(f"highest lossless rate (pps reached): leafguard {lg:.0f}, tcpdump {td:.0f} (ratio {ratio:.2f})")
     if at50:
         print(f"leafguard loss at 50k/s: {1 - at50[0].leafguard / at50[0].sent:.2%}")
+    for r in results:
+        if r.rate == 10_000:
+            ratio = r.cpu_share / r.tcpdump_cpu_share if r.tcpdump_cpu_share else float("nan")
+            print(
+                f"CPU at a steady 10k frames/s: leafguard {r.cpu_share:.1%} of one core,"
+                f" tcpdump {r.tcpdump_cpu_share:.1%} (ratio {ratio:.1f})"
+            )
     if args.json:
         print(json.dumps([r.__dict__ for r in results]))
     return 0

@@ -82,6 +82,26 @@ def test_mqtt_connect_connack_v311_and_v5() -> None:
     assert bad == [LoginOutcome("sensor", "Fail", "134")]
 
 
+def test_mqtt_stream_that_does_not_open_with_connect_is_not_followed() -> None:
+    t = LoginTracker("mqtt")
+    # A PUBLISH first (a conversation picked up mid-way): a CONNECT after it is not a login MQTT allows.
+    assert t.feed(True, b"\x30\x05\x00\x01tab") == []
+    assert t.finished
+    assert t.feed(True, _connect(b"sensor", b"pw")) + t.feed(False, b"\x20\x02\x00\x00") == []
+    # Zeros on the MQTT port read as a reserved packet type: nothing to follow either.
+    zeros = LoginTracker("mqtt")
+    assert zeros.feed(True, bytes(600)) == []
+    assert zeros.finished
+    # Split before the first packet is complete: still followed.
+    split = LoginTracker("mqtt")
+    first = _connect(b"sensor", b"pw")
+    assert split.feed(True, first[:3]) == []
+    assert not split.finished
+    assert split.feed(True, first[3:]) + split.feed(False, b"\x20\x02\x00\x00") == [
+        LoginOutcome("sensor", "Success", "0")
+    ]
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     proto=st.sampled_from(["ftp", "telnet", "http", "mqtt"]),

@@ -49,7 +49,7 @@ class LoginTracker:
         return self._state == "done"
 
     def feed(self, from_client: bool, payload: bytes) -> list[LoginOutcome]:
-        if not payload:
+        if not payload or self._state == "done":
             return []
         if self.protocol == "telnet":
             return self._telnet(from_client, _strip_telnet(payload))
@@ -168,6 +168,12 @@ class LoginTracker:
             if body + rem > n:
                 break
             ptype = buf[pos] >> 4
+            if from_client and ptype != 1 and self._state == "idle":
+                # A client's first packet must be its CONNECT (MQTT 3.1.1 section 3.1.0-1, 5.0 section 3.1): a
+                # stream that opens otherwise (picked up mid-way, or not MQTT) has no login to follow.
+                self._state = "done"
+                buf.clear()
+                return out
             if from_client and ptype == 1:
                 self._pending_user = _mqtt_connect_user(bytes(buf[body : body + rem]))
                 self._state = "await_connack"
