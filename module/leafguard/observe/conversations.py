@@ -19,8 +19,7 @@ conversation changes the same way whichever path its frames take.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterator
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -94,6 +93,7 @@ class ObservationLog:
         self._inventory = inventory
         self._stats = stats
         self._pending: deque[Observation] = deque(maxlen=MAX_PENDING_OBSERVATIONS)
+        self._texts: dict[bytes, str] = {}
 
     def _emit(self, obs: Observation) -> None:
         if len(self._pending) == MAX_PENDING_OBSERVATIONS:
@@ -101,33 +101,43 @@ class ObservationLog:
             self._stats.observations_dropped += 1
         self._pending.append(obs)
 
-    def _leaf_sides(self, flow: Flow) -> Iterator[tuple[str, Direction, str, int, str, int]]:
-        """Each side of a conversation that is a leaf: (MAC, direction, local address and port, remote ones)."""
-        sides: tuple[tuple[bytes, int, bytes | None, bytes, int, Direction], ...] = (
-            (flow.a_ip, flow.a_port, flow.a_mac, flow.b_ip, flow.b_port, "Out"),
-            (flow.b_ip, flow.b_port, flow.b_mac, flow.a_ip, flow.a_port, "In"),
-        )
-        for leaf_ip, leaf_port, leaf_mac, peer_ip, peer_port, direction in sides:
-            mac = self._inventory.leaf_mac_for(leaf_ip, leaf_mac)
-            if mac is not None:
-                yield mac_text(mac), direction, ip_text(leaf_ip), leaf_port, ip_text(peer_ip), peer_port
+    def _text(self, ip: bytes) -> str:
+        # A leaf's address, and its servers', recur in every conversation it opens: formatted once.
+        text = self._texts.get(ip)
+        if text is None:
+            if len(self._texts) >= ADDRESS_CACHE:
+                self._texts.clear()
+            text = self._texts[ip] = ip_text(ip)
+        return text
 
-    def connection(self, flow: Flow, ts: float) -> None:
-        """A new conversation, for each side of it that is a leaf."""
-        proto = "tcp" if flow.proto == PROTO_TCP else "udp"
-        for mac, direction, local_addr, local_port, remote_addr, remote_port in self._leaf_sides(flow):
+    def _leaf_sides(
+        self, a_ip: bytes, a_port: int, a_mac: bytes | None, b_ip: bytes, b_port: int, b_mac: bytes | None
+    ) -> list[tuple[str, Direction, str, int, str, int]]:
+        """Each side of a conversation that is a leaf: (MAC, direction, local address and port, remote ones)."""
+        sides: list[tuple[str, Direction, str, int, str, int]] = []
+        leaf_mac_for = self._inventory.leaf_mac_for
+        if (mac := leaf_mac_for(a_ip, a_mac)) is not None:
+            sides.append((mac_text(mac), "Out", self._text(a_ip), a_port, self._text(b_ip), b_port))
+        if (mac := leaf_mac_for(b_ip, b_mac)) is not None:
+            sides.append((mac_text(mac), "In", self._text(b_ip), b_port, self._text(a_ip), a_port))
+        return sides
+
+    def connection(
+        self,
+        ts: float,
+        proto: int,
+        a: tuple[bytes, int, bytes | None],
+        b: tuple[bytes, int, bytes | None],
+        tcp_state: str | None,
+    ) -> None:
+        """A new conversation (``a`` its initiator's address, port and MAC, ``b`` the responder's), for each side
+        of it that is a leaf. It has no bytes counted yet: its first frame is counted after it is made."""
+        protocol: Literal["tcp", "udp"] = "tcp" if proto == PROTO_TCP else "udp"
+        state = tcp_state or ""
+        for mac, direction, local_addr, local_port, remote_addr, remote_port in self._leaf_sides(*a, *b):
             self._emit(
                 ConnectionSeen(
-                    ts=ts,
-                    leaf_mac=mac,
-                    direction=direction,
-                    protocol="tcp" if proto == "tcp" else "udp",
-                    local_addr=local_addr,
-                    local_port=local_port,
-                    remote_addr=remote_addr,
-                    remote_port=remote_port,
-                    tcp_state=flow.state or "",
-                    bytes_seen=flow.bytes_ab + flow.bytes_ba,
+                    ts, mac, direction, protocol, local_addr, local_port, remote_addr, remote_port, state, 0
                 )
             )
 
@@ -135,7 +145,8 @@ class ObservationLog:
         """A login exchange's outcome on a conversation, for each side of it that is a leaf."""
         if not self.enabled:
             return
-        for mac, direction, local_addr, local_port, remote_addr, remote_port in self._leaf_sides(flow):
+        sides = self._leaf_sides(flow.a_ip, flow.a_port, flow.a_mac, flow.b_ip, flow.b_port, flow.b_mac)
+        for mac, direction, local_addr, local_port, remote_addr, remote_port in sides:
             self._emit(
                 LoginSeen(
                     ts=ts,
@@ -473,7 +484,9 @@ class ConversationTable:
             self._other_keys[row] = key
         self.order.admit(row)
         if self._observations.enabled:
-            self._observations.connection(self.record(row), ts)
+            self._observations.connection(
+                ts, proto, (a_ip, a_port, a_mac), (b_ip, b_port, b_mac), TCP_STATES[self.state_cells[row]]
+            )
         return row
 
     def _take_row(self) -> int:
