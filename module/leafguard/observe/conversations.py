@@ -66,6 +66,10 @@ windows) shares them instead of holding a new int per conversation."""
 ADDRESS_CACHE = 65_536
 """Addresses kept to be shared by the conversations that use them; a scan of random addresses only refills it."""
 
+TEXT_CACHE = 1024
+"""Addresses kept as text for the observations: a gateway's leaves and their servers; small, as a scan of random
+addresses only refills it."""
+
 T = TypeVar("T")
 
 
@@ -105,7 +109,7 @@ class ObservationLog:
         # A leaf's address, and its servers', recur in every conversation it opens: formatted once.
         text = self._texts.get(ip)
         if text is None:
-            if len(self._texts) >= ADDRESS_CACHE:
+            if len(self._texts) >= TEXT_CACHE:
                 self._texts.clear()
             text = self._texts[ip] = ip_text(ip)
         return text
