@@ -99,9 +99,9 @@ class Discovery:
         client = src if d.client_mac == src.mac else inv.touch(d.client_mac, src.touched)
         if d.hostname:
             client.dhcp_hostname = d.hostname
-            inv.add_name(client.hostnames, d.hostname)
+            inv.add_name(client.own_hostnames(), d.hostname)
         if d.fqdn:
-            inv.add_name(client.hostnames, d.fqdn)
+            inv.add_name(client.own_hostnames(), d.fqdn)
         if d.op == 1:
             if d.vendor_class:
                 client.dhcp_vendor_class = d.vendor_class
@@ -122,14 +122,14 @@ class Discovery:
         inv = self._inventory
         if not m.response and dport in DNS_PORTS:
             for q in m.questions:
-                inv.add_name(src.dns_queries, q)
+                inv.add_name(src.own_dns_queries(), q)
         if sport == MDNS_PORT:
             if m.response and m.records:
                 # Answering mDNS (to the multicast group, so again not on the query's 5-tuple).
                 inv.add_service(src, "udp", MDNS_PORT, ts)
             for name, rtype, _value in m.records:
                 if rtype in (deep.DNS_A, deep.DNS_AAAA) and name:
-                    inv.add_name(src.hostnames, name)
+                    inv.add_name(src.own_hostnames(), name)
 
     def _nbns(self, payload: bytes, src: MacState) -> None:
         nb = deep.nbns(payload)
@@ -139,7 +139,7 @@ class Discovery:
         if (not nb.response and nb.opcode in (5, 8, 9)) or (nb.response and nb.opcode == 0):
             for name, suffix, group in nb.names:
                 if suffix in (0x00, 0x20) and not group and name and name.isprintable() and name[0] != "*":
-                    self._inventory.add_name(src.hostnames, name)
+                    self._inventory.add_name(src.own_hostnames(), name)
 
     def _parsed_dns(self, payload: bytes) -> deep.Dns | None:
         # Devices repeat the same few queries; only the transaction id (the first two bytes) changes.

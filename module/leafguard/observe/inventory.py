@@ -204,7 +204,7 @@ class LeafInventory:
         if self.is_leaf_ip(ip):
             st.leaf_side = True
             if len(st.ips) < self.settings.max_ips_per_leaf:
-                st.ips[ip] = None
+                st.ips += (ip,)
 
     def add_name(self, names: dict[str, None], name: str) -> None:
         if not name or name in names:
@@ -217,7 +217,7 @@ class LeafInventory:
     def add_service(self, st: MacState, proto: str, port: int, ts: float) -> None:
         key = (proto, port)
         if key not in st.services and len(st.services) < self.settings.max_services_per_leaf:
-            st.services[key] = None
+            st.own_services()[key] = None
             if self.learning:
                 self._evidence.append(ServiceOffered(ts, st.mac, proto, port))
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from leafguard.decode.frames import TCP_ACK, TCP_RST, TCP_SYN
 
@@ -26,8 +28,18 @@ def tcp_next_state(state: str, forward: bool, flags: int) -> str:
     return state
 
 
+NONE_YET: Mapping[Any, None] = MappingProxyType({})
+"""What every MAC's name, version and service sets start as: one read-only empty mapping for all of them. Most MACs
+never get most of them (an empty dict is 64 bytes: the six a MAC had were a sixth of a leaf's memory); the ``own_*``
+methods of `MacState` give a MAC a dict of its own on its first write, and a write that bypassed them would fail
+rather than land in every MAC's set."""
+
+
 class MacState:
-    """Everything observed about one unicast MAC. Only MACs that qualify as leaves are reported."""
+    """Everything observed about one unicast MAC. Only MACs that qualify as leaves are reported.
+
+    The sets (insertion-ordered, as dict keys) are read as mappings and written through the ``own_*`` methods;
+    ``ips`` (32 at most, nearly always one) is a tuple, 48 bytes for one address where a dict is 224."""
 
     __slots__ = (
         "any_ip",
@@ -70,17 +82,54 @@ class MacState:
         """It has sent a frame carrying an address of its own."""
         self.leaf_side = False
         """One of those addresses is on the leaf side."""
-        self.ips: dict[bytes, None] = {}
-        self.hostnames: dict[str, None] = {}
+        self.ips: tuple[bytes, ...] = ()
+        self.hostnames: Mapping[str, None] = NONE_YET
         self.dhcp_hostname: str | None = None
         self.dhcp_vendor_class: str | None = None
         self.dhcp_prl: tuple[int, ...] = ()
-        self.dns_queries: dict[str, None] = {}
-        self.tls_sni: dict[str, None] = {}
-        self.tls_versions: dict[int, None] = {}
-        self.services: dict[tuple[str, int], None] = {}
+        self.dns_queries: Mapping[str, None] = NONE_YET
+        self.tls_sni: Mapping[str, None] = NONE_YET
+        self.tls_versions: Mapping[int, None] = NONE_YET
+        self.services: Mapping[tuple[str, int], None] = NONE_YET
         self.ssdp_server: str | None = None
         self.ssdp_usn: str | None = None
+
+    # The writable sets: the MAC's own dict, made on the first write (the shared empty one is never written).
+
+    def own_hostnames(self) -> dict[str, None]:
+        d = self.hostnames
+        if isinstance(d, dict):
+            return d
+        d = self.hostnames = {}
+        return d
+
+    def own_dns_queries(self) -> dict[str, None]:
+        d = self.dns_queries
+        if isinstance(d, dict):
+            return d
+        d = self.dns_queries = {}
+        return d
+
+    def own_tls_sni(self) -> dict[str, None]:
+        d = self.tls_sni
+        if isinstance(d, dict):
+            return d
+        d = self.tls_sni = {}
+        return d
+
+    def own_tls_versions(self) -> dict[int, None]:
+        d = self.tls_versions
+        if isinstance(d, dict):
+            return d
+        d = self.tls_versions = {}
+        return d
+
+    def own_services(self) -> dict[tuple[str, int], None]:
+        d = self.services
+        if isinstance(d, dict):
+            return d
+        d = self.services = {}
+        return d
 
 
 TCP_STATES: tuple[str | None, ...] = (None, "S0", "REJ", "EST", "CLOSED", "OTHER")
