@@ -111,4 +111,4 @@ def test_trackers_never_raise_and_stay_bounded(proto: str, chunks: list[tuple[bo
     t = LoginTracker(proto)  # type: ignore[arg-type]
     for from_client, data in chunks:
         t.feed(from_client, data)
-    assert all(len(b) <= 4096 for b in t._buf.values())
+    assert all(len(b) <= 4096 for b in (t._client_buf, t._server_buf) if b is not None)
