@@ -13,26 +13,17 @@ are the ``brute_force`` rule's (it reads the login exchange itself).
 
 from __future__ import annotations
 
-from collections import deque
+import numpy as np
 
 from leafguard.detect.alerts import Alert
+from leafguard.detect.pairtable import PairTable
 from leafguard.detect.probes import WEB_PORTS, TcpControl
-from leafguard.detect.scans import Sink, ip_text, mac_text, port_pair
+from leafguard.detect.scans import Sink, ip_text
 from leafguard.detect.thresholds import Thresholds
 from leafguard.detect.windows import DistinctCounter
 
-MAC_CACHE = 4096
-"""Client MACs kept to be shared by the connections that name them (cleared when full)."""
-
-
-class _Conn:
-    __slots__ = ("accepted", "key", "mac", "start")
-
-    def __init__(self, key: int, start: float, mac: bytes | None) -> None:
-        self.key = key
-        self.start = start
-        self.mac = mac
-        self.accepted = False
+_NO_MAC = -1
+"""A connection's ``mac`` cell when its SYN came without one (MACs are 48-bit, so never negative)."""
 
 
 class ConnectionBruteForce:
@@ -40,12 +31,15 @@ class ConnectionBruteForce:
         self.t = thresholds
         self._max = max_tracked
         self._sink = sink
-        self._open: dict[int, _Conn] = {}
-        """Connections by `port_pair` (client, client port, server, server port), from their SYN until they end."""
-        self._order: deque[_Conn] = deque()
-        """The connections in the order they opened, the oldest first (it goes when the table is full); those that
-        ended since are skipped then, and dropped whenever they outnumber the open ones."""
-        self._macs: dict[bytes, bytes] = {}
+        self._open = PairTable(max_tracked)
+        """Connections (client, client port, server, server port) from their SYN until they end, in the order they
+        opened (the oldest goes when the table is full)."""
+        self._start = self._open.column(np.float64)
+        """Each connection's SYN time."""
+        self._mac = self._open.column(np.int64)
+        """Its client's MAC (from the SYN) as a number, or `_NO_MAC`."""
+        self._accepted = self._open.column(np.uint8)
+        """1 once the server answered SYN-ACK."""
         self._short: DistinctCounter[tuple[bytes, bytes, int]] = DistinctCounter()
 
     def tcp(self, r: TcpControl) -> None:
@@ -53,31 +47,39 @@ class ConnectionBruteForce:
         if f & 0x02 and not f & 0x10:  # SYN: a client opens
             if r.dport in WEB_PORTS:
                 return
-            self._opened(port_pair(r.src, r.sport, r.dst, r.dport), r.ts, r.src_mac)
+            self._opened(r)
             return
         if f & 0x12 == 0x12:  # SYN-ACK: the server accepts
-            conn = self._open.get(port_pair(r.dst, r.dport, r.src, r.sport))
-            if conn is not None:
-                conn.accepted = True
+            pos = self._open.find(r.dst, r.dport, r.src, r.sport)
+            if pos >= 0:
+                self._accepted[pos] = 1
             return
-        if not f & 0x05:
-            return
+        if f & 0x05:
+            self._ended(r)
+
+    def _ended(self, r: TcpControl) -> None:
         # FIN or RST, from either side, ends it; only a FIN ends a session that was held. A RST right after the
         # SYN-ACK is a SYN scan's answer to an open port, or a connection flood: neither is a login attempt.
+        table = self._open
         client, cport, server, sport = r.src, r.sport, r.dst, r.dport
-        conn = self._open.pop(port_pair(client, cport, server, sport), None)
-        if conn is None:
+        pos = table.find(client, cport, server, sport)
+        if pos < 0:
             client, cport, server, sport = r.dst, r.dport, r.src, r.sport
-            conn = self._open.pop(port_pair(client, cport, server, sport), None)
-        if conn is None or not conn.accepted or not f & 0x01 or r.ts - conn.start > self.t.short_connection_s:
+            pos = table.find(client, cport, server, sport)
+            if pos < 0:
+                return
+        accepted, start, mac = self._accepted[pos], self._start[pos], self._mac[pos]
+        table.remove(pos)
+        if not accepted or not r.flags & 0x01 or r.ts - start > self.t.short_connection_s:
             return
         t = self.t
         w = self._short.add((client, server, sport), cport, r.ts, t.brute_force_connections, t.brute_force_window_s)
         if w is None:
             return
+        mac_s = None if mac == _NO_MAC else mac.to_bytes(6, "big").hex(":")
         self._sink(
             Alert(
-                "connection_brute_force", "high", r.ts, mac_text(conn.mac),
+                "connection_brute_force", "high", r.ts, mac_s,
                 f"{ip_text(client)} opened {len(w.items)} short connections to {ip_text(server)}:{sport} "
                 f"within {t.brute_force_window_s:g} s (password guessing)",
                 {"client": ip_text(client), "server": ip_text(server), "port": sport, "connections": len(w.items),
@@ -85,24 +87,13 @@ class ConnectionBruteForce:
             )
         )  # fmt: skip
 
-    def _opened(self, key: int, ts: float, mac: bytes | None) -> None:
+    def _opened(self, r: TcpControl) -> None:
         """A client's SYN: the connection is tracked from now (a SYN again on an open one starts it afresh, in its
         place in the order); when the table is full, the connection that opened first goes."""
         table = self._open
         if len(table) >= self._max:
-            order = self._order
-            while (oldest := order.popleft()) is not table.get(oldest.key):
-                pass  # it ended already
-            del table[oldest.key]
-        if mac is not None:
-            if len(self._macs) >= MAC_CACHE:
-                self._macs.clear()
-            mac = self._macs.setdefault(mac, mac)
-        conn = table.get(key)
-        if conn is not None:
-            conn.start, conn.mac, conn.accepted = ts, mac, False
-            return
-        conn = table[key] = _Conn(key, ts, mac)
-        self._order.append(conn)
-        if len(self._order) > 2 * len(table) + 1024:
-            self._order = deque(c for c in self._order if table.get(c.key) is c)
+            table.remove(table.oldest())
+        pos, _ = table.put(r.src, r.sport, r.dst, r.dport)
+        self._start[pos] = r.ts
+        self._mac[pos] = _NO_MAC if r.src_mac is None else int.from_bytes(r.src_mac, "big")
+        self._accepted[pos] = 0

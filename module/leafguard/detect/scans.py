@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 import socket
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 
 from leafguard.detect.alerts import Alert
+from leafguard.detect.pairtable import PairTable
 from leafguard.detect.probes import ArpFrame, EchoRequest, PortUnreachable, TcpControl, UdpFirst
 from leafguard.detect.thresholds import Thresholds
 from leafguard.detect.windows import DistinctCounter
@@ -35,19 +36,6 @@ def ip_text(raw: bytes) -> str:
 
 def mac_text(raw: bytes | None) -> str | None:
     return raw.hex(":") if raw is not None else None
-
-
-_V4 = 1 << 96
-"""Marks an IPv4 pair (its addresses take 64 bits; an IPv6 pair's, with the leading 1, 264)."""
-
-
-def port_pair(src: bytes, sport: int, dst: bytes, dport: int) -> int:
-    """(source, source port, destination, destination port) as one int, for tables of many of them: one object
-    of 40 bytes instead of a tuple, two address slices and two port ints (the leading 1 keeps IPv4 and IPv6
-    pairs apart)."""
-    return (int.from_bytes(b"\x01" + src + dst, "big") << 32) | (sport << 16) | dport if len(src) != 4 else (
-        (int.from_bytes(src + dst, "big") << 32) | (sport << 16) | dport | _V4
-    )
 
 
 def _multicast(ip: bytes) -> bool:
@@ -73,11 +61,9 @@ class Scans:
         self._udp: DistinctCounter[tuple[bytes, bytes]] = DistinctCounter()
         self._icmp: DistinctCounter[bytes] = DistinctCounter()
         self._arp: DistinctCounter[bytes] = DistinctCounter()
-        self._syns: dict[int, None] = {}
-        """Port pairs (`port_pair`) whose SYN was seen (either direction is looked up): a RST there is a
-        connection's."""
-        self._syn_order: deque[int] = deque()
-        """The same pairs, oldest first: the oldest goes when full (nothing else leaves, so the two stay in step)."""
+        self._syns = PairTable(max_tracked)
+        """Port pairs whose SYN was seen (either direction is looked up): a RST there is a connection's. The
+        oldest goes when full (nothing else leaves)."""
         self._pending: OrderedDict[tuple[bytes, bytes, int], tuple[float, bytes | None]] = OrderedDict()
         """UDP datagrams that opened a conversation and have no answer yet (in time order), with their MAC."""
         self.deadline = math.inf
@@ -92,11 +78,8 @@ class Scans:
         if f & 0x02:  # SYN: a connection (or a SYN scan, which port_scan counts)
             syns = self._syns
             if len(syns) >= self._max:
-                del syns[self._syn_order.popleft()]
-            pair = port_pair(r.src, r.sport, r.dst, r.dport)
-            if pair not in syns:
-                syns[pair] = None
-                self._syn_order.append(pair)
+                syns.remove(syns.oldest())
+            syns.put(r.src, r.sport, r.dst, r.dport)
             return
         if not f & (0x10 | 0x04):  # no ACK, no RST (and no SYN): NULL, FIN, Xmas...
             self._remember_mac(r.src, r.src_mac)
@@ -104,7 +87,7 @@ class Scans:
         elif f & 0x04 and not f & 0x10:
             # A RST without ACK answers a segment that carried an ACK and belongs to no connection.
             syns = self._syns
-            if port_pair(r.dst, r.dport, r.src, r.sport) in syns or port_pair(r.src, r.sport, r.dst, r.dport) in syns:
+            if syns.find(r.dst, r.dport, r.src, r.sport) >= 0 or syns.find(r.src, r.sport, r.dst, r.dport) >= 0:
                 return
             self._stealth_probe(r.dst, r.src, r.sport, r.ts, "ACK answered by RST")
 
