@@ -182,6 +182,8 @@ class Detectors:
 
     def _syn(self, ts: float, src: bytes, dst: bytes, port: int, mac: bytes | None) -> None:
         t = self.thresholds
+        # A window that raised its finding only waits for its end (the finding holds what it counted): its items
+        # go, 2,048 windows of 15 or more ports each being most of these tables' memory in a scan-heavy network.
         if (w := self._crossed(self._ports, (src, dst), port, ts, t.port_scan_ports)) is not None:
             self.raise_alert(
                 Alert(
@@ -190,6 +192,7 @@ class Detectors:
                     {"scanner": _ip(src), "target": _ip(dst), "ports": sorted(w.items)[:50], "first_ts": w.start},
                 )
             )  # fmt: skip
+            w.items.clear()
         if (h := self._crossed(self._hosts, (src, port), dst, ts, t.address_scan_hosts)) is not None:
             self.raise_alert(
                 Alert(
@@ -199,6 +202,7 @@ class Detectors:
                      "first_ts": h.start},
                 )
             )  # fmt: skip
+            h.items.clear()
 
     def _bind(self, ts: float, ip: bytes, mac: bytes) -> None:
         # Raised once per new holder of the address: a MAC it had not had within the memory, while another had it.

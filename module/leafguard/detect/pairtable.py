@@ -9,9 +9,9 @@ probing, backward-shift deletion; at most half full), about 20 bytes plus the ow
 
 Positions are handed out in order of addition, so the oldest entry is the first live position; an entry removed
 out of order leaves a hole, skipped when the oldest is looked for. When the positions run out, the live entries
-move to the front in order (`_compact`, vectorised; the index's slots are renumbered, not rebuilt), which happens
-at most once per ``slack`` additions. Non-IPv4 pairs (IPv6, rare here) are kept in a dict beside the columns,
-in the same order of positions.
+move to the front in order (`_compact`, vectorised; the index's slots are renumbered, not rebuilt), at most once
+per ``slack`` additions (an eighth of the cap by default). Non-IPv4 pairs (IPv6, rare here) are kept in a dict
+beside the columns, in the same order of positions.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class PairTable:
     def __init__(self, cap: int, slack: int | None = None) -> None:
         self.cap = cap
         self.count = 0
-        self._capacity = cap + (slack if slack is not None else max(1024, cap // 4))
+        self._capacity = cap + (slack if slack is not None else max(1024, cap // 8))
         # numpy's zeros come from calloc: pages not yet written to take no memory, so a table that never fills
         # costs only what it holds.
         self._k1: npt.NDArray[np.uint64] = np.zeros(self._capacity, dtype=np.uint64)
