@@ -88,8 +88,11 @@ class PairTable:
         """The pair's position, -1 if it is not in the table."""
         if len(src) != 4:
             return self._others.get(wide_pair(src, sport, dst, dport), -1)
-        k1 = int.from_bytes(src + dst, "big")
-        k2 = (sport << 16) | dport
+        return self.find_v4(int.from_bytes(src + dst, "big"), (sport << 16) | dport)
+
+    def find_v4(self, k1: int, k2: int) -> int:
+        """`find` for an IPv4 pair given as its addresses (source << 32 | destination) and ports (source << 16 |
+        destination)."""
         sc, k1c, k2c, mask = self._sc, self._k1c, self._k2c, self._mask
         i = ((k1 * _M1 + k2 * _M2) & _MASK64) >> self._shift
         while r := sc[i]:
@@ -101,18 +104,20 @@ class PairTable:
 
     def put(self, src: bytes, sport: int, dst: bytes, dport: int) -> tuple[int, bool]:
         """The pair's position, and whether it was added now (as the newest; the table must not be full)."""
-        if len(src) != 4:
-            key = wide_pair(src, sport, dst, dport)
-            pos = self._others.get(key)
-            if pos is not None:
-                return pos, False
-            pos = self._next()
-            self._others[key] = pos
-            self._others_at[pos] = key
-            self._lc[pos] = _OTHER
-            return pos, True
-        k1 = int.from_bytes(src + dst, "big")
-        k2 = (sport << 16) | dport
+        if len(src) == 4:
+            return self.put_v4(int.from_bytes(src + dst, "big"), (sport << 16) | dport)
+        key = wide_pair(src, sport, dst, dport)
+        pos = self._others.get(key)
+        if pos is not None:
+            return pos, False
+        pos = self._next()
+        self._others[key] = pos
+        self._others_at[pos] = key
+        self._lc[pos] = _OTHER
+        return pos, True
+
+    def put_v4(self, k1: int, k2: int) -> tuple[int, bool]:
+        """`put` for an IPv4 pair given as in `find_v4`."""
         sc, k1c, k2c, mask = self._sc, self._k1c, self._k2c, self._mask
         i = ((k1 * _M1 + k2 * _M2) & _MASK64) >> self._shift
         while r := sc[i]:

@@ -34,6 +34,7 @@ from leafguard.decode.frames import (
     Packet,
     decode,
 )
+from leafguard.detect.pairtable import PairTable
 from leafguard.observe.fastpath import Classified
 from leafguard.observe.settings import Network
 
@@ -229,7 +230,8 @@ class Picker:
     def __init__(self, leaf_nets: tuple[Network, ...] = (), max_keys: int = 65_536) -> None:
         self.set_leaf_nets(leaf_nets)
         self._max_keys = max_keys
-        self._udp_seen: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._udp_seen = PairTable(max_keys)
+        """IPv4 conversations of the Ethernet batches, in the direction of their first datagram (oldest first)."""
         self._udp6_seen: OrderedDict[tuple[bytes, bytes, int, int], None] = OrderedDict()
         """IPv6 (and other link types') conversations, in the direction of their first datagram."""
         self._hops_seen: OrderedDict[tuple[int, int], int] = OrderedDict()
@@ -423,13 +425,13 @@ class Picker:
             at.tolist(), off[at].tolist(), stamps[at].tolist(), s_ip[first].tolist(), d_ip[first].tolist(),
             sp_[first].tolist(), dp_[first].tolist(), strict=True,
         ):  # fmt: skip
-            key = ((a << 32) | b, (c << 16) | d)
-            if key in seen:
+            k1, k2 = (a << 32) | b, (c << 16) | d
+            if seen.find_v4(k1, k2) >= 0:
                 continue
             if len(seen) >= self._max_keys:
-                seen.popitem(last=False)
-            seen[key] = None
-            answers = ((b << 32) | a, (d << 16) | c) in seen
+                seen.remove(seen.oldest())
+            seen.put_v4(k1, k2)
+            answers = seen.find_v4((b << 32) | a, (d << 16) | c) >= 0
             rec_at.append(i)
             recs.append(UdpFirst(t, data[m + 6 : m + 12], a.to_bytes(4, "big"), c, b.to_bytes(4, "big"), d, answers))
         picks.at.append(np.asarray(rec_at, dtype=np.int64))
