@@ -14,6 +14,7 @@ in force (`detect.muting`) and the cap on kept alerts.
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections import OrderedDict
 from operator import attrgetter
@@ -52,12 +53,27 @@ NEW_PEER_ALERTS = 8
 sweeping addresses raises ``address_scan``, not one finding per address)."""
 
 
+# The texts of findings are made once per address or MAC while it recurs (a scan's target is in every scanner's
+# finding, a scanner in each of its findings), and shared by the findings kept (up to `MAX_ALERTS`).
+@functools.lru_cache(maxsize=256)
 def _ip(raw: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
 
 
+@functools.lru_cache(maxsize=256)
 def _mac(raw: bytes) -> str:
     return raw.hex(":")
+
+
+def _pair_key(a: bytes, b: bytes) -> int:
+    """Two addresses as one int key (an IPv6 pair's with a leading 1): a tuple of two bytes objects kept for a
+    window cost 170 bytes, the int 40."""
+    return int.from_bytes(a + b, "big") if len(a) == 4 else int.from_bytes(b"\x01" + a + b, "big")
+
+
+def _port_key(a: bytes, port: int) -> int:
+    """An address and a port as one int key (an IPv6 address's with a leading 1)."""
+    return (int.from_bytes(a if len(a) == 4 else b"\x01" + a, "big") << 16) | port
 
 
 class _Window:
@@ -86,8 +102,10 @@ class Detectors:
         is appended, retained or not, so the stream is not capped (only the retained list is)."""
         # The capped tables forget their oldest entry when full: OrderedDicts, whose oldest entry is found in O(1)
         # (a dict's next(iter()) first skips every slot deleted since its last resize; issue #12 defect 6).
-        self._ports: OrderedDict[tuple[bytes, bytes], _Window] = OrderedDict()
-        self._hosts: OrderedDict[tuple[bytes, int], _Window] = OrderedDict()
+        self._ports: OrderedDict[int, _Window] = OrderedDict()
+        """Port-scan windows by (scanner, target) (`_pair_key`)."""
+        self._hosts: OrderedDict[int, _Window] = OrderedDict()
+        """Address-scan windows by (scanner, port) (`_port_key`)."""
         self._bindings: OrderedDict[bytes, dict[bytes, float]] = OrderedDict()
         """Address -> the MACs that held it, with the last time each did (at most 8 per address)."""
         self._dhcp_servers: dict[bytes, bytes] = {}
@@ -184,7 +202,7 @@ class Detectors:
         t = self.thresholds
         # A window that raised its finding only waits for its end (the finding holds what it counted): its items
         # go, 2,048 windows of 15 or more ports each being most of these tables' memory in a scan-heavy network.
-        if (w := self._crossed(self._ports, (src, dst), port, ts, t.port_scan_ports)) is not None:
+        if (w := self._crossed(self._ports, _pair_key(src, dst), port, ts, t.port_scan_ports)) is not None:
             self.raise_alert(
                 Alert(
                     "port_scan", "high", ts, _mac(mac) if mac else None,
@@ -193,7 +211,7 @@ class Detectors:
                 )
             )  # fmt: skip
             w.items.clear()
-        if (h := self._crossed(self._hosts, (src, port), dst, ts, t.address_scan_hosts)) is not None:
+        if (h := self._crossed(self._hosts, _port_key(src, port), dst, ts, t.address_scan_hosts)) is not None:
             self.raise_alert(
                 Alert(
                     "address_scan", "high", ts, _mac(mac) if mac else None,
