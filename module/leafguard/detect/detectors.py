@@ -18,7 +18,7 @@ import functools
 import socket
 from collections import OrderedDict
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypeVar
 
 from leafguard.detect.alerts import ALERT_SCHEMA_VERSION, Alert, Severity
 from leafguard.detect.evidence import (
@@ -76,15 +76,36 @@ def _port_key(a: bytes, port: int) -> int:
     return (int.from_bytes(a if len(a) == 4 else b"\x01" + a, "big") << 16) | port
 
 
-class _Window:
-    """Distinct items seen for one key within a window, with the time each was first seen."""
+_NO_ITEM: Any = object()
 
-    __slots__ = ("alerted", "items", "start")
+
+class _Window:
+    """Distinct items seen for one key within a window (`Detectors._crossed`). Most windows never see a second
+    item (one host probed on a port, one port of a host), so the first is kept in a slot and the dict of items
+    made for the second; a window that raised its finding keeps neither (it only waits for its end)."""
+
+    __slots__ = ("alerted", "first", "items", "start")
 
     def __init__(self, start: float) -> None:
         self.start = start
-        self.items: dict[Any, float] = {}
+        self.first: Any = _NO_ITEM
+        self.items: dict[Any, None] | None = None
+        """Every item, in the order seen (the first included), from the second on."""
         self.alerted = False
+
+
+class _Count:
+    """Events counted for one key within a window (failed logins, new peers)."""
+
+    __slots__ = ("alerted", "n", "start")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.n = 0
+        self.alerted = False
+
+
+W = TypeVar("W", _Window, _Count)
 
 
 class Detectors:
@@ -110,7 +131,7 @@ class Detectors:
         """Address -> the MACs that held it, with the last time each did (at most 8 per address)."""
         self._dhcp_servers: dict[bytes, bytes] = {}
         self._rogue_reported: set[bytes] = set()
-        self._login_failures: OrderedDict[tuple[bytes, bytes, int], _Window] = OrderedDict()
+        self._login_failures: OrderedDict[tuple[bytes, bytes, int], _Count] = OrderedDict()
         self._cleartext: OrderedDict[tuple[Any, ...], float] = OrderedDict()
         self._claims: OrderedDict[bytes, dict[bytes, float]] = OrderedDict()
         self._asks: OrderedDict[bytes, dict[bytes, float]] = OrderedDict()
@@ -121,7 +142,7 @@ class Detectors:
         self._peers: dict[bytes, set[tuple[bytes, int, str]]] = {}
         self._unbounded: set[bytes] = set()
         self._services: dict[bytes, set[tuple[str, int]]] = {}
-        self._peer_alerts: OrderedDict[bytes, _Window] = OrderedDict()
+        self._peer_alerts: OrderedDict[bytes, _Count] = OrderedDict()
         self._new_reported: set[bytes] = set()
         """Leaves already announced as ``new_device`` (saved with the state: a restart does not announce them again)."""
         self.changes = 0
@@ -175,52 +196,69 @@ class Detectors:
             self._unbounded.discard(mac)
         self._peer_alerts.clear()
 
-    def _window(self, table: OrderedDict[Any, _Window], key: Any, ts: float) -> _Window:
+    def _window(self, table: OrderedDict[Any, W], key: Any, ts: float, make: type[W]) -> W:
         w = table.get(key)
         if w is None or ts - w.start > self.thresholds.scan_window_s:
             if w is None and len(table) >= MAX_TRACKED:
                 table.popitem(last=False)
-            w = table[key] = _Window(ts)
+            w = table[key] = make(ts)
         return w
 
     def _crossed(
         self, table: OrderedDict[Any, _Window], key: Any, item: Any, ts: float, threshold: int
-    ) -> _Window | None:
-        """Count a distinct ``item`` for ``key``; the window, the first time it reaches ``threshold``."""
-        w = table.get(key)
-        if w is None or ts - w.start > self.thresholds.scan_window_s:
-            w = self._window(table, key, ts)
-        if w.alerted or item in w.items:
+    ) -> dict[Any, None] | None:
+        """Count a distinct ``item`` for ``key``; the items, in the order seen, the first time they reach
+        ``threshold`` (the window's start is ``table[key].start``). The window forgets them then."""
+        w = self._window(table, key, ts, _Window)
+        if w.alerted:
             return None
-        w.items[item] = ts
-        if len(w.items) < threshold:
+        items = w.items
+        if items is None:
+            first = w.first
+            if first is _NO_ITEM:
+                if threshold > 1:
+                    w.first = item
+                    return None
+                items = {}
+            elif first == item:
+                return None
+            else:
+                items = {first: None}
+            w.items = items
+            w.first = _NO_ITEM
+        elif item in items:
+            return None
+        items[item] = None
+        if len(items) < threshold:
             return None
         w.alerted = True
-        return w
+        w.items = None
+        return items
 
     def _syn(self, ts: float, src: bytes, dst: bytes, port: int, mac: bytes | None) -> None:
         t = self.thresholds
         # A window that raised its finding only waits for its end (the finding holds what it counted): its items
         # go, 2,048 windows of 15 or more ports each being most of these tables' memory in a scan-heavy network.
-        if (w := self._crossed(self._ports, _pair_key(src, dst), port, ts, t.port_scan_ports)) is not None:
+        key = _pair_key(src, dst)
+        if (ports := self._crossed(self._ports, key, port, ts, t.port_scan_ports)) is not None:
             self.raise_alert(
                 Alert(
                     "port_scan", "high", ts, _mac(mac) if mac else None,
-                    f"{_ip(src)} probed {len(w.items)} ports of {_ip(dst)} within {t.scan_window_s:.0f} s",
-                    {"scanner": _ip(src), "target": _ip(dst), "ports": sorted(w.items)[:50], "first_ts": w.start},
+                    f"{_ip(src)} probed {len(ports)} ports of {_ip(dst)} within {t.scan_window_s:.0f} s",
+                    {"scanner": _ip(src), "target": _ip(dst), "ports": sorted(ports)[:50],
+                     "first_ts": self._ports[key].start},
                 )
             )  # fmt: skip
-            w.items.clear()
-        if (h := self._crossed(self._hosts, _port_key(src, port), dst, ts, t.address_scan_hosts)) is not None:
+        key = _port_key(src, port)
+        if (hosts := self._crossed(self._hosts, key, dst, ts, t.address_scan_hosts)) is not None:
             self.raise_alert(
                 Alert(
                     "address_scan", "high", ts, _mac(mac) if mac else None,
-                    f"{_ip(src)} probed port {port} on {len(h.items)} hosts within {t.scan_window_s:.0f} s",
-                    {"scanner": _ip(src), "port": port, "hosts": sorted(_ip(d) for d in h.items)[:50],
-                     "first_ts": h.start},
+                    f"{_ip(src)} probed port {port} on {len(hosts)} hosts within {t.scan_window_s:.0f} s",
+                    {"scanner": _ip(src), "port": port, "hosts": sorted(_ip(d) for d in hosts)[:50],
+                     "first_ts": self._hosts[key].start},
                 )
             )  # fmt: skip
-            h.items.clear()
 
     def _bind(self, ts: float, ip: bytes, mac: bytes) -> None:
         # Raised once per new holder of the address: a MAC it had not had within the memory, while another had it.
@@ -325,9 +363,9 @@ class Detectors:
         peers.add(key)
         if learning:
             return
-        w = self._window(self._peer_alerts, mac, ts)
-        w.items[len(w.items)] = ts
-        if len(w.items) > NEW_PEER_ALERTS:
+        w = self._window(self._peer_alerts, mac, ts, _Count)
+        w.n += 1
+        if w.n > NEW_PEER_ALERTS:
             self.suppressed_alerts += 1
             return
         self.raise_alert(
@@ -419,17 +457,17 @@ class Detectors:
             )  # fmt: skip
         if result != "Fail":
             return
-        w = self._window(self._login_failures, (client, server, port), ts)
-        w.items[len(w.items)] = ts
-        if not w.alerted and len(w.items) >= self.thresholds.brute_force_failures:
+        w = self._window(self._login_failures, (client, server, port), ts, _Count)
+        w.n += 1
+        if not w.alerted and w.n >= self.thresholds.brute_force_failures:
             w.alerted = True
             self.raise_alert(
                 Alert(
                     "brute_force", "high", ts, _mac(mac) if mac else None,
-                    f"{len(w.items)} failed {protocol} logins from {_ip(client)} to {_ip(server)}:{port} "
+                    f"{w.n} failed {protocol} logins from {_ip(client)} to {_ip(server)}:{port} "
                     f"within {self.thresholds.scan_window_s:.0f} s",
                     {"protocol": protocol, "client": _ip(client), "server": _ip(server), "port": port,
-                     "failures": len(w.items), "first_ts": w.start},
+                     "failures": w.n, "first_ts": w.start},
                 )
             )  # fmt: skip
 
