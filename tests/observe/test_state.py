@@ -13,7 +13,7 @@ from scapy.layers.l2 import Ether
 from leafguard.capture.batch import FrameBatch
 from leafguard.demo import _client_hello
 from leafguard.observe.analyzer import Analyzer
-from leafguard.observe.state import NONE_YET, MacState
+from leafguard.observe.state import NONE_YET, NOTHING_SAID, MacDetails, MacState
 
 TALKER = ("00:17:88:00:00:01", "10.1.0.5")
 QUIET = ("00:17:88:00:00:02", "10.1.0.6")
@@ -24,31 +24,49 @@ def _batch(pkts: list[Any], t0: float = 1_700_000_000.0) -> FrameBatch:
     return FrameBatch.from_frames(1, [(t0 + i * 0.001, bytes(p), len(bytes(p))) for i, p in enumerate(pkts)])
 
 
-def test_each_mac_writes_its_own_sets() -> None:
+def _nothing(d: MacDetails) -> bool:
+    return not (d.hostnames or d.dns_queries or d.tls_sni or d.tls_versions or d.services) and (
+        d.dhcp_hostname,
+        d.dhcp_vendor_class,
+        d.dhcp_prl,
+        d.ssdp_server,
+        d.ssdp_usn,
+    ) == (None, None, (), None, None)
+
+
+def test_each_mac_writes_its_own_details_and_sets() -> None:
     a, b = MacState(b"\x00\x17\x88\x00\x00\x01"), MacState(b"\x00\x17\x88\x00\x00\x02")
-    a.own_hostnames()["cam"] = None
-    a.own_dns_queries()["ntp.example"] = None
-    a.own_tls_sni()["hub.example"] = None
-    a.own_tls_versions()[0x0304] = None
-    a.own_services()[("tcp", 502)] = None
-    assert list(a.hostnames) == ["cam"] and list(a.dns_queries) == ["ntp.example"]
-    assert list(a.tls_sni) == ["hub.example"] and list(a.tls_versions) == [0x0304]
-    assert list(a.services) == [("tcp", 502)]
-    # The other MAC, and every MAC made after, still has nothing: the write did not go to a shared container.
+    assert a.details is b.details is NOTHING_SAID
+    own = a.own_details()
+    assert own is not NOTHING_SAID and a.own_details() is own and a.details is own
+    own.dhcp_hostname = "cam"
+    own.own_hostnames()["cam"] = None
+    own.own_dns_queries()["ntp.example"] = None
+    own.own_tls_sni()["hub.example"] = None
+    own.own_tls_versions()[0x0304] = None
+    own.own_services()[("tcp", 502)] = None
+    assert list(own.hostnames) == ["cam"] and list(own.dns_queries) == ["ntp.example"]
+    assert list(own.tls_sni) == ["hub.example"] and list(own.tls_versions) == [0x0304]
+    assert list(own.services) == [("tcp", 502)]
+    # The other MAC, and every MAC made after, still has nothing: the writes did not go to a shared record or set.
     for st in (b, MacState(b"\x00\x17\x88\x00\x00\x03")):
-        assert not (st.hostnames or st.dns_queries or st.tls_sni or st.tls_versions or st.services)
-    assert not NONE_YET
-    # The first write made the dict; later writes add to the same one.
-    own = a.own_hostnames()
-    own["cam2"] = None
-    assert a.own_hostnames() is own and list(a.hostnames) == ["cam", "cam2"]
+        assert _nothing(st.details) and _nothing(st.own_details())
+    assert _nothing(NOTHING_SAID) and not NONE_YET
+    # The first write made the set; later writes add to the same one.
+    names = own.own_hostnames()
+    names["cam2"] = None
+    assert own.own_hostnames() is names and list(own.hostnames) == ["cam", "cam2"]
 
 
-def test_the_shared_empty_mapping_refuses_writes() -> None:
+def test_the_shared_empty_details_and_sets_refuse_writes() -> None:
     st = MacState(b"\x00\x17\x88\x00\x00\x01")
     with pytest.raises(TypeError):
-        st.hostnames["cam"] = None  # type: ignore[index]
-    assert not NONE_YET and not st.hostnames
+        st.details.dhcp_hostname = "cam"
+    with pytest.raises(TypeError):
+        st.details.own_hostnames()
+    with pytest.raises(TypeError):
+        st.own_details().hostnames["cam"] = None  # type: ignore[index]
+    assert _nothing(NOTHING_SAID) and not NONE_YET and _nothing(st.details)
 
 
 def test_only_the_mac_that_showed_a_name_or_service_has_it() -> None:
@@ -89,4 +107,5 @@ def test_only_the_mac_that_showed_a_name_or_service_has_it() -> None:
     for leaf in (quiet, server):
         assert leaf["hostnames"] == leaf["dns_queries"] == leaf["tls_sni"] == leaf["tls_versions"] == []
     assert talker["services"] == quiet["services"] == []
-    assert not NONE_YET
+    assert an.macs[bytes.fromhex(QUIET[0].replace(":", ""))].details is NOTHING_SAID
+    assert _nothing(NOTHING_SAID) and not NONE_YET

@@ -570,9 +570,9 @@ class ConversationTable:
         self._bits[row] |= HELLO_CHECKED
         if src is not None and hello is not None:
             if hello.sni:
-                self._inventory.add_name(src.own_tls_sni(), hello.sni)
+                self._inventory.add_name(src.own_details().own_tls_sni(), hello.sni)
             for v in hello.versions:
-                src.own_tls_versions()[v] = None
+                src.own_details().own_tls_versions()[v] = None
 
     def generation(self, row: int) -> int:
         """How many times ``row`` was given up so far (see `gen`)."""

@@ -74,9 +74,9 @@ class Discovery:
             s = deep.ssdp(payload)
             if s is not None and s.method != "M-SEARCH":
                 if s.server:
-                    src.ssdp_server = s.server
+                    src.own_details().ssdp_server = s.server
                 if s.usn:
-                    src.ssdp_usn = s.usn
+                    src.own_details().ssdp_usn = s.usn
 
     def frame(self, data: bytes, off: int, caplen: int, ts: float) -> None:
         """The payload of a plain IPv4 UDP datagram in an Ethernet frame, with or without one 802.1Q tag, that
@@ -98,15 +98,15 @@ class Discovery:
         inv = self._inventory
         client = src if d.client_mac == src.mac else inv.touch(d.client_mac, src.touched)
         if d.hostname:
-            client.dhcp_hostname = d.hostname
-            inv.add_name(client.own_hostnames(), d.hostname)
+            client.own_details().dhcp_hostname = d.hostname
+            inv.add_name(client.own_details().own_hostnames(), d.hostname)
         if d.fqdn:
-            inv.add_name(client.own_hostnames(), d.fqdn)
+            inv.add_name(client.own_details().own_hostnames(), d.fqdn)
         if d.op == 1:
             if d.vendor_class:
-                client.dhcp_vendor_class = d.vendor_class
+                client.own_details().dhcp_vendor_class = d.vendor_class
             if d.param_request_list:
-                client.dhcp_prl = d.param_request_list
+                client.own_details().dhcp_prl = d.param_request_list
         elif d.msg_type == 5 and d.your_ip != ZERO_V4:
             inv.learn_ip(client, d.your_ip)
         # A server's OFFER/ACK goes to a broadcast or a new address, never back on the request's 5-tuple, so the
@@ -122,14 +122,14 @@ class Discovery:
         inv = self._inventory
         if not m.response and dport in DNS_PORTS:
             for q in m.questions:
-                inv.add_name(src.own_dns_queries(), q)
+                inv.add_name(src.own_details().own_dns_queries(), q)
         if sport == MDNS_PORT:
             if m.response and m.records:
                 # Answering mDNS (to the multicast group, so again not on the query's 5-tuple).
                 inv.add_service(src, "udp", MDNS_PORT, ts)
             for name, rtype, _value in m.records:
                 if rtype in (deep.DNS_A, deep.DNS_AAAA) and name:
-                    inv.add_name(src.own_hostnames(), name)
+                    inv.add_name(src.own_details().own_hostnames(), name)
 
     def _nbns(self, payload: bytes, src: MacState) -> None:
         nb = deep.nbns(payload)
@@ -139,7 +139,7 @@ class Discovery:
         if (not nb.response and nb.opcode in (5, 8, 9)) or (nb.response and nb.opcode == 0):
             for name, suffix, group in nb.names:
                 if suffix in (0x00, 0x20) and not group and name and name.isprintable() and name[0] != "*":
-                    self._inventory.add_name(src.own_hostnames(), name)
+                    self._inventory.add_name(src.own_details().own_hostnames(), name)
 
     def _parsed_dns(self, payload: bytes) -> deep.Dns | None:
         # Devices repeat the same few queries; only the transaction id (the first two bytes) changes.

@@ -216,8 +216,9 @@ class LeafInventory:
 
     def add_service(self, st: MacState, proto: str, port: int, ts: float) -> None:
         key = (proto, port)
-        if key not in st.services and len(st.services) < self.settings.max_services_per_leaf:
-            st.own_services()[key] = None
+        services = st.details.services
+        if key not in services and len(services) < self.settings.max_services_per_leaf:
+            st.own_details().own_services()[key] = None
             if self.learning:
                 self._evidence.append(ServiceOffered(ts, st.mac, proto, port))
 

@@ -24,12 +24,12 @@ _report_order = attrgetter("first", "proto", "a_ip", "a_port", "b_ip", "b_port")
 
 def os_evidence(st: MacState) -> tuple[str | None, str | None, str | None]:
     """OS name, vendor and version where the traffic states them; never a guess from weaker hints."""
-    vc = st.dhcp_vendor_class or ""
+    vc = st.details.dhcp_vendor_class or ""
     if vc.startswith("MSFT"):
         return "Windows", "Microsoft", None
     if vc.startswith("android-dhcp-"):
         return "Android", "Google", vc.removeprefix("android-dhcp-") or None
-    server = st.ssdp_server or ""
+    server = st.details.ssdp_server or ""
     # UPnP SERVER header: "OS/version UPnP/1.x product/version" (UPnP Device Architecture 1.1, section 1.1.3).
     first = server.replace(",", " ").split(" ", 1)[0]
     name, sep, version = first.partition("/")
@@ -41,18 +41,19 @@ def os_evidence(st: MacState) -> tuple[str | None, str | None, str | None]:
 def leaf_view(st: MacState) -> LeafView:
     mac = mac_text(st.mac)
     os_name, os_vendor, os_version = os_evidence(st)
+    said = st.details
     return LeafView(
         mac=mac,
         ips=tuple(sorted((ip_text(ip) for ip in st.ips), key=ip_sort_key)),
         vendor=vendor_of(mac),
-        hostnames=tuple(sorted(st.hostnames)),
-        dhcp_hostname=st.dhcp_hostname,
-        dhcp_vendor_class=st.dhcp_vendor_class,
-        dhcp_param_request_list=st.dhcp_prl,
+        hostnames=tuple(sorted(said.hostnames)),
+        dhcp_hostname=said.dhcp_hostname,
+        dhcp_vendor_class=said.dhcp_vendor_class,
+        dhcp_param_request_list=said.dhcp_prl,
         randomized_mac=bool(st.mac[0] & 2),
         first_seen=st.first_seen,
         last_seen=st.last_seen,
-        services=tuple(Service("tcp" if p == "tcp" else "udp", port) for p, port in sorted(st.services)),
+        services=tuple(Service("tcp" if p == "tcp" else "udp", port) for p, port in sorted(said.services)),
         os_name=os_name,
         os_vendor=os_vendor,
         os_version=os_version,
@@ -61,6 +62,7 @@ def leaf_view(st: MacState) -> LeafView:
 
 def leaf_json(m: MacState) -> dict[str, Any]:
     v = leaf_view(m)
+    said = m.details
     return {
         "mac": v.mac,
         "ips": list(v.ips),
@@ -79,10 +81,10 @@ def leaf_json(m: MacState) -> dict[str, Any]:
         "packets_in": m.packets_in,
         "bytes_in": m.bytes_in,
         "services": [{"protocol": s.protocol, "port": s.port} for s in v.services],
-        "dns_queries": sorted(m.dns_queries),
-        "tls_sni": sorted(m.tls_sni),
-        "tls_versions": [f"0x{x:04x}" for x in sorted(m.tls_versions)],
-        "ssdp": {"server": m.ssdp_server, "usn": m.ssdp_usn},
+        "dns_queries": sorted(said.dns_queries),
+        "tls_sni": sorted(said.tls_sni),
+        "tls_versions": [f"0x{x:04x}" for x in sorted(said.tls_versions)],
+        "ssdp": {"server": said.ssdp_server, "usn": said.ssdp_usn},
         "os": {"name": v.os_name, "vendor": v.os_vendor, "version": v.os_version},
     }
 

@@ -29,60 +29,32 @@ def tcp_next_state(state: str, forward: bool, flags: int) -> str:
 
 
 NONE_YET: Mapping[Any, None] = MappingProxyType({})
-"""What every MAC's name, version and service sets start as: one read-only empty mapping for all of them. Most MACs
-never get most of them (an empty dict is 64 bytes: the six a MAC had were a sixth of a leaf's memory); the ``own_*``
-methods of `MacState` give a MAC a dict of its own on its first write, and a write that bypassed them would fail
-rather than land in every MAC's set."""
+"""What every name, version and service set of `MacDetails` starts as: one read-only empty mapping for all of them
+(an empty dict is 64 bytes, and most MACs never get most of the sets); the ``own_*`` methods give the MAC a dict of
+its own on its first write, and a write that bypassed them would fail rather than land in every MAC's set."""
 
 
-class MacState:
-    """Everything observed about one unicast MAC. Only MACs that qualify as leaves are reported.
+class MacDetails:
+    """What a MAC's own traffic says about it (DHCP, SSDP, names, TLS, services), apart from the counters every MAC
+    has: a flood's or a scan's MACs, the ones that fill a table, never say any of it. Every MAC starts with the one
+    shared `NOTHING_SAID`, and gets a record of its own (`MacState.own_details`) on its first write.
 
-    The sets (insertion-ordered, as dict keys) are read as mappings and written through the ``own_*`` methods;
-    ``ips`` (32 at most, nearly always one) is a tuple, 48 bytes for one address where a dict is 224."""
+    The sets (insertion-ordered, as dict keys) are read as mappings and written through the ``own_*`` methods."""
 
     __slots__ = (
-        "any_ip",
-        "bytes_in",
-        "bytes_out",
-        "created",
         "dhcp_hostname",
         "dhcp_prl",
         "dhcp_vendor_class",
         "dns_queries",
-        "first_seen",
         "hostnames",
-        "ips",
-        "last_seen",
-        "leaf_side",
-        "mac",
-        "packets_in",
-        "packets_out",
         "services",
         "ssdp_server",
         "ssdp_usn",
         "tls_sni",
         "tls_versions",
-        "touched",
     )
 
-    def __init__(self, mac: bytes) -> None:
-        self.mac = mac
-        self.packets_out = 0
-        self.bytes_out = 0
-        self.packets_in = 0
-        self.bytes_in = 0
-        self.first_seen = 0.0
-        self.last_seen = 0.0
-        self.touched = 0.0
-        """Last time the MAC was seen in any role (eviction order)."""
-        self.created = 0.0
-        """When the MAC table took it in (eviction order)."""
-        self.any_ip = False
-        """It has sent a frame carrying an address of its own."""
-        self.leaf_side = False
-        """One of those addresses is on the leaf side."""
-        self.ips: tuple[bytes, ...] = ()
+    def __init__(self) -> None:
         self.hostnames: Mapping[str, None] = NONE_YET
         self.dhcp_hostname: str | None = None
         self.dhcp_vendor_class: str | None = None
@@ -129,6 +101,72 @@ class MacState:
         if isinstance(d, dict):
             return d
         d = self.services = {}
+        return d
+
+
+class _NothingSaid(MacDetails):
+    """The details of a MAC that has said nothing yet, shared by all of them: it refuses every write."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        empty = MacDetails()
+        for name in MacDetails.__slots__:
+            object.__setattr__(self, name, getattr(empty, name))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise TypeError(f"NOTHING_SAID is shared by every MAC: {name} is written to the MAC's own details")
+
+
+NOTHING_SAID: MacDetails = _NothingSaid()
+
+
+class MacState:
+    """Everything observed about one unicast MAC. Only MACs that qualify as leaves are reported.
+
+    ``ips`` (32 at most, nearly always one) is a tuple: 48 bytes for one address where a dict is 224."""
+
+    __slots__ = (
+        "any_ip",
+        "bytes_in",
+        "bytes_out",
+        "created",
+        "details",
+        "first_seen",
+        "ips",
+        "last_seen",
+        "leaf_side",
+        "mac",
+        "packets_in",
+        "packets_out",
+        "touched",
+    )
+
+    def __init__(self, mac: bytes) -> None:
+        self.mac = mac
+        self.packets_out = 0
+        self.bytes_out = 0
+        self.packets_in = 0
+        self.bytes_in = 0
+        self.first_seen = 0.0
+        self.last_seen = 0.0
+        self.touched = 0.0
+        """Last time the MAC was seen in any role (eviction order)."""
+        self.created = 0.0
+        """When the MAC table took it in (eviction order)."""
+        self.any_ip = False
+        """It has sent a frame carrying an address of its own."""
+        self.leaf_side = False
+        """One of those addresses is on the leaf side."""
+        self.ips: tuple[bytes, ...] = ()
+        self.details = NOTHING_SAID
+        """Read here; written through `own_details`."""
+
+    def own_details(self) -> MacDetails:
+        """The MAC's own `details`, made on the first write."""
+        d = self.details
+        if d is NOTHING_SAID:
+            d = self.details = MacDetails()
         return d
 
 
