@@ -91,7 +91,7 @@ class ConnectionBruteForce:
         """A client's SYN: the connection is tracked from now (a SYN again on an open one starts it afresh, in its
         place in the order); when the table is full, the connection that opened first goes."""
         table = self._open
-        if len(table) >= self._max:
+        if table.count >= self._max:
             table.remove(table.oldest())
         pos, _ = table.put(r.src, r.sport, r.dst, r.dport)
         self._start[pos] = r.ts

@@ -4,8 +4,8 @@ The TCP rules remember up to 65,536 port pairs each (`scans`: pairs whose SYN wa
 from their SYN to their end), and forget the pair added first when full. As a dict of packed ints with an order
 deque, an entry cost about 150 bytes (the int key, a dict entry, a deque slot, a record object with its float);
 here it is a position in a few numpy columns (an IPv4 pair's key is its two addresses as one 64-bit number and
-its two ports as one 32-bit number) and an int32 slot in an open-addressing index (multiply-shift hash, linear
-probing, backward-shift deletion; at most half full), about 20 bytes plus the owner's own columns.
+its two ports as one 32-bit number) and an int32 slot in an open-addressing index (linear probing, backward-shift
+deletion; at most half full), about 20 bytes plus the owner's own columns.
 
 Positions are handed out in order of addition, so the oldest entry is the first live position; an entry removed
 out of order leaves a hole, skipped when the oldest is looked for. When the positions run out, the live entries
@@ -21,9 +21,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-_M1 = 0x9E3779B97F4A7C15
-_M2 = 0xC2B2AE3D27D4EB4F
-_MASK64 = (1 << 64) - 1
 _V4 = 1
 _OTHER = 2
 """`_live` codes: an IPv4 pair (in the index) or another (in `PairTable._others`); 0 is a free or removed position."""
@@ -42,7 +39,7 @@ class PairTable:
 
     __slots__ = (
         "_capacity", "_columns", "_head", "_k1", "_k1c", "_k2", "_k2c", "_lc", "_live", "_mask", "_others",
-        "_others_at", "_sc", "_shift", "_slots", "_tail", "cap", "count",
+        "_others_at", "_sc", "_slots", "_tail", "cap", "count",
     )  # fmt: skip
 
     def __init__(self, cap: int, slack: int | None = None) -> None:
@@ -55,16 +52,15 @@ class PairTable:
         self._k2: npt.NDArray[np.uint32] = np.zeros(self._capacity, dtype=np.uint32)
         self._live: npt.NDArray[np.uint8] = np.zeros(self._capacity, dtype=np.uint8)
         self._columns: list[npt.NDArray[Any]] = [self._k1, self._k2, self._live]
-        self._k1c: Any = self._k1.data
-        self._k2c: Any = self._k2.data
-        self._lc: Any = self._live.data
+        self._k1c = self._k1.data
+        self._k2c = self._k2.data
+        self._lc = self._live.data
         size = 16
         while size < 2 * cap:
             size *= 2
         self._slots: npt.NDArray[np.int32] = np.zeros(size, dtype=np.int32)
-        self._sc: Any = self._slots.data
+        self._sc = self._slots.data
         self._mask = size - 1
-        self._shift = 64 - (size.bit_length() - 1)
         self._head = 0
         """No live position lies before it."""
         self._tail = 0
@@ -84,48 +80,87 @@ class PairTable:
         self._columns.append(col)
         return col.data
 
+    # The probes are written out in each method rather than shared: a call costs as much as the probe itself, and
+    # the TCP rules look a pair up for nearly every control segment. The hash is Python's own of the two key ints
+    # (a tuple's mixes them well), so a slot costs no arithmetic on big ints.
+
     def find(self, src: bytes, sport: int, dst: bytes, dport: int) -> int:
         """The pair's position, -1 if it is not in the table."""
         if len(src) != 4:
             return self._others.get(wide_pair(src, sport, dst, dport), -1)
-        return self.find_v4(int.from_bytes(src + dst, "big"), (sport << 16) | dport)
+        k1 = int.from_bytes(src + dst, "big")
+        k2 = (sport << 16) | dport
+        sc, k1c, k2c, mask = self._sc, self._k1c, self._k2c, self._mask
+        i = hash((k1, k2)) & mask
+        while r := sc[i]:
+            r -= 1
+            if k2c[r] == k2 and k1c[r] == k1:
+                return r
+            i = (i + 1) & mask
+        return -1
 
     def find_v4(self, k1: int, k2: int) -> int:
         """`find` for an IPv4 pair given as its addresses (source << 32 | destination) and ports (source << 16 |
         destination)."""
         sc, k1c, k2c, mask = self._sc, self._k1c, self._k2c, self._mask
-        i = ((k1 * _M1 + k2 * _M2) & _MASK64) >> self._shift
+        i = hash((k1, k2)) & mask
         while r := sc[i]:
             r -= 1
             if k2c[r] == k2 and k1c[r] == k1:
-                return int(r)
+                return r
             i = (i + 1) & mask
         return -1
 
     def put(self, src: bytes, sport: int, dst: bytes, dport: int) -> tuple[int, bool]:
         """The pair's position, and whether it was added now (as the newest; the table must not be full)."""
-        if len(src) == 4:
-            return self.put_v4(int.from_bytes(src + dst, "big"), (sport << 16) | dport)
-        key = wide_pair(src, sport, dst, dport)
-        pos = self._others.get(key)
-        if pos is not None:
-            return pos, False
-        pos = self._next()
-        self._others[key] = pos
-        self._others_at[pos] = key
-        self._lc[pos] = _OTHER
+        if len(src) != 4:
+            key = wide_pair(src, sport, dst, dport)
+            pos = self._others.get(key)
+            if pos is not None:
+                return pos, False
+            pos = self._next()
+            self._others[key] = pos
+            self._others_at[pos] = key
+            self._lc[pos] = _OTHER
+            return pos, True
+        k1 = int.from_bytes(src + dst, "big")
+        k2 = (sport << 16) | dport
+        sc, k1c, k2c, mask = self._sc, self._k1c, self._k2c, self._mask
+        i = hash((k1, k2)) & mask
+        while r := sc[i]:
+            r -= 1
+            if k2c[r] == k2 and k1c[r] == k1:
+                return r, False
+            i = (i + 1) & mask
+        if self.count >= self.cap:
+            raise OverflowError("the table is full: remove its oldest entry first")
+        if self._tail == self._capacity:
+            self._compact()  # it renumbers the slots' positions, not where they are: slot i stays free
+        pos = self._tail
+        self._tail = pos + 1
+        self.count += 1
+        k1c[pos] = k1
+        k2c[pos] = k2
+        self._lc[pos] = _V4
+        sc[i] = pos + 1
         return pos, True
 
     def put_v4(self, k1: int, k2: int) -> tuple[int, bool]:
         """`put` for an IPv4 pair given as in `find_v4`."""
         sc, k1c, k2c, mask = self._sc, self._k1c, self._k2c, self._mask
-        i = ((k1 * _M1 + k2 * _M2) & _MASK64) >> self._shift
+        i = hash((k1, k2)) & mask
         while r := sc[i]:
             r -= 1
             if k2c[r] == k2 and k1c[r] == k1:
-                return int(r), False
+                return r, False
             i = (i + 1) & mask
-        pos = self._next()  # a compaction renumbers the slots' positions, not where they are: i stays free
+        if self.count >= self.cap:
+            raise OverflowError("the table is full: remove its oldest entry first")
+        if self._tail == self._capacity:
+            self._compact()  # (slot i stays free: see `put`)
+        pos = self._tail
+        self._tail = pos + 1
+        self.count += 1
         k1c[pos] = k1
         k2c[pos] = k2
         self._lc[pos] = _V4
@@ -161,8 +196,8 @@ class PairTable:
         self.count -= 1
 
     def _unindex(self, pos: int) -> None:
-        sc, k1c, k2c, mask, shift = self._sc, self._k1c, self._k2c, self._mask, self._shift
-        i = ((k1c[pos] * _M1 + k2c[pos] * _M2) & _MASK64) >> shift
+        sc, k1c, k2c, mask = self._sc, self._k1c, self._k2c, self._mask
+        i = hash((k1c[pos], k2c[pos])) & mask
         while sc[i] != pos + 1:
             i = (i + 1) & mask
         j = i
@@ -171,7 +206,7 @@ class PairTable:
             r = sc[j]
             if not r:
                 break
-            h = ((k1c[r - 1] * _M1 + k2c[r - 1] * _M2) & _MASK64) >> shift
+            h = hash((k1c[r - 1], k2c[r - 1])) & mask
             # The entry at j may fill the hole at i unless its home lies cyclically in (i, j].
             if (i < h <= j) if i <= j else (h > i or h <= j):
                 continue

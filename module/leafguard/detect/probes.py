@@ -428,7 +428,7 @@ class Picker:
             k1, k2 = (a << 32) | b, (c << 16) | d
             if seen.find_v4(k1, k2) >= 0:
                 continue
-            if len(seen) >= self._max_keys:
+            if seen.count >= self._max_keys:
                 seen.remove(seen.oldest())
             seen.put_v4(k1, k2)
             answers = seen.find_v4((b << 32) | a, (d << 16) | c) >= 0

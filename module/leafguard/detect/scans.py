@@ -77,7 +77,7 @@ class Scans:
         f = r.flags
         if f & 0x02:  # SYN: a connection (or a SYN scan, which port_scan counts)
             syns = self._syns
-            if len(syns) >= self._max:
+            if syns.count >= self._max:
                 syns.remove(syns.oldest())
             syns.put(r.src, r.sport, r.dst, r.dport)
             return
