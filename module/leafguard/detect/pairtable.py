@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from leafguard.observe.rowindex import close_gap
+
 _V4 = 1
 _OTHER = 2
 """`_live` codes: an IPv4 pair (in the index) or another (in `PairTable._others`); 0 is a free or removed position."""
@@ -123,27 +125,7 @@ class PairTable:
             self._others_at[pos] = key
             self._lc[pos] = _OTHER
             return pos, True
-        k1 = int.from_bytes(src + dst, "big")
-        k2 = (sport << 16) | dport
-        sc, k1c, k2c, mask = self._sc, self._k1c, self._k2c, self._mask
-        i = hash((k1, k2)) & mask
-        while r := sc[i]:
-            r -= 1
-            if k2c[r] == k2 and k1c[r] == k1:
-                return r, False
-            i = (i + 1) & mask
-        if self.count >= self.cap:
-            raise OverflowError("the table is full: remove its oldest entry first")
-        if self._tail == self._capacity:
-            self._compact()  # it renumbers the slots' positions, not where they are: slot i stays free
-        pos = self._tail
-        self._tail = pos + 1
-        self.count += 1
-        k1c[pos] = k1
-        k2c[pos] = k2
-        self._lc[pos] = _V4
-        sc[i] = pos + 1
-        return pos, True
+        return self.put_v4(int.from_bytes(src + dst, "big"), (sport << 16) | dport)
 
     def put_v4(self, k1: int, k2: int) -> tuple[int, bool]:
         """`put` for an IPv4 pair given as in `find_v4`."""
@@ -157,7 +139,7 @@ class PairTable:
         if self.count >= self.cap:
             raise OverflowError("the table is full: remove its oldest entry first")
         if self._tail == self._capacity:
-            self._compact()  # (slot i stays free: see `put`)
+            self._compact()  # it renumbers the slots' positions, not where they are: slot i stays free
         pos = self._tail
         self._tail = pos + 1
         self.count += 1
@@ -200,19 +182,7 @@ class PairTable:
         i = hash((k1c[pos], k2c[pos])) & mask
         while sc[i] != pos + 1:
             i = (i + 1) & mask
-        j = i
-        while True:
-            j = (j + 1) & mask
-            r = sc[j]
-            if not r:
-                break
-            h = hash((k1c[r - 1], k2c[r - 1])) & mask
-            # The entry at j may fill the hole at i unless its home lies cyclically in (i, j].
-            if (i < h <= j) if i <= j else (h > i or h <= j):
-                continue
-            sc[i] = r
-            i = j
-        sc[i] = 0
+        close_gap(sc, mask, i, lambda r: hash((k1c[r], k2c[r])) & mask)
 
     def _compact(self) -> None:
         """Move the live entries to the front, in order, with their columns; renumber the index and the others."""

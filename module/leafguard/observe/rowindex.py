@@ -14,6 +14,7 @@ a few.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,24 @@ _M1 = 0x9E3779B97F4A7C15
 _M2 = 0xC2B2AE3D27D4EB4F
 _MASK64 = (1 << 64) - 1
 MIN_SLOTS = 1024
+
+
+def close_gap(slots: Any, mask: int, i: int, home: Callable[[int], int]) -> None:
+    """Empty slot ``i`` of an open-addressing table with linear probing (``slots`` hold entry + 1, 0 when free;
+    ``home(entry)`` is an entry's first slot): the entries after it move back so that no probe stops short."""
+    j = i
+    while True:
+        j = (j + 1) & mask
+        r = slots[j]
+        if not r:
+            break
+        h = home(r - 1)
+        # The entry at j may fill the hole at i unless its home lies cyclically in (i, j].
+        if (i < h <= j) if i <= j else (h > i or h <= j):
+            continue
+        slots[i] = r
+        i = j
+    slots[i] = 0
 
 
 class RowIndex:
@@ -108,19 +127,7 @@ class RowIndex:
         i = self._home(k1c[row], k2c[row])
         while sc[i] != row + 1:
             i = (i + 1) & mask
-        j = i
-        while True:
-            j = (j + 1) & mask
-            r = sc[j]
-            if not r:
-                break
-            h = self._home(k1c[r - 1], k2c[r - 1])
-            # The entry at j may fill the hole at i unless its home lies cyclically in (i, j].
-            if (i < h <= j) if i <= j else (h > i or h <= j):
-                continue
-            sc[i] = r
-            i = j
-        sc[i] = 0
+        close_gap(sc, mask, i, lambda r: self._home(k1c[r], k2c[r]))
         self.count -= 1
 
     def rows(self) -> npt.NDArray[np.int64]:
