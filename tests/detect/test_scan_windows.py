@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from leafguard.detect.detectors import Detectors
 from leafguard.detect.evidence import LoginResult, SynSent
-from leafguard.detect.scans import ip_text
 from leafguard.detect.thresholds import Thresholds
+from leafguard.observe.addresses import ip_text
 
 HOSTS = [bytes([10, 0, 0, i]) for i in range(4)] + [bytes([0xFE, 0x80]) + bytes(13) + bytes([i]) for i in range(2)]
 

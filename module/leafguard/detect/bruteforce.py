@@ -18,9 +18,10 @@ import numpy as np
 from leafguard.detect.alerts import Alert
 from leafguard.detect.pairtable import PairTable
 from leafguard.detect.probes import WEB_PORTS, TcpControl
-from leafguard.detect.scans import Sink, ip_text
+from leafguard.detect.scans import Sink, mac_text
 from leafguard.detect.thresholds import Thresholds
 from leafguard.detect.windows import DistinctCounter
+from leafguard.observe.addresses import ip_text
 
 _NO_MAC = -1
 """A connection's ``mac`` cell when its SYN came without one (MACs are 48-bit, so never negative)."""
@@ -76,7 +77,7 @@ class ConnectionBruteForce:
         w = self._short.add((client, server, sport), cport, r.ts, t.brute_force_connections, t.brute_force_window_s)
         if w is None:
             return
-        mac_s = None if mac == _NO_MAC else mac.to_bytes(6, "big").hex(":")
+        mac_s = mac_text(None if mac == _NO_MAC else mac.to_bytes(6, "big"))
         self._sink(
             Alert(
                 "connection_brute_force", "high", r.ts, mac_s,

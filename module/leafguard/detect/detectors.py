@@ -14,8 +14,6 @@ in force (`detect.muting`) and the cap on kept alerts.
 
 from __future__ import annotations
 
-import functools
-import socket
 from collections import OrderedDict
 from operator import attrgetter
 from typing import Any, TypeVar
@@ -38,6 +36,10 @@ from leafguard.detect.evidence import (
 from leafguard.detect.muting import Muting
 from leafguard.detect.thresholds import Thresholds
 
+# The texts of findings are made once per address or MAC while it recurs, and shared by the findings kept.
+from leafguard.observe.addresses import recurring_ip_text as _ip
+from leafguard.observe.addresses import recurring_mac_text as _mac
+
 # Alert lives in detect.alerts (detect.muting needs it, and the detectors need the mute rules); it is still
 # importable from here.
 __all__ = ["ALERT_SCHEMA_VERSION", "MAX_ALERTS", "Alert", "Detectors", "Severity"]
@@ -53,16 +55,6 @@ NEW_PEER_ALERTS = 8
 sweeping addresses raises ``address_scan``, not one finding per address)."""
 
 
-# The texts of findings are made once per address or MAC while it recurs (a scan's target is in every scanner's
-# finding, a scanner in each of its findings), and shared by the findings kept (up to `MAX_ALERTS`).
-@functools.lru_cache(maxsize=256)
-def _ip(raw: bytes) -> str:
-    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
-
-
-@functools.lru_cache(maxsize=256)
-def _mac(raw: bytes) -> str:
-    return raw.hex(":")
 
 
 def _pair_key(a: bytes, b: bytes) -> int:

@@ -18,8 +18,9 @@ from collections import OrderedDict
 
 from leafguard.detect.alerts import Alert
 from leafguard.detect.probes import ArpFrame, Neighbor, NextHop
-from leafguard.detect.scans import Sink, ip_text, mac_text
+from leafguard.detect.scans import Sink, mac_text
 from leafguard.detect.thresholds import Thresholds
+from leafguard.observe.addresses import ip_text
 
 MAX_TRACKED = 4096
 HOP_SECONDS = 3

@@ -136,13 +136,7 @@ class PairTable:
             if k2c[r] == k2 and k1c[r] == k1:
                 return r, False
             i = (i + 1) & mask
-        if self.count >= self.cap:
-            raise OverflowError("the table is full: remove its oldest entry first")
-        if self._tail == self._capacity:
-            self._compact()  # it renumbers the slots' positions, not where they are: slot i stays free
-        pos = self._tail
-        self._tail = pos + 1
-        self.count += 1
+        pos = self._next()  # a compaction renumbers the slots' positions, not where they are: slot i stays free
         k1c[pos] = k1
         k2c[pos] = k2
         self._lc[pos] = _V4

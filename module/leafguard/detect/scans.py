@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import math
-import socket
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -23,6 +22,8 @@ from leafguard.detect.pairtable import PairTable
 from leafguard.detect.probes import ArpFrame, EchoRequest, PortUnreachable, TcpControl, UdpFirst
 from leafguard.detect.thresholds import Thresholds
 from leafguard.detect.windows import DistinctCounter
+from leafguard.observe import addresses
+from leafguard.observe.addresses import ip_text
 
 SERVICE_SOURCE_PORTS = frozenset(range(1024)) | {1900, 3702, 5353, 5355, 5683}
 """A datagram from these ports is a service answering (SSDP and mDNS answer multicast queries by unicast, from a
@@ -30,12 +31,9 @@ conversation never seen in the other direction), never a probe: scanners send fr
 Sink = Callable[[Alert], None]
 
 
-def ip_text(raw: bytes) -> str:
-    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
-
-
 def mac_text(raw: bytes | None) -> str | None:
-    return raw.hex(":") if raw is not None else None
+    """A finding's MAC as text; None when the frame came without one."""
+    return addresses.mac_text(raw) if raw is not None else None
 
 
 def _multicast(ip: bytes) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 
@@ -16,6 +17,20 @@ def mac_text(mac: bytes) -> str:
 
 def ip_text(ip: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET if len(ip) == 4 else socket.AF_INET6, ip)
+
+
+@functools.lru_cache(maxsize=1024)
+def recurring_ip_text(ip: bytes) -> str:
+    """`ip_text` for addresses that recur (a gateway's leaves and their servers in every observation, a scan's
+    target in every scanner's finding): formatted once while they do, and the findings kept share the text; a
+    scan's random addresses only cycle through the cache."""
+    return ip_text(ip)
+
+
+@functools.lru_cache(maxsize=256)
+def recurring_mac_text(mac: bytes) -> str:
+    """`mac_text` for the MACs of findings, shared by the findings kept (up to `detect.detectors.MAX_ALERTS`)."""
+    return mac_text(mac)
 
 
 def is_unicast_mac(mac: bytes) -> bool:

@@ -28,7 +28,7 @@ from leafguard.decode import deep
 from leafguard.decode.frames import PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Packet
 from leafguard.decode.login import LOGIN_PORTS, LoginOutcome, LoginTracker
 from leafguard.detect.evidence import ConversationOpened, Evidence, LoginResult, SynSent
-from leafguard.observe.addresses import ip_text, mac_text
+from leafguard.observe.addresses import mac_text, recurring_ip_text
 from leafguard.observe.discovery import PORTS as DISCOVERY_PORTS
 from leafguard.observe.discovery import Discovery
 from leafguard.observe.eviction import EvictionQueue, RowQueue
@@ -66,10 +66,6 @@ windows) shares them instead of holding a new int per conversation."""
 ADDRESS_CACHE = 65_536
 """Addresses kept to be shared by the conversations that use them; a scan of random addresses only refills it."""
 
-TEXT_CACHE = 1024
-"""Addresses kept as text for the observations: a gateway's leaves and their servers; small, as a scan of random
-addresses only refills it."""
-
 T = TypeVar("T")
 
 
@@ -97,7 +93,6 @@ class ObservationLog:
         self._inventory = inventory
         self._stats = stats
         self._pending: deque[Observation] = deque(maxlen=MAX_PENDING_OBSERVATIONS)
-        self._texts: dict[bytes, str] = {}
 
     def _emit(self, obs: Observation) -> None:
         if len(self._pending) == MAX_PENDING_OBSERVATIONS:
@@ -105,25 +100,17 @@ class ObservationLog:
             self._stats.observations_dropped += 1
         self._pending.append(obs)
 
-    def _text(self, ip: bytes) -> str:
-        # A leaf's address, and its servers', recur in every conversation it opens: formatted once.
-        text = self._texts.get(ip)
-        if text is None:
-            if len(self._texts) >= TEXT_CACHE:
-                self._texts.clear()
-            text = self._texts[ip] = ip_text(ip)
-        return text
-
     def _leaf_sides(
         self, a_ip: bytes, a_port: int, a_mac: bytes | None, b_ip: bytes, b_port: int, b_mac: bytes | None
     ) -> list[tuple[str, Direction, str, int, str, int]]:
         """Each side of a conversation that is a leaf: (MAC, direction, local address and port, remote ones)."""
         sides: list[tuple[str, Direction, str, int, str, int]] = []
         leaf_mac_for = self._inventory.leaf_mac_for
+        text = recurring_ip_text
         if (mac := leaf_mac_for(a_ip, a_mac)) is not None:
-            sides.append((mac_text(mac), "Out", self._text(a_ip), a_port, self._text(b_ip), b_port))
+            sides.append((mac_text(mac), "Out", text(a_ip), a_port, text(b_ip), b_port))
         if (mac := leaf_mac_for(b_ip, b_mac)) is not None:
-            sides.append((mac_text(mac), "In", self._text(b_ip), b_port, self._text(a_ip), a_port))
+            sides.append((mac_text(mac), "In", text(b_ip), b_port, text(a_ip), a_port))
         return sides
 
     def connection(
