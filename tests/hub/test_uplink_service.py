@@ -50,14 +50,16 @@ async def kill(running: Running) -> None:
     await running.wait()
 
 
-async def run_through(hub: HubEmulator, module: Any, capture: Path, data_dir: Path) -> None:
-    """A fault-free run: the whole capture replayed, then a clean stop (its final flush sends the rest)."""
+async def run_through(hub: HubEmulator, module: Any, capture: Path, data_dir: Path) -> Running:
+    """A run to the end: the whole capture replayed (the rest of it, after a restored state), then a clean stop
+    (its final flush sends the rest); the stopped run, for its log."""
     clean = await start(hub, module, capture, data_dir, "0")
     try:
         async with asyncio.timeout(LIMIT_S):
             await until(lambda: clean.saw("replay finished"))
     finally:
         await stop(clean)
+    return clean
 
 
 def security_events(hub: HubEmulator) -> list[bytes]:
@@ -135,12 +137,7 @@ async def test_kill_9_mid_replay_and_a_restart_on_the_same_capture_resume_after_
         assert not first.saw("replay finished")
     finally:
         await kill(first)
-    second = await start(hub, module, capture, data_dir, "0")
-    try:
-        async with asyncio.timeout(LIMIT_S):
-            await until(lambda: second.saw("replay finished"))
-    finally:
-        await stop(second)
+    second = await run_through(hub, module, capture, data_dir)
     assert second.saw("resuming the replay of")
     got = all_events(hub)
     ids = Counter(e["Id"] for e in got)
